@@ -1,0 +1,116 @@
+"""The ``latentlm`` command line: ``train-autoencoder``, ``train-diffusion``, ``train``, ``sample``, ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set autoencoder.optimizer.max_steps=200 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentlm", description="Latent diffusion language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train-autoencoder", help="stage 1: train the latent text autoencoder")
+    _add_config_arguments(p)
+
+    p = commands.add_parser("train-diffusion", help="stage 2: train the latent denoiser on a trained autoencoder")
+    _add_config_arguments(p)
+    p.add_argument(
+        "--autoencoder",
+        default=None,
+        help="trained autoencoder folder (default: <output_dir>/autoencoder from the config)",
+    )
+
+    p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
+    _add_config_arguments(p)
+
+    p = commands.add_parser("sample", help="sample texts from a pipeline folder")
+    p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained output)")
+    p.add_argument("--class", dest="class_name", default=None, help="class name or id to condition on")
+    p.add_argument("-n", "--num-samples", type=int, default=16)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    p.add_argument(
+        "--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the samples as jsonl here")
+
+    p = commands.add_parser("evaluate", help="LD4LG evaluation: MAUVE, perplexity, diversity, memorization")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--references", required=True, help="jsonl/txt file of reference texts")
+    p.add_argument("--train", dest="train_file", default=None, help="training texts, for memorization")
+    p.add_argument("--class", dest="class_name", default=None)
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("train-autoencoder", "train-diffusion", "train"):
+        from .config import load_config
+
+        config = load_config(args.config, args.overrides)
+        if args.command == "train-autoencoder":
+            from .train_autoencoder import train_autoencoder
+
+            path = train_autoencoder(config, resume=args.resume)
+        elif args.command == "train-diffusion":
+            from .train_diffusion import train_diffusion
+
+            autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
+            path = train_diffusion(config, autoencoder, resume=args.resume)
+        else:
+            from .train import train
+
+            path = train(config, resume=args.resume)
+        print(f"Saved to {path}")
+    elif args.command == "sample":
+        from .sampling import sample
+
+        rows = sample(
+            args.pipeline,
+            class_name=args.class_name,
+            num_samples=args.num_samples,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            out=args.out,
+        )
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    elif args.command == "evaluate":
+        from .evaluation import evaluate
+
+        evaluate(
+            args.pipeline,
+            args.references,
+            train_file=args.train_file,
+            class_name=args.class_name,
+            num_samples=args.num_samples,
+            seeds=tuple(args.seeds),
+            output_dir=args.out,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Run configuration: YAML files map one to one onto these dataclasses.
+
+```yaml
+output_dir: outputs/my-run
+data: {path: my_texts.jsonl, text_column: text, label_column: sentiment}
+autoencoder: {backbone: facebook/bart-base, optimizer: {max_steps: 50000}}
+diffusion: {denoiser_size: base, schedule: cosine}
+tracking: {experiment_name: latentlm}
+```
+
+Every key is checked: a misspelt key is an error that lists the valid ones, never silently ignored.
+Command-line overrides use dotted paths: ``autoencoder.optimizer.max_steps=200``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Where the texts come from: a hub dataset name, or a local jsonl/json/csv/txt/parquet file or folder."""
+
+    path: str = ""
+    text_column: str = "text"
+    label_column: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    max_train_samples: int | None = None
+    max_eval_samples: int = 256
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warmup then decay; LD4LG values are the defaults of each stage."""
+
+    learning_rate: float = 1e-4
+    batch_size: int = 256
+    max_steps: int = 50_000
+    warmup_steps: int = 1_000
+    lr_schedule: str = "linear"  # linear | cosine | constant
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+
+
+@dataclass
+class AutoencoderTrainingConfig:
+    """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder)."""
+
+    backbone: str = "facebook/bart-base"
+    max_length: int = 64
+    decoder: str = "frozen"  # frozen | lora | full
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    num_latents: int = 32
+    latent_dim: int = 64
+    num_compression_layers: int = 3
+    num_reconstruction_layers: int = 3
+    # None = per backbone (LD4LG: on for BART, off for T5).
+    normalize_latents: bool | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval_every: int = 1_000
+    save_every: int = 1_000
+    log_every: int = 10
+    keep_last_checkpoints: int = 2
+    mixed_precision: str = "no"
+    seed: int = 0
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    """Stage 2: the latent denoiser (LD4LG recipe: v-prediction, cosine, self-conditioning, CFG dropout)."""
+
+    denoiser_size: str = "base"  # tiny | small | base
+    denoiser: dict[str, Any] = field(default_factory=dict)  # overrides of LatentDenoiser arguments
+    schedule: str = "cosine"  # cosine | linear | sqrt | shifted_cosine
+    prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
+    num_train_timesteps: int = 1_000
+    self_conditioning_prob: float = 0.5
+    label_dropout_prob: float = 0.1
+    loss_type: str = "l2"  # l2 | l1
+    timestep_sampling: str = "uniform"  # uniform | importance
+    ema_decay: float = 0.9999
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            learning_rate=2e-4, batch_size=128, max_steps=250_000, warmup_steps=1_000, lr_schedule="cosine"
+        )
+    )
+    sample_every: int = 5_000
+    num_samples_per_class: int = 4
+    sample_inference_steps: int = 50
+    save_every: int = 5_000
+    log_every: int = 10
+    keep_last_checkpoints: int = 2
+    mixed_precision: str = "no"
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``tracking_uri=None`` uses ``MLFLOW_TRACKING_URI`` if set, else a local store in ``./mlruns``."""
+
+    enabled: bool = True
+    experiment_name: str = "latentlm"
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/latentlm"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
+    diffusion: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> None:
+        for name, stage in (("autoencoder", self.autoencoder), ("diffusion", self.diffusion)):
+            if stage.mixed_precision not in MIXED_PRECISION:
+                raise ValueError(
+                    f"{name}.mixed_precision={stage.mixed_precision!r} is not one of {MIXED_PRECISION}."
+                )
+            opt = stage.optimizer
+            if opt.lr_schedule not in ("linear", "cosine", "constant"):
+                raise ValueError(f"{name}.optimizer.lr_schedule={opt.lr_schedule!r}: use linear, cosine or constant.")
+            for key in ("learning_rate", "batch_size", "max_steps"):
+                if getattr(opt, key) <= 0:
+                    raise ValueError(f"{name}.optimizer.{key} must be positive, got {getattr(opt, key)!r}.")
+            if opt.warmup_steps < 0:
+                raise ValueError(f"{name}.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}.")
+        if self.autoencoder.decoder not in ("frozen", "lora", "full"):
+            raise ValueError(f"autoencoder.decoder={self.autoencoder.decoder!r}: use frozen, lora or full.")
+        if self.diffusion.loss_type not in ("l2", "l1"):
+            raise ValueError(f"diffusion.loss_type={self.diffusion.loss_type!r}: use l2 or l1.")
+        if self.diffusion.timestep_sampling not in ("uniform", "importance"):
+            raise ValueError(
+                f"diffusion.timestep_sampling={self.diffusion.timestep_sampling!r}: use uniform or importance."
+            )
+        for key in ("self_conditioning_prob", "label_dropout_prob"):
+            value = getattr(self.diffusion, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"diffusion.{key} must lie in [0, 1], got {value}.")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML scalar to the field's type (YAML 1.1 reads ``1e-4`` as a string, for instance)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        options = [a for a in args if a is not type(None)]
+        return _coerce(value, options[0], where) if len(options) == 1 else value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{where} must be true or false, got {value!r}.")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}.")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}.") from None
+        if annotation is int:
+            if number != int(number):
+                raise ValueError(f"{where} must be a whole number, got {value!r}.")
+            return int(number)
+        return number
+    if annotation is str and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}.")
+    if origin is list and not isinstance(value, list):
+        raise ValueError(f"{where} must be a list, got {value!r}.")
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {value!r}.")
+    return value
+
+
+def _merge(instance: Any, values: Mapping[str, Any], where: str) -> Any:
+    """Return a copy of dataclass ``instance`` with ``values`` applied, recursively, strictly."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(type(instance))
+    names = {f.name for f in dataclasses.fields(instance)}
+    updates = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ValueError(f"Unknown config key {path!r}. Valid keys here: {sorted(names)}.")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = _merge(current, value or {}, path)
+        else:
+            updates[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(instance, **updates)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"Override {override!r} must look like section.key=value.")
+    dotted, value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"Override {override!r}: {key!r} is not a section.")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML file (or a mapping), apply ``section.key=value`` overrides, validate, return a RunConfig."""
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}.")
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, so overrides never touch the caller's mapping
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _merge(RunConfig(), raw, "")
+    config.validate()
+    return config

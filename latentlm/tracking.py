@@ -1,0 +1,226 @@
+"""MLflow tracking that never stops training.
+
+``Tracker`` owns one MLflow run (optionally nested under a parent ``Tracker``) and talks to MLflow
+through ``MlflowClient`` with explicit run ids, so a parent run and its per-stage children can be
+open at once. When the tracking server cannot be reached, training goes on: the tracker warns once,
+keeps every call in order in a queue, retries it later, and at the end writes whatever is still
+unsent to ``<fallback_dir>/mlflow_unsent.jsonl``, so no metric is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries for minutes by default; a training loop should notice an unreachable
+# server in seconds and carry on. Users who set these themselves keep their values.
+_FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_MAX_PARAM_LENGTH = 6000
+_RETRY_INTERVAL_S = 30.0
+
+
+def flatten_dict(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_dict(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """One MLflow run. Use as a context manager; ``active=False`` (e.g. non-main processes) logs nothing."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_name: str | None = None,
+        parent: "Tracker | None" = None,
+        fallback_dir: str | Path | None = None,
+        active: bool = True,
+    ):
+        self.cfg = cfg
+        self.run_name = run_name or cfg.run_name
+        self.parent = parent
+        self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else None
+        self.active = active and cfg.enabled
+        self.run_id: str | None = None
+        self._client = None
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._last_attempt = 0.0
+        self._warned = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self) -> "Tracker":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(status="FAILED" if exc_type is not None else "FINISHED")
+
+    @property
+    def tracking_uri(self) -> str:
+        import mlflow
+
+        return self.cfg.tracking_uri or mlflow.get_tracking_uri()
+
+    def start(self) -> None:
+        if not self.active:
+            return
+        for key, value in _FAST_FAIL_ENV.items():
+            os.environ.setdefault(key, value)
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._submit("_create_run", {})
+
+    def close(self, status: str = "FINISHED") -> None:
+        if not self.active or self._client is None:
+            return
+        self._submit("_terminate", {"status": status})
+        self._flush(force=True)
+        if self._pending:
+            self._write_unsent()
+        self._client = None
+
+    # -- logging API -----------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten_dict(params)
+        items = []
+        for key, value in flat.items():
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            if len(text) > _MAX_PARAM_LENGTH:
+                warnings.warn(
+                    f"MLflow param {key!r} is {len(text)} characters, over MLflow's {_MAX_PARAM_LENGTH}; it is "
+                    "logged shortened, and the full value is in the config artifact.",
+                    stacklevel=2,
+                )
+                text = text[: _MAX_PARAM_LENGTH - 20] + "...[shortened]"
+            items.append((key, text))
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._submit("_log_params", {"params": items[start : start + 100]})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self._submit("_log_metrics", {"metrics": values, "step": int(step), "timestamp": int(time.time() * 1000)})
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A list of row dicts as an MLflow table (viewable in the UI's artifact tab)."""
+        columns: dict[str, list[Any]] = {}
+        for row in rows:
+            for key in row:
+                columns.setdefault(key, [])
+        for row in rows:
+            for key in columns:
+                columns[key].append(row.get(key))
+        self._submit("_log_table", {"data": columns, "artifact_file": artifact_file})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit("_log_text", {"text": text, "artifact_file": artifact_file})
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        self._submit("_log_dict", {"dictionary": dict(dictionary), "artifact_file": artifact_file})
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a whole folder (the folder's contents go under ``artifact_path``)."""
+        self._submit("_log_artifact", {"local_path": str(local_path), "artifact_path": artifact_path})
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _submit(self, op: str, kwargs: dict[str, Any]) -> None:
+        if not self.active or self._client is None:
+            return
+        self._pending.append((op, kwargs))
+        self._flush(force=len(self._pending) == 1)
+
+    def _flush(self, force: bool = False) -> None:
+        if not self._pending:
+            return
+        if not force and time.monotonic() - self._last_attempt < _RETRY_INTERVAL_S:
+            return
+        self._last_attempt = time.monotonic()
+        while self._pending:
+            op, kwargs = self._pending[0]
+            try:
+                getattr(self, op)(**kwargs)
+            except Exception as error:  # noqa: BLE001 - any tracking failure must not stop training
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"MLflow tracking at {self.tracking_uri!r} failed ({type(error).__name__}: {error}). "
+                        "Training goes on; tracking calls are kept and retried every "
+                        f"{int(_RETRY_INTERVAL_S)} s, and anything still unsent at the end is written to disk.",
+                        stacklevel=3,
+                    )
+                return
+            self._pending.pop(0)
+            if self._warned and not self._pending:
+                logger.warning("MLflow tracking at %s reachable again; all queued calls were sent.", self.tracking_uri)
+
+    def _write_unsent(self) -> None:
+        folder = self.fallback_dir or Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "mlflow_unsent.jsonl"
+        with open(path, "a") as handle:
+            for op, kwargs in self._pending:
+                handle.write(json.dumps({"run_name": self.run_name, "op": op.lstrip("_"), **kwargs}, default=str) + "\n")
+        warnings.warn(
+            f"MLflow tracking at {self.tracking_uri!r} stayed unreachable: {len(self._pending)} calls "
+            f"(metrics, params, artifacts) were written to {str(path)!r} instead.",
+            stacklevel=3,
+        )
+        self._pending.clear()
+
+    def _create_run(self) -> None:
+        if self.run_id is not None:
+            return
+        experiment = self._client.get_experiment_by_name(self.cfg.experiment_name)
+        experiment_id = (
+            experiment.experiment_id if experiment is not None else self._client.create_experiment(self.cfg.experiment_name)
+        )
+        tags = {}
+        if self.parent is not None:
+            if self.parent.run_id is None:
+                raise RuntimeError("the parent run has not been created yet")
+            tags["mlflow.parentRunId"] = self.parent.run_id
+        run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+
+    def _terminate(self, status: str) -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+    def _log_params(self, params: list[tuple[str, str]]) -> None:
+        from mlflow.entities import Param
+
+        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params])
+
+    def _log_metrics(self, metrics: dict[str, float], step: int, timestamp: int) -> None:
+        from mlflow.entities import Metric
+
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+
+    def _log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        self._client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
+    def _log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def _log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
+        self._client.log_dict(self.run_id, dictionary, artifact_file)
+
+    def _log_artifact(self, local_path: str, artifact_path: str | None) -> None:
+        if Path(local_path).is_dir():
+            self._client.log_artifacts(self.run_id, local_path, artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, local_path, artifact_path)

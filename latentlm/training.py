@@ -1,0 +1,286 @@
+"""What both training loops share: accelerate set-up, AdamW + warmup, step-addressed data order,
+per-step seeding, non-finite loss checks and atomic safetensors checkpoints.
+
+Resuming is exact by construction rather than by saving RNG states: the batch at step ``k`` and
+the random numbers drawn at step ``k`` (dropout, noise, timesteps) are functions of ``(seed, k)``
+alone, so a run killed after step ``k`` and resumed from its checkpoint repeats the uninterrupted
+run step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
+
+from .config import OptimizerConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built from the current config."""
+
+
+def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
+    """One CPU, one GPU or several processes (``accelerate launch``); bf16 autocast works on CPU too."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision='fp16' needs a GPU; on CPU use 'bf16' (or 'no').")
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    set_seed(seed)  # same initial weights in every process
+    return accelerator
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` (tensors or param groups, which may carry their own ``lr``)."""
+    params = list(params)
+    if not params:
+        raise ValueError("No trainable parameters were given to the optimizer: check which modules are frozen.")
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup for ``warmup_steps``, then linear/cosine decay to zero at ``max_steps`` (or constant)."""
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def seed_step(seed: int, step: int, process_index: int = 0) -> torch.Generator:
+    """Seed the global torch RNG for one training step and return a generator seeded the same way."""
+    step_seed = (seed * 1_000_003 + step * 9_973 + process_index * 7_919) % (2**63 - 1)
+    torch.manual_seed(step_seed)
+    generator = torch.Generator()
+    generator.manual_seed(step_seed)
+    return generator
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+
+
+def batch_indices(
+    num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0, num_processes: int = 1
+) -> list[int]:
+    """Indices of this process's share of the global batch number ``step``.
+
+    The data are visited in a fresh random order every epoch; ``batch_size`` is the global batch,
+    split evenly over ``num_processes``, so one process or several see the same examples per step.
+    """
+    if num_examples <= 0:
+        raise ValueError("The training set is empty: there is nothing to draw batches from.")
+    if batch_size % num_processes:
+        raise ValueError(
+            f"batch_size={batch_size} does not split evenly over {num_processes} processes; "
+            f"use a multiple of {num_processes}."
+        )
+    per_process = batch_size // num_processes
+    position = step * batch_size + process_index * per_process
+    indices: list[int] = []
+    while len(indices) < per_process:
+        epoch, offset = divmod(position, num_examples)
+        take = min(per_process - len(indices), num_examples - offset)
+        indices.extend(_epoch_permutation(num_examples, seed, epoch)[offset : offset + take])
+        position += take
+    return indices
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop with advice when the loss is NaN/inf instead of training on garbage."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(
+            f"The training loss became {loss.detach().float().item()} at step {step}. Lower "
+            "optimizer.learning_rate, raise optimizer.warmup_steps, keep optimizer.max_grad_norm set, or use "
+            "mixed_precision 'bf16'/'no' instead of 'fp16'; then continue from the last checkpoint with --resume."
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
+
+    A run killed half-way through writing leaves only a ``.tmp-*`` folder behind, never a
+    half-written ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (``requires_grad``), detached and contiguous."""
+    return {
+        name: param.detach().contiguous().clone()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+class CheckpointManager:
+    """Atomic, safetensors-only training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX``.
+
+    Call ``save`` from the main process only, then ``accelerator.wait_for_everyone()``.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int = 2):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        ema: Any = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> Path:
+        final = self.root / f"step_{step:08d}"
+        with atomic_directory(final) as tmp:
+            for name, module in modules.items():
+                save_file(trainable_state_dict(module), str(tmp / f"{name}.safetensors"))
+            optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+            state: dict[str, Any] = {
+                "step": step,
+                "modules": sorted(modules),
+                "optimizer": optim_meta,
+                "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                "extra_state": extra_state or {},
+            }
+            if ema is not None:
+                ema_state = ema.state_dict()
+                shadow = {f"shadow.{i}": p.detach().contiguous().clone() for i, p in enumerate(ema_state["shadow_params"])}
+                save_file(shadow, str(tmp / "ema.safetensors"))
+                state["ema"] = {k: v for k, v in ema_state.items() if k not in ("shadow_params", "collected_params")}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(
+        self,
+        path: str | Path,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        ema: Any = None,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint in place; returns the trainer state (``step``, ``extra_state``)."""
+        path = Path(path)
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint folder (no trainer_state.json).")
+        state = json.loads(state_file.read_text())
+        if sorted(modules) != state["modules"]:
+            raise CheckpointMismatchError(
+                f"Checkpoint {str(path)!r} holds modules {state['modules']} but the run trains {sorted(modules)}."
+            )
+        for name, module in modules.items():
+            saved = load_file(str(path / f"{name}.safetensors"))
+            expected = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            missing = sorted(set(expected) - set(saved))
+            unexpected = sorted(set(saved) - set(expected))
+            if missing or unexpected:
+                raise CheckpointMismatchError(
+                    f"Checkpoint {str(path)!r} does not fit module {name!r}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}. Was it written with another config?"
+                )
+            for key, tensor in saved.items():
+                if tensor.shape != expected[key].shape:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint {str(path)!r}: {name}.{key} has shape {tuple(tensor.shape)} but the model "
+                        f"built from the config has {tuple(expected[key].shape)}. Use the config it was trained with."
+                    )
+            with torch.no_grad():
+                for key, tensor in saved.items():
+                    expected[key].copy_(tensor)
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")
+            shadow = load_file(str(path / "ema.safetensors"))
+            ema_state = dict(state["ema"])
+            ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+            ema.load_state_dict(ema_state)
+        return {"step": state["step"], "extra_state": state["extra_state"]}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return None  # e.g. LambdaLR's lr_lambdas: functions are rebuilt from the config, not saved
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}

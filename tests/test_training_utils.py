@@ -1,0 +1,146 @@
+"""Shared training utilities: config loading, step-addressed batches, atomic safetensors checkpoints."""
+
+import json
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+
+from latentlm.config import OptimizerConfig, load_config
+from latentlm.training import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    atomic_directory,
+    batch_indices,
+    check_finite,
+    make_lr_scheduler,
+    make_optimizer,
+    seed_step,
+)
+
+
+def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("autoencoder:\n  optimizer:\n    learning_rate: 3e-4\n  max_length: 32\n")
+    config = load_config(path, ["diffusion.optimizer.max_steps=7", "data.label_column=sentiment"])
+    assert config.autoencoder.optimizer.learning_rate == pytest.approx(3e-4)
+    assert config.autoencoder.optimizer.batch_size == 256  # untouched defaults survive a partial section
+    assert config.diffusion.optimizer.max_steps == 7
+    assert config.diffusion.optimizer.lr_schedule == "cosine"
+    assert config.data.label_column == "sentiment"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"autoencoder": {"optimiser": {}}}, "Unknown config key 'autoencoder.optimiser'"),
+        ({"autoencoder": {"max_length": "long"}}, "autoencoder.max_length must be a number"),
+        ({"autoencoder": {"mixed_precision": "fp8"}}, "mixed_precision"),
+        ({"diffusion": {"optimizer": {"batch_size": 0}}}, "batch_size must be positive"),
+        ({"diffusion": {"label_dropout_prob": 1.5}}, "label_dropout_prob"),
+    ],
+)
+def test_config_rejects_bad_values_with_the_key_named(raw, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(raw)
+
+
+def test_batches_are_addressed_by_step_and_cover_each_epoch():
+    first_epoch = [i for step in range(5) for i in batch_indices(10, 2, step, seed=3)]
+    assert sorted(first_epoch) == list(range(10))
+    assert batch_indices(10, 2, 4, seed=3) == batch_indices(10, 2, 4, seed=3)
+    assert first_epoch != [i for step in range(5, 10) for i in batch_indices(10, 2, step, seed=3)]
+    # two processes split the same global batch that one process would see
+    single = batch_indices(10, 4, 7, seed=1)
+    split = batch_indices(10, 4, 7, seed=1, process_index=0, num_processes=2) + batch_indices(
+        10, 4, 7, seed=1, process_index=1, num_processes=2
+    )
+    assert single == split
+    assert len(batch_indices(3, 8, 0, seed=0)) == 8  # a batch larger than the data wraps into the next epoch
+    with pytest.raises(ValueError, match="empty"):
+        batch_indices(0, 2, 0, seed=0)
+    with pytest.raises(ValueError, match="split evenly"):
+        batch_indices(10, 3, 0, seed=0, num_processes=2)
+
+
+def test_seed_step_makes_random_draws_a_function_of_the_step():
+    seed_step(0, 5)
+    a = torch.randn(3)
+    seed_step(0, 6)
+    b = torch.randn(3)
+    seed_step(0, 5)
+    assert torch.equal(a, torch.randn(3)) and not torch.equal(a, b)
+
+
+def test_check_finite_names_the_step():
+    check_finite(torch.tensor(1.0), 3)
+    with pytest.raises(NonFiniteLossError, match="at step 12"):
+        check_finite(torch.tensor(float("nan")), 12)
+
+
+def _train(model, optimizer, scheduler, ema, steps, start=0):
+    for step in range(start, steps):
+        seed_step(0, step)
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    model[0].bias.requires_grad_(False)  # frozen parameters are not part of a checkpoint
+    cfg = OptimizerConfig(learning_rate=1e-2, max_steps=10, warmup_steps=2)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    return model, optimizer, make_lr_scheduler(optimizer, cfg), EMAModel(model.parameters(), decay=0.9)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    model, optimizer, scheduler, ema = _setup()
+    _train(model, optimizer, scheduler, ema, 10)
+
+    model2, optimizer2, scheduler2, ema2 = _setup()
+    _train(model2, optimizer2, scheduler2, ema2, 4)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (2, 3, 4):
+        manager.save(step, {"model": model2}, optimizer2, scheduler2, ema=ema2, extra_state={"note": "x"})
+    assert [p.name for p in manager.checkpoints()] == ["step_00000003", "step_00000004"]
+    assert not list(tmp_path.glob("checkpoints/.tmp-*"))
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+
+    model3, optimizer3, scheduler3, ema3 = _setup()
+    state = manager.load(manager.latest(), {"model": model3}, optimizer3, scheduler3, ema=ema3)
+    assert state == {"step": 4, "extra_state": {"note": "x"}}
+    _train(model3, optimizer3, scheduler3, ema3, 10, start=4)
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.shadow_params, ema3.shadow_params):
+        assert torch.equal(a, b)
+    assert scheduler.get_last_lr() == scheduler3.get_last_lr()
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
+    model, optimizer, scheduler, _ = _setup()
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, {"model": model}, optimizer, scheduler)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2))
+    wider[0].bias.requires_grad_(False)
+    opt = make_optimizer(wider.parameters(), OptimizerConfig())
+    with pytest.raises(CheckpointMismatchError, match=r"0.weight has shape \(5, 3\)"):
+        manager.load(path, {"model": wider}, opt, make_lr_scheduler(opt, OptimizerConfig()))
+
+
+def test_atomic_directory_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.json").write_text(json.dumps({"v": 1}))
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.json").write_text(json.dumps({"v": 2}))
+            raise RuntimeError("killed")
+    assert json.loads((target / "a.json").read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -1,0 +1,41 @@
+"""latentlm: latent diffusion language models (LD4LG-style) on diffusers, transformers and peft.
+
+Public names are imported lazily, so ``import latentlm`` (and the CLI's start-up) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LatentAutoencoder": "latentlm.autoencoder",
+    "LatentDenoiser": "latentlm.diffusion",
+    "make_noise_scheduler": "latentlm.diffusion",
+    "LatentTextDiffusionPipeline": "latentlm.pipelines",
+    "LatentTextDiffusionPipelineOutput": "latentlm.pipelines",
+    "TextAutoencoder": "latentlm.text_autoencoder",
+    "load_backbone": "latentlm.backbones",
+    "RunConfig": "latentlm.config",
+    "load_config": "latentlm.config",
+    "Tracker": "latentlm.tracking",
+    "train_autoencoder": "latentlm.train_autoencoder",
+    "train_diffusion": "latentlm.train_diffusion",
+    "train": "latentlm.train",
+    "sample": "latentlm.sampling",
+    "evaluate": "latentlm.evaluation",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'latentlm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's)")
+    p.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")
+    p.add_argument("--feature-model", default="auto", help="MAUVE features: auto | minilm | gpt2-large | folder | none")
+    p.add_argument("--perplexity-model", default="auto", help="auto | smollm2 | gpt2-large | folder | none")
+
+    p = commands.add_parser("evaluate-autoencoder", help="reconstruction BLEU and exact match of an autoencoder")
+    p.add_argument("--model", required=True, help="TextAutoencoder folder (or a pipeline folder)")
+    p.add_argument("--references", required=True, help="jsonl/txt file of texts to reconstruct")
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--num-beams", type=int, default=None, help="override the LD4LG beam search width (1 = greedy)")
+    p.add_argument("--out", default=None, help="folder for autoencoder_results.json and .md")
     return parser
 
 
@@ -100,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         from .evaluation import evaluate
 
-        evaluate(
+        result = evaluate(
             args.pipeline,
             args.references,
             train_file=args.train_file,
@@ -108,7 +125,29 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=args.num_samples,
             seeds=tuple(args.seeds),
             output_dir=args.out,
+            num_inference_steps=args.steps,
+            scheduler=args.scheduler,
+            guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            feature_model=args.feature_model,
+            perplexity_model=args.perplexity_model,
         )
+        print(result["markdown"])
+    elif args.command == "evaluate-autoencoder":
+        from .evaluation import evaluate_autoencoder
+
+        result = evaluate_autoencoder(
+            args.model,
+            args.references,
+            num_samples=args.num_samples,
+            text_column=args.text_column,
+            batch_size=args.batch_size,
+            decode_kwargs=None if args.num_beams is None else {"num_beams": args.num_beams},
+            output_dir=args.out,
+        )
+        print(result["markdown"])
     return 0
 
 

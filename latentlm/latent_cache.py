@@ -1,0 +1,184 @@
+"""Encode a training set once with a trained `TextAutoencoder` and keep the latents on disk.
+
+Stage 2 only needs z0 = autoencoder.encode(text) for every training text, and the autoencoder is
+frozen, so re-running the PLM encoder and the compression network every step (what the reference
+code does) is wasted work. The latents are written once to ``<cache_dir>/<key>/latents.npy`` and
+opened memory-mapped (``np.load(mmap_mode="r")``), so a dataset larger than RAM costs nothing to
+open and every later run with the same autoencoder and data reuses it.
+
+The key hashes everything the latents depend on: the encoder and compression weights, the
+tokenizer's vocabulary, ``max_length``, the texts and the labels. A different autoencoder or
+dataset gets a different folder; a stale cache can never be picked up.
+
+Folder layout::
+
+    <cache_dir>/<key>/latents.npy   float32 [num_examples, num_latents, latent_dim]
+                      labels.npy    int64 [num_examples] (only with labels)
+                      meta.json     shape, num_examples, class_names, key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from latentlm.training import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatentCache", "build_latent_cache", "latent_cache_key"]
+
+CACHE_VERSION = 1
+META_FILE = "meta.json"
+
+
+def _hash_module(digest, module: torch.nn.Module) -> None:
+    # Named tensors in a fixed order; raw bytes (any dtype) so the key is exact, not a summary.
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def latent_cache_key(text_autoencoder, texts: Sequence[str], labels: Sequence[int] | None = None) -> str:
+    """sha256 (hex, 24 chars) of what determines the cached latents: weights, tokenizer, max_length, data."""
+    digest = hashlib.sha256()
+    digest.update(f"latentlm-latent-cache-v{CACHE_VERSION}".encode())
+    _hash_module(digest, text_autoencoder.autoencoder)
+    _hash_module(digest, text_autoencoder.language_model.get_encoder())
+    vocab = text_autoencoder.tokenizer.get_vocab()
+    digest.update(json.dumps(sorted(vocab.items())).encode())
+    digest.update(f"max_length={text_autoencoder.max_length}".encode())
+    digest.update(f"num_texts={len(texts)}".encode())
+    for text in texts:
+        digest.update(text.encode() + b"\x00")
+    if labels is not None:
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:24]
+
+
+@dataclass
+class LatentCache:
+    """Cached latents of one dataset, memory-mapped.
+
+    Attributes: ``path`` (the cache folder), ``latents`` (read-only memmap ``[M, N, D]`` float32),
+    ``labels`` (int64 ``[M]`` or None), ``class_names`` (list, empty without labels).
+    """
+
+    path: Path
+    latents: np.ndarray
+    labels: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "LatentCache":
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a latent cache folder ({META_FILE} is missing).")
+        meta = json.loads(meta_file.read_text())
+        latents = np.load(path / "latents.npy", mmap_mode="r")
+        if list(latents.shape) != meta["shape"]:
+            raise ValueError(
+                f"Latent cache {str(path)!r} is damaged: latents.npy has shape {list(latents.shape)}, "
+                f"meta.json says {meta['shape']}. Delete the folder to rebuild it."
+            )
+        labels = np.load(path / "labels.npy") if meta.get("has_labels") else None
+        return cls(path=path, latents=latents, labels=labels, class_names=list(meta.get("class_names", [])))
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_latents(self) -> int:
+        return self.latents.shape[1]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latents.shape[2]
+
+    def batch(self, indices: Sequence[int], device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> latents `[len(indices), N, D]` float32, labels `[len(indices)]` long (or None)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        latents = torch.from_numpy(np.ascontiguousarray(self.latents[idx])).to(device)
+        labels = torch.from_numpy(self.labels[idx]).to(device) if self.labels is not None else None
+        return latents, labels
+
+
+@torch.no_grad()
+def build_latent_cache(
+    text_autoencoder,
+    texts: Sequence[str],
+    cache_dir: str | Path,
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> LatentCache:
+    """Encode `texts` once (or reuse an existing cache with the same key) and open it memory-mapped.
+
+    Args:
+        text_autoencoder: a trained `TextAutoencoder` (its `encode(texts) -> [B, N, D]` is used).
+        texts: the training texts (non-empty).
+        cache_dir: parent folder; the cache lives in ``<cache_dir>/<key>``.
+        labels: optional class ids, one per text.
+        class_names: names of the class ids (stored with the cache for inspection).
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to encode: the latent cache needs at least one training text.")
+    if labels is not None and len(labels) != len(texts):
+        raise ValueError(f"Got {len(labels)} labels for {len(texts)} texts; give one label per text.")
+    key = latent_cache_key(text_autoencoder, texts, labels)
+    final = Path(cache_dir) / key
+    if (final / META_FILE).is_file():
+        logger.info("Reusing latent cache %s", final)
+        return LatentCache.open(final)
+
+    n, d = text_autoencoder.num_latents, text_autoencoder.latent_dim
+    # Encode in order of token length: batches of similar length waste little padding.
+    lengths = [len(ids) for ids in text_autoencoder.tokenizer(texts, truncation=True,
+                                                             max_length=text_autoencoder.max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    was_training = text_autoencoder.training
+    text_autoencoder.eval()
+    try:
+        with atomic_directory(final) as tmp:
+            out = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(texts), n, d))
+            for start in tqdm(range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress,
+                              leave=False):
+                chunk = order[start : start + batch_size]
+                z = text_autoencoder.encode([texts[i] for i in chunk]).float().cpu().numpy()
+                if not np.isfinite(z).all():
+                    raise ValueError(
+                        "The autoencoder produced non-finite latents; check that the autoencoder at this path "
+                        "was trained without diverging."
+                    )
+                out[np.asarray(chunk)] = z
+            out.flush()
+            del out
+            if labels is not None:
+                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+            meta = {
+                "version": CACHE_VERSION,
+                "key": key,
+                "shape": [len(texts), n, d],
+                "num_examples": len(texts),
+                "has_labels": labels is not None,
+                "class_names": list(class_names or []),
+                "max_length": text_autoencoder.max_length,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    finally:
+        text_autoencoder.train(was_training)
+    logger.info("Wrote latent cache %s (%d x %d x %d)", final, len(texts), n, d)
+    return LatentCache.open(final)

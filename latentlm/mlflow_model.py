@@ -1,0 +1,127 @@
+"""The pipeline as an MLflow pyfunc model: a DataFrame of class / num_samples in, texts out.
+
+```python
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("runs:/<run_id>/model")       # or a local model folder
+model.predict(pd.DataFrame({"class": ["Italian", "French"], "num_samples": [2, 1]}),
+              params={"guidance_scale": 2.0, "num_inference_steps": 25})
+#      class                                   text  row
+# 0  Italian  Zizzi is an Italian pub in the ...      0
+```
+
+The model is saved with MLflow's ``loader_module`` workflow: the folder holds the pipeline folder
+(safetensors) and the name of this module, whose `_load_pyfunc` rebuilds the pipeline; nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["PipelinePyfunc", "save_pipeline_model", "log_pipeline_model", "MODEL_ARTIFACT_PATH", "PARAM_DEFAULTS"]
+
+MODEL_ARTIFACT_PATH = "model"
+LOCAL_MODEL_DIR = "mlflow_model"
+PARAM_DEFAULTS: dict[str, Any] = {"guidance_scale": 1.0, "num_inference_steps": 50, "seed": 0, "scheduler": "dpm++"}
+
+
+class PipelinePyfunc:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(DataFrame, params) -> DataFrame``."""
+
+    def __init__(self, pipeline_dir: str | Path):
+        from latentlm.sampling import load_pipeline
+
+        self.pipe = load_pipeline(pipeline_dir)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def predict(self, model_input, params: dict[str, Any] | None = None):
+        """Input columns: ``class`` (name, id or missing/None = unconditional), ``num_samples``
+        (default 1). Output: one row per text with ``class``, ``text`` and ``row`` (the input row)."""
+        import pandas as pd
+
+        from latentlm.sampling import set_scheduler
+
+        params = {**PARAM_DEFAULTS, **(params or {})}
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if not isinstance(model_input, pd.DataFrame):
+            raise TypeError(f"model_input must be a pandas DataFrame (columns class, num_samples), "
+                            f"got {type(model_input).__name__}.")
+        unknown = sorted(set(model_input.columns) - {"class", "num_samples"})
+        if unknown:
+            raise ValueError(f"unknown input columns {unknown}; use 'class' and 'num_samples'.")
+        set_scheduler(self.pipe, params["scheduler"])
+        rows = []
+        for index, record in enumerate(model_input.to_dict(orient="records")):
+            label = record.get("class")
+            if label is not None and not isinstance(label, str) and pd.isna(label):
+                label = None
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)
+            count = record.get("num_samples", 1)
+            count = 1 if count is None or pd.isna(count) else int(count)
+            guidance = float(params["guidance_scale"]) if label is not None else 1.0
+            out = self.pipe(num_samples=count, class_labels=label, guidance_scale=guidance,
+                            num_inference_steps=int(params["num_inference_steps"]),
+                            generator=torch.Generator().manual_seed(int(params["seed"]) + index))
+            name = self.pipe.class_names[label] if isinstance(label, int) else label
+            rows.extend({"class": name, "text": text, "row": index} for text in out.texts)
+        return pd.DataFrame(rows, columns=["class", "text", "row"])
+
+
+def _load_pyfunc(data_path: str) -> PipelinePyfunc:
+    """MLflow's loader_module hook: ``data_path`` is the copied pipeline folder."""
+    return PipelinePyfunc(data_path)
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "class", required=False), ColSpec("long", "num_samples", required=False)]),
+        outputs=Schema([ColSpec("string", "class", required=False), ColSpec("string", "text"), ColSpec("long", "row")]),
+        params=ParamSchema([
+            ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),
+            ParamSpec("num_inference_steps", "long", PARAM_DEFAULTS["num_inference_steps"]),
+            ParamSpec("seed", "long", PARAM_DEFAULTS["seed"]),
+            ParamSpec("scheduler", "string", PARAM_DEFAULTS["scheduler"]),
+        ]),
+    )
+
+
+def save_pipeline_model(pipeline_dir: str | Path, path: str | Path) -> Path:
+    """Write an MLflow pyfunc model folder for a saved pipeline folder (``path`` must not exist)."""
+    import mlflow
+
+    from latentlm import __version__
+
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{str(pipeline_dir)!r} is not a pipeline folder (no model_index.json).")
+    # Explicit requirements: MLflow's inference of them would load the model in a subprocess.
+    mlflow.pyfunc.save_model(
+        path=str(path), loader_module="latentlm.mlflow_model", data_path=str(pipeline_dir),
+        signature=_signature(), pip_requirements=[f"latentlm=={__version__}"],
+    )
+    return Path(path)
+
+
+def log_pipeline_model(tracker, pipeline_dir: str | Path, local_dir: str | Path | None = None) -> Path:
+    """Save the pyfunc model next to the pipeline and log it to ``tracker``'s run as ``model/``.
+
+    The folder stays on disk (``<pipeline_dir>/../mlflow_model``) whether or not the tracking
+    server is reachable; the tracker queues the upload like any other call.
+    """
+    import shutil
+
+    pipeline_dir = Path(pipeline_dir)
+    local_dir = Path(local_dir) if local_dir is not None else pipeline_dir.parent / LOCAL_MODEL_DIR
+    if local_dir.exists():
+        shutil.rmtree(local_dir)
+    save_pipeline_model(pipeline_dir, local_dir)
+    tracker.log_artifact(local_dir, MODEL_ARTIFACT_PATH)
+    return local_dir

@@ -1,0 +1,273 @@
+"""TextAutoencoder: tokenizer + pretrained seq2seq LM (+ PEFT) + LatentAutoencoder.
+
+Folder layout written by `save_pretrained`::
+
+    text_autoencoder.json   backbone, decoder mode, max_length, LoRA settings
+    tokenizer/              tokenizer.save_pretrained
+    autoencoder/            LatentAutoencoder (config.json + safetensors)
+    language_model/         decoder "lora": a PEFT adapter (load with peft.PeftModel.from_pretrained)
+                            otherwise (or merge_adapters=True): the full transformers model
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from latentlm.autoencoder import LatentAutoencoder
+from latentlm.autoencoder.text_codec import (
+    decode_latents,
+    encode_texts,
+    encoder_hidden_states,
+    tokenize_texts,
+)
+from latentlm.backbones import (
+    backbone_family,
+    configure_trainable,
+    encoder_hidden_size,
+    load_backbone,
+    load_language_model,
+)
+
+__all__ = ["TextAutoencoder"]
+
+# EncoderDecoderModel warns on every training step that computing the loss from `labels` changed
+# in transformers 4.12; that is the behaviour we rely on, so the warning is noise.
+warnings.filterwarnings("ignore", message=r"Version v4\.12\.0 introduces a better way", category=FutureWarning)
+
+CONFIG_NAME = "text_autoencoder.json"
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+class TextAutoencoder(nn.Module):
+    """Texts <-> latents [B, num_latents, latent_dim] through a frozen PLM encoder and its decoder.
+
+    Attributes: ``tokenizer``, ``language_model`` (transformers seq2seq model or PeftModel),
+    ``autoencoder`` (`LatentAutoencoder`), ``max_length`` (tokens kept per text).
+    """
+
+    def __init__(self, tokenizer, language_model, autoencoder: LatentAutoencoder, max_length: int = 64,
+                 backbone: str | None = None, decoder: str = "frozen", lora: dict | None = None):
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
+        d_model = encoder_hidden_size(language_model)
+        if autoencoder.config.d_model != d_model:
+            raise ValueError(
+                f"The autoencoder was built for d_model={autoencoder.config.d_model} but the backbone's encoder "
+                f"states have size {d_model}; build the autoencoder with d_model={d_model}."
+            )
+        self.tokenizer = tokenizer
+        self.language_model = language_model
+        self.autoencoder = autoencoder
+        self.max_length = int(max_length)
+        self.backbone = backbone
+        self.decoder_mode = decoder
+        self.lora = dict(lora or {})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(cls, backbone: str, *, decoder: str = "frozen", lora_r: int = 16, lora_alpha: int = 32,
+                      lora_dropout: float = 0.0, lora_target_modules=None, num_latents: int = 32,
+                      latent_dim: int = 64, num_compression_layers: int = 3, num_reconstruction_layers: int = 3,
+                      head_dim: int = 64, ff_mult: int = 4, normalize_latents: bool | None = None,
+                      dropout: float = 0.0, max_length: int = 64,
+                      cross_attention_init: str = "self_attention",
+                      plm_dropout: float | None = None) -> "TextAutoencoder":
+        """A new (untrained) autoencoder over a backbone (see `latentlm.backbones.load_backbone`).
+
+        ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
+        """
+        lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
+        tokenizer, language_model = load_backbone(
+            backbone, decoder=decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules, cross_attention_init=cross_attention_init,
+            plm_dropout=plm_dropout,
+        )
+        if normalize_latents is None:
+            normalize_latents = backbone_family(language_model) != "t5"
+        autoencoder = LatentAutoencoder(
+            d_model=encoder_hidden_size(language_model), num_latents=num_latents, latent_dim=latent_dim,
+            num_compression_layers=num_compression_layers, num_reconstruction_layers=num_reconstruction_layers,
+            head_dim=head_dim, ff_mult=ff_mult, normalize_latents=normalize_latents, dropout=dropout,
+        )
+        return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=str(backbone),
+                   decoder=decoder, lora=lora)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_latents(self) -> int:
+        return self.autoencoder.config.num_latents
+
+    @property
+    def latent_dim(self) -> int:
+        return self.autoencoder.config.latent_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.autoencoder.parameters()).device
+
+    # ------------------------------------------------------------------ text <-> latents
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """texts -> latents [B, num_latents, latent_dim]."""
+        return encode_texts(self.tokenizer, self.language_model, self.autoencoder, texts, self.max_length)
+
+    def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
+        """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden)."""
+        return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
+
+    def reconstruct_texts(self, texts: list[str], **generate_kwargs) -> list[str]:
+        return self.decode(self.encode(texts), **generate_kwargs)
+
+    # ------------------------------------------------------------------ training helpers
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{input_ids, attention_mask} [B, L], truncated at max_length, on this model's device."""
+        return tokenize_texts(self.tokenizer, texts, self.max_length, device=self.device)
+
+    def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder states [B, L, d_model] (no gradient)."""
+        return encoder_hidden_states(self.language_model, input_ids, attention_mask)
+
+    def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder targets [B, L'] from input ids: padding -> -100.
+
+        When every sequence starts with the decoder start token (BERT2BERT: [CLS]), that token is
+        dropped: the decoder is fed it as its first input and need not predict it.
+        """
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        start = self._generation_config().decoder_start_token_id
+        if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
+            labels = labels[:, 1:].contiguous()
+        return labels
+
+    def _generation_config(self):
+        model = self.language_model.get_base_model() if _is_peft(self.language_model) else self.language_model
+        return model.generation_config
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
+
+        hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
+        """
+        from transformers.modeling_outputs import BaseModelOutput
+
+        memory = self.autoencoder(hidden_states, attention_mask)
+        memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+        keep = labels != -100
+        if not bool(keep.any()):
+            raise ValueError("labels hold no target token (all -100); cannot compute a reconstruction loss.")
+        # Vocabulary logits only where there is a target: with padded batches of short texts the
+        # output projection (vocab x d_model) is the largest matmul, and padding is most of it.
+        head = self.language_model.get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + tuple(args[1:]))
+        try:
+            out = self.language_model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
+                decoder_input_ids=self._shift_right(labels),
+            )
+        finally:
+            handle.remove()
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for teacher forcing: [start, labels[:-1]] with -100 -> pad."""
+        config = self._generation_config()
+        start = config.decoder_start_token_id
+        pad = self.tokenizer.pad_token_id
+        if start is None:
+            raise ValueError("The language model has no decoder_start_token_id; set it in its generation config.")
+        shifted = labels.new_full(labels.shape, pad)
+        shifted[:, 0] = start
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad)
+        return shifted
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """{"autoencoder": [...], "language_model": [...]} (only requires_grad)."""
+        return {
+            "autoencoder": [p for p in self.autoencoder.parameters() if p.requires_grad],
+            "language_model": [p for p in self.language_model.parameters() if p.requires_grad],
+        }
+
+    # ------------------------------------------------------------------ export
+    def merged_language_model(self):
+        """A plain transformers model with any LoRA adapters merged (a copy; self is unchanged)."""
+        if _is_peft(self.language_model):
+            return copy.deepcopy(self.language_model).merge_and_unload()
+        return copy.deepcopy(self.language_model)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, merge_adapters: bool = False) -> Path:
+        """Write the folder layout described in the module docstring (safetensors only)."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.autoencoder.save_pretrained(out / "autoencoder", safe_serialization=True)
+        is_adapter = _is_peft(self.language_model) and not merge_adapters
+        if is_adapter:
+            self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
+        elif _is_peft(self.language_model):
+            self.merged_language_model().save_pretrained(out / "language_model", safe_serialization=True)
+        else:
+            self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
+        meta = {
+            "backbone": self.backbone,
+            "decoder": self.decoder_mode,
+            "language_model_format": "peft_adapter" if is_adapter else "transformers",
+            "max_length": self.max_length,
+            "lora": self.lora,
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, trainable: bool = False,
+                        device: str | torch.device | None = None) -> "TextAutoencoder":
+        """Load a folder written by `save_pretrained`.
+
+        ``trainable=True`` restores the decoder's training mode (LoRA/new modules require grad);
+        by default everything is frozen and in eval mode (inference).
+        """
+        root = Path(directory)
+        meta_path = root / CONFIG_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{root} is not a TextAutoencoder folder: {CONFIG_NAME} is missing (expected the output of "
+                f"TextAutoencoder.save_pretrained or of train-autoencoder)."
+            )
+        meta = json.loads(meta_path.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        autoencoder = LatentAutoencoder.from_pretrained(root / "autoencoder")
+        lora = meta.get("lora") or {}
+        if meta["language_model_format"] == "peft_adapter":
+            from peft import PeftModel
+
+            if not meta.get("backbone"):
+                raise ValueError(f"{meta_path} has no 'backbone' to load the LoRA adapter's base model from.")
+            _, base = load_backbone(meta["backbone"], decoder="frozen")
+            language_model = PeftModel.from_pretrained(base, root / "language_model", is_trainable=trainable)
+        else:
+            language_model = load_language_model(str(root / "language_model"))
+            mode = meta["decoder"] if trainable and meta["decoder"] != "lora" else "frozen"
+            language_model = configure_trainable(language_model, mode)
+        model = cls(tokenizer, language_model, autoencoder, max_length=meta["max_length"],
+                    backbone=meta.get("backbone"), decoder=meta["decoder"], lora=lora)
+        if not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        if device is not None:
+            model.to(device)
+        return model

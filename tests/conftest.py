@@ -1,0 +1,229 @@
+"""Shared pytest fixtures: tiny, randomly initialised backbones built offline.
+
+Everything here is built in the test session (no hub access): a word-level tokenizer trained
+with `tokenizers` on `SENTENCES`, and tiny BART, T5 and BERT2BERT models saved to temporary
+folders, so tests go through the real `latentlm.backbones.load_backbone(path)` code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Set before anything imports huggingface_hub, so no test can reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Short sentences of whitespace-separated lowercase words: the word-level tokenizer decodes them
+# back to exactly the same string, so exact-match reconstruction is well defined.
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the bird sang a song",
+    "my friend likes green tea",
+    "she reads a book every night",
+    "the sun is warm today",
+    "we walked to the old bridge",
+    "he plays the piano well",
+    "the movie was long and boring",
+    "this phone is small and fast",
+    "the cake tastes sweet",
+    "they built a house by the river",
+    "i lost my keys again",
+    "the train left at noon",
+    "rain fell on the quiet town",
+    "the children laughed at the clown",
+    "a cold wind blew from the north",
+    "the teacher wrote on the board",
+    "our team won the game",
+    "the soup is too hot",
+    "she painted the door red",
+    "the market opens early",
+    "a small boat crossed the lake",
+    "the lamp is on the table",
+    "he fixed the broken chair",
+    "the flowers grow in spring",
+    "my brother drives a blue car",
+    "the film has a happy ending",
+    "the coffee was bitter",
+    "birds fly south in winter",
+    "the shop sells fresh bread",
+    "a star shines in the dark sky",
+    "the student passed the test",
+    "the city is loud at night",
+    "she found a coin on the street",
+    "the horse jumped over the fence",
+    "the book is better than the movie",
+    "we ate dinner at home",
+    "the door opened slowly",
+    "the old man smiled",
+]
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+def seed_everything(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_seeded(monkeypatch):
+    """Every test runs offline, starts from the same seed and leaves no accelerate state behind."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    seed_everything(0)
+    yield
+    # accelerate keeps a process-wide state (mixed precision, device); a test that trains with
+    # bf16 must not leak it into the next test's Accelerator.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def build_tokenizer(sentences: list[str] = SENTENCES):
+    """A word-level `PreTrainedTokenizerFast` with <pad>=0, <s>=1, </s>=2, <unk>=3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(sentences, trainer=trainer)
+    # Like BART: every sequence is wrapped in <s> ... </s>.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **SPECIAL_TOKENS)
+    assert fast.pad_token_id == PAD_ID and fast.bos_token_id == BOS_ID and fast.eos_token_id == EOS_ID
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+def _save(model, tokenizer, path: Path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_bart(vocab_size: int):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID, forced_bos_token_id=None, forced_eos_token_id=EOS_ID,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.1,
+    )
+    return BartForConditionalGeneration(config)
+
+
+def build_tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def build_tiny_bert2bert(vocab_size: int):
+    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderConfig, EncoderDecoderModel
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD_ID,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1,
+    )
+    enc_cfg = BertConfig(**common)
+    dec_cfg = BertConfig(**common, is_decoder=True, add_cross_attention=True)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(enc_cfg, dec_cfg)
+    config.decoder_start_token_id = BOS_ID
+    config.bos_token_id = BOS_ID
+    config.eos_token_id = EOS_ID
+    config.pad_token_id = PAD_ID
+    return EncoderDecoderModel(config=config, encoder=BertModel(enc_cfg), decoder=BertLMHeadModel(dec_cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
+    """{"bart": path, "t5": path, "bert2bert": path}: tiny random models + tokenizer saved to disk."""
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("tiny_backbones")
+    vocab = len(tiny_tokenizer)
+    return {
+        "bart": _save(build_tiny_bart(vocab), tiny_tokenizer, root / "bart"),
+        "t5": _save(build_tiny_t5(vocab), tiny_tokenizer, root / "t5"),
+        "bert2bert": _save(build_tiny_bert2bert(vocab), tiny_tokenizer, root / "bert2bert"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tiny_backbone_dirs) -> str:
+    return tiny_backbone_dirs["bart"]
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tiny_backbone_dirs) -> str:
+    return tiny_backbone_dirs["t5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert2bert_dir(tiny_backbone_dirs) -> str:
+    return tiny_backbone_dirs["bert2bert"]
+
+
+def make_tiny_text_autoencoder(backbone_dir: str, decoder: str = "frozen", num_latents: int = 4,
+                               latent_dim: int = 8, max_length: int = 16, **kwargs):
+    """A fresh `TextAutoencoder` over a tiny backbone folder (randomly initialised autoencoder)."""
+    from latentlm.text_autoencoder import TextAutoencoder
+
+    seed_everything(0)
+    return TextAutoencoder.from_backbone(
+        backbone_dir, decoder=decoder, num_latents=num_latents, latent_dim=latent_dim,
+        num_compression_layers=1, num_reconstruction_layers=1, head_dim=16, max_length=max_length,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def tiny_text_autoencoder(tiny_bart_dir):
+    """TextAutoencoder: tiny BART (d_model 32), 4 latents x 8 dims, untrained, eval mode."""
+    return make_tiny_text_autoencoder(tiny_bart_dir).eval()
+
+
+@pytest.fixture
+def tiny_sentences() -> list[str]:
+    return list(SENTENCES)
+
+
+@pytest.fixture
+def snippets_jsonl(tmp_path) -> Path:
+    """A tiny local dataset folder with train.jsonl / validation.jsonl (`text`, `label`)."""
+    import json
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, rows in (("train", SENTENCES[:32]), ("validation", SENTENCES[32:])):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i, text in enumerate(rows):
+                f.write(json.dumps({"text": text, "label": "even" if i % 2 == 0 else "odd"}) + "\n")
+    return folder

@@ -1,0 +1,225 @@
+"""Stage 1 training loop, data loading and bad input, on tiny offline models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SENTENCES
+from safetensors.torch import load_file
+
+from latentlm.config import DataConfig, load_config
+from latentlm.data import count_truncated, load_text_dataset
+from latentlm.text_autoencoder import TextAutoencoder
+from latentlm.train_autoencoder import train_autoencoder
+from latentlm.training import CheckpointMismatchError, NonFiniteLossError
+
+
+def tiny_config(tmp_path, data_path, backbone, **autoencoder):
+    ae = dict(
+        backbone=backbone, max_length=16, decoder="frozen", num_latents=4, latent_dim=8,
+        num_compression_layers=1, num_reconstruction_layers=1, head_dim=16, eval_every=0, save_every=0,
+        log_every=5, eval_num_beams=1, num_eval_examples=4,
+        optimizer=dict(learning_rate=3e-3, batch_size=8, max_steps=20, warmup_steps=2, lr_schedule="linear"),
+    )
+    for key, value in autoencoder.items():
+        if key == "optimizer":
+            ae["optimizer"].update(value)
+        else:
+            ae[key] = value
+    return load_config({
+        "output_dir": str(tmp_path / "run"),
+        "data": {"path": str(data_path), "max_eval_samples": 8},
+        "autoencoder": ae,
+        "tracking": {"enabled": False},
+    })
+
+
+def _history(run_dir):
+    return json.loads((run_dir / "autoencoder_history.json").read_text())
+
+
+def test_short_run_lowers_loss_and_logs_to_mlflow(tmp_path, snippets_jsonl, tiny_bart_dir):
+    import mlflow
+
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, eval_every=10, decoder="full",
+                         optimizer=dict(max_steps=30))
+    config.tracking.enabled = True
+    config.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config.tracking.experiment_name = "stage1-test"
+    final = train_autoencoder(config)
+    assert final == tmp_path / "run" / "autoencoder"
+    model = TextAutoencoder.from_pretrained(final)
+    assert model.encode(SENTENCES[:2]).shape == (2, 4, 8)
+    history = _history(tmp_path / "run")
+    assert [h["step"] for h in history["history"]] == [10, 20, 30]
+    assert all(0.0 <= h["bleu"] <= 100.0 for h in history["history"])
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("stage1-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["autoencoder.num_latents"] == "4"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.3, losses  # the loss goes down
+    assert len(client.get_metric_history(run.info.run_id, "eval/bleu")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "reconstructions" in artifacts
+
+
+class KilledAt(Exception):
+    pass
+
+
+class KillingTracker:
+    """A tracker that "kills" the run (raises) when asked to log the metrics of step `kill_step`."""
+
+    def __init__(self, kill_step: int):
+        self.kill_step = kill_step
+
+    def log_metrics(self, metrics, step):
+        if step >= self.kill_step:
+            raise KilledAt(step)
+
+    def log_params(self, *a, **k): ...
+    def log_table(self, *a, **k): ...
+    def log_artifact(self, *a, **k): ...
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_bert2bert_dir):
+    # LoRA BERT2BERT: trainable cross-attention, adapters and optimizer state must all be restored.
+    kwargs = dict(decoder="lora", lora_r=4, save_every=5, log_every=1, optimizer=dict(max_steps=12))
+    full = tiny_config(tmp_path / "a", snippets_jsonl, tiny_bert2bert_dir, **kwargs)
+    train_autoencoder(full)
+
+    killed = tiny_config(tmp_path / "b", snippets_jsonl, tiny_bert2bert_dir, **kwargs)
+    with pytest.raises(KilledAt):  # killed after step 7; the last checkpoint is from step 5
+        train_autoencoder(killed, tracker=KillingTracker(kill_step=7))
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "run" / "autoencoder_training" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000005"]
+    assert not (tmp_path / "b" / "run" / "autoencoder").exists()
+    train_autoencoder(killed, resume=True)
+
+    for sub in ("autoencoder/diffusion_pytorch_model.safetensors", "language_model/adapter_model.safetensors"):
+        a = load_file(str(tmp_path / "a" / "run" / "autoencoder" / sub))
+        b = load_file(str(tmp_path / "b" / "run" / "autoencoder" / sub))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=f"{sub}:{key}")
+
+
+def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_t5_dir, mixed_precision="bf16", decoder="lora", lora_r=2,
+                         optimizer=dict(max_steps=3))
+    model = TextAutoencoder.from_pretrained(train_autoencoder(config))
+    assert torch.isfinite(model.encode(SENTENCES[:2])).all()
+    assert not model.autoencoder.config.normalize_latents  # LD4LG default for T5
+
+
+def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart_dir):
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=2))
+    train_autoencoder(config)
+    bigger = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, latent_dim=16,
+                         optimizer=dict(max_steps=4))
+    with pytest.raises(CheckpointMismatchError, match="shape"):
+        train_autoencoder(bigger, resume=True)
+
+
+def test_non_finite_loss_stops(tmp_path, snippets_jsonl, tiny_bart_dir):
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, optimizer=dict(learning_rate=1e30, warmup_steps=0,
+                                                                                max_grad_norm=0.0))
+    with pytest.raises(NonFiniteLossError, match="learning_rate"):
+        train_autoencoder(config)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_eight_sentences(tmp_path, tiny_bart_dir):
+    data = tmp_path / "eight.jsonl"
+    eight = SENTENCES[:8]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in eight))
+    config = tiny_config(
+        tmp_path, data, tiny_bart_dir, decoder="full", num_latents=8, latent_dim=16, num_compression_layers=2,
+        eval_num_beams=1, optimizer=dict(learning_rate=5e-3, batch_size=8, max_steps=120, warmup_steps=10,
+                                         lr_schedule="constant", weight_decay=0.0),
+    )
+    config.data.validation_split = "train"  # evaluate on the training sentences themselves
+    final = train_autoencoder(config)
+    model = TextAutoencoder.from_pretrained(final)
+    assert model.decode(model.encode(eight), num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                        min_length=0, max_length=16) == eight
+    assert _history(tmp_path / "run")["history"][-1]["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------- data and bad input
+def test_load_local_formats(tmp_path, snippets_jsonl):
+    ds = load_text_dataset(DataConfig(path=str(snippets_jsonl)), "train")
+    assert len(ds) == 32 and ds[0]["text"] == SENTENCES[0]
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\nhello world,a\nthe cat sat,b\n")
+    assert load_text_dataset(DataConfig(path=str(csv)), "train")["text"] == ["hello world", "the cat sat"]
+    txt = tmp_path / "t.txt"
+    txt.write_text("line one\nline two\nline three\n")
+    cfg = DataConfig(path=str(txt))
+    assert load_text_dataset(cfg, "train[:2]")["text"] == ["line one", "line two"]
+    assert load_text_dataset(cfg, "train[-1:]")["text"] == ["line three"]
+    pq = tmp_path / "t.parquet"
+    load_text_dataset(DataConfig(path=str(csv)), "train").to_parquet(str(pq))
+    assert len(load_text_dataset(DataConfig(path=str(pq)), "train", max_samples=1)) == 1
+
+
+def test_missing_column_error(snippets_jsonl):
+    with pytest.raises(ValueError, match="Text column 'sentence' not found.*available columns"):
+        load_text_dataset(DataConfig(path=str(snippets_jsonl), text_column="sentence"), "train")
+    with pytest.raises(ValueError, match="Label column"):
+        load_text_dataset(DataConfig(path=str(snippets_jsonl), label_column="topic"), "train")
+
+
+def test_empty_split_error(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "validation.jsonl").write_text("")
+    (tmp_path / "test.csv").write_text("text\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_text_dataset(DataConfig(path=str(tmp_path / "test.csv")), "train")
+
+
+def test_missing_split_error(snippets_jsonl):
+    with pytest.raises(ValueError, match="Split 'test' is not available"):
+        load_text_dataset(DataConfig(path=str(snippets_jsonl)), "test")
+
+
+def test_empty_strings_error(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine text"}\n{"text": "   "}\n{"text": null}\n')
+    with pytest.raises(ValueError, match="2 empty or non-string texts.*\\[1, 2\\]"):
+        load_text_dataset(DataConfig(path=str(data)), "train")
+
+
+def test_missing_path_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.path is empty"):
+        load_text_dataset(DataConfig(path=""), "train")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_dataset(DataConfig(path=str(tmp_path / "nope.jsonl")), "train")
+    bad = tmp_path / "d.xml"
+    bad.write_text("<a/>")
+    with pytest.raises(ValueError, match="Unsupported data file"):
+        load_text_dataset(DataConfig(path=str(bad)), "train")
+
+
+def test_truncation_counted(tiny_tokenizer):
+    texts = ["the cat sat", "the cat sat on the mat and the dog ran in the park"]
+    assert count_truncated(tiny_tokenizer, texts, max_length=8) == 1
+    assert count_truncated(tiny_tokenizer, texts, max_length=64) == 0
+
+
+def test_training_rejects_bad_data_before_building_model(tmp_path, snippets_jsonl, tiny_bart_dir):
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir)
+    config.data.text_column = "body"
+    with pytest.raises(ValueError, match="Text column 'body'"):
+        train_autoencoder(config)
+
+
+def test_training_unknown_backbone(tmp_path, snippets_jsonl):
+    config = tiny_config(tmp_path, snippets_jsonl, "my-favourite-lm")
+    with pytest.raises(ValueError, match="Unknown backbone 'my-favourite-lm'.*Named backbones"):
+        train_autoencoder(config)

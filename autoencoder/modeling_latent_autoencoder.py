@@ -46,11 +46,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, W] queries, context [B, S, W] keys/values, mask [B, S] bool (True = attend)."""
-        q = self.q_norm(self._heads(self.to_q(x)))
-        k = self.k_norm(self._heads(self.to_k(context)))
+        # QK RMS-norm in fp32 (under bf16 autocast the projections are bf16 and the norm weights
+        # fp32, which would miss the fused kernel), then back to v's dtype for attention.
         v = self._heads(self.to_v(context))
-        # RMSNorm runs in fp32 under autocast; bring q/k back to v's dtype for the fused kernel.
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        q = self.q_norm(self._heads(self.to_q(x)).float()).to(v.dtype)
+        k = self.k_norm(self._heads(self.to_k(context)).float()).to(v.dtype)
         attn_mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0

@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--feature-model", default="auto")
     parser.add_argument("--perplexity-model", default="auto")
     parser.add_argument("--greedy", action="store_true", help="decode greedily instead of the LD4LG beam search")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="SCHEDULER:STEPS,...",
+                        help="e.g. ddpm:50,250 ddim:10,50 dpm++:10,25 (default: the full grid; quick: the three "
+                             "headline settings)")
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
@@ -51,6 +54,8 @@ def main() -> None:
     else:
         references, train = Path(args.references), Path(args.train) if args.train else None
     grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.grid:
+        grid = {item.split(":")[0]: [int(n) for n in item.split(":")[1].split(",")] for item in args.grid}
     num_samples = args.num_samples or (32 if args.quick else 256)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     decode_kwargs = dict(common.FAST_DECODE) if args.greedy else None
@@ -66,6 +71,13 @@ def main() -> None:
     check_grammar = sum(parse(t) is not None for t in head) >= 0.9 * len(head)
 
     rows = []
+    payload = {
+        "benchmark": "sampling_quality", "pipeline": description, "quick": args.quick,
+        "references": str(references), "train": str(train) if train else None, "class_name": args.class_name,
+        "num_samples": num_samples, "seeds": seeds, "decoding": "greedy" if args.greedy else "LD4LG beam search",
+        "feature_model": features.name if features else None, "perplexity_model": ppl.name if ppl else None,
+        "environment": common.environment(device), "results": rows,
+    }
     # Each grid point's results.json / samples.jsonl go in a folder named after the results file.
     results_dir = Path(args.out).with_suffix("") if args.out else common.RESULTS_DIR / "sampling_quality"
     for scheduler, step_list in grid.items():
@@ -86,15 +98,9 @@ def main() -> None:
             rows.append(row)
             summary = {k: round(v["mean"], 3) for k, v in result["model"].items() if v is not None}
             print(f"{scheduler:>6} {steps:>4} steps: {summary} {row.get('grammar', '')} ({row['seconds']:.0f} s)", flush=True)
+            # Written after every point, so a run cut short keeps what it measured.
+            path = common.write_results("sampling_quality", payload, args.out)
 
-    payload = {
-        "benchmark": "sampling_quality", "pipeline": description, "quick": args.quick,
-        "references": str(references), "train": str(train) if train else None, "class_name": args.class_name,
-        "num_samples": num_samples, "seeds": seeds, "decoding": "greedy" if args.greedy else "LD4LG beam search",
-        "feature_model": features.name if features else None, "perplexity_model": ppl.name if ppl else None,
-        "environment": common.environment(device), "results": rows,
-    }
-    path = common.write_results("sampling_quality", payload, args.out)
     panels = []
     for metric in ("mauve", "perplexity", "diversity"):
         if rows and rows[0]["model"].get(metric) is not None:

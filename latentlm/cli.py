@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=16)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--steps", type=int, default=50, help="number of inference steps")
-    p.add_argument(
-        "--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)"
-    )
+    p.add_argument("--scheduler", default="dpm++", help="ddpm | ddim | dpm++ | unipc | euler (default: dpm++)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the samples as jsonl here")
 

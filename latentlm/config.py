@@ -123,7 +123,8 @@ class DiffusionTrainingConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow. ``tracking_uri=None`` uses ``MLFLOW_TRACKING_URI`` if set, else a local store in ``./mlruns``."""
+    """MLflow. ``tracking_uri=None`` uses ``MLFLOW_TRACKING_URI`` if set, else MLflow's default local store
+    (``sqlite:///mlflow.db`` in the working directory)."""
 
     enabled: bool = True
     experiment_name: str = "latentlm"
@@ -200,6 +201,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 raise ValueError(f"{where} must be a whole number, got {value!r}.")
             return int(number)
         return number
+    if annotation is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare `no` / `yes` as a boolean: `mixed_precision: no` means "no".
+        return "yes" if value else "no"
     if annotation is str and not isinstance(value, str):
         raise ValueError(f"{where} must be a string, got {value!r}.")
     if origin is list and not isinstance(value, list):

@@ -54,6 +54,7 @@ __all__ = [
     "load_feature_model",
     "load_perplexity_model",
     "read_texts",
+    "sample_texts",
     "evaluate",
     "evaluate_autoencoder",
     "format_markdown",

@@ -41,6 +41,7 @@ __all__ = [
     "class_accuracy",
     "reconstruction_bleu",
     "exact_match",
+    "MeanStd",
     "mean_std",
 ]
 

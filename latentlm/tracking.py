@@ -58,6 +58,7 @@ class Tracker:
         self.active = active and cfg.enabled
         self.run_id: str | None = None
         self._client = None
+        self._started = False
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._last_attempt = 0.0
         self._warned = False
@@ -81,18 +82,19 @@ class Tracker:
             return
         for key, value in _FAST_FAIL_ENV.items():
             os.environ.setdefault(key, value)
-        from mlflow import MlflowClient
-
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._started = True
+        # Creating the client can fail too (a store MLflow refuses, a server that is down): that goes
+        # through the same queue as every other call instead of stopping training.
         self._submit("_create_run", {})
 
     def close(self, status: str = "FINISHED") -> None:
-        if not self.active or self._client is None:
+        if not self.active or not self._started:
             return
         self._submit("_terminate", {"status": status})
         self._flush(force=True)
         if self._pending:
             self._write_unsent()
+        self._started = False
         self._client = None
 
     # -- logging API -----------------------------------------------------------------------------
@@ -139,7 +141,7 @@ class Tracker:
 
     # -- plumbing --------------------------------------------------------------------------------
     def _submit(self, op: str, kwargs: dict[str, Any]) -> None:
-        if not self.active or self._client is None:
+        if not self.active or not self._started:
             return
         self._pending.append((op, kwargs))
         self._flush(force=len(self._pending) == 1)
@@ -185,6 +187,10 @@ class Tracker:
     def _create_run(self) -> None:
         if self.run_id is not None:
             return
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment = self._client.get_experiment_by_name(self.cfg.experiment_name)
         experiment_id = (
             experiment.experiment_id if experiment is not None else self._client.create_experiment(self.cfg.experiment_name)

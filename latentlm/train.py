@@ -129,7 +129,9 @@ def build_scratch_bart(tokenizer, model_kwargs: dict[str, Any], max_length: int)
     from transformers import BartConfig, BartForConditionalGeneration
 
     config = BartConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=max_length + 8,
+        # Room for generation beyond the training length (DEFAULT_GENERATE_KWARGS' max_length is 64):
+        # a sample whose decoding runs on must stop at max_length, not index past the positions.
+        vocab_size=len(tokenizer), max_position_embeddings=max(2 * max_length, 128),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
         forced_bos_token_id=tokenizer.bos_token_id, forced_eos_token_id=tokenizer.eos_token_id,

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
@@ -43,6 +44,10 @@ def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
     # `accelerate launch --multi_gpu --num_processes 2` would start 2 independent single-process runs
     # instead of one gloo (MULTI_CPU) run.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    # `latentlm train` runs both stages in one process, each with its own mixed_precision; accelerate
+    # keeps one global AcceleratorState and refuses a second setting. Reset that part only: the
+    # process group (PartialState) of a multi-process launch stays as it is.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
     set_seed(seed)  # same initial weights in every process
     return accelerator

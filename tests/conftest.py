@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+torch.set_num_threads(1)
+
 # Set before anything imports huggingface_hub, so no test can reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The models here are tiny: one thread is as fast as two, and it cannot collapse when the suite
+# shares the machine's cores with the mlflow server or the 2-process accelerate test.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Short sentences of whitespace-separated lowercase words: the word-level tokenizer decodes them
 # back to exactly the same string, so exact-match reconstruction is well defined.

@@ -121,6 +121,8 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
     assert config.autoencoder.backbone == str(folder)
     assert losses[-1] < losses[0] - 1.0  # it learned something in 60 steps
     tokenizer, model = load_backbone(str(folder), decoder="full")
+    # generation may run to DEFAULT_GENERATE_KWARGS' max_length (64) without running out of positions
+    assert model.config.max_position_embeddings >= 64
     text = json.loads(train_rows[0])["text"]
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id

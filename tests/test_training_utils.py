@@ -144,3 +144,16 @@ def test_atomic_directory_leaves_nothing_half_written(tmp_path):
             raise RuntimeError("killed")
     assert json.loads((target / "a.json").read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_yaml_bare_no_reads_as_the_string_no(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("autoencoder:\n  mixed_precision: no\n")
+    assert load_config(path).autoencoder.mixed_precision == "no"
+
+
+def test_two_stages_in_one_process_may_use_different_mixed_precision():
+    from latentlm.training import make_accelerator
+
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

@@ -1,0 +1,22 @@
+"""Tracker: a tracking store MLflow refuses must not stop training, and nothing is lost."""
+
+import json
+import warnings
+
+from latentlm.config import TrackingConfig
+from latentlm.tracking import Tracker
+
+
+def test_a_refused_tracking_store_is_reported_and_its_calls_written_to_disk(tmp_path):
+    cfg = TrackingConfig(tracking_uri="unknown-scheme://nowhere", experiment_name="e")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(cfg, run_name="r", fallback_dir=tmp_path) as tracker:
+            tracker.log_params({"a": {"b": 1}})
+            tracker.log_metrics({"loss": 0.5}, step=3)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "Training goes on" in messages and "mlflow_unsent.jsonl" in messages
+    rows = [json.loads(line) for line in (tmp_path / "mlflow_unsent.jsonl").read_text().splitlines()]
+    assert [r["op"] for r in rows] == ["create_run", "log_params", "log_metrics", "terminate"]
+    assert rows[1]["params"] == [["a.b", "1"]]
+    assert rows[2]["metrics"] == {"loss": 0.5} and rows[2]["step"] == 3

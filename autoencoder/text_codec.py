@@ -7,6 +7,7 @@ or a `peft.PeftModel` wrapping one.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -89,6 +90,17 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
     latents = latents.to(_device_of(autoencoder))
     memory = autoencoder.reconstruct(latents)
     kwargs = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
+    # Generating past the decoder's learned positions raises an IndexError deep inside generate();
+    # stop at the last position instead, and say so.
+    decoder_config = getattr(language_model.config, "decoder", None) or language_model.config
+    max_positions = getattr(decoder_config, "max_position_embeddings", None)
+    if max_positions is not None and kwargs.get("max_length", 0) > max_positions:
+        warnings.warn(
+            f"max_length={kwargs['max_length']} exceeds the decoder's {max_positions} position embeddings; "
+            f"generating at most {max_positions} tokens.",
+            stacklevel=2,
+        )
+        kwargs["max_length"] = max_positions
     mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
     output_ids = language_model.generate(
         encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=mask, **kwargs

@@ -26,6 +26,7 @@ _EXPORTS = {
     "train": "latentlm.train",
     "sample": "latentlm.sampling",
     "evaluate": "latentlm.evaluation",
+    "evaluate_autoencoder": "latentlm.evaluation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

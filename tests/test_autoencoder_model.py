@@ -259,3 +259,11 @@ def test_loss_matches_transformers_loss(backbone, decoder, tiny_backbone_dirs):
     grad = torch.autograd.grad(loss, model.autoencoder.latent_queries)[0]
     grad_ref = torch.autograd.grad(reference, model.autoencoder.latent_queries)[0]
     torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_decoding_past_the_decoders_positions_is_capped_with_a_warning(tiny_text_autoencoder):
+    latents = tiny_text_autoencoder.encode(["the cat sat on the mat"])
+    positions = tiny_text_autoencoder.language_model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"exceeds the decoder's {positions} position embeddings"):
+        texts = tiny_text_autoencoder.decode(latents, num_beams=1, max_length=positions + 50, min_length=positions + 40)
+    assert len(texts) == 1

@@ -20,3 +20,20 @@ def test_a_refused_tracking_store_is_reported_and_its_calls_written_to_disk(tmp_
     assert [r["op"] for r in rows] == ["create_run", "log_params", "log_metrics", "terminate"]
     assert rows[1]["params"] == [["a.b", "1"]]
     assert rows[2]["metrics"] == {"loss": 0.5} and rows[2]["step"] == 3
+
+
+def test_a_call_mlflow_refuses_is_kept_on_disk_and_does_not_hold_back_the_rest(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="e")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(cfg, run_name="r", fallback_dir=tmp_path) as tracker:
+            tracker.log_metrics({"dpm++_25/mauve": 0.9}, step=0)  # '+' is not allowed in MLflow names
+            tracker.log_metrics({"loss": 0.5}, step=1)
+    assert any("MLflow refused a log_metrics call" in str(w.message) for w in caught)
+    rows = [json.loads(line) for line in (tmp_path / "mlflow_unsent.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["metrics"] == {"dpm++_25/mauve": 0.9} and "error" in rows[0]
+    run = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(tracker.run_id)
+    assert run.data.metrics == {"loss": 0.5} and run.info.status == "FINISHED"

@@ -137,7 +137,8 @@ def build_denoiser(config: RunConfig, num_latents: int, latent_dim: int, class_n
 
 @torch.no_grad()
 def sample_texts(text_autoencoder: TextAutoencoder, denoiser: LatentDenoiser, scheduler, class_names: list[str],
-                 num_per_class: int, num_inference_steps: int, seed: int = 0) -> list[dict[str, Any]]:
+                 num_per_class: int, num_inference_steps: int, seed: int = 0,
+                 decode_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """A few decoded samples per class (or unconditional) through `LatentTextDiffusionPipeline` (DDIM)."""
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
@@ -147,6 +148,7 @@ def sample_texts(text_autoencoder: TextAutoencoder, denoiser: LatentDenoiser, sc
         tokenizer=text_autoencoder.tokenizer, language_model=text_autoencoder.language_model,
         autoencoder=text_autoencoder.autoencoder, denoiser=denoiser,
         scheduler=DDIMScheduler.from_config(scheduler.config), max_length=text_autoencoder.max_length,
+        decode_kwargs=decode_kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
     rows: list[dict[str, Any]] = []
@@ -281,7 +283,8 @@ def train_diffusion(
             ema.copy_to(denoiser.parameters())
             try:
                 rows = sample_texts(text_autoencoder, denoiser, scheduler, class_names, cfg.num_samples_per_class,
-                                    cfg.sample_inference_steps, seed=cfg.seed)
+                                    cfg.sample_inference_steps, seed=cfg.seed,
+                                    decode_kwargs=config.autoencoder.generate_kwargs or None)
             finally:
                 ema.restore(denoiser.parameters())
             tracker.log_table([{"step": step, **row} for row in rows], f"samples/step_{step:08d}.json")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS
 from latentlm.config import RunConfig
 from latentlm.data import count_truncated, load_texts
+from latentlm.metrics import exact_match, reconstruction_bleu
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
 from latentlm.training import (
@@ -121,8 +122,6 @@ def evaluate_reconstruction(model: TextAutoencoder, texts: list[str], batch_size
     References are the texts as the tokenizer can represent them (``normalized_reference``), so the
     score measures the autoencoder, not the tokenizer's case folding or truncation.
     """
-    import sacrebleu
-
     was_training = model.training
     model.eval()
     generate_kwargs = dict(DEFAULT_GENERATE_KWARGS, max_length=model.max_length + 8, num_beams=num_beams)
@@ -134,8 +133,8 @@ def evaluate_reconstruction(model: TextAutoencoder, texts: list[str], batch_size
         chunk = texts[start : start + batch_size]
         hypotheses.extend(model.decode(model.encode(chunk), **generate_kwargs))
     model.train(was_training)
-    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
-    exact = sum(h == r for h, r in zip(hypotheses, references)) / len(texts)
+    bleu = reconstruction_bleu(hypotheses, references)
+    exact = exact_match(hypotheses, references)
     examples = [
         {"reference": r, "reconstruction": h, "exact": h == r}
         for r, h in list(zip(references, hypotheses))[:num_examples]

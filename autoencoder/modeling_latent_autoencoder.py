@@ -112,6 +112,10 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         ff_mult: feed-forward expansion.
         normalize_latents: if True, latents are ``normalize(z, dim=-1) * sqrt(D)``.
         dropout: attention and feed-forward dropout.
+        context_positions: if > 0, learned absolute position embeddings for that many encoder
+            positions are added to the encoder states before compression (LD4LG's Perceiver does
+            this); it helps where the encoder's last states carry little word-order information,
+            as in sentence-embedding models such as all-MiniLM. 0 = none.
     """
 
     @register_to_config
@@ -126,6 +130,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         ff_mult: int = 4,
         normalize_latents: bool = True,
         dropout: float = 0.0,
+        context_positions: int = 0,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("num_latents", num_latents), ("latent_dim", latent_dim),
@@ -133,8 +138,17 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
                             ("num_reconstruction_layers", num_reconstruction_layers)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if context_positions < 0:
+            raise ValueError(f"context_positions must be >= 0 (0 = no position embeddings), got {context_positions}.")
         # Compression.
-        self.latent_queries = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.context_position_embeddings = (
+            nn.Parameter(torch.randn(context_positions, d_model) * d_model**-0.5) if context_positions else None
+        )
+        # Unit-scale queries, as in the Perceiver resampler of Flamingo/LD4LG. With a small init
+        # (0.02) the attended context swamps the queries in the residual stream, every latent
+        # becomes the same mean-pooled vector (cosine 0.97 between the latents of one text after
+        # 900 MiniLM steps) and the bottleneck carries a bag of words instead of a sequence.
+        self.latent_queries = nn.Parameter(torch.randn(num_latents, d_model))
         self.compression_layers = nn.ModuleList(
             PerceiverLayer(d_model, head_dim, ff_mult, dropout) for _ in range(num_compression_layers)
         )
@@ -167,7 +181,16 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
         # Zero padded positions so that non-finite garbage there cannot leak through 0 * inf.
         # Cached states may be stored in bf16; compute in the module's dtype (autocast lowers it).
-        context = hidden_states.to(self.latent_queries.dtype).masked_fill(~mask[..., None], 0.0)
+        context = hidden_states.to(self.latent_queries.dtype)
+        if self.context_position_embeddings is not None:
+            if length > self.config.context_positions:
+                raise ValueError(
+                    f"The encoder states hold {length} positions but this autoencoder has position embeddings "
+                    f"for {self.config.context_positions} (context_positions); truncate the texts to that "
+                    f"many tokens or build the autoencoder with a larger context_positions."
+                )
+            context = context + self.context_position_embeddings[:length]
+        context = context.masked_fill(~mask[..., None], 0.0)
         latents = self.latent_queries[None].expand(b, -1, -1)
         for layer in self.compression_layers:
             latents = layer(latents, context, mask)

@@ -72,7 +72,17 @@ def _resolve(name_or_path: str) -> str:
         return NAMED_BACKBONES[name_or_path]
     if os.path.isdir(name_or_path):
         return name_or_path
-    if "/" in name_or_path and not os.path.exists(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+    looks_local = (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1  # hub ids are exactly "org/name"
+        or os.path.isdir(name_or_path.split("/")[0])  # "outputs/run": a folder under an existing one
+    )
+    if "/" in name_or_path and looks_local:
+        raise FileNotFoundError(
+            f"Backbone folder {name_or_path!r} does not exist (it names a local path, not a hub id 'org/name'). "
+            f"Check the path, relative to {os.getcwd()!r}."
+        )
+    if "/" in name_or_path and not os.path.exists(name_or_path):
         return name_or_path  # a hub id such as "facebook/bart-base"
     raise ValueError(
         f"Unknown backbone {name_or_path!r}: it is neither a named backbone, nor an existing folder, nor a "

@@ -72,6 +72,9 @@ class AutoencoderTrainingConfig:
     normalize_latents: bool | None = None
     head_dim: int = 64
     dropout: float = 0.0
+    # learned position embeddings added to the encoder states before compression (LD4LG's Perceiver):
+    # 0 = none, -1 = one per token of max_length
+    context_positions: int = 0
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)
@@ -84,6 +87,8 @@ class AutoencoderTrainingConfig:
     # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
+    group_by_length: bool = False
     eval_every: int = 1_000
     save_every: int = 1_000
     log_every: int = 10
@@ -162,6 +167,11 @@ class RunConfig:
                 raise ValueError(f"{name}.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}.")
         if self.autoencoder.decoder not in ("frozen", "lora", "full"):
             raise ValueError(f"autoencoder.decoder={self.autoencoder.decoder!r}: use frozen, lora or full.")
+        if self.autoencoder.context_positions < -1:
+            raise ValueError(
+                f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "
+                f"token of max_length) or a positive number of positions."
+            )
         if self.diffusion.loss_type not in ("l2", "l1"):
             raise ValueError(f"diffusion.loss_type={self.diffusion.loss_type!r}: use l2 or l1.")
         if self.diffusion.timestep_sampling not in ("uniform", "importance"):

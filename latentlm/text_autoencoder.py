@@ -87,10 +87,12 @@ class TextAutoencoder(nn.Module):
                       head_dim: int = 64, ff_mult: int = 4, normalize_latents: bool | None = None,
                       dropout: float = 0.0, max_length: int = 64,
                       cross_attention_init: str = "self_attention",
-                      plm_dropout: float | None = None) -> "TextAutoencoder":
+                      plm_dropout: float | None = None, context_positions: int = 0) -> "TextAutoencoder":
         """A new (untrained) autoencoder over a backbone (see `latentlm.backbones.load_backbone`).
 
         ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
+        ``context_positions=-1`` gives the compression one learned position embedding per token
+        of ``max_length`` (see `LatentAutoencoder`); 0 = none.
         """
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         tokenizer, language_model = load_backbone(
@@ -104,6 +106,7 @@ class TextAutoencoder(nn.Module):
             d_model=encoder_hidden_size(language_model), num_latents=num_latents, latent_dim=latent_dim,
             num_compression_layers=num_compression_layers, num_reconstruction_layers=num_reconstruction_layers,
             head_dim=head_dim, ff_mult=ff_mult, normalize_latents=normalize_latents, dropout=dropout,
+            context_positions=max_length if context_positions == -1 else context_positions,
         )
         return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=str(backbone),
                    decoder=decoder, lora=lora)

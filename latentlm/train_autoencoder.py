@@ -29,6 +29,7 @@ from latentlm.tracking import Tracker
 from latentlm.training import (
     CheckpointManager,
     atomic_directory,
+    attention_kernel,
     batch_indices,
     check_finite,
     make_accelerator,
@@ -186,6 +187,7 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
         num_reconstruction_layers=cfg.num_reconstruction_layers, head_dim=cfg.head_dim,
         normalize_latents=cfg.normalize_latents, dropout=cfg.dropout, max_length=cfg.max_length,
         cross_attention_init=cfg.cross_attention_init, plm_dropout=cfg.plm_dropout,
+        context_positions=cfg.context_positions,
     )
     model.to(accelerator.device)
     num_truncated = count_truncated(model.tokenizer, train_texts, cfg.max_length)
@@ -251,6 +253,7 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
             logger.warning("step %d: reconstruction BLEU %.2f, exact match %.3f", step, result["bleu"],
                            result["exact_match"])
 
+        lengths = tuple(len(ids) for ids in cache.input_ids) if cfg.group_by_length else None
         train_time = resumed_train_time
         progress = tqdm(range(start_step, opt.max_steps), initial=start_step, total=opt.max_steps,
                         desc="train-autoencoder", disable=not is_main)
@@ -260,11 +263,11 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
         for step in progress:
             tick = time.perf_counter()
             indices = batch_indices(len(cache), opt.batch_size, step, cfg.seed, accelerator.process_index,
-                                    accelerator.num_processes)
+                                    accelerator.num_processes, lengths=lengths)
             hidden, mask, ids = cache.batch(indices, accelerator.device)
             labels = model.make_labels(ids, mask)
             seed_step(cfg.seed, step, accelerator.process_index)
-            with accelerator.autocast():
+            with accelerator.autocast(), attention_kernel(accelerator.device):
                 loss = train_model(hidden, mask, labels)
             check_finite(loss, step)
             accelerator.backward(loss)

@@ -53,6 +53,21 @@ def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
     return accelerator
 
 
+def attention_kernel(device: torch.device):
+    """Context for a training step: on CPU, SDPA's math kernel instead of the flash kernel.
+
+    For the short, padded sequences of text autoencoders the CPU flash-attention kernel is slower
+    than plain matmuls: a MiniLM BERT2BERT step (batch 32, bf16, 2 threads, random batches) took
+    1.87 s with the flash kernel and 1.36 s with the math kernel; with length-grouped batches the
+    two are level (`benchmarks/autoencoder_step_time.py`). Elsewhere PyTorch's own choice stands.
+    """
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over ``params`` (tensors or param groups, which may carry their own ``lr``)."""
     params = list(params)
@@ -83,18 +98,39 @@ def seed_step(seed: int, step: int, process_index: int = 0) -> torch.Generator:
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _epoch_permutation(num_examples: int, seed: int, epoch: int, batch_size: int = 0,
+                       lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+    order = torch.randperm(num_examples, generator=generator)
+    if lengths is None:
+        return tuple(order.tolist())
+    # Group by length (as transformers' `group_by_length`): sort each mega-batch of
+    # LENGTH_GROUP_BATCHES random batches by length, cut it into batches and shuffle their order.
+    # A batch is padded to its longest text only, so similar lengths waste less compute on padding.
+    lengths_t = torch.tensor(lengths)
+    mega = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, num_examples, mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[torch.argsort(lengths_t[chunk], descending=True, stable=True)]
+        batches.extend(chunk.split(batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return tuple(torch.cat([batches[i] for i in shuffled]).tolist())
+
+
+# How many batches share one length-sorted mega-batch (transformers' LengthGroupedSampler uses 50).
+LENGTH_GROUP_BATCHES = 50
 
 
 def batch_indices(
-    num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0, num_processes: int = 1
+    num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0, num_processes: int = 1,
+    lengths: tuple[int, ...] | None = None,
 ) -> list[int]:
     """Indices of this process's share of the global batch number ``step``.
 
     The data are visited in a fresh random order every epoch; ``batch_size`` is the global batch,
     split evenly over ``num_processes``, so one process or several see the same examples per step.
+    With ``lengths`` (one per example, as a tuple), each batch holds texts of similar length.
     """
     if num_examples <= 0:
         raise ValueError("The training set is empty: there is nothing to draw batches from.")
@@ -103,13 +139,16 @@ def batch_indices(
             f"batch_size={batch_size} does not split evenly over {num_processes} processes; "
             f"use a multiple of {num_processes}."
         )
+    if lengths is not None and len(lengths) != num_examples:
+        raise ValueError(f"lengths has {len(lengths)} entries for {num_examples} examples; give one per example.")
     per_process = batch_size // num_processes
     position = step * batch_size + process_index * per_process
     indices: list[int] = []
     while len(indices) < per_process:
         epoch, offset = divmod(position, num_examples)
         take = min(per_process - len(indices), num_examples - offset)
-        indices.extend(_epoch_permutation(num_examples, seed, epoch)[offset : offset + take])
+        order = _epoch_permutation(num_examples, seed, epoch, batch_size if lengths is not None else 0, lengths)
+        indices.extend(order[offset : offset + take])
         position += take
     return indices
 

@@ -88,8 +88,10 @@ class KillingTracker:
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_bert2bert_dir):
-    # LoRA BERT2BERT: trainable cross-attention, adapters and optimizer state must all be restored.
-    kwargs = dict(decoder="lora", lora_r=4, save_every=5, log_every=1, optimizer=dict(max_steps=12))
+    # LoRA BERT2BERT: trainable cross-attention, adapters and optimizer state must all be restored;
+    # length-grouped batches are addressed by step like random ones.
+    kwargs = dict(decoder="lora", lora_r=4, save_every=5, log_every=1, group_by_length=True,
+                  optimizer=dict(max_steps=12))
     full = tiny_config(tmp_path / "a", snippets_jsonl, tiny_bert2bert_dir, **kwargs)
     train_autoencoder(full)
 
@@ -111,10 +113,11 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_b
 
 def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
     config = tiny_config(tmp_path, snippets_jsonl, tiny_t5_dir, mixed_precision="bf16", decoder="lora", lora_r=2,
-                         optimizer=dict(max_steps=3))
+                         context_positions=-1, optimizer=dict(max_steps=3))
     model = TextAutoencoder.from_pretrained(train_autoencoder(config))
     assert torch.isfinite(model.encode(SENTENCES[:2])).all()
     assert not model.autoencoder.config.normalize_latents  # LD4LG default for T5
+    assert model.autoencoder.config.context_positions == 16  # -1: one position per token of max_length
 
 
 def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart_dir):

@@ -39,6 +39,7 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
         ({"autoencoder": {"mixed_precision": "fp8"}}, "mixed_precision"),
         ({"diffusion": {"optimizer": {"batch_size": 0}}}, "batch_size must be positive"),
         ({"diffusion": {"label_dropout_prob": 1.5}}, "label_dropout_prob"),
+        ({"autoencoder": {"context_positions": -2}}, "context_positions"),
     ],
 )
 def test_config_rejects_bad_values_with_the_key_named(raw, message):
@@ -62,6 +63,31 @@ def test_batches_are_addressed_by_step_and_cover_each_epoch():
         batch_indices(0, 2, 0, seed=0)
     with pytest.raises(ValueError, match="split evenly"):
         batch_indices(10, 3, 0, seed=0, num_processes=2)
+
+
+def test_length_grouped_batches_cover_each_epoch_with_similar_lengths():
+    generator = torch.Generator().manual_seed(0)
+    lengths = tuple(torch.randint(1, 65, (1000,), generator=generator).tolist())
+    batch = 10
+    epoch = [batch_indices(1000, batch, step, seed=2, lengths=lengths) for step in range(100)]
+    assert sorted(i for b in epoch for i in b) == list(range(1000))  # still every example once per epoch
+
+    def mean_spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    random_batches = [batch_indices(1000, batch, step, seed=2) for step in range(100)]
+    assert mean_spread(epoch) < 0.25 * mean_spread(random_batches)
+    # not sorted across the epoch: batch order is shuffled, so long and short batches alternate
+    first_lengths = [lengths[b[0]] for b in epoch[:20]]
+    assert first_lengths != sorted(first_lengths, reverse=True)
+    # resume and multi-process sharding see the same global batch
+    assert batch_indices(1000, batch, 57, seed=2, lengths=lengths) == epoch[57]
+    split = batch_indices(1000, batch, 57, seed=2, process_index=0, num_processes=2, lengths=lengths) + (
+        batch_indices(1000, batch, 57, seed=2, process_index=1, num_processes=2, lengths=lengths)
+    )
+    assert split == epoch[57]
+    with pytest.raises(ValueError, match="one per example"):
+        batch_indices(1000, batch, 0, seed=2, lengths=lengths[:10])
 
 
 def test_seed_step_makes_random_draws_a_function_of_the_step():

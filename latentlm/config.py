@@ -75,6 +75,7 @@ class AutoencoderTrainingConfig:
     # learned position embeddings added to the encoder states before compression (LD4LG's Perceiver):
     # 0 = none, -1 = one per token of max_length
     context_positions: int = 0
+    query_init_std: float = 0.02  # initial scale of the Perceiver queries (see LatentAutoencoder)
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)

@@ -87,7 +87,8 @@ class TextAutoencoder(nn.Module):
                       head_dim: int = 64, ff_mult: int = 4, normalize_latents: bool | None = None,
                       dropout: float = 0.0, max_length: int = 64,
                       cross_attention_init: str = "self_attention",
-                      plm_dropout: float | None = None, context_positions: int = 0) -> "TextAutoencoder":
+                      plm_dropout: float | None = None, context_positions: int = 0,
+                      query_init_std: float = 0.02) -> "TextAutoencoder":
         """A new (untrained) autoencoder over a backbone (see `latentlm.backbones.load_backbone`).
 
         ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
@@ -107,6 +108,7 @@ class TextAutoencoder(nn.Module):
             num_compression_layers=num_compression_layers, num_reconstruction_layers=num_reconstruction_layers,
             head_dim=head_dim, ff_mult=ff_mult, normalize_latents=normalize_latents, dropout=dropout,
             context_positions=max_length if context_positions == -1 else context_positions,
+            query_init_std=query_init_std,
         )
         return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=str(backbone),
                    decoder=decoder, lora=lora)

@@ -187,7 +187,7 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
         num_reconstruction_layers=cfg.num_reconstruction_layers, head_dim=cfg.head_dim,
         normalize_latents=cfg.normalize_latents, dropout=cfg.dropout, max_length=cfg.max_length,
         cross_attention_init=cfg.cross_attention_init, plm_dropout=cfg.plm_dropout,
-        context_positions=cfg.context_positions,
+        context_positions=cfg.context_positions, query_init_std=cfg.query_init_std,
     )
     model.to(accelerator.device)
     num_truncated = count_truncated(model.tokenizer, train_texts, cfg.max_length)

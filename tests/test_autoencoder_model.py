@@ -53,13 +53,18 @@ def test_padding_does_not_change_latents():
 
 
 def test_latents_of_one_text_start_distinct():
-    # With queries initialised small the attended context swamps them and all latents of a text
-    # start as (nearly) the same vector: mean cosine 0.73 here, against 0.07 with unit-scale queries.
-    torch.manual_seed(0)
-    ae = LatentAutoencoder(d_model=64, num_latents=8, latent_dim=16, head_dim=16).eval()
-    z = torch.nn.functional.normalize(ae.compress(torch.randn(4, 20, 64)), dim=-1)
-    mean_cosine = ((z @ z.transpose(1, 2)).sum((1, 2)) - 8) / (8 * 7)
-    assert mean_cosine.mean() < 0.3
+    # With queries initialised small (the default) the attended context swamps them and all latents
+    # of a text start as (nearly) the same vector: mean cosine 0.73 here, 0.07 with unit-scale queries.
+    def mean_cosine(**kw) -> float:
+        torch.manual_seed(0)
+        ae = LatentAutoencoder(d_model=64, num_latents=8, latent_dim=16, head_dim=16, **kw).eval()
+        z = torch.nn.functional.normalize(ae.compress(torch.randn(4, 20, 64)), dim=-1)
+        return (((z @ z.transpose(1, 2)).sum((1, 2)) - 8) / (8 * 7)).mean().item()
+
+    assert mean_cosine(query_init_std=1.0) < 0.3
+    assert mean_cosine() > 0.5
+    with pytest.raises(ValueError, match="query_init_std"):
+        small_ae(query_init_std=0.0)
 
 
 def test_context_positions_make_compression_see_word_order(tmp_path):

@@ -97,6 +97,10 @@ def seed_step(seed: int, step: int, process_index: int = 0) -> torch.Generator:
     return generator
 
 
+# How many batches share one length-sorted mega-batch (transformers' LengthGroupedSampler uses 50).
+LENGTH_GROUP_BATCHES = 50
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(num_examples: int, seed: int, epoch: int, batch_size: int = 0,
                        lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -116,10 +120,6 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int, batch_size: int
         batches.extend(chunk.split(batch_size))
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return tuple(torch.cat([batches[i] for i in shuffled]).tolist())
-
-
-# How many batches share one length-sorted mega-batch (transformers' LengthGroupedSampler uses 50).
-LENGTH_GROUP_BATCHES = 50
 
 
 def batch_indices(

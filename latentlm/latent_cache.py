@@ -53,7 +53,8 @@ def latent_cache_key(text_autoencoder, texts: Sequence[str], labels: Sequence[in
     digest = hashlib.sha256()
     digest.update(f"latentlm-latent-cache-v{CACHE_VERSION}".encode())
     _hash_module(digest, text_autoencoder.autoencoder)
-    _hash_module(digest, text_autoencoder.language_model.get_encoder())
+    for module in text_autoencoder.encoder_modules():
+        _hash_module(digest, module)
     vocab = text_autoencoder.tokenizer.get_vocab()
     digest.update(json.dumps(sorted(vocab.items())).encode())
     digest.update(f"max_length={text_autoencoder.max_length}".encode())
@@ -145,8 +146,7 @@ def build_latent_cache(
 
     n, d = text_autoencoder.num_latents, text_autoencoder.latent_dim
     # Encode in order of token length: batches of similar length waste little padding.
-    lengths = [len(ids) for ids in text_autoencoder.tokenizer(texts, truncation=True,
-                                                             max_length=text_autoencoder.max_length)["input_ids"]]
+    lengths = [len(ids) for ids in text_autoencoder.token_ids(texts)]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     was_training = text_autoencoder.training
     text_autoencoder.eval()

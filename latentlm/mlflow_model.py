@@ -42,7 +42,7 @@ class PipelinePyfunc:
         (default 1). Output: one row per text with ``class``, ``text`` and ``row`` (the input row)."""
         import pandas as pd
 
-        from latentlm.sampling import set_scheduler
+        from latentlm.sampling import make_scheduler
 
         params = {**PARAM_DEFAULTS, **(params or {})}
         if isinstance(model_input, dict):
@@ -53,7 +53,8 @@ class PipelinePyfunc:
         unknown = sorted(set(model_input.columns) - {"class", "num_samples"})
         if unknown:
             raise ValueError(f"unknown input columns {unknown}; use 'class' and 'num_samples'.")
-        set_scheduler(self.pipe, params["scheduler"])
+        # A scheduler for this request only: concurrent requests never touch shared state.
+        scheduler = make_scheduler(self.pipe, params["scheduler"])
         rows = []
         for index, record in enumerate(model_input.to_dict(orient="records")):
             label = record.get("class")
@@ -66,7 +67,8 @@ class PipelinePyfunc:
             guidance = float(params["guidance_scale"]) if label is not None else 1.0
             out = self.pipe(num_samples=count, class_labels=label, guidance_scale=guidance,
                             num_inference_steps=int(params["num_inference_steps"]),
-                            generator=torch.Generator().manual_seed(int(params["seed"]) + index))
+                            generator=torch.Generator().manual_seed(int(params["seed"]) + index),
+                            scheduler=scheduler)
             name = self.pipe.class_names[label] if isinstance(label, int) else label
             rows.extend({"class": name, "text": text, "row": index} for text in out.texts)
         return pd.DataFrame(rows, columns=["class", "text", "row"])

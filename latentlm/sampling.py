@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULERS", "set_scheduler", "load_pipeline", "sample"]
+__all__ = ["SCHEDULERS", "make_scheduler", "set_scheduler", "load_pipeline", "sample"]
 
 #: Scheduler names accepted by ``--scheduler`` -> (diffusers class name, extra config).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -20,17 +20,23 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler for ``name`` (see `SCHEDULERS`), built from its own config."""
+def make_scheduler(pipe, name: str | None):
+    """A new scheduler ``name`` (see `SCHEDULERS`) built from the pipeline's scheduler config
+    (``None``: the pipeline's own); pass it to one call as ``pipe(..., scheduler=...)``."""
     if name is None:
-        return
+        return pipe.scheduler
     import diffusers
 
-    key = name.lower()
+    key = str(name).lower()
     if key not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
     class_name, extra = SCHEDULERS[key]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Swap the pipeline's scheduler for ``name`` (see `SCHEDULERS`), built from its own config."""
+    pipe.scheduler = make_scheduler(pipe, name)
 
 
 def load_pipeline(pipeline_dir: str | Path, device: str | torch.device | None = None):
@@ -75,7 +81,7 @@ def sample(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    set_scheduler(pipe, scheduler)
+    scheduler = make_scheduler(pipe, scheduler)
     label = class_name
     if isinstance(label, str) and label not in pipe.class_names and label.lstrip("-").isdigit():
         label = int(label)
@@ -85,7 +91,7 @@ def sample(
         output = pipe(
             num_samples=n, class_labels=label, guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + batch),
-            decode_kwargs=decode_kwargs,
+            decode_kwargs=decode_kwargs, scheduler=scheduler,
         )
         name = pipe.class_names[label] if isinstance(label, int) else label
         rows.extend({"class": name, "text": text, "seed": seed + batch, "index": start + i}

@@ -1,4 +1,4 @@
-"""TextAutoencoder: tokenizer + pretrained seq2seq LM (+ PEFT) + LatentAutoencoder.
+"""TextAutoencoder: tokenizer + pretrained LM (seq2seq or decoder-only, + PEFT) + LatentAutoencoder.
 
 Folder layout written by `save_pretrained`::
 
@@ -23,14 +23,18 @@ from transformers import AutoTokenizer
 
 from latentlm.autoencoder import LatentAutoencoder
 from latentlm.autoencoder.text_codec import (
+    causal_reconstruction_loss,
     decode_latents,
     encode_texts,
     encoder_hidden_states,
+    is_causal_lm,
     tokenize_texts,
 )
 from latentlm.backbones import (
+    NAMED_PROMPT_TEMPLATES,
     backbone_family,
     configure_trainable,
+    decoder_layers,
     encoder_hidden_size,
     load_backbone,
     load_language_model,
@@ -53,6 +57,16 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def default_prompt_template(tokenizer) -> str:
+    """The prompt a causal LM reads the soft prompt in: its chat template asking to repeat the text,
+    or, without a chat template, the plain instruction."""
+    instruction = "Repeat this text exactly:\n{memory}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    return instruction + "\n"
+
+
 class TextAutoencoder(nn.Module):
     """Texts <-> latents [B, num_latents, latent_dim] through a frozen PLM encoder and its decoder.
 
@@ -61,7 +75,8 @@ class TextAutoencoder(nn.Module):
     """
 
     def __init__(self, tokenizer, language_model, autoencoder: LatentAutoencoder, max_length: int = 64,
-                 backbone: str | None = None, decoder: str = "frozen", lora: dict | None = None):
+                 backbone: str | None = None, decoder: str = "frozen", lora: dict | None = None,
+                 alignment_weight: float = 0.0):
         super().__init__()
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
@@ -71,10 +86,24 @@ class TextAutoencoder(nn.Module):
                 f"The autoencoder was built for d_model={autoencoder.config.d_model} but the backbone's encoder "
                 f"states have size {d_model}; build the autoencoder with d_model={d_model}."
             )
+        self.causal = is_causal_lm(language_model)
+        if self.causal:
+            if autoencoder.config.prompt_template is None:
+                raise ValueError("A decoder-only LM reads the latents through a prompt: build the autoencoder with "
+                                 "prompt_template='...{memory}...'.")
+            budget = autoencoder.config.num_latents * autoencoder.config.tokens_per_query
+            if autoencoder.config.tokens_per_query and max_length > budget:
+                raise ValueError(
+                    f"max_length={max_length} exceeds what the latents read: num_latents x tokens_per_query = "
+                    f"{budget} tokens. Lower max_length or raise tokens_per_query."
+                )
+        if alignment_weight < 0:
+            raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}.")
         self.tokenizer = tokenizer
         self.language_model = language_model
         self.autoencoder = autoencoder
         self.max_length = int(max_length)
+        self.alignment_weight = float(alignment_weight)
         self.backbone = backbone
         self.decoder_mode = decoder
         self.lora = dict(lora or {})
@@ -88,30 +117,54 @@ class TextAutoencoder(nn.Module):
                       dropout: float = 0.0, max_length: int = 64,
                       cross_attention_init: str = "self_attention",
                       plm_dropout: float | None = None, context_positions: int = 0,
-                      query_init_std: float = 0.02) -> "TextAutoencoder":
+                      query_init_std: float = 0.02, memory_tokens_per_latent: int = 1,
+                      tokens_per_query: int = 0, context_layers: int = 0, prompt_template: str | None = None,
+                      alignment_weight: float = 0.0) -> "TextAutoencoder":
         """A new (untrained) autoencoder over a backbone (see `latentlm.backbones.load_backbone`).
 
         ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
         ``context_positions=-1`` gives the compression one learned position embedding per token
         of ``max_length`` (see `LatentAutoencoder`); 0 = none.
+
+        Decoder-only backbones (``"smollm2"``, ``"gpt2"``, any causal LM folder): the LM's states
+        after ``context_layers`` layers are compressed, and the latents come back as a soft prompt
+        of ``num_latents * memory_tokens_per_latent`` input embeddings placed in
+        ``prompt_template`` (default: the backbone's named template, else the tokenizer's chat
+        template asking to repeat the text). ``alignment_weight`` > 0 adds a loss pulling soft
+        prompt slot j towards the LM's embedding of the text's token j, so that the prompt reads
+        like the text itself, which the LM already knows how to repeat.
         """
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         tokenizer, language_model = load_backbone(
             backbone, decoder=decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, cross_attention_init=cross_attention_init,
-            plm_dropout=plm_dropout,
+            plm_dropout=plm_dropout, context_layers=context_layers,
         )
+        family = backbone_family(language_model)
         if normalize_latents is None:
-            normalize_latents = backbone_family(language_model) != "t5"
+            normalize_latents = family != "t5"
+        if family == "causal":
+            if prompt_template is None:
+                prompt_template = NAMED_PROMPT_TEMPLATES.get(str(backbone)) or default_prompt_template(tokenizer)
+        elif prompt_template is not None or context_layers or tokens_per_query:
+            raise ValueError("prompt_template, context_layers and tokens_per_query are for decoder-only backbones; "
+                             f"{backbone!r} is a {family} encoder-decoder.")
         autoencoder = LatentAutoencoder(
             d_model=encoder_hidden_size(language_model), num_latents=num_latents, latent_dim=latent_dim,
             num_compression_layers=num_compression_layers, num_reconstruction_layers=num_reconstruction_layers,
             head_dim=head_dim, ff_mult=ff_mult, normalize_latents=normalize_latents, dropout=dropout,
             context_positions=max_length if context_positions == -1 else context_positions,
-            query_init_std=query_init_std,
+            query_init_std=query_init_std, memory_tokens_per_latent=memory_tokens_per_latent,
+            tokens_per_query=tokens_per_query, context_layers=context_layers, prompt_template=prompt_template,
         )
+        if family == "causal":
+            # The soft prompt stands in for input embeddings: start it at their scale.
+            embeddings = language_model.get_input_embeddings().weight
+            with torch.no_grad():
+                autoencoder.reconstruction_norm.weight.fill_(
+                    float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5)
         return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=str(backbone),
-                   decoder=decoder, lora=lora)
+                   decoder=decoder, lora=lora, alignment_weight=alignment_weight)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -141,11 +194,25 @@ class TextAutoencoder(nn.Module):
     # ------------------------------------------------------------------ training helpers
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """{input_ids, attention_mask} [B, L], truncated at max_length, on this model's device."""
-        return tokenize_texts(self.tokenizer, texts, self.max_length, device=self.device)
+        return tokenize_texts(self.tokenizer, texts, self.max_length, device=self.device,
+                              add_special_tokens=not self.causal)
+
+    def token_ids(self, texts: list[str], truncation: bool = True) -> list[list[int]]:
+        """Unpadded token ids per text, as the encoder reads them (cut at max_length unless truncation=False)."""
+        kwargs = dict(truncation=True, max_length=self.max_length) if truncation else {}
+        return self.tokenizer(texts, add_special_tokens=not self.causal, **kwargs)["input_ids"]
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The frozen modules whose weights determine the encoder states (for cache keys)."""
+        if not self.causal:
+            return [self.language_model.get_encoder()]
+        layers = decoder_layers(self.language_model)[: self.autoencoder.config.context_layers]
+        return [self.language_model.get_input_embeddings(), *layers]
 
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Frozen encoder states [B, L, d_model] (no gradient)."""
-        return encoder_hidden_states(self.language_model, input_ids, attention_mask)
+        return encoder_hidden_states(self.language_model, input_ids, attention_mask,
+                                     self.autoencoder.config.context_layers)
 
     def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decoder targets [B, L'] from input ids: padding -> -100.
@@ -154,6 +221,8 @@ class TextAutoencoder(nn.Module):
         dropped: the decoder is fed it as its first input and need not predict it.
         """
         labels = input_ids.masked_fill(attention_mask == 0, -100)
+        if self.causal:
+            return labels
         start = self._generation_config().decoder_start_token_id
         if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
             labels = labels[:, 1:].contiguous()
@@ -163,14 +232,29 @@ class TextAutoencoder(nn.Module):
         model = self.language_model.get_base_model() if _is_peft(self.language_model) else self.language_model
         return model.generation_config
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                reconstruction: bool = True):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
         hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
+        Decoder-only backbones add ``alignment_weight`` x `alignment_loss`; ``reconstruction=False``
+        gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt).
         """
         from transformers.modeling_outputs import BaseModelOutput
 
         memory = self.autoencoder(hidden_states, attention_mask)
+        if self.causal:
+            input_ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
+            text_mask = (labels != -100).long()
+            if not reconstruction:
+                if not self.alignment_weight:
+                    raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
+                return self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
+            loss = causal_reconstruction_loss(self.tokenizer, self.language_model, self.autoencoder, memory,
+                                              input_ids, text_mask)
+            if self.alignment_weight:
+                loss = loss + self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
+            return loss
         memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
         keep = labels != -100
         if not bool(keep.any()):
@@ -188,6 +272,19 @@ class TextAutoencoder(nn.Module):
             handle.remove()
         logits = out.logits.reshape(-1, out.logits.shape[-1])
         return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+    def alignment_loss(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of soft prompt slot j against the embedding of the text's token j (the
+        end-of-text token past its end), over the batch's distinct tokens: slot j should read as
+        token j, so the LM sees its own text to repeat. memory [B, P, H], input_ids [B, L]."""
+        b, p = memory.shape[:2]
+        targets = input_ids.new_full((b, p), self.tokenizer.eos_token_id)
+        n = min(p, input_ids.shape[1])
+        targets[:, :n] = input_ids[:, :n].masked_fill(attention_mask[:, :n] == 0, self.tokenizer.eos_token_id)
+        vocab, inverse = torch.unique(targets, return_inverse=True)
+        embeddings = self.language_model.get_input_embeddings().weight[vocab]
+        logits = memory.float() @ embeddings.float().T
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), inverse.reshape(-1))
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: [start, labels[:-1]] with -100 -> pad."""
@@ -234,6 +331,7 @@ class TextAutoencoder(nn.Module):
             "language_model_format": "peft_adapter" if is_adapter else "transformers",
             "max_length": self.max_length,
             "lora": self.lora,
+            "alignment_weight": self.alignment_weight,
         }
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return out
@@ -267,9 +365,10 @@ class TextAutoencoder(nn.Module):
         else:
             language_model = load_language_model(str(root / "language_model"))
             mode = meta["decoder"] if trainable and meta["decoder"] != "lora" else "frozen"
-            language_model = configure_trainable(language_model, mode)
+            language_model = configure_trainable(language_model, mode, context_layers=autoencoder.config.context_layers)
         model = cls(tokenizer, language_model, autoencoder, max_length=meta["max_length"],
-                    backbone=meta.get("backbone"), decoder=meta["decoder"], lora=lora)
+                    backbone=meta.get("backbone"), decoder=meta["decoder"], lora=lora,
+                    alignment_weight=meta.get("alignment_weight", 0.0))
         if not trainable:
             model.requires_grad_(False)
             model.eval()

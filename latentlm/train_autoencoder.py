@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS
 from latentlm.config import RunConfig
-from latentlm.data import count_truncated, load_texts
+from latentlm.data import load_texts
 from latentlm.metrics import exact_match, reconstruction_bleu
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
@@ -85,7 +85,7 @@ def build_encoder_cache(model: TextAutoencoder, texts: list[str], batch_size: in
     `autocast` is an optional context-manager factory (e.g. ``accelerator.autocast``) so that a
     bf16 run also encodes in bf16 (about 2x faster on CPU).
     """
-    encodings = model.tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+    encodings = model.token_ids(texts)
     order = sorted(range(len(texts)), key=lambda i: len(encodings[i]))
     states: list[torch.Tensor | None] = [None] * len(texts)
     pad = model.tokenizer.pad_token_id
@@ -109,9 +109,9 @@ def build_encoder_cache(model: TextAutoencoder, texts: list[str], batch_size: in
     return EncoderCache(states=states, input_ids=[torch.tensor(e) for e in encodings])
 
 
-def normalized_reference(tokenizer, text: str, max_length: int) -> str:
+def normalized_reference(tokenizer, text: str, max_length: int, add_special_tokens: bool = True) -> str:
     """What a perfect reconstruction can be: the text after tokenization (case folding, truncation)."""
-    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)["input_ids"]
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
 
 
@@ -128,7 +128,7 @@ def evaluate_reconstruction(model: TextAutoencoder, texts: list[str], batch_size
     generate_kwargs = dict(DEFAULT_GENERATE_KWARGS, max_length=model.max_length + 8, num_beams=num_beams)
     if num_beams == 1:  # greedy: the LD4LG repetition controls are beam-search heuristics
         generate_kwargs.update(no_repeat_ngram_size=0, repetition_penalty=1.0)
-    references = [normalized_reference(model.tokenizer, t, model.max_length) for t in texts]
+    references = [normalized_reference(model.tokenizer, t, model.max_length, not model.causal) for t in texts]
     hypotheses: list[str] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
@@ -188,9 +188,11 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
         normalize_latents=cfg.normalize_latents, dropout=cfg.dropout, max_length=cfg.max_length,
         cross_attention_init=cfg.cross_attention_init, plm_dropout=cfg.plm_dropout,
         context_positions=cfg.context_positions, query_init_std=cfg.query_init_std,
+        memory_tokens_per_latent=cfg.memory_tokens_per_latent, tokens_per_query=cfg.tokens_per_query,
+        context_layers=cfg.context_layers, prompt_template=cfg.prompt_template, alignment_weight=cfg.alignment_weight,
     )
     model.to(accelerator.device)
-    num_truncated = count_truncated(model.tokenizer, train_texts, cfg.max_length)
+    num_truncated = sum(len(ids) > cfg.max_length for ids in model.token_ids(train_texts, truncation=False))
     if is_main:
         logger.warning(
             "%d of %d training texts (%.1f%%) are longer than max_length=%d tokens and are truncated.",
@@ -268,7 +270,7 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
             labels = model.make_labels(ids, mask)
             seed_step(cfg.seed, step, accelerator.process_index)
             with accelerator.autocast(), attention_kernel(accelerator.device):
-                loss = train_model(hidden, mask, labels)
+                loss = train_model(hidden, mask, labels, reconstruction=step >= cfg.alignment_warmup_steps)
             check_finite(loss, step)
             accelerator.backward(loss)
             if opt.max_grad_norm and opt.max_grad_norm > 0:

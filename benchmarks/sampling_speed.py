@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 16 256 (quick: 1 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point, median kept (default 3, quick 1)")
     parser.add_argument("--greedy", action="store_true", help="decode greedily instead of the LD4LG beam search")
+    parser.add_argument("--num-beams", type=int, default=None, help="decode with this many beams (overrides --greedy)")
+    parser.add_argument("--schedulers", nargs="+", default=None, metavar="NAME:STEPS",
+                        help="scheduler:steps pairs to time (default ddpm:250 dpm++:25 ddim:50)")
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
@@ -51,15 +54,18 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     class_label = pipe.class_names[0] if pipe.class_names else None
     decode_kwargs = dict(common.FAST_DECODE) if args.greedy else {}
+    if args.num_beams is not None:
+        decode_kwargs = {"num_beams": args.num_beams}
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.schedulers] if args.schedulers else CONFIGS
 
     # Warm-up: first calls pay for lazy initialisation (kernels, tokenizer caches).
     measure(pipe, device, "ddim", 2, 2, 1, class_label, decode_kwargs)
     rows = [measure(pipe, device, s, n, b, repeats, class_label, decode_kwargs)
-            for s, n in CONFIGS for b in batch_sizes]
+            for s, n in configs for b in batch_sizes]
 
     payload = {
         "benchmark": "sampling_speed", "pipeline": description, "quick": args.quick,
-        "decoding": "greedy" if args.greedy else "LD4LG beam search (pipeline default)",
+        "decoding": decode_kwargs or "the pipeline's decoding defaults",
         "class_label": class_label, "model_parameters": common.model_sizes(pipe),
         "environment": common.environment(device), "results": rows,
     }
@@ -67,10 +73,10 @@ def main() -> None:
     png = common.plot(path.with_suffix(".png"), [
         {"title": "throughput", "xlabel": "samples per call", "ylabel": "texts / s", "logx": True,
          "series": {f"{s} {n}": ([r["num_samples"] for r in rows if r["scheduler"] == s],
-                                 [r["texts_per_s"] for r in rows if r["scheduler"] == s]) for s, n in CONFIGS}},
+                                 [r["texts_per_s"] for r in rows if r["scheduler"] == s]) for s, n in configs}},
         {"title": "share of time denoising", "xlabel": "samples per call", "ylabel": "denoise / total", "logx": True,
          "series": {f"{s} {n}": ([r["num_samples"] for r in rows if r["scheduler"] == s],
-                                 [r["denoise_share"] for r in rows if r["scheduler"] == s]) for s, n in CONFIGS}},
+                                 [r["denoise_share"] for r in rows if r["scheduler"] == s]) for s, n in configs}},
     ], f"sampling speed: {description}")
     metrics = [({f"{r['scheduler']}_{r['steps']}/{k}": r[k] for k in ("latency_s", "texts_per_s", "denoise_s", "decode_s")},
                 r["num_samples"]) for r in rows]

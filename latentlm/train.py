@@ -280,7 +280,13 @@ def sample_per_class(pipe, num_per_class: int = 4, num_inference_steps: int = 50
 def _stage_done(history_file: Path, final_dir: Path, max_steps: int) -> bool:
     if not (history_file.is_file() and final_dir.is_dir()):
         return False
-    return int(json.loads(history_file.read_text()).get("final_step", -1)) >= max_steps
+    try:
+        history = json.loads(history_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("%s is unreadable (a run killed while writing it?); the stage runs again from its "
+                       "last checkpoint.", history_file)
+        return False
+    return int(history.get("final_step", -1)) >= max_steps
 
 
 def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: float = 2.0) -> Path:

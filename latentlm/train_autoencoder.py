@@ -27,6 +27,7 @@ from latentlm.metrics import exact_match, reconstruction_bleu
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
 from latentlm.training import (
+    write_json_atomic,
     CheckpointManager,
     atomic_directory,
     attention_kernel,
@@ -308,10 +309,10 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
             unwrapped = accelerator.unwrap_model(train_model)
             with atomic_directory(final) as tmp:
                 unwrapped.save_pretrained(tmp)
-            (output_dir / HISTORY_FILE).write_text(json.dumps(
+            write_json_atomic(output_dir / HISTORY_FILE, 
                 {"final_step": final_step, "train_time_s": round(train_time, 1),
                  "encoder_cache_s": round(cache_seconds, 1), "num_truncated_train_texts": num_truncated, "num_train_texts": len(train_texts),
-                 "history": history, "loss_curve": loss_curve}, indent=2))
+                 "history": history, "loss_curve": loss_curve})
             tracker.log_artifact(output_dir / HISTORY_FILE)
             if history:
                 tracker.log_metrics({"final/bleu": history[-1]["bleu"],

@@ -37,6 +37,7 @@ from latentlm.text_autoencoder import CONFIG_NAME as AUTOENCODER_CONFIG_NAME
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
 from latentlm.training import (
+    write_json_atomic,
     CheckpointManager,
     atomic_directory,
     batch_indices,
@@ -361,9 +362,9 @@ def train_diffusion(
                 accelerator.unwrap_model(train_model).save_pretrained(tmp / "denoiser", safe_serialization=True)
                 scheduler.save_pretrained(tmp / "scheduler")
             ema.restore(denoiser.parameters())
-            (output_dir / HISTORY_FILE).write_text(json.dumps(
+            write_json_atomic(output_dir / HISTORY_FILE, 
                 {"final_step": final_step, "train_time_s": round(train_time, 2), "latent_cache": str(cache.path),
-                 "class_names": class_names, "history": history}, indent=2))
+                 "class_names": class_names, "history": history})
             tracker.log_artifact(output_dir / HISTORY_FILE)
         accelerator.wait_for_everyone()
     except BaseException:

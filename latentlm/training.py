@@ -192,6 +192,23 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a synced temporary sibling and one rename: a reader (``--resume``)
+    sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(obj, indent=2, ensure_ascii=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that training changes (``requires_grad``), detached and contiguous."""
     return {

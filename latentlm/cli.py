@@ -19,6 +19,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config value, e.g. --set autoencoder.optimizer.max_steps=200 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete checkpoints of an earlier run in output_dir instead of refusing to start")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-autoencoder":
             from .train_autoencoder import train_autoencoder
 
-            path = train_autoencoder(config, resume=args.resume)
+            path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
         elif args.command == "train-diffusion":
             from .train_diffusion import train_diffusion
 
             autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-            path = train_diffusion(config, autoencoder, resume=args.resume)
+            path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
         else:
             from .train import train
 
-            path = train(config, resume=args.resume)
+            path = train(config, resume=args.resume, overwrite=args.overwrite)
         print(f"Saved to {path}")
     elif args.command == "sample":
         from .sampling import sample

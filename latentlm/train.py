@@ -289,7 +289,8 @@ def _stage_done(history_file: Path, final_dir: Path, max_steps: int) -> bool:
     return int(history.get("final_step", -1)) >= max_steps
 
 
-def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: float = 2.0) -> Path:
+def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: float = 2.0,
+          overwrite: bool = False) -> Path:
     """Train stage 1 and stage 2 end to end; returns ``<output_dir>/pipeline``.
 
     Args:
@@ -328,7 +329,7 @@ def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: flo
             logger.warning("Stage 1 already finished in %s; skipping it.", autoencoder_path)
         else:
             with Tracker(tracking, run_name="autoencoder", parent=parent, fallback_dir=output_dir) as child:
-                autoencoder_path = train_autoencoder(config, resume=resume, tracker=child)
+                autoencoder_path = train_autoencoder(config, resume=resume, tracker=child, overwrite=overwrite)
         timings["autoencoder_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -337,7 +338,8 @@ def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: flo
             logger.warning("Stage 2 already finished in %s; skipping it.", diffusion_path)
         else:
             with Tracker(tracking, run_name="diffusion", parent=parent, fallback_dir=output_dir) as child:
-                diffusion_path = train_diffusion(config, autoencoder_path, resume=resume, tracker=child)
+                diffusion_path = train_diffusion(config, autoencoder_path, resume=resume, tracker=child,
+                                                 overwrite=overwrite)
         timings["diffusion_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

@@ -27,6 +27,7 @@ from latentlm.metrics import exact_match, reconstruction_bleu
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
 from latentlm.training import (
+    run_fingerprint,
     write_json_atomic,
     CheckpointManager,
     atomic_directory,
@@ -155,11 +156,13 @@ def _param_groups(model: TextAutoencoder, learning_rate: float, decoder_lr_scale
 
 
 def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker | None = None, *,
-                      time_budget_s: float | None = None) -> Path:
+                      time_budget_s: float | None = None, overwrite: bool = False) -> Path:
     """Train stage 1 as configured; returns ``<output_dir>/autoencoder`` (`TextAutoencoder.from_pretrained`).
 
     Args:
         resume: continue from the latest checkpoint in ``<output_dir>/autoencoder_training``.
+        overwrite: delete checkpoints of an earlier run there instead of refusing to start
+            (see `CheckpointManager.prepare`).
         tracker: an open `Tracker` to log into; by default a new MLflow run is opened (and closed).
         time_budget_s: stop early once this many seconds were spent in training steps (evaluation
             time not counted); the final evaluation and save still happen. For benchmarks.
@@ -212,11 +215,15 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
     train_model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
-    checkpoints = CheckpointManager(output_dir / CHECKPOINT_DIR, keep_last=cfg.keep_last_checkpoints)
+    checkpoints = CheckpointManager(output_dir / CHECKPOINT_DIR, keep_last=cfg.keep_last_checkpoints,
+                                    fingerprint=run_fingerprint(cfg, config.data))
     modules = {"autoencoder": model.autoencoder, "language_model": model.language_model}
     start_step, history, loss_curve, resumed_train_time = 0, [], [], 0.0
-    if resume:
+    latest = checkpoints.prepare(resume, overwrite) if is_main else None
+    accelerator.wait_for_everyone()
+    if resume and not is_main:
         latest = checkpoints.latest()
+    if resume:
         if latest is None:
             if is_main:
                 logger.warning("--resume: no checkpoint in %s; starting from step 0.", checkpoints.root)

@@ -37,6 +37,7 @@ from latentlm.text_autoencoder import CONFIG_NAME as AUTOENCODER_CONFIG_NAME
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.tracking import Tracker
 from latentlm.training import (
+    run_fingerprint,
     write_json_atomic,
     CheckpointManager,
     atomic_directory,
@@ -178,6 +179,7 @@ def train_diffusion(
     *,
     cache_dir: str | Path | None = None,
     time_budget_s: float | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train stage 2 as configured; returns ``<output_dir>/diffusion`` (``denoiser/`` + ``scheduler/``).
 
@@ -185,6 +187,7 @@ def train_diffusion(
         config: the run config (``config.diffusion``, ``config.data``, ``config.tracking``).
         autoencoder_path: a trained `TextAutoencoder` folder (``<output_dir>/autoencoder`` of stage 1).
         resume: continue from the latest checkpoint in ``<output_dir>/diffusion_training``.
+        overwrite: delete checkpoints of an earlier run there instead of refusing to start.
         tracker: an open `Tracker` to log into; by default a new MLflow run is opened (and closed).
         cache_dir: where latent caches live (default ``<autoencoder_path>/latent_cache``, so every
             later run on the same autoencoder and data reuses it).
@@ -230,11 +233,15 @@ def train_diffusion(
         TimestepImportanceSampler(cfg.num_train_timesteps) if cfg.timestep_sampling == "importance" else None
     )
 
-    checkpoints = CheckpointManager(output_dir / CHECKPOINT_DIR, keep_last=cfg.keep_last_checkpoints)
+    checkpoints = CheckpointManager(output_dir / CHECKPOINT_DIR, keep_last=cfg.keep_last_checkpoints,
+                                    fingerprint=run_fingerprint(cfg, config.data, str(Path(autoencoder_path).resolve())))
     modules = {"denoiser": denoiser}
     start_step, history, train_time = 0, [], 0.0
-    if resume:
+    latest = checkpoints.prepare(resume, overwrite) if is_main else None
+    accelerator.wait_for_everyone()
+    if resume and not is_main:
         latest = checkpoints.latest()
+    if resume:
         if latest is None:
             if is_main:
                 logger.warning("--resume: no checkpoint in %s; starting from step 0.", checkpoints.root)

@@ -36,6 +36,36 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model built from the current config."""
 
 
+class StaleCheckpointsError(RuntimeError):
+    """The checkpoint folder holds checkpoints of another run (another config or seed)."""
+
+
+# Settings that may change between a run and its resumption without changing what is trained.
+CADENCE_KEYS = frozenset({
+    "eval_every", "save_every", "log_every", "keep_last_checkpoints", "sample_every", "num_samples_per_class",
+    "sample_inference_steps", "num_eval_examples", "eval_num_beams", "max_eval_samples", "max_steps",
+})
+
+
+def run_fingerprint(*sections: Any) -> str:
+    """sha256 (16 hex) of the config sections that determine a run (dataclasses or plain values),
+    without the cadence settings (`CADENCE_KEYS`), which a resumed run may change."""
+    import dataclasses
+    import hashlib
+
+    def strip(value):
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in CADENCE_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [strip(v) for v in value]
+        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+    payload = json.dumps([strip(section) for section in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
     """One CPU, one GPU or several processes (``accelerate launch``); bf16 autocast works on CPU too."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -224,9 +254,43 @@ class CheckpointManager:
     Call ``save`` from the main process only, then ``accelerator.wait_for_everyone()``.
     """
 
-    def __init__(self, output_dir: str | Path, keep_last: int = 2):
+    def __init__(self, output_dir: str | Path, keep_last: int = 2, fingerprint: str | None = None):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.fingerprint = fingerprint
+
+    def prepare(self, resume: bool, overwrite: bool = False) -> Path | None:
+        """Check the folder before a run starts; returns the checkpoint to resume from (or None).
+
+        Leftovers of a killed save (``.tmp-*`` / ``.old-*`` folders) are removed. A fresh run
+        (``resume=False``) refuses a folder that already holds checkpoints unless ``overwrite``
+        (then they are deleted); a resumed run refuses checkpoints written under another config
+        or seed (their fingerprint differs) unless ``overwrite``, which starts over.
+        """
+        if self.root.is_dir():
+            for leftover in list(self.root.glob(".tmp-*")) + list(self.root.glob(".old-*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        found = self.checkpoints()
+        if not found:
+            return None
+        if overwrite:
+            for path in found:
+                shutil.rmtree(path)
+            return None
+        if not resume:
+            raise StaleCheckpointsError(
+                f"{str(self.root)!r} already holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
+                f"continue it, --overwrite to delete them and start over, or choose another output_dir."
+            )
+        latest = found[-1]
+        saved = json.loads((latest / "trainer_state.json").read_text()).get("fingerprint")
+        if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
+            raise StaleCheckpointsError(
+                f"{str(latest)!r} was written by a run with another config or seed (fingerprint {saved}, this run "
+                f"{self.fingerprint}). Resume with the config it was trained with, pass --overwrite to start over, "
+                f"or choose another output_dir."
+            )
+        return latest
 
     def checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
@@ -258,6 +322,7 @@ class CheckpointManager:
                 "optimizer": optim_meta,
                 "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
                 "extra_state": extra_state or {},
+                "fingerprint": self.fingerprint,
             }
             if ema is not None:
                 ema_state = ema.state_dict()
@@ -265,8 +330,12 @@ class CheckpointManager:
                 save_file(shadow, str(tmp / "ema.safetensors"))
                 state["ema"] = {k: v for k, v in ema_state.items() if k not in ("shadow_params", "collected_params")}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        # Oldest first; a kill during this clean-up leaves whole checkpoints only (each is one folder,
+        # removed by renaming it away first), so resume still finds the newest.
         for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.parent / f".old-{old.name}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         return final
 
     def load(

@@ -13,7 +13,7 @@ from latentlm.config import DataConfig, load_config
 from latentlm.data import count_truncated, load_text_dataset
 from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.train_autoencoder import train_autoencoder
-from latentlm.training import CheckpointMismatchError, NonFiniteLossError
+from latentlm.training import NonFiniteLossError, StaleCheckpointsError
 
 
 def tiny_config(tmp_path, data_path, backbone, **autoencoder):
@@ -125,7 +125,8 @@ def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart
     train_autoencoder(config)
     bigger = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, latent_dim=16,
                          optimizer=dict(max_steps=4))
-    with pytest.raises(CheckpointMismatchError, match="shape"):
+    # The checkpoint's fingerprint names the config it was written under: refused before loading.
+    with pytest.raises(StaleCheckpointsError, match="another config or seed"):
         train_autoencoder(bigger, resume=True)
 
 
@@ -226,3 +227,36 @@ def test_training_unknown_backbone(tmp_path, snippets_jsonl):
     config = tiny_config(tmp_path, snippets_jsonl, "my-favourite-lm")
     with pytest.raises(ValueError, match="Unknown backbone 'my-favourite-lm'.*Named backbones"):
         train_autoencoder(config)
+
+
+def test_a_new_run_refuses_an_earlier_runs_checkpoints(tmp_path, snippets_jsonl, tiny_bart_dir):
+    """A fresh run never mixes with (or deletes its own checkpoints in favour of) an older run's."""
+    from latentlm.train_autoencoder import CHECKPOINT_DIR
+
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=4))
+    train_autoencoder(config)
+    root = tmp_path / "run" / CHECKPOINT_DIR / "checkpoints"
+    old = sorted(p.name for p in root.iterdir())
+    other_seed = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, seed=1, optimizer=dict(max_steps=2))
+    with pytest.raises(StaleCheckpointsError, match="--resume to continue it, --overwrite"):
+        train_autoencoder(other_seed)
+    with pytest.raises(StaleCheckpointsError, match="another config or seed"):
+        train_autoencoder(other_seed, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == old  # nothing was touched
+    # A half-written checkpoint of a killed save is cleaned up; --overwrite starts over.
+    (root / ".tmp-step_00000006-deadbeef").mkdir()
+    train_autoencoder(other_seed, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+def test_truncated_history_file_does_not_break_resume(tmp_path, snippets_jsonl, tiny_bart_dir):
+    from latentlm.train import _stage_done
+    from latentlm.train_autoencoder import FINAL_DIR, HISTORY_FILE
+
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=2))
+    train_autoencoder(config)
+    history = tmp_path / "run" / HISTORY_FILE
+    assert json.loads(history.read_text())["final_step"] == 2  # written whole, atomically
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+    history.write_text('{"final_step": 2, "hist')  # what an in-place write killed half-way left before
+    assert _stage_done(history, tmp_path / "run" / FINAL_DIR, 2) is False

@@ -24,6 +24,34 @@ __all__ = ["load_text_dataset", "load_texts", "count_truncated", "FILE_BUILDERS"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 
 
+def check_text_file(path: Path) -> None:
+    """Fail with the file name (and line) on what would otherwise surface as an anonymous error deep
+    inside datasets/pyarrow: an empty file, bytes that are not UTF-8, a line of jsonl that is not JSON."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"Data file {str(path)!r} is empty: there is nothing to train or evaluate on.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"Data file {str(path)!r} is not UTF-8 (line {line}, byte {err.start}: {data[err.start:err.start + 1]!r}). "
+            f"Convert it, e.g. iconv -f latin1 -t utf-8."
+        ) from None
+    if path.suffix.lower() == ".jsonl":
+        import json
+
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}): {line[:80]!r}.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{str(path)!r}, line {number}: expected a JSON object per line, got {line[:80]!r}.")
+
+
 def _load_split(path: str, split: str) -> datasets.Dataset:
     local = Path(path).expanduser()
     try:
@@ -33,8 +61,13 @@ def _load_split(path: str, split: str) -> datasets.Dataset:
                 raise ValueError(
                     f"Unsupported data file {str(local)!r}: use one of {', '.join(sorted(FILE_BUILDERS))}."
                 )
+            if builder != "parquet":
+                check_text_file(local)
             return datasets.load_dataset(builder, data_files={"train": str(local)}, split=split)
         if local.is_dir():
+            for file in sorted(local.iterdir()):
+                if file.is_file() and FILE_BUILDERS.get(file.suffix.lower()) in ("json", "csv", "text"):
+                    check_text_file(file)
             return datasets.load_dataset(str(local), split=split)
         if local.suffix.lower() in FILE_BUILDERS or str(path).startswith((".", "/", "~")):
             raise FileNotFoundError(f"Data path {path!r} does not exist.")

@@ -163,7 +163,9 @@ class TextAutoencoder(nn.Module):
             with torch.no_grad():
                 autoencoder.reconstruction_norm.weight.fill_(
                     float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5)
-        return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=str(backbone),
+        # A local folder is stored as an absolute path: the saved model then loads from any directory.
+        backbone = os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
+        return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=backbone,
                    decoder=decoder, lora=lora, alignment_weight=alignment_weight)
 
     # ------------------------------------------------------------------ properties
@@ -358,9 +360,18 @@ class TextAutoencoder(nn.Module):
         if meta["language_model_format"] == "peft_adapter":
             from peft import PeftModel
 
-            if not meta.get("backbone"):
+            backbone = meta.get("backbone")
+            if not backbone:
                 raise ValueError(f"{meta_path} has no 'backbone' to load the LoRA adapter's base model from.")
-            _, base = load_backbone(meta["backbone"], decoder="frozen")
+            if not os.path.isdir(backbone) and os.path.isdir(root / backbone):
+                backbone = str(root / backbone)  # a folder given relative to the model folder
+            if backbone.startswith((".", "/")) and not os.path.isdir(backbone):
+                raise FileNotFoundError(
+                    f"The LoRA adapters in {root / 'language_model'} were trained on the backbone folder {backbone!r}, "
+                    f"which does not exist (from {os.getcwd()!r}). Restore that folder, or edit 'backbone' in "
+                    f"{meta_path} to where it is now."
+                )
+            _, base = load_backbone(backbone, decoder="frozen")
             language_model = PeftModel.from_pretrained(base, root / "language_model", is_trainable=trainable)
         else:
             language_model = load_language_model(str(root / "language_model"))

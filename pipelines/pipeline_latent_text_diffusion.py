@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +158,15 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             estimate ẑ0 at the last step) or ``(texts, latents)``.
         """
         # 0. Check inputs.
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+                guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
+            )
         if output_type not in ("text", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
         for name in callback_on_step_end_tensor_inputs:
@@ -274,6 +280,10 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             class_labels = class_labels.reshape(-1).tolist()
         if isinstance(class_labels, (str, int, np.integer)):
             class_labels = [class_labels] * num_samples
+        if not isinstance(class_labels, (list, tuple)):
+            raise ValueError(
+                f"class_labels={class_labels!r}: give a class name (str), an id (int), or a list of them."
+            )
         class_labels = list(class_labels)
         if len(class_labels) != num_samples:
             raise ValueError(
@@ -343,6 +353,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         """
         generate_kwargs = {**(self.config.get("decode_kwargs") or {}), **generate_kwargs}
         expected = (self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
+        if not torch.is_tensor(latents):
+            raise TypeError(f"decode() takes a latent tensor [batch, {expected[0]}, {expected[1]}], got "
+                            f"{type(latents).__name__}; use encode(texts) or the pipeline's output .latents.")
         if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected [batch, {expected[0]}, {expected[1]}].")
         latents = latents.to(device=self.autoencoder.device, dtype=self.autoencoder.dtype)

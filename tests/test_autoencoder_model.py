@@ -317,3 +317,22 @@ def test_decoding_past_the_decoders_positions_is_capped_with_a_warning(tiny_text
     with pytest.warns(UserWarning, match=f"exceeds the decoder's {positions} position embeddings"):
         texts = tiny_text_autoencoder.decode(latents, num_beams=1, max_length=positions + 50, min_length=positions + 40)
     assert len(texts) == 1
+
+
+def test_lora_autoencoder_over_a_relative_backbone_folder_loads_from_anywhere(tiny_bart_dir, tmp_path, monkeypatch):
+    import shutil
+
+    work = tmp_path / "project"
+    shutil.copytree(tiny_bart_dir, work / "assets" / "bart")
+    monkeypatch.chdir(work)
+    model = make_tiny_text_autoencoder("assets/bart", decoder="lora", lora_r=4)
+    _perturb_lora(model)
+    model.eval()
+    expected = model.decode(model.encode(SENTENCES[:2]), num_beams=1)
+    model.save_pretrained("out/ae")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "assets/bart" means nothing here
+    loaded = TextAutoencoder.from_pretrained(work / "out" / "ae")
+    assert loaded.decode(loaded.encode(SENTENCES[:2]), num_beams=1) == expected
+    shutil.rmtree(work / "assets")
+    with pytest.raises(FileNotFoundError, match="trained on the backbone folder"):
+        TextAutoencoder.from_pretrained(work / "out" / "ae")

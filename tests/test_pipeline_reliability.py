@@ -86,3 +86,32 @@ def test_bf16_save_reload_and_mixed_dtypes_sample(pipe, tmp_path):
     again.denoiser.to(torch.float32)
     assert len(call(again, 0, 3).texts) == 2
     assert len(again.decode(again.encode(["the cat sat on the mat"]), **FAST)) == 1
+
+
+def test_bad_arguments_get_clear_errors(pipe):
+    with pytest.raises(ValueError, match="num_samples must be a positive integer, got True"):
+        pipe(num_samples=True)
+    with pytest.raises(ValueError, match="class_labels=2.0: give a class name"):
+        pipe(num_samples=1, class_labels=2.0)
+    for bad in (float("nan"), float("inf"), -2.0):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+            pipe(num_samples=1, class_labels="odd", guidance_scale=bad)
+    with pytest.raises(TypeError, match="decode\\(\\) takes a latent tensor"):
+        pipe.decode(None)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON"),
+    (b'{"text": "caf\xe9"}\n', "is not UTF-8 \\(line 1"),
+    (b'{"text": "a"}\n["b"]\n', "line 2: expected a JSON object"),
+])
+def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
+    from latentlm.config import DataConfig
+    from latentlm.data import load_texts
+
+    path = tmp_path / "texts.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_texts(DataConfig(path=str(path)), "train")
+    assert "texts.jsonl" in str(info.value)

@@ -4,7 +4,12 @@
 through ``MlflowClient`` with explicit run ids, so a parent run and its per-stage children can be
 open at once. When the tracking server cannot be reached, training goes on: the tracker warns once,
 keeps every call in order in a queue, retries it later, and at the end writes whatever is still
-unsent to ``<fallback_dir>/mlflow_unsent.jsonl``, so no metric is lost.
+unsent to ``<fallback_dir>/mlflow_unsent.jsonl``, so no metric is lost; the next tracker of the
+same run name there sends them first and removes them from the file.
+
+Run ids are kept in ``<fallback_dir>/mlflow_runs.json``: a resumed training run (``resume=True``)
+continues the same MLflow run instead of opening a new one, and a fresh start marks a run that
+never logged its end as KILLED rather than leaving it RUNNING.
 """
 
 from __future__ import annotations
@@ -57,12 +62,14 @@ class Tracker:
         parent: "Tracker | None" = None,
         fallback_dir: str | Path | None = None,
         active: bool = True,
+        resume: bool = False,
     ):
         self.cfg = cfg
         self.run_name = run_name or cfg.run_name
         self.parent = parent
         self.fallback_dir = Path(fallback_dir) if fallback_dir is not None else None
         self.active = active and cfg.enabled
+        self.resume = resume
         self.run_id: str | None = None
         self._client = None
         self._started = False
@@ -93,6 +100,8 @@ class Tracker:
         # Creating the client can fail too (a store MLflow refuses, a server that is down): that goes
         # through the same queue as every other call instead of stopping training.
         self._submit("_create_run", {})
+        for op, kwargs in self._take_unsent():
+            self._submit(op, kwargs)
 
     def close(self, status: str = "FINISHED") -> None:
         if not self.active or not self._started:
@@ -207,6 +216,56 @@ class Tracker:
         )
         self._pending.clear()
 
+    # -- continuity across restarts ---------------------------------------------------------------
+    @property
+    def _registry_key(self) -> str:
+        return f"{self.parent.run_name}/{self.run_name}" if self.parent is not None else str(self.run_name)
+
+    def _registry_path(self) -> Path:
+        return (self.fallback_dir or Path.cwd()) / "mlflow_runs.json"
+
+    def _registry(self) -> dict[str, Any]:
+        path = self._registry_path()
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s is unreadable; a new MLflow run is opened.", path)
+            return {}
+
+    def _remember(self) -> None:
+        from .training import write_json_atomic
+
+        registry = self._registry()
+        registry[self._registry_key] = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
+        write_json_atomic(self._registry_path(), registry)
+
+    def _take_unsent(self) -> list[tuple[str, dict[str, Any]]]:
+        """Calls of this run name left in ``mlflow_unsent.jsonl`` by an earlier process (refused ones stay)."""
+        path = (self.fallback_dir or Path.cwd()) / "mlflow_unsent.jsonl"
+        if not path.is_file():
+            return []
+        mine, rest = [], []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if entry.get("op") in ("create_run", "terminate") and entry.get("run_name") == self.run_name:
+                continue  # the earlier process's run lifecycle; this tracker has its own
+            if entry.get("run_name") == self.run_name and "error" not in entry:
+                op = "_" + entry.pop("op")
+                entry.pop("run_name")
+                mine.append((op, entry))
+            else:
+                rest.append(line)
+        if mine:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in rest))
+            os.replace(tmp, path)
+            if not rest:
+                path.unlink()
+            logger.warning("Replaying %d MLflow calls of %r queued by an earlier run in %s.", len(mine), self.run_name, path)
+        return mine
+
     def _create_run(self) -> None:
         if self.run_id is not None:
             return
@@ -214,6 +273,19 @@ class Tracker:
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        earlier = self._registry().get(self._registry_key)
+        if earlier and earlier.get("tracking_uri") == self.tracking_uri:
+            try:
+                run = self._client.get_run(earlier["run_id"])
+            except Exception:  # noqa: BLE001 - deleted or from another store: open a new run
+                run = None
+            if run is not None and self.resume:
+                self._client.update_run(run.info.run_id, status="RUNNING")
+                self.run_id = run.info.run_id
+                return
+            if run is not None and run.info.status == "RUNNING":
+                # Its process died before logging the end; this fresh start replaces it.
+                self._client.set_terminated(run.info.run_id, status="KILLED")
         experiment = self._client.get_experiment_by_name(self.cfg.experiment_name)
         experiment_id = (
             experiment.experiment_id if experiment is not None else self._client.create_experiment(self.cfg.experiment_name)
@@ -225,6 +297,8 @@ class Tracker:
             tags["mlflow.parentRunId"] = self.parent.run_id
         run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
+        if self.fallback_dir is not None:
+            self._remember()
 
     def _terminate(self, status: str) -> None:
         self._client.set_terminated(self.run_id, status=status)

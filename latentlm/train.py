@@ -314,12 +314,13 @@ def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: flo
     timings: dict[str, float] = {}
     config = prepare_data(config)
     tracking = config.tracking
-    with Tracker(tracking, run_name=tracking.run_name or "train", fallback_dir=output_dir) as parent:
+    with Tracker(tracking, run_name=tracking.run_name or "train", fallback_dir=output_dir, resume=resume) as parent:
         parent.log_params(config.to_dict())
 
         tick = time.perf_counter()
         if str(config.autoencoder.backbone).startswith(SCRATCH_PREFIX):
-            with Tracker(tracking, run_name="backbone", parent=parent, fallback_dir=output_dir) as child:
+            with Tracker(tracking, run_name="backbone", parent=parent, fallback_dir=output_dir,
+                         resume=resume) as child:
                 config = prepare_backbone(config, tracker=child, resume=resume)
         timings["backbone_s"] = time.perf_counter() - tick
 
@@ -328,7 +329,8 @@ def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: flo
         if resume and _stage_done(output_dir / AE_HISTORY, autoencoder_path, config.autoencoder.optimizer.max_steps):
             logger.warning("Stage 1 already finished in %s; skipping it.", autoencoder_path)
         else:
-            with Tracker(tracking, run_name="autoencoder", parent=parent, fallback_dir=output_dir) as child:
+            with Tracker(tracking, run_name="autoencoder", parent=parent, fallback_dir=output_dir,
+                         resume=resume) as child:
                 autoencoder_path = train_autoencoder(config, resume=resume, tracker=child, overwrite=overwrite)
         timings["autoencoder_s"] = time.perf_counter() - tick
 
@@ -337,7 +339,8 @@ def train(config: RunConfig, resume: bool = False, *, sample_guidance_scale: flo
         if resume and _stage_done(output_dir / DIFFUSION_HISTORY, diffusion_path, config.diffusion.optimizer.max_steps):
             logger.warning("Stage 2 already finished in %s; skipping it.", diffusion_path)
         else:
-            with Tracker(tracking, run_name="diffusion", parent=parent, fallback_dir=output_dir) as child:
+            with Tracker(tracking, run_name="diffusion", parent=parent, fallback_dir=output_dir,
+                         resume=resume) as child:
                 diffusion_path = train_diffusion(config, autoencoder_path, resume=resume, tracker=child,
                                                  overwrite=overwrite)
         timings["diffusion_s"] = time.perf_counter() - tick

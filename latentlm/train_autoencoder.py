@@ -239,7 +239,7 @@ def train_autoencoder(config: RunConfig, resume: bool = False, tracker: Tracker 
     own_tracker = tracker is None
     if own_tracker:
         tracker = Tracker(config.tracking, run_name=config.tracking.run_name or "train-autoencoder",
-                          fallback_dir=output_dir, active=is_main)
+                          fallback_dir=output_dir, active=is_main, resume=resume)
         tracker.start()
     try:
         if is_main and start_step == 0:

@@ -39,7 +39,20 @@ class PipelinePyfunc:
 
     def predict(self, model_input, params: dict[str, Any] | None = None):
         """Input columns: ``class`` (name, id or missing/None = unconditional), ``num_samples``
-        (default 1). Output: one row per text with ``class``, ``text`` and ``row`` (the input row)."""
+        (default 1). Output: one row per text with ``class``, ``text`` and ``row`` (the input row).
+
+        Safe to call from several threads (``mlflow models serve`` does): each request samples with
+        its own scheduler and generators. Bad input raises an MLflow INVALID_PARAMETER_VALUE error,
+        which the scoring server answers with HTTP 400 and the message."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self._predict(model_input, params)
+        except (ValueError, TypeError) as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+
+    def _predict(self, model_input, params: dict[str, Any] | None):
         import pandas as pd
 
         from latentlm.sampling import make_scheduler
@@ -83,8 +96,10 @@ def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    # No input schema: MLflow would drop a misspelt column before predict() sees it (and sample
+    # unconditionally); predict() checks the columns itself and names the bad one.
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "class", required=False), ColSpec("long", "num_samples", required=False)]),
+        inputs=None,
         outputs=Schema([ColSpec("string", "class", required=False), ColSpec("string", "text"), ColSpec("long", "row")]),
         params=ParamSchema([
             ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),

@@ -20,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 __all__ = ["PipelinePyfunc", "save_pipeline_model", "log_pipeline_model", "MODEL_ARTIFACT_PATH", "PARAM_DEFAULTS"]
 
 MODEL_ARTIFACT_PATH = "model"
 LOCAL_MODEL_DIR = "mlflow_model"
 PARAM_DEFAULTS: dict[str, Any] = {"guidance_scale": 1.0, "num_inference_steps": 50, "seed": 0, "scheduler": "dpm++"}
+
+
+class InvalidRequestError(MlflowException, ValueError):
+    """Bad model input: a ValueError for Python callers, HTTP 400 with this message from MLflow's server."""
 
 
 class PipelinePyfunc:
@@ -44,13 +50,10 @@ class PipelinePyfunc:
         Safe to call from several threads (``mlflow models serve`` does): each request samples with
         its own scheduler and generators. Bad input raises an MLflow INVALID_PARAMETER_VALUE error,
         which the scoring server answers with HTTP 400 and the message."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
         try:
             return self._predict(model_input, params)
         except (ValueError, TypeError) as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+            raise InvalidRequestError(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
     def _predict(self, model_input, params: dict[str, Any] | None):
         import pandas as pd

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tracking_server import free_port, stop_server
+from test_tracking_server import free_port, stop_server, wait_healthy
 
 SERVER_START_TIMEOUT_S = 180
 
@@ -28,21 +27,6 @@ def start_model_server(model_dir: Path, port: int, log_dir: Path) -> subprocess.
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=log_dir, start_new_session=True, env=env,
     )
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"model server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"model server at {url} not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def invoke(url: str, records: list[dict], params: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
@@ -73,7 +57,7 @@ def served_model(tmp_path_factory):
     process = start_model_server(root / "model", port, root)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, root / "serve.log")
+        wait_healthy(url, process, SERVER_START_TIMEOUT_S, path="/ping", log=root / "serve.log")
         yield url
     finally:
         stop_server(process)

@@ -26,19 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, path: str = "/health",
+                 log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
+    tail = lambda: "" if log is None else "\n" + log.read_text()[-3000:]  # noqa: E731
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}")
+            raise RuntimeError(f"server at {url} exited with {process.returncode}{tail()}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout_s} s")
+    raise TimeoutError(f"server at {url} not healthy after {timeout_s} s{tail()}")
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:

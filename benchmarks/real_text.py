@@ -38,6 +38,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
     """The LD4LG metrics of `texts` against `refs` (same class), as `latentlm evaluate` computes them."""
     from latentlm import metrics
+    from latentlm.config import TrackingConfig
 
     features, perplexity, classifier = judges
     q = features(texts)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default="outputs/snippets-shared", help="output_dir of the trained run")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "snippets"))
     parser.add_argument("--label-column", default="domain")
-    parser.add_argument("--reconstruction-texts", type=int, default=500)
+    parser.add_argument("--reconstruction-texts", type=int, default=500, help="0: skip the stage-1 evaluation")
     parser.add_argument("--samples-per-class", type=int, default=250)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--steps", type=int, default=25)
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from latentlm import metrics
+    from latentlm.config import TrackingConfig
     from latentlm.evaluation import evaluate_autoencoder, load_feature_model, load_perplexity_model
     from latentlm.pipelines import LatentTextDiffusionPipeline
     from latentlm.sampling import sample
@@ -110,16 +112,17 @@ def main(argv=None) -> int:
     val_rows = read_jsonl(data / "validation.jsonl")
     train_rows = read_jsonl(data / "train.jsonl")
     tick = time.perf_counter()
-    recon = evaluate_autoencoder(
+    recon = None if args.reconstruction_texts == 0 else evaluate_autoencoder(
         str(run / "autoencoder"), data / "validation.jsonl", num_samples=args.reconstruction_texts,
         decode_kwargs=dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0),
-        tracking=None, output_dir=None,
+        tracking=TrackingConfig(enabled=False), output_dir=None,
     )
-    result["reconstruction"] = {k: recon[k] for k in ("num_samples", "bleu", "exact_match", "bleu_raw_text",
-                                                      "exact_match_raw_text", "texts_per_second")}
-    result["reconstruction"]["examples"] = recon["examples"][:8]
-    result["reconstruction"]["seconds"] = round(time.perf_counter() - tick, 1)
-    print(json.dumps(result["reconstruction"], indent=1)[:1500], flush=True)
+    if recon is not None:
+        result["reconstruction"] = {k: recon[k] for k in ("num_samples", "bleu", "exact_match", "bleu_raw_text",
+                                                          "exact_match_raw_text", "texts_per_second")}
+        result["reconstruction"]["examples"] = recon["examples"][:8]
+        result["reconstruction"]["seconds"] = round(time.perf_counter() - tick, 1)
+        print(json.dumps(result["reconstruction"], indent=1)[:1500], flush=True)
     if args.skip_stage2:
         Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
         return 0

@@ -95,6 +95,14 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, device=None, *,
     return {k: batch[k].to(device) if device is not None else batch[k] for k in ("input_ids", "attention_mask")}
 
 
+def decoder_stack_name(body) -> str:
+    """Attribute of a causal LM's body holding its blocks: ``layers`` (Llama-likes), ``h`` (GPT-2), ``blocks``."""
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
+            return name
+    raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
+
+
 def _causal_body(language_model):
     """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
     model = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
@@ -118,7 +126,7 @@ def encoder_hidden_states(language_model, input_ids: torch.Tensor, attention_mas
         return model.get_input_embeddings()(input_ids)
     # A shallow copy of the decoder stack that runs only its lowest layers: same weights, no
     # mutation of the shared model (safe under concurrent calls).
-    name = next(n for n in ("layers", "h", "blocks") if isinstance(getattr(body, n, None), torch.nn.ModuleList))
+    name = decoder_stack_name(body)
     lower = copy.copy(body)
     lower._modules = dict(body._modules)
     lower._modules[name] = torch.nn.ModuleList(list(getattr(body, name))[:context_layers])

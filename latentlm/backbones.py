@@ -26,6 +26,8 @@ from transformers import (
     EncoderDecoderModel,
 )
 
+from latentlm.autoencoder.text_codec import decoder_stack_name
+
 __all__ = [
     "NAMED_BACKBONES",
     "NAMED_PROMPT_TEMPLATES",
@@ -142,11 +144,7 @@ def is_causal_lm(language_model) -> bool:
 def decoder_layers(language_model) -> torch.nn.ModuleList:
     """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
     body = _base_model(language_model).base_model
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(body, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
+    return getattr(body, decoder_stack_name(body))
 
 
 def backbone_family(language_model) -> str:
@@ -411,8 +409,7 @@ def _configure_causal(model, decoder: str, *, lora_r: int, lora_alpha: int, lora
             target = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
             if not target:
                 raise ValueError("lora_target_modules is empty; give module names such as ['q_proj', 'v_proj'] or None.")
-        body = _base_model(model).base_model
-        pattern = next(name for name in ("layers", "h", "blocks") if isinstance(getattr(body, name, None), torch.nn.ModuleList))
+        pattern = decoder_stack_name(_base_model(model).base_model)
         lora_config = LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
             layers_to_transform=tuned, layers_pattern=pattern, task_type=TaskType.CAUSAL_LM,

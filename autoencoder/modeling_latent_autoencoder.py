@@ -138,10 +138,9 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         query_init_std: initial scale of the learned queries. With a small one (0.02) the
             attended context swamps the queries in the residual stream and the latents of a text
             start as nearly the same vector; a backbone whose states make reconstruction hard can
-            stay there (cosine 0.97 between the latents of a text after 900 MiniLM steps: a bag
-            of words), so the MiniLM recipe uses unit scale, the Perceiver resampler's own
-            (Flamingo, LD4LG). The small scale is the default because it gave the better
-            end-to-end quickstart (100 % grammatical samples against 93 % with unit scale).
+            stay there (a bag of words), so such backbones want unit scale, the Perceiver
+            resampler's own (Flamingo, LD4LG). The small scale is the default because it samples
+            better on the quickstart corpus (figures in the repository's ``benchmarks/README.md``).
     """
 
     @register_to_config
@@ -165,9 +164,13 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         prompt_template: str | None = None,
     ):
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_latents", num_latents), ("latent_dim", latent_dim),
-                            ("num_compression_layers", num_compression_layers),
-                            ("num_reconstruction_layers", num_reconstruction_layers)):
+        for name, value in (
+            ("d_model", d_model),
+            ("num_latents", num_latents),
+            ("latent_dim", latent_dim),
+            ("num_compression_layers", num_compression_layers),
+            ("num_reconstruction_layers", num_reconstruction_layers),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
         if memory_tokens_per_latent < 1:
@@ -217,9 +220,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             mask = torch.ones(b, length, dtype=torch.bool, device=hidden_states.device)
         else:
             if attention_mask.shape != (b, length):
-                raise ValueError(
-                    f"attention_mask must have shape {(b, length)}, got {tuple(attention_mask.shape)}."
-                )
+                raise ValueError(f"attention_mask must have shape {(b, length)}, got {tuple(attention_mask.shape)}.")
             mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
         # Zero padded positions so that non-finite garbage there cannot leak through 0 * inf.
         # Cached states may be stored in bf16; compute in the module's dtype (autocast lowers it).

@@ -34,6 +34,8 @@ __all__ = [
     "soft_prompt_inputs",
     "causal_reconstruction_loss",
     "MEMORY_PLACEHOLDER",
+    "unwrap_peft",
+    "merge_peft",
 ]
 
 MEMORY_PLACEHOLDER = "{memory}"
@@ -73,8 +75,9 @@ def is_causal_lm(language_model) -> bool:
     return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int, device=None, *,
-                   add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+def tokenize_texts(
+    tokenizer, texts: list[str], max_length: int, device=None, *, add_special_tokens: bool = True
+) -> dict[str, torch.Tensor]:
     """Tokenize with padding and truncation at `max_length` -> {input_ids, attention_mask} [B, L].
 
     Texts longer than `max_length` tokens are cut there, with a warning naming how many.
@@ -90,8 +93,14 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, device=None, *,
             f"their reconstructions end there.",
             stacklevel=3,
         )
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                      add_special_tokens=add_special_tokens)
+    batch = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        add_special_tokens=add_special_tokens,
+    )
     return {k: batch[k].to(device) if device is not None else batch[k] for k in ("input_ids", "attention_mask")}
 
 
@@ -103,20 +112,37 @@ def decoder_stack_name(body) -> str:
     raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
 
 
+def unwrap_peft(language_model):
+    """The transformers model under an optional `peft.PeftModel` wrapper (the same object, not a copy)."""
+    from peft import PeftModel
+
+    return language_model.get_base_model() if isinstance(language_model, PeftModel) else language_model
+
+
+def merge_peft(language_model):
+    """A `peft.PeftModel` -> a merged copy as a plain transformers model; any other model as it is."""
+    from peft import PeftModel
+
+    if isinstance(language_model, PeftModel):
+        return copy.deepcopy(language_model).merge_and_unload()
+    return language_model
+
+
 def _causal_body(language_model):
     """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
-    model = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    model = unwrap_peft(language_model)
     return model, model.base_model
 
 
 @torch.no_grad()
-def encoder_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          context_layers: int = 0) -> torch.Tensor:
+def encoder_hidden_states(
+    language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_layers: int = 0
+) -> torch.Tensor:
     """The (frozen) encoder's states [B, L, d_model].
 
     Seq2seq: the encoder's last hidden states. Causal LM: the states after its first
     ``context_layers`` layers (with the final norm), or its input embeddings for 0. Those layers
-    are never tuned (`latentlm.backbones.configure_trainable`), so LoRA adapters leave them as is.
+    are never tuned (`latentlm.autoencoder.backbones.configure_trainable`), so LoRA adapters leave them as is.
     """
     if not is_causal_lm(language_model):
         encoder = language_model.get_encoder()
@@ -130,7 +156,9 @@ def encoder_hidden_states(language_model, input_ids: torch.Tensor, attention_mas
     lower = copy.copy(body)
     lower._modules = dict(body._modules)
     lower._modules[name] = torch.nn.ModuleList(list(getattr(body, name))[:context_layers])
-    return lower(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).last_hidden_state
+    return lower(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
+    ).last_hidden_state
 
 
 @torch.no_grad()
@@ -138,8 +166,9 @@ def encode_texts(tokenizer, language_model, autoencoder, texts: list[str], max_l
     """texts -> latents [B, num_latents, latent_dim]."""
     causal = is_causal_lm(language_model)
     batch = tokenize_texts(tokenizer, texts, max_length, device=_device_of(autoencoder), add_special_tokens=not causal)
-    hidden = encoder_hidden_states(language_model, batch["input_ids"], batch["attention_mask"],
-                                   autoencoder.config.get("context_layers") or 0)
+    hidden = encoder_hidden_states(
+        language_model, batch["input_ids"], batch["attention_mask"], autoencoder.config.get("context_layers") or 0
+    )
     return autoencoder.compress(hidden, batch["attention_mask"])
 
 
@@ -155,8 +184,9 @@ def _prompt_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
     return encode(before), encode(after)
 
 
-def soft_prompt_inputs(tokenizer, language_model, autoencoder, memory: torch.Tensor,
-                       text_ids: torch.Tensor | None = None) -> torch.Tensor:
+def soft_prompt_inputs(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Input embeddings [B, T, H] of ``prompt_before + memory + prompt_after (+ text_ids)``."""
     model, _ = _causal_body(language_model)
     embed = model.get_input_embeddings()
@@ -173,8 +203,9 @@ def soft_prompt_inputs(tokenizer, language_model, autoencoder, memory: torch.Ten
     return torch.cat(pieces, dim=1)
 
 
-def causal_reconstruction_loss(tokenizer, language_model, autoencoder, memory: torch.Tensor, input_ids: torch.Tensor,
-                               attention_mask: torch.Tensor) -> torch.Tensor:
+def causal_reconstruction_loss(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Mean cross-entropy of ``text + end-of-text`` given the soft prompt, teacher-forced.
 
     memory [B, P, H]; input_ids / attention_mask [B, L] (right-padded text tokens, no special tokens).
@@ -187,8 +218,13 @@ def causal_reconstruction_loss(tokenizer, language_model, autoencoder, memory: t
     positions = torch.arange(length + 1, device=input_ids.device)[None]
     targets = targets.masked_fill(positions > lengths[:, None], -100)
     targets[torch.arange(b), lengths] = eos
-    inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory,
-                                input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id))
+    inputs = soft_prompt_inputs(
+        tokenizer,
+        language_model,
+        autoencoder,
+        memory,
+        input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
+    )
     model, body = _causal_body(language_model)
     hidden = body(inputs_embeds=inputs, use_cache=False, return_dict=True).last_hidden_state
     # The hidden state before each target: the last prompt position, then each text position.
@@ -251,13 +287,19 @@ def _generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tenso
     kwargs.setdefault("min_new_tokens", kwargs.pop("min_length", 0))
     kwargs.pop("min_length", None)
     max_positions = getattr(language_model.config, "max_position_embeddings", None) or getattr(
-        language_model.config, "n_positions", None)
+        language_model.config, "n_positions", None
+    )
     room = None if max_positions is None else max_positions - inputs.shape[1]
     if room is not None and kwargs["max_new_tokens"] > room:
         if room < 1:
-            raise ValueError(f"The soft prompt ({inputs.shape[1]} positions) leaves no room in the LM's {max_positions}.")
-        warnings.warn(f"max_length={kwargs['max_new_tokens']} does not fit after the {inputs.shape[1]}-position prompt "
-                      f"in the LM's {max_positions} positions; generating at most {room} tokens.", stacklevel=3)
+            raise ValueError(
+                f"The soft prompt ({inputs.shape[1]} positions) leaves no room in the LM's {max_positions}."
+            )
+        warnings.warn(
+            f"max_length={kwargs['max_new_tokens']} does not fit after the {inputs.shape[1]}-position prompt "
+            f"in the LM's {max_positions} positions; generating at most {room} tokens.",
+            stacklevel=3,
+        )
         kwargs["max_new_tokens"] = room
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

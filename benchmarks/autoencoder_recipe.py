@@ -21,10 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 import torch  # noqa: E402
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder  # noqa: E402
 
 from latentlm.config import load_config  # noqa: E402
-from latentlm.text_autoencoder import TextAutoencoder  # noqa: E402
-from latentlm.train_autoencoder import HISTORY_FILE, evaluate_reconstruction, train_autoencoder  # noqa: E402
+from latentlm.reconstruction import evaluate_reconstruction  # noqa: E402
+from latentlm.train_autoencoder import HISTORY_FILE, train_autoencoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,18 +37,31 @@ def main() -> None:
     parser.add_argument("--output-dir", default="/tmp/latentlm-bench/autoencoder_recipe")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "snippets"))
     parser.add_argument("--final-eval-samples", type=int, default=300, help="validation texts in the final eval")
-    parser.add_argument("--final-num-beams", type=int, nargs="+", default=[1],
-                        help="decodings of the final eval (1 = greedy, 4 = LD4LG beam search)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 on a shared 2-core machine: oversubscribed threads spin)")
+    parser.add_argument(
+        "--final-num-beams",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="decodings of the final eval (1 = greedy, 4 = LD4LG beam search)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 on a shared 2-core machine: oversubscribed threads spin)",
+    )
     parser.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "autoencoder_recipe.json"))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. autoencoder.decoder=full")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = [f"output_dir={args.output_dir}", f"data.path={args.data}",
-                 f"tracking.tracking_uri=sqlite:///{args.output_dir}/mlflow.db", *args.overrides]
+    overrides = [
+        f"output_dir={args.output_dir}",
+        f"data.path={args.data}",
+        f"tracking.tracking_uri=sqlite:///{args.output_dir}/mlflow.db",
+        *args.overrides,
+    ]
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     config = load_config(args.config, overrides)
     start = time.time()
@@ -64,11 +78,15 @@ def main() -> None:
         tick = time.time()
         result = evaluate_reconstruction(model, val_texts, num_beams=beams, num_examples=10)
         final[f"beams_{beams}"] = {
-            "bleu": round(result["bleu"], 2), "exact_match": round(result["exact_match"], 4),
-            "eval_seconds": round(time.time() - tick, 1), "examples": result["examples"],
+            "bleu": round(result["bleu"], 2),
+            "exact_match": round(result["exact_match"], 4),
+            "eval_seconds": round(time.time() - tick, 1),
+            "examples": result["examples"],
         }
-        print(f"final ({len(val_texts)} validation texts, beams={beams}): BLEU {result['bleu']:.2f}, "
-              f"exact match {result['exact_match']:.3f}")
+        print(
+            f"final ({len(val_texts)} validation texts, beams={beams}): BLEU {result['bleu']:.2f}, "
+            f"exact match {result['exact_match']:.3f}"
+        )
 
     report = {
         "benchmark": "autoencoder_recipe",
@@ -84,14 +102,16 @@ def main() -> None:
         "num_truncated_train_texts": run["num_truncated_train_texts"],
         "final_eval_samples": len(val_texts),
         "final": final,
-        "curve": [
-            {**h, "train_minutes": round(h["train_time_s"] / 60, 2)} for h in run["history"]
-        ],
+        "curve": [{**h, "train_minutes": round(h["train_time_s"] / 60, 2)} for h in run["history"]],
         "loss_curve": run["loss_curve"],
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "note": "BLEU/exact match against the tokenizer-normalised reference (uncased WordPiece, truncated at "
-                "max_length); curve points use greedy decoding on the first max_eval_samples validation texts.",
+        "max_length); curve points use greedy decoding on the first max_eval_samples validation texts.",
     }
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(report, indent=2))

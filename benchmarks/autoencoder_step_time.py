@@ -28,9 +28,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from latentlm.text_autoencoder import TextAutoencoder  # noqa: E402
 from latentlm.train_autoencoder import build_encoder_cache  # noqa: E402
 from latentlm.training import batch_indices  # noqa: E402
 
@@ -72,8 +72,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (grouped, backend) in settings.items():
             for k in range(args.steps + 1):  # the first step of a setting is a warm-up
-                indices = batch_indices(len(cache), args.batch_size, step, seed=0,
-                                        lengths=lengths if grouped else None)
+                indices = batch_indices(len(cache), args.batch_size, step, seed=0, lengths=lengths if grouped else None)
                 step += 1
                 hidden, mask, ids = cache.batch(indices, "cpu")
                 labels = model.make_labels(ids, mask)
@@ -87,27 +86,39 @@ def main() -> None:
                 if k:
                     times[name].append(time.perf_counter() - tick)
                     padded[name].append(1 - mask.float().mean().item())
-        print(f"round done: " + ", ".join(f"{n}: {statistics.median(t):.2f} s" for n, t in times.items()))
+        print("round done: " + ", ".join(f"{n}: {statistics.median(t):.2f} s" for n, t in times.items()))
 
     baseline = statistics.median(times["random batches, flash attention"])
     results = {
-        name: {"median_step_s": round(statistics.median(t), 3),
-               "speedup_vs_random_flash": round(baseline / statistics.median(t), 2),
-               "padding_fraction": round(statistics.mean(padded[name]), 3), "steps": len(t)}
+        name: {
+            "median_step_s": round(statistics.median(t), 3),
+            "speedup_vs_random_flash": round(baseline / statistics.median(t), 2),
+            "padding_fraction": round(statistics.mean(padded[name]), 3),
+            "steps": len(t),
+        }
         for name, t in times.items()
     }
     report = {
         "benchmark": "autoencoder_step_time",
         "model": "minilm BERT2BERT, full decoder, bf16 autocast, cached encoder states",
-        "batch_size": args.batch_size, "num_texts": len(texts), "results": results,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg(), "platform": platform.platform(), "torch": torch.__version__},
-        "command": "python benchmarks/autoencoder_step_time.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "result")),
+        "batch_size": args.batch_size,
+        "num_texts": len(texts),
+        "results": results,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "command": "python benchmarks/autoencoder_step_time.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("data", "result")),
     }
     for name, r in results.items():
-        print(f"{name:42s} {r['median_step_s']:.2f} s/step  x{r['speedup_vs_random_flash']:.2f}  "
-              f"padding {r['padding_fraction']:.0%}")
+        print(
+            f"{name:42s} {r['median_step_s']:.2f} s/step  x{r['speedup_vs_random_flash']:.2f}  "
+            f"padding {r['padding_fraction']:.0%}"
+        )
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.result}")

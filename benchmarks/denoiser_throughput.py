@@ -1,6 +1,6 @@
 """Denoiser training throughput at the `small` size: cached latents vs re-encoding texts every step.
 
-The comparison point (issue 3): the LD4LG implementation at 384 wide, 6 layers, 6 heads, 32x64
+The comparison point: the LD4LG implementation at 384 wide, 6 layers, 6 heads, 32x64
 latents, batch 64, v-prediction, self-conditioning p=0.5, 4 classes, 3 long skips measured
 0.55 training steps/s and 0.73 s per guided sampling step (batch 64) on this machine in fp32.
 LD4LG re-encodes the batch's texts with the frozen PLM encoder + compression network at every
@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
+from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 
 from latentlm.config import OptimizerConfig
-from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 from latentlm.training import make_lr_scheduler, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,15 @@ def load_snippets(num_texts: int) -> tuple[list[str], list[int], list[str]]:
 
 def make_denoiser(class_names: list[str]) -> LatentDenoiser:
     torch.manual_seed(0)
-    return LatentDenoiser.from_size("small", num_latents=32, latent_dim=64, num_classes=len(class_names),
-                                    class_names=class_names, self_conditioning=True, dropout=0.1)
+    return LatentDenoiser.from_size(
+        "small",
+        num_latents=32,
+        latent_dim=64,
+        num_classes=len(class_names),
+        class_names=class_names,
+        self_conditioning=True,
+        dropout=0.1,
+    )
 
 
 def summarize(walls: list[float], cpus: list[float]) -> dict:
@@ -71,10 +78,13 @@ def summarize(walls: list[float], cpus: list[float]) -> dict:
     nearly linearly; the estimate is optimistic by the non-parallel part).
     """
     wall, cpu = statistics.median(walls), statistics.median(cpus)
-    return {"steps": len(walls), "median_wall_seconds_per_step": round(wall, 4),
-            "wall_steps_per_s_shared_machine": round(1 / wall, 4),
-            "median_cpu_seconds_per_step_1_thread": round(cpu, 4),
-            "estimated_steps_per_s_2_free_cores": round(2 / cpu, 4)}
+    return {
+        "steps": len(walls),
+        "median_wall_seconds_per_step": round(wall, 4),
+        "wall_steps_per_s_shared_machine": round(1 / wall, 4),
+        "median_cpu_seconds_per_step_1_thread": round(cpu, 4),
+        "estimated_steps_per_s_2_free_cores": round(2 / cpu, 4),
+    }
 
 
 def autocast(precision: str):
@@ -94,8 +104,9 @@ class TrainStep:
         self.batch_size = batch_size
         self.denoiser = make_denoiser(class_names).train()
         self.scheduler = make_noise_scheduler("cosine", "v_prediction")
-        opt = OptimizerConfig(learning_rate=2e-4, batch_size=batch_size, max_steps=250_000, warmup_steps=1_000,
-                              lr_schedule="cosine")
+        opt = OptimizerConfig(
+            learning_rate=2e-4, batch_size=batch_size, max_steps=250_000, warmup_steps=1_000, lr_schedule="cosine"
+        )
         self.optimizer = make_optimizer(self.denoiser.parameters(), opt)  # what train_diffusion uses (fused AdamW)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, opt)
         self.ema = EMAModel(self.denoiser.parameters(), decay=0.9999, use_ema_warmup=True, foreach=True)
@@ -117,8 +128,15 @@ class TrainStep:
             y = torch.tensor([self.labels[j] for j in idx])
             encode_wall = time.perf_counter() - tick
         with autocast(self.precision):
-            loss = diffusion_loss(self.denoiser, self.scheduler, latents, y, self_conditioning_prob=0.5,
-                                  label_dropout_prob=0.1, generator=generator)
+            loss = diffusion_loss(
+                self.denoiser,
+                self.scheduler,
+                latents,
+                y,
+                self_conditioning_prob=0.5,
+                label_dropout_prob=0.1,
+                generator=generator,
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), 1.0)
         self.optimizer.step()
@@ -153,12 +171,18 @@ def time_guided_sampling(precision: str, class_names: list[str], args) -> dict:
         if "modulation" in name or "output_proj" in name:
             p.normal_(0, 0.02)
     scheduler = DDPMScheduler.from_config(make_noise_scheduler("cosine", "v_prediction").config)
-    pipe = LatentTextDiffusionPipeline(tokenizer=None, language_model=None, autoencoder=None, denoiser=denoiser,
-                                       scheduler=scheduler)
+    pipe = LatentTextDiffusionPipeline(
+        tokenizer=None, language_model=None, autoencoder=None, denoiser=denoiser, scheduler=scheduler
+    )
     pipe.set_progress_bar_config(disable=True)
     labels = [class_names[i % len(class_names)] for i in range(args.batch_size)]
-    call = dict(num_samples=args.batch_size, class_labels=labels, guidance_scale=2.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
+    call = dict(
+        num_samples=args.batch_size,
+        class_labels=labels,
+        guidance_scale=2.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     walls, cpus, last = [], [], [time.perf_counter(), time.process_time()]
 
     def timer(pipeline, i, t, tensors):
@@ -173,12 +197,19 @@ def time_guided_sampling(precision: str, class_names: list[str], args) -> dict:
         last[:] = [time.perf_counter(), time.process_time()]
         pipe(num_inference_steps=args.sample_steps, callback_on_step_end=timer, **call)
     stats = summarize(walls, cpus)
-    result = {"steps": args.sample_steps, "batch_size": args.batch_size, "guidance_scale": 2.0,
-              "median_wall_seconds_per_step_shared_machine": stats["median_wall_seconds_per_step"],
-              "median_cpu_seconds_per_step_1_thread": stats["median_cpu_seconds_per_step_1_thread"],
-              "estimated_seconds_per_step_2_free_cores": round(stats["median_cpu_seconds_per_step_1_thread"] / 2, 4)}
-    print(f"guided sampling {precision:4s}: {result['median_cpu_seconds_per_step_1_thread']:.3f} CPU s/step -> "
-          f"~{result['estimated_seconds_per_step_2_free_cores']:.3f} s/step on 2 free cores", flush=True)
+    result = {
+        "steps": args.sample_steps,
+        "batch_size": args.batch_size,
+        "guidance_scale": 2.0,
+        "median_wall_seconds_per_step_shared_machine": stats["median_wall_seconds_per_step"],
+        "median_cpu_seconds_per_step_1_thread": stats["median_cpu_seconds_per_step_1_thread"],
+        "estimated_seconds_per_step_2_free_cores": round(stats["median_cpu_seconds_per_step_1_thread"] / 2, 4),
+    }
+    print(
+        f"guided sampling {precision:4s}: {result['median_cpu_seconds_per_step_1_thread']:.3f} CPU s/step -> "
+        f"~{result['estimated_seconds_per_step_2_free_cores']:.3f} s/step on 2 free cores",
+        flush=True,
+    )
     return result
 
 
@@ -193,8 +224,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
     from latentlm.latent_cache import build_latent_cache
-    from latentlm.text_autoencoder import TextAutoencoder
 
     torch.set_num_threads(args.threads)
     load_at_start = list(os.getloadavg())
@@ -203,15 +235,19 @@ def main() -> None:
     text_autoencoder = TextAutoencoder.from_backbone("minilm", num_latents=32, latent_dim=64, max_length=64).eval()
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
-        cache = build_latent_cache(text_autoencoder, texts, tmp, labels=labels, class_names=class_names,
-                                   show_progress=False)
+        cache = build_latent_cache(
+            text_autoencoder, texts, tmp, labels=labels, class_names=class_names, show_progress=False
+        )
         cache_build_s = time.perf_counter() - tick
         print(f"latent cache: {len(texts)} texts encoded once in {cache_build_s:.1f} s", flush=True)
 
         # All four (path x precision) trainers advance in turn, one step each, so load from other
         # users of the machine hits them alike; medians of per-step times are reported.
-        trainers = [TrainStep(mode, precision, text_autoencoder, cache, texts, labels, class_names, args.batch_size)
-                    for precision in ("fp32", "bf16") for mode in ("cached", "reencode")]
+        trainers = [
+            TrainStep(mode, precision, text_autoencoder, cache, texts, labels, class_names, args.batch_size)
+            for precision in ("fp32", "bf16")
+            for mode in ("cached", "reencode")
+        ]
         for i in range(args.warmup + args.steps):
             for trainer in trainers:
                 trainer(i, record=i >= args.warmup)
@@ -219,15 +255,18 @@ def main() -> None:
         results: dict = {"train": {"fp32": {}, "bf16": {}}, "guided_sampling": {}}
         for trainer in trainers:
             results["train"][trainer.precision][trainer.mode] = r = trainer.result()
-            print(f"train {trainer.mode:8s} {trainer.precision:4s}: {r['median_cpu_seconds_per_step_1_thread']:.2f} "
-                  f"CPU s/step -> ~{r['estimated_steps_per_s_2_free_cores']:.3f} steps/s on 2 free cores "
-                  f"(wall here: {r['wall_steps_per_s_shared_machine']:.3f})", flush=True)
+            print(
+                f"train {trainer.mode:8s} {trainer.precision:4s}: {r['median_cpu_seconds_per_step_1_thread']:.2f} "
+                f"CPU s/step -> ~{r['estimated_steps_per_s_2_free_cores']:.3f} steps/s on 2 free cores "
+                f"(wall here: {r['wall_steps_per_s_shared_machine']:.3f})",
+                flush=True,
+            )
         del trainers
         for precision in ("fp32", "bf16"):
             results["guided_sampling"][precision] = time_guided_sampling(precision, class_names, args)
 
     key = "median_cpu_seconds_per_step_1_thread"
-    for precision, modes in results["train"].items():
+    for modes in results["train"].values():
         modes["speedup_cached_vs_reencode"] = round(modes["reencode"][key] / modes["cached"][key], 3)
     fp32 = results["train"]["fp32"]["cached"]["estimated_steps_per_s_2_free_cores"]
     summary = {
@@ -235,11 +274,17 @@ def main() -> None:
         "setup": {
             "denoiser": "small: hidden 384, 6 layers, 6 heads, 3 long skips, GeGLU x4, dropout 0.1",
             "num_parameters": sum(p.numel() for p in make_denoiser(class_names).parameters()),
-            "latents": [32, 64], "batch_size": args.batch_size, "prediction_type": "v_prediction",
-            "self_conditioning_prob": 0.5, "num_classes": len(class_names), "label_dropout_prob": 0.1,
+            "latents": [32, 64],
+            "batch_size": args.batch_size,
+            "prediction_type": "v_prediction",
+            "self_conditioning_prob": 0.5,
+            "num_classes": len(class_names),
+            "label_dropout_prob": 0.1,
             "train_step": "diffusion_loss + backward + clip 1.0 + fused AdamW + warmup/cosine lr + EMA (foreach)",
             "reencode_autoencoder": "minilm BERT2BERT encoder (22.7M) + 3-layer compression, max_length 64",
-            "num_texts": len(texts), "timed_train_steps": args.steps, "warmup_steps": args.warmup,
+            "num_texts": len(texts),
+            "timed_train_steps": args.steps,
+            "warmup_steps": args.warmup,
         },
         "latent_cache_build_seconds": round(cache_build_s, 2),
         "results": results,
@@ -247,14 +292,21 @@ def main() -> None:
         "estimated_train_speedup_vs_reference_fp32": round(fp32 / REFERENCE["train_steps_per_s_fp32"], 3),
         "estimated_guided_sampling_speedup_vs_reference_fp32": round(
             REFERENCE["guided_sampling_s_per_step_fp32"]
-            / results["guided_sampling"]["fp32"]["estimated_seconds_per_step_2_free_cores"], 3),
+            / results["guided_sampling"]["fp32"]["estimated_seconds_per_step_2_free_cores"],
+            3,
+        ),
         "bf16_vs_fp32_train_speedup": round(
-            results["train"]["fp32"]["cached"][key] / results["train"]["bf16"]["cached"][key], 3),
+            results["train"]["fp32"]["cached"][key] / results["train"]["bf16"]["cached"][key], 3
+        ),
         "load_average_at_start_and_end": [load_at_start, list(os.getloadavg())],
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        "command": "python benchmarks/denoiser_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "command": "python benchmarks/denoiser_throughput.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

@@ -30,13 +30,21 @@ def cpu_seconds() -> float:
 
 def run_stage1(config_path: Path, output_dir: Path, steps: int, eval_samples: int) -> dict:
     from latentlm.config import load_config
-    from latentlm.train import prepare_backbone, prepare_data
+    from latentlm.train import prepare_data
     from latentlm.train_autoencoder import train_autoencoder
+    from latentlm.train_backbone import prepare_backbone
 
-    config = load_config(config_path, [
-        f"output_dir={output_dir}", f"autoencoder.optimizer.max_steps={steps}", "autoencoder.eval_every=0",
-        "autoencoder.save_every=0", f"data.max_eval_samples={eval_samples}", "tracking.enabled=false",
-    ])
+    config = load_config(
+        config_path,
+        [
+            f"output_dir={output_dir}",
+            f"autoencoder.optimizer.max_steps={steps}",
+            "autoencoder.eval_every=0",
+            "autoencoder.save_every=0",
+            f"data.max_eval_samples={eval_samples}",
+            "tracking.enabled=false",
+        ],
+    )
     config = prepare_data(config)
     tick, cpu = time.perf_counter(), cpu_seconds()
     config = prepare_backbone(config)
@@ -49,13 +57,19 @@ def run_stage1(config_path: Path, output_dir: Path, steps: int, eval_samples: in
     train_time = history["train_time_s"]
     return {
         "backbone": load_config(config_path).autoencoder.backbone,
-        "steps": steps, "batch_size": config.autoencoder.optimizer.batch_size,
-        "backbone_pretrain_wall_s": round(backbone_wall, 1), "backbone_pretrain_cpu_s": round(backbone_cpu, 1),
-        "stage1_wall_s_incl_setup_and_eval": round(wall, 1), "stage1_cpu_s_incl_setup_and_eval": round(cpu, 1),
+        "steps": steps,
+        "batch_size": config.autoencoder.optimizer.batch_size,
+        "backbone_pretrain_wall_s": round(backbone_wall, 1),
+        "backbone_pretrain_cpu_s": round(backbone_cpu, 1),
+        "stage1_wall_s_incl_setup_and_eval": round(wall, 1),
+        "stage1_cpu_s_incl_setup_and_eval": round(cpu, 1),
         "train_step_wall_s": round(train_time / steps, 3),
-        "bleu": last.get("bleu"), "exact_match": last.get("exact_match"),
+        "bleu": last.get("bleu"),
+        "exact_match": last.get("exact_match"),
         "config_max_steps": load_config(config_path).autoencoder.optimizer.max_steps,
-        "projected_stage1_train_wall_s": round(train_time / steps * load_config(config_path).autoencoder.optimizer.max_steps, 1),
+        "projected_stage1_train_wall_s": round(
+            train_time / steps * load_config(config_path).autoencoder.optimizer.max_steps, 1
+        ),
     }
 
 
@@ -73,14 +87,20 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "loadavg_at_start": os.getloadavg(), "runs": {}}
+    report = {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "runs": {},
+    }
     workdir = Path(args.workdir)
-    report["runs"]["minilm"] = run_stage1(ROOT / "configs" / "quickstart_minilm.yaml", workdir / "minilm",
-                                          args.steps, args.eval_samples)
+    report["runs"]["minilm"] = run_stage1(
+        ROOT / "configs" / "quickstart_minilm.yaml", workdir / "minilm", args.steps, args.eval_samples
+    )
     if not args.skip_scratch:
-        report["runs"]["scratch_bart"] = run_stage1(ROOT / "configs" / "quickstart.yaml", workdir / "scratch",
-                                                    args.steps, args.eval_samples)
+        report["runs"]["scratch_bart"] = run_stage1(
+            ROOT / "configs" / "quickstart.yaml", workdir / "scratch", args.steps, args.eval_samples
+        )
     report["loadavg_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
     """The LD4LG metrics of `texts` against `refs` (same class), as `latentlm evaluate` computes them."""
     from latentlm import metrics
-    from latentlm.config import TrackingConfig
 
     features, perplexity, classifier = judges
     q = features(texts)
@@ -77,49 +72,75 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
     from latentlm import metrics
     from latentlm.config import TrackingConfig
-    from latentlm.evaluation import evaluate_autoencoder, load_feature_model, load_perplexity_model
-    from latentlm.pipelines import LatentTextDiffusionPipeline
+    from latentlm.data import read_texts
+    from latentlm.evaluation import evaluate_autoencoder
+    from latentlm.judges import load_feature_model, load_perplexity_model
+    from latentlm.reconstruction import reconstruct
     from latentlm.sampling import sample
-    from latentlm.train_autoencoder import normalized_reference
 
     run, data = Path(args.run), Path(args.data)
     result: dict = {
         "benchmark": "real_text",
-        "command": "python " + " ".join([Path(sys.argv[0]).name if sys.argv else "real_text.py", *(argv or sys.argv[1:])]),
+        "command": "python "
+        + " ".join([Path(sys.argv[0]).name if sys.argv else "real_text.py", *(argv or sys.argv[1:])]),
         "run": str(run),
         "data": str(data),
-        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
+        },
     }
     # ---- training record
     stage_times = {}
-    for stage, name in (("backbone", None), ("autoencoder", "autoencoder_history.json"),
-                        ("diffusion", "diffusion_history.json")):
+    for stage, name in (
+        ("backbone", None),
+        ("autoencoder", "autoencoder_history.json"),
+        ("diffusion", "diffusion_history.json"),
+    ):
         if name and (run / name).is_file():
             history = json.loads((run / name).read_text())
-            stage_times[stage] = {k: history.get(k) for k in ("final_step", "train_time_s", "encoder_cache_s",
-                                                              "latent_cache_s")}
+            stage_times[stage] = {
+                k: history.get(k) for k in ("final_step", "train_time_s", "encoder_cache_s", "latent_cache_s")
+            }
             if stage == "autoencoder":
                 result["autoencoder_curve"] = [
-                    {"step": h["step"], "minutes": round(h["train_time_s"] / 60, 2), "bleu": h["bleu"],
-                     "exact_match": h["exact_match"]} for h in history.get("history", [])
+                    {
+                        "step": h["step"],
+                        "minutes": round(h["train_time_s"] / 60, 2),
+                        "bleu": h["bleu"],
+                        "exact_match": h["exact_match"],
+                    }
+                    for h in history.get("history", [])
                 ]
     result["training"] = stage_times
 
     # ---- stage 1: reconstruction
-    val_rows = read_jsonl(data / "validation.jsonl")
-    train_rows = read_jsonl(data / "train.jsonl")
+    val_texts, val_labels = read_texts(data / "validation.jsonl", "text", args.label_column)
+    train_texts, train_labels = read_texts(data / "train.jsonl", "text", args.label_column)
     tick = time.perf_counter()
-    recon = None if args.reconstruction_texts == 0 else evaluate_autoencoder(
-        str(run / "autoencoder"), data / "validation.jsonl", num_samples=args.reconstruction_texts,
-        decode_kwargs=dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0),
-        tracking=TrackingConfig(enabled=False), output_dir=None,
+    recon = (
+        None
+        if args.reconstruction_texts == 0
+        else evaluate_autoencoder(
+            str(run / "autoencoder"),
+            data / "validation.jsonl",
+            num_samples=args.reconstruction_texts,
+            decode_kwargs=dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0),
+            tracking=TrackingConfig(enabled=False),
+            output_dir=None,
+        )
     )
     if recon is not None:
-        result["reconstruction"] = {k: recon[k] for k in ("num_samples", "bleu", "exact_match", "bleu_raw_text",
-                                                          "exact_match_raw_text", "texts_per_second")}
+        result["reconstruction"] = {
+            k: recon[k]
+            for k in ("num_samples", "bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text", "texts_per_second")
+        }
         result["reconstruction"]["examples"] = recon["examples"][:8]
         result["reconstruction"]["seconds"] = round(time.perf_counter() - tick, 1)
         print(json.dumps(result["reconstruction"], indent=1)[:1500], flush=True)
@@ -132,32 +153,40 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     features = load_feature_model("minilm")
     perplexity = load_perplexity_model("smollm2")
-    train_texts = [r["text"] for r in train_rows]
     rng = random.Random(args.seed)
-    pool = rng.sample(train_rows, min(5000, len(train_rows)))
-    classifier = metrics.train_text_classifier(features([r["text"] for r in pool]), [r[args.label_column] for r in pool])
+    pool = rng.sample(list(zip(train_texts, train_labels)), min(5000, len(train_texts)))
+    classifier = metrics.train_text_classifier(features([t for t, _ in pool]), [label for _, label in pool])
     judges = (features, perplexity, classifier)
     rows: dict[str, list[dict]] = {"references": [], "reconstructions": []}
     rows.update({f"model, guidance {g:g}": [] for g in args.guidance})
     per_class: dict = {}
     timings = {}
     for k, name in enumerate(pipe.class_names):
-        refs = [r["text"] for r in val_rows if r[args.label_column] == name]
+        refs = [t for t, label in zip(val_texts, val_labels) if label == name]
         n = min(args.samples_per_class, len(refs))
         refs = refs[:n]
-        held_out = [r["text"] for r in train_rows if r[args.label_column] == name]
+        held_out = [t for t, label in zip(train_texts, train_labels) if label == name]
         human = random.Random(args.seed + k).sample(held_out, n)
         entry = {"num_references": n, "references": score_texts(human, refs, train_texts, judges, name, args.seed)}
         entry["references"]["memorization"] = metrics.memorization(refs, train_texts)
-        recon_texts = []
-        for start in range(0, n, 64):
-            recon_texts += pipe.decode(pipe.encode(refs[start : start + 64]))
+        recon_texts = reconstruct(pipe, refs, batch_size=64)
         entry["reconstructions"] = score_texts(recon_texts, refs, train_texts, judges, name, args.seed)
         for g in args.guidance:
             tick = time.perf_counter()
-            samples = [r["text"] for r in sample(None, class_name=name, num_samples=n, guidance_scale=g,
-                                                 num_inference_steps=args.steps, scheduler=args.scheduler,
-                                                 seed=args.seed + 1000 * k, batch_size=64, pipe=pipe)]
+            samples = [
+                r["text"]
+                for r in sample(
+                    None,
+                    class_name=name,
+                    num_samples=n,
+                    guidance_scale=g,
+                    num_inference_steps=args.steps,
+                    scheduler=args.scheduler,
+                    seed=args.seed + 1000 * k,
+                    batch_size=64,
+                    pipe=pipe,
+                )
+            ]
             timings.setdefault(f"{g:g}", []).append((time.perf_counter() - tick) / n)
             key = f"model, guidance {g:g}"
             entry[key] = score_texts(samples, refs, train_texts, judges, name, args.seed)
@@ -166,13 +195,20 @@ def main(argv=None) -> int:
         rows["references"].append(entry["references"])
         rows["reconstructions"].append(entry["reconstructions"])
         per_class[name] = entry
-        print(name, json.dumps({key: {m: entry[key].get(m) for m in METRICS} for key in entry if key != "num_references"}),
-              flush=True)
+        print(
+            name,
+            json.dumps({key: {m: entry[key].get(m) for m in METRICS} for key in entry if key != "num_references"}),
+            flush=True,
+        )
     result["per_class"] = per_class
     result["mean_over_classes"] = {key: mean_rows(value) for key, value in rows.items()}
     result["seconds_per_sample"] = {g: sum(v) / len(v) for g, v in timings.items()}
-    result["settings"] = {"samples_per_class": args.samples_per_class, "steps": args.steps, "scheduler": args.scheduler,
-                          "judges": {"features": features.name, "perplexity": perplexity.name}}
+    result["settings"] = {
+        "samples_per_class": args.samples_per_class,
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "judges": {"features": features.name, "perplexity": perplexity.name},
+    }
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(result["mean_over_classes"], indent=1))
     return 0

@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 
+from latentlm.sampling import make_scheduler  # noqa: F401 - the benchmarks call common.make_scheduler
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# PNGs, per-sample dumps and MLflow bookkeeping: git-ignored, outside benchmarks/results.
+OUTPUTS_DIR = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks"
 FAST_DECODE = dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
 
 
@@ -34,17 +38,31 @@ FAST_DECODE = dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("pipeline", nargs="?", default=None,
-                        help="pipeline folder (save_pretrained output); default: build a tiny untrained one")
-    parser.add_argument("--build", default="tiny", choices=["tiny", "minilm"],
-                        help="without PIPELINE_DIR: a tiny pipeline, or one at real sizes over the offline MiniLM "
-                             "BERT2BERT (32 x 64 latents; untrained, for speed only)")
-    parser.add_argument("--denoiser-size", default="base", choices=["tiny", "small", "base"],
-                        help="denoiser of the --build minilm pipeline (LD4LG: base)")
+    parser.add_argument(
+        "pipeline",
+        nargs="?",
+        default=None,
+        help="pipeline folder (save_pretrained output); default: build a tiny untrained one",
+    )
+    parser.add_argument(
+        "--build",
+        default="tiny",
+        choices=["tiny", "minilm"],
+        help="without PIPELINE_DIR: a tiny pipeline, or one at real sizes over the offline MiniLM "
+        "BERT2BERT (32 x 64 latents; untrained, for speed only)",
+    )
+    parser.add_argument(
+        "--denoiser-size",
+        default="base",
+        choices=["tiny", "small", "base"],
+        help="denoiser of the --build minilm pipeline (LD4LG: base)",
+    )
     parser.add_argument("--quick", action="store_true", help="a reduced grid that runs in a couple of minutes")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/<name>.json)")
     return parser
@@ -95,38 +113,67 @@ def tiny_corpus_dir() -> Path:
 def build_tiny_pipeline(folder: Path, corpus_dir: Path) -> Path:
     """Save an untrained tiny LatentTextDiffusionPipeline (word-level tokenizer, 2-layer BART d=64,
     8 x 16 latents, tiny denoiser with the corpus' food classes) to ``folder``."""
+    from latentlm.autoencoder import LatentAutoencoder
+    from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
+    from latentlm.pipelines import LatentTextDiffusionPipeline
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
-    from latentlm.autoencoder import LatentAutoencoder
     from latentlm.corpus import FOODS
-    from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
-    from latentlm.pipelines import LatentTextDiffusionPipeline
 
     torch.manual_seed(0)
     texts = [json.loads(line)["text"] for line in (corpus_dir / "train.jsonl").read_text().splitlines()]
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=256, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    language_model = BartForConditionalGeneration(BartConfig(
-        vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
-        forced_eos_token_id=2,
-    )).eval()
-    autoencoder = LatentAutoencoder(d_model=64, num_latents=8, latent_dim=16, num_compression_layers=1,
-                                    num_reconstruction_layers=1, head_dim=16)
-    denoiser = LatentDenoiser.from_size("tiny", num_latents=8, latent_dim=16, num_classes=len(FOODS),
-                                        class_names=list(FOODS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=256,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    language_model = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=len(tokenizer),
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=None,
+            forced_eos_token_id=2,
+        )
+    ).eval()
+    autoencoder = LatentAutoencoder(
+        d_model=64, num_latents=8, latent_dim=16, num_compression_layers=1, num_reconstruction_layers=1, head_dim=16
+    )
+    denoiser = LatentDenoiser.from_size(
+        "tiny", num_latents=8, latent_dim=16, num_classes=len(FOODS), class_names=list(FOODS)
+    )
     # The zero-initialised output layer would make every sample identical; random weights give the
     # untrained model varied (if meaningless) output, closer to a trained model's decode lengths.
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
-    pipe = LatentTextDiffusionPipeline(tokenizer=tokenizer, language_model=language_model, autoencoder=autoencoder,
-                                       denoiser=denoiser.eval(), scheduler=make_noise_scheduler(), max_length=64)
+    pipe = LatentTextDiffusionPipeline(
+        tokenizer=tokenizer,
+        language_model=language_model,
+        autoencoder=autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(),
+        max_length=64,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -134,19 +181,24 @@ def build_tiny_pipeline(folder: Path, corpus_dir: Path) -> Path:
 def build_minilm_pipeline(folder: Path, denoiser_size: str = "base") -> Path:
     """Save an untrained pipeline at LD4LG sizes over the offline MiniLM BERT2BERT backbone:
     32 x 64 latents, 3 + 3 Perceiver/reconstruction layers, a ``denoiser_size`` denoiser."""
-    from latentlm.corpus import FOODS
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
     from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
     from latentlm.pipelines import LatentTextDiffusionPipeline
-    from latentlm.text_autoencoder import TextAutoencoder
+
+    from latentlm.corpus import FOODS
 
     torch.manual_seed(0)
     text_autoencoder = TextAutoencoder.from_backbone("minilm", num_latents=32, latent_dim=64, max_length=64)
-    denoiser = LatentDenoiser.from_size(denoiser_size, num_latents=32, latent_dim=64, num_classes=len(FOODS),
-                                        class_names=list(FOODS))
+    denoiser = LatentDenoiser.from_size(
+        denoiser_size, num_latents=32, latent_dim=64, num_classes=len(FOODS), class_names=list(FOODS)
+    )
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.02)
     pipe = LatentTextDiffusionPipeline(
-        tokenizer=text_autoencoder.tokenizer, language_model=text_autoencoder.merged_language_model(),
-        autoencoder=text_autoencoder.autoencoder, denoiser=denoiser.eval(), scheduler=make_noise_scheduler(),
+        tokenizer=text_autoencoder.tokenizer,
+        language_model=text_autoencoder.merged_language_model(),
+        autoencoder=text_autoencoder.autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(),
         max_length=64,
     )
     pipe.save_pretrained(folder)
@@ -170,19 +222,11 @@ def load_pipeline(pipeline_dir: str | None, device: torch.device, build: str = "
     return pipe, folder, description
 
 
-def make_scheduler(pipe, name: str):
-    """A scheduler of the named family (``latentlm.sampling.SCHEDULERS``) built from the pipeline's config."""
-    from latentlm.sampling import set_scheduler
-
-    original = pipe.scheduler
-    set_scheduler(pipe, name)
-    scheduler, pipe.scheduler = pipe.scheduler, original
-    return scheduler
-
-
 def model_sizes(pipe) -> dict[str, int]:
-    return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-            for name in ("language_model", "autoencoder", "denoiser")}
+    return {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("language_model", "autoencoder", "denoiser")
+    }
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -224,7 +268,7 @@ class PeakMemory:
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
@@ -267,8 +311,9 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("+", "p"))
 
 
-def log_to_mlflow(args, name: str, params: dict, metrics: list[tuple[dict[str, float], int]],
-                  artifacts: list[Path]) -> str | None:
+def log_to_mlflow(
+    args, name: str, params: dict, metrics: list[tuple[dict[str, float], int]], artifacts: list[Path]
+) -> str | None:
     """One MLflow run per benchmark: params, metrics (with steps), plots and the JSON as artifacts."""
     if args.no_mlflow:
         return None
@@ -276,7 +321,7 @@ def log_to_mlflow(args, name: str, params: dict, metrics: list[tuple[dict[str, f
     from latentlm.tracking import Tracker
 
     cfg = TrackingConfig(experiment_name="latentlm-benchmarks", tracking_uri=args.tracking_uri, run_name=name)
-    with Tracker(cfg, run_name=name, fallback_dir=RESULTS_DIR) as tracker:
+    with Tracker(cfg, run_name=name, fallback_dir=OUTPUTS_DIR) as tracker:
         tracker.log_params(params)
         for values, step in metrics:
             tracker.log_metrics({metric_key(k): v for k, v in values.items()}, step=step)

@@ -6,7 +6,8 @@ diversity, memorization, class accuracy, mean ± std over seeds).
 
 Without --references the quickstart restaurant corpus (`latentlm.corpus`) is written and used; for
 texts of that grammar the exact acceptor `latentlm.corpus.parse` also gives the share of
-grammatical samples. Writes benchmarks/results/sampling_quality.json and a PNG, logs to MLflow.
+grammatical samples. Writes benchmarks/results/sampling_quality.json; the PNG and each grid point's
+samples go under outputs/benchmarks/. Logs to MLflow.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import time
 from pathlib import Path
 
 import sampling_common as common
-from latentlm import evaluation
+
+from latentlm import evaluation, judges
 from latentlm.config import TrackingConfig
 from latentlm.corpus import classify, parse
+from latentlm.data import read_texts
 
 FULL_GRID = {"ddpm": [50, 100, 250], "ddim": [10, 25, 50, 100], "dpm++": [10, 25, 50]}
 QUICK_GRID = {"ddpm": [250], "ddim": [50], "dpm++": [25]}
@@ -34,7 +37,9 @@ def grammar_scores(texts: list[str], class_name: str | None) -> dict[str, float]
 
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--references", default=None, help="human texts (default: the quickstart corpus validation split)")
+    parser.add_argument(
+        "--references", default=None, help="human texts (default: the quickstart corpus validation split)"
+    )
     parser.add_argument("--train", default=None, help="training texts (default: the quickstart corpus train split)")
     parser.add_argument("--class", dest="class_name", default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="per seed (default 256, quick 32)")
@@ -42,9 +47,13 @@ def main() -> None:
     parser.add_argument("--feature-model", default="auto")
     parser.add_argument("--perplexity-model", default="auto")
     parser.add_argument("--greedy", action="store_true", help="decode greedily instead of the LD4LG beam search")
-    parser.add_argument("--grid", nargs="+", default=None, metavar="SCHEDULER:STEPS,...",
-                        help="e.g. ddpm:50,250 ddim:10,50 dpm++:10,25 (default: the full grid; quick: the three "
-                             "headline settings)")
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        default=None,
+        metavar="SCHEDULER:STEPS,...",
+        help="e.g. ddpm:50,250 ddim:10,50 dpm++:10,25 (default: the full grid; quick: the three headline settings)",
+    )
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
@@ -62,64 +71,119 @@ def main() -> None:
 
     # Judges load once (SmolLM2's GGUF takes ~20 s) and are shared by every grid point.
     start = time.perf_counter()
-    features = None if args.feature_model == "none" else evaluation.load_feature_model(args.feature_model, device=device)
-    ppl = None if args.perplexity_model == "none" else evaluation.load_perplexity_model(args.perplexity_model, device=device)
+    features = None if args.feature_model == "none" else judges.load_feature_model(args.feature_model, device=device)
+    ppl = (
+        None if args.perplexity_model == "none" else judges.load_perplexity_model(args.perplexity_model, device=device)
+    )
     print(f"judges loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    ref_texts, _ = evaluation.read_texts(references)
+    ref_texts, _ = read_texts(references)
     # Grammaticality only means something for texts of the quickstart grammar.
     head = ref_texts[:200]
     check_grammar = sum(parse(t) is not None for t in head) >= 0.9 * len(head)
 
     rows = []
     payload = {
-        "benchmark": "sampling_quality", "pipeline": description, "quick": args.quick,
-        "references": str(references), "train": str(train) if train else None, "class_name": args.class_name,
-        "num_samples": num_samples, "seeds": seeds, "decoding": "greedy" if args.greedy else "LD4LG beam search",
-        "feature_model": features.name if features else None, "perplexity_model": ppl.name if ppl else None,
-        "environment": common.environment(device), "results": rows,
+        "benchmark": "sampling_quality",
+        "pipeline": description,
+        "quick": args.quick,
+        "references": str(references),
+        "train": str(train) if train else None,
+        "class_name": args.class_name,
+        "num_samples": num_samples,
+        "seeds": seeds,
+        "decoding": "greedy" if args.greedy else "LD4LG beam search",
+        "feature_model": features.name if features else None,
+        "perplexity_model": ppl.name if ppl else None,
+        "environment": common.environment(device),
+        "results": rows,
     }
-    # Each grid point's results.json / samples.jsonl go in a folder named after the results file.
-    results_dir = Path(args.out).with_suffix("") if args.out else common.RESULTS_DIR / "sampling_quality"
+    # Each grid point's results.json / samples.jsonl go in outputs/benchmarks/<results file name>/.
+    results_dir = common.OUTPUTS_DIR / (Path(args.out).stem if args.out else "sampling_quality")
     for scheduler, step_list in grid.items():
         for steps in step_list:
             pipe.scheduler = common.make_scheduler(pipe, scheduler)
             start = time.perf_counter()
             result = evaluation.evaluate(
-                pipe, references, train, class_name=args.class_name, num_samples=num_samples, seeds=seeds,
-                output_dir=results_dir / f"{scheduler}_{steps}", num_inference_steps=steps, decode_kwargs=decode_kwargs,
-                feature_model=features, perplexity_model=ppl, tracking=TrackingConfig(enabled=False), device=device,
+                pipe,
+                references,
+                train,
+                class_name=args.class_name,
+                num_samples=num_samples,
+                seeds=seeds,
+                output_dir=results_dir / f"{scheduler}_{steps}",
+                num_inference_steps=steps,
+                decode_kwargs=decode_kwargs,
+                feature_model=features,
+                perplexity_model=ppl,
+                tracking=TrackingConfig(enabled=False),
+                device=device,
             )
-            row = {"scheduler": scheduler, "steps": steps, "seconds": time.perf_counter() - start,
-                   "texts_per_second": result["texts_per_second"], "model": result["model"],
-                   "references": result["references"]}
+            row = {
+                "scheduler": scheduler,
+                "steps": steps,
+                "seconds": time.perf_counter() - start,
+                "texts_per_second": result["texts_per_second"],
+                "model": result["model"],
+                "references": result["references"],
+            }
             if check_grammar:
                 per_seed = [grammar_scores(texts, args.class_name) for texts in result["samples"].values()]
                 row["grammar"] = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in per_seed[0]}
             rows.append(row)
             summary = {k: round(v["mean"], 3) for k, v in result["model"].items() if v is not None}
-            print(f"{scheduler:>6} {steps:>4} steps: {summary} {row.get('grammar', '')} ({row['seconds']:.0f} s)", flush=True)
+            print(
+                f"{scheduler:>6} {steps:>4} steps: {summary} {row.get('grammar', '')} ({row['seconds']:.0f} s)",
+                flush=True,
+            )
             # Written after every point, so a run cut short keeps what it measured.
             path = common.write_results("sampling_quality", payload, args.out)
 
     panels = []
     for metric in ("mauve", "perplexity", "diversity"):
         if rows and rows[0]["model"].get(metric) is not None:
-            series = {s: ([r["steps"] for r in rows if r["scheduler"] == s],
-                          [r["model"][metric]["mean"] for r in rows if r["scheduler"] == s]) for s in grid}
-            panels.append({"title": metric, "xlabel": "inference steps", "ylabel": metric, "logx": True, "series": series})
+            series = {
+                s: (
+                    [r["steps"] for r in rows if r["scheduler"] == s],
+                    [r["model"][metric]["mean"] for r in rows if r["scheduler"] == s],
+                )
+                for s in grid
+            }
+            panels.append(
+                {"title": metric, "xlabel": "inference steps", "ylabel": metric, "logx": True, "series": series}
+            )
     if check_grammar:
-        panels.append({"title": "grammatical share", "xlabel": "inference steps", "ylabel": "share", "logx": True,
-                       "series": {s: ([r["steps"] for r in rows if r["scheduler"] == s],
-                                      [r["grammar"]["grammatical"] for r in rows if r["scheduler"] == s]) for s in grid}})
-    png = common.plot(path.with_suffix(".png"), panels, f"quality vs steps: {description}") if panels else None
+        panels.append(
+            {
+                "title": "grammatical share",
+                "xlabel": "inference steps",
+                "ylabel": "share",
+                "logx": True,
+                "series": {
+                    s: (
+                        [r["steps"] for r in rows if r["scheduler"] == s],
+                        [r["grammar"]["grammatical"] for r in rows if r["scheduler"] == s],
+                    )
+                    for s in grid
+                },
+            }
+        )
+    png = (
+        common.plot(common.OUTPUTS_DIR / f"{path.stem}.png", panels, f"quality vs steps: {description}")
+        if panels
+        else None
+    )
     metrics = []
     for r in rows:
         values = {f"{r['scheduler']}/{m}": v["mean"] for m, v in r["model"].items() if v is not None}
         values.update({f"{r['scheduler']}/{k}": v for k, v in r.get("grammar", {}).items()})
         metrics.append((values, r["steps"]))
-    common.log_to_mlflow(args, "sampling_quality", {"pipeline": description, "num_samples": num_samples,
-                                                    "seeds": json.dumps(seeds), "quick": args.quick},
-                         metrics, [p for p in (path, png) if p is not None])
+    common.log_to_mlflow(
+        args,
+        "sampling_quality",
+        {"pipeline": description, "num_samples": num_samples, "seeds": json.dumps(seeds), "quick": args.quick},
+        metrics,
+        [p for p in (path, png) if p is not None],
+    )
 
 
 if __name__ == "__main__":

@@ -33,14 +33,13 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import torch
-
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
     pipe = LatentTextDiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     label = pipe.class_names[0] if pipe.class_names else None
     rows = []
-    for cls in sorted(type(pipe.scheduler).compatibles, key=lambda c: c.__name__):
+    for cls in sorted(pipe.scheduler.compatibles, key=lambda c: c.__name__):
         name = cls.__name__
         for steps in args.steps:
             row = {"scheduler": name, "steps": steps}
@@ -48,17 +47,28 @@ def main() -> int:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
-                    out = pipe(num_samples=args.num_samples, class_labels=label, num_inference_steps=steps,
-                               generator=torch.Generator().manual_seed(0), output_type="latent",
-                               scheduler=scheduler)
+                    out = pipe(
+                        num_samples=args.num_samples,
+                        class_labels=label,
+                        num_inference_steps=steps,
+                        generator=torch.Generator().manual_seed(0),
+                        output_type="latent",
+                        scheduler=scheduler,
+                    )
                 row["latent_rms"] = float(out.latents.pow(2).mean().sqrt())
                 row["texts"] = pipe.decode(out.latents[:2], num_beams=1)
             except Exception as err:  # noqa: BLE001 - the point is to record which ones fail
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             rows.append(row)
             print(json.dumps(row)[:300], flush=True)
-    payload = {"benchmark": "scheduler_support", "command": "python benchmarks/scheduler_support.py " + " ".join(sys.argv[1:]),
-               "pipeline": args.pipeline, "class": label, "num_samples": args.num_samples, "results": rows}
+    payload = {
+        "benchmark": "scheduler_support",
+        "command": "python benchmarks/scheduler_support.py " + " ".join(sys.argv[1:]),
+        "pipeline": args.pipeline,
+        "class": label,
+        "num_samples": args.num_samples,
+        "results": rows,
+    }
     Path(args.out).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     return 0
 

@@ -36,8 +36,9 @@ def free_port() -> int:
 
 
 def invoke(url: str, seed: int, steps: int, timeout: float = 300) -> tuple[int, object]:
-    body = json.dumps({"dataframe_records": [{"num_samples": 2}],
-                       "params": {"seed": seed, "num_inference_steps": steps}}).encode()
+    body = json.dumps(
+        {"dataframe_records": [{"num_samples": 2}], "params": {"seed": seed, "num_inference_steps": steps}}
+    ).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -77,9 +78,26 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(work / "model"), "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            str(work / "model"),
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -108,8 +126,14 @@ def main() -> int:
                 tick = time.perf_counter()
                 status, body = invoke(url, seed, args.steps)
                 with lock:
-                    results.append({"seed": seed, "status": status, "latency_s": time.perf_counter() - tick,
-                                    "same_as_alone": (status, body) == alone[seed]})
+                    results.append(
+                        {
+                            "seed": seed,
+                            "status": status,
+                            "latency_s": time.perf_counter() - tick,
+                            "same_as_alone": (status, body) == alone[seed],
+                        }
+                    )
 
         started = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
@@ -126,8 +150,11 @@ def main() -> int:
         "benchmark": "serving_load",
         "command": "python benchmarks/serving_load.py " + " ".join(sys.argv[1:]),
         "pipeline": description,
-        "clients": args.clients, "seconds": args.seconds, "steps": args.steps,
-        "requests": len(results), "wall_s": round(wall, 2),
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "steps": args.steps,
+        "requests": len(results),
+        "wall_s": round(wall, 2),
         "requests_per_s": len(results) / wall if wall else None,
         "latency_p50_s": percentile(latencies, 0.5) if latencies else None,
         "latency_p99_s": percentile(latencies, 0.99) if latencies else None,

@@ -4,7 +4,8 @@
     python benchmarks/training_curves.py RUN_ID [--tracking-uri URI] [--metrics train/loss eval/bleu]
     python benchmarks/training_curves.py --latest [--experiment latentlm]
 
-Writes benchmarks/results/training_curves_<run>.png and .json (the plotted points).
+Writes outputs/benchmarks/training_curves_<run>.png and .json (the plotted points): per-run
+plots, not kept in git.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ def main() -> None:
     parser.add_argument("--latest", action="store_true", help="the latest top-level run of --experiment")
     parser.add_argument("--experiment", default="latentlm")
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--metrics", nargs="+", default=None,
-                        help="metric names to plot (default: every metric whose name contains 'loss')")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="metric names to plot (default: every metric whose name contains 'loss')",
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the PNG back to the run")
     args = parser.parse_args()
     from mlflow import MlflowClient
@@ -34,8 +39,11 @@ def main() -> None:
         experiment = client.get_experiment_by_name(args.experiment)
         if experiment is None:
             sys.exit(f"no MLflow experiment {args.experiment!r} at {client.tracking_uri}")
-        runs = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-                if "mlflow.parentRunId" not in r.data.tags]
+        runs = [
+            r
+            for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+            if "mlflow.parentRunId" not in r.data.tags
+        ]
         if not runs:
             sys.exit(f"experiment {args.experiment!r} has no run")
         args.run_id = runs[0].info.run_id
@@ -49,11 +57,21 @@ def main() -> None:
             history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
             xs, ys = [m.step for m in history], [m.value for m in history]
             points[f"{name}/{metric}"] = {"steps": xs, "values": ys}
-            panels.append({"title": f"{name}: {metric}", "xlabel": "step", "ylabel": metric, "series": {metric: (xs, ys)},
-                           "logy": "loss" in metric and min(ys) > 0})
+            panels.append(
+                {
+                    "title": f"{name}: {metric}",
+                    "xlabel": "step",
+                    "ylabel": metric,
+                    "series": {metric: (xs, ys)},
+                    "logy": "loss" in metric and min(ys) > 0,
+                }
+            )
     if not panels:
         sys.exit(f"run {args.run_id} (and its children) logged none of the metrics {args.metrics or 'containing loss'}")
-    path = common.write_results(f"training_curves_{args.run_id[:8]}", {"run_id": args.run_id, "curves": points})
+    name = f"training_curves_{args.run_id[:8]}"
+    path = common.write_results(
+        name, {"run_id": args.run_id, "curves": points}, str(common.OUTPUTS_DIR / f"{name}.json")
+    )
     png = common.plot(path.with_suffix(".png"), panels, f"training curves of run {run.info.run_name or args.run_id}")
     if png is not None and not args.no_mlflow:
         client.log_artifact(args.run_id, str(png), "plots")

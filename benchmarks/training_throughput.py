@@ -7,7 +7,8 @@ label dropout) on latents encoded once beforehand, backward and AdamW step.
 
     python benchmarks/training_throughput.py [PIPELINE_DIR] [--quick] [--mixed-precision bf16] [--data FILE]
 
-Writes benchmarks/results/training_throughput.json and a PNG of the loss curves, logs to MLflow.
+Writes benchmarks/results/training_throughput.json and a PNG of the loss curves (under
+outputs/benchmarks/), logs to MLflow.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import contextlib
 import random
 import time
 
+import sampling_common as common
 import torch
 
-import sampling_common as common
-from latentlm import evaluation
 from latentlm.config import OptimizerConfig
+from latentlm.data import read_texts
 from latentlm.training import make_optimizer
 
 
@@ -43,15 +44,18 @@ def run_steps(step_fn, num_steps: int, warmup: int, device: torch.device, exampl
             tokens += n_tokens
     total = sum(times)
     return {
-        "steps": num_steps, "batch_size": examples_per_step, "median_step_s": common.median(times),
+        "steps": num_steps,
+        "batch_size": examples_per_step,
+        "median_step_s": common.median(times),
         "examples_per_s": examples_per_step * num_steps / total,
         "tokens_per_s": tokens / total if tokens else None,
-        "peak_memory_mb": memory.peak_bytes / 2**20, "losses": losses,
+        "peak_memory_mb": memory.peak_bytes / 2**20,
+        "losses": losses,
     }
 
 
 def stage1(pipe, texts, device, batch_size, steps, warmup, mixed_precision, decoder: str) -> dict:
-    from latentlm.text_autoencoder import TextAutoencoder
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
     model = TextAutoencoder(pipe.tokenizer, pipe.language_model, pipe.autoencoder, max_length=pipe.config.max_length)
     model.language_model.requires_grad_(decoder == "full")
@@ -67,7 +71,9 @@ def stage1(pipe, texts, device, batch_size, steps, warmup, mixed_precision, deco
         batch = model.tokenize(rng.sample(texts, batch_size))
         with autocast(device, mixed_precision):
             states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
-            loss = model(states, batch["attention_mask"], model.make_labels(batch["input_ids"], batch["attention_mask"]))
+            loss = model(
+                states, batch["attention_mask"], model.make_labels(batch["input_ids"], batch["attention_mask"])
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -82,7 +88,6 @@ def stage1(pipe, texts, device, batch_size, steps, warmup, mixed_precision, deco
 
 def stage2(pipe, texts, device, batch_size, steps, warmup, mixed_precision) -> dict:
     from diffusers import DDPMScheduler
-
     from latentlm.diffusion import diffusion_loss
 
     latents = torch.cat([pipe.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)]).to(device)
@@ -120,12 +125,14 @@ def main() -> None:
     parser.add_argument("--batch-size-autoencoder", type=int, default=None, help="default 64 (quick 16)")
     parser.add_argument("--batch-size-denoiser", type=int, default=None, help="default 128 (quick 64)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--decoder", default="frozen", choices=["frozen", "full"], help="stage 1: train the decoder too")
+    parser.add_argument(
+        "--decoder", default="frozen", choices=["frozen", "full"], help="stage 1: train the decoder too"
+    )
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
     data = args.data or str(common.tiny_corpus_dir() / "train.jsonl")
-    texts, _ = evaluation.read_texts(data)
+    texts, _ = read_texts(data)
     texts = texts[:5000]
     steps = args.steps or (8 if args.quick else 30)
     bs1 = args.batch_size_autoencoder or (16 if args.quick else 64)
@@ -133,33 +140,74 @@ def main() -> None:
 
     start = time.perf_counter()
     s1 = stage1(pipe, texts, device, bs1, steps, args.warmup, args.mixed_precision, args.decoder)
-    print(f"stage 1: {s1['examples_per_s']:.1f} texts/s, {s1['tokens_per_s']:.0f} tokens/s, "
-          f"step {s1['median_step_s'] * 1000:.0f} ms (batch {bs1}), peak +{s1['peak_memory_mb']:.0f} MB", flush=True)
+    print(
+        f"stage 1: {s1['examples_per_s']:.1f} texts/s, {s1['tokens_per_s']:.0f} tokens/s, "
+        f"step {s1['median_step_s'] * 1000:.0f} ms (batch {bs1}), peak +{s1['peak_memory_mb']:.0f} MB",
+        flush=True,
+    )
     s2 = stage2(pipe, texts, device, bs2, steps, args.warmup, args.mixed_precision)
-    print(f"stage 2: {s2['examples_per_s']:.1f} latents/s, step {s2['median_step_s'] * 1000:.0f} ms (batch {bs2}), "
-          f"peak +{s2['peak_memory_mb']:.0f} MB", flush=True)
+    print(
+        f"stage 2: {s2['examples_per_s']:.1f} latents/s, step {s2['median_step_s'] * 1000:.0f} ms (batch {bs2}), "
+        f"peak +{s2['peak_memory_mb']:.0f} MB",
+        flush=True,
+    )
 
     payload = {
-        "benchmark": "training_throughput", "pipeline": description, "quick": args.quick, "data": data,
-        "mixed_precision": args.mixed_precision, "decoder": args.decoder,
-        "peak_memory": "CUDA max allocated above the start" if device.type == "cuda"
+        "benchmark": "training_throughput",
+        "pipeline": description,
+        "quick": args.quick,
+        "data": data,
+        "mixed_precision": args.mixed_precision,
+        "decoder": args.decoder,
+        "peak_memory": "CUDA max allocated above the start"
+        if device.type == "cuda"
         else "peak resident set size above the start (sampled every 5 ms)",
-        "model_parameters": common.model_sizes(pipe), "environment": common.environment(device),
-        "seconds": time.perf_counter() - start, "autoencoder": s1, "denoiser": s2,
+        "model_parameters": common.model_sizes(pipe),
+        "environment": common.environment(device),
+        "seconds": time.perf_counter() - start,
+        "autoencoder": s1,
+        "denoiser": s2,
     }
     path = common.write_results("training_throughput", payload, args.out)
-    png = common.plot(path.with_suffix(".png"), [
-        {"title": f"stage 1 loss (batch {bs1})", "xlabel": "step", "ylabel": "cross-entropy",
-         "series": {"autoencoder": (list(range(1, steps + 1)), s1["losses"])}},
-        {"title": f"stage 2 loss (batch {bs2})", "xlabel": "step", "ylabel": "diffusion loss",
-         "series": {"denoiser": (list(range(1, steps + 1)), s2["losses"])}},
-    ], f"training: {description}")
-    metrics = [({"autoencoder/loss": a, "denoiser/loss": b}, i) for i, (a, b) in enumerate(zip(s1["losses"], s2["losses"]), 1)]
-    metrics.append(({f"{stage}/{k}": r[k] for stage, r in (("autoencoder", s1), ("denoiser", s2))
-                     for k in ("examples_per_s", "median_step_s", "peak_memory_mb") if r[k] is not None}, 0))
-    common.log_to_mlflow(args, "training_throughput", {"pipeline": description, "quick": args.quick,
-                                                       "mixed_precision": args.mixed_precision, "device": str(device)},
-                         metrics, [p for p in (path, png) if p is not None])
+    png = common.plot(
+        common.OUTPUTS_DIR / f"{path.stem}.png",
+        [
+            {
+                "title": f"stage 1 loss (batch {bs1})",
+                "xlabel": "step",
+                "ylabel": "cross-entropy",
+                "series": {"autoencoder": (list(range(1, steps + 1)), s1["losses"])},
+            },
+            {
+                "title": f"stage 2 loss (batch {bs2})",
+                "xlabel": "step",
+                "ylabel": "diffusion loss",
+                "series": {"denoiser": (list(range(1, steps + 1)), s2["losses"])},
+            },
+        ],
+        f"training: {description}",
+    )
+    metrics = [
+        ({"autoencoder/loss": a, "denoiser/loss": b}, i) for i, (a, b) in enumerate(zip(s1["losses"], s2["losses"]), 1)
+    ]
+    metrics.append(
+        (
+            {
+                f"{stage}/{k}": r[k]
+                for stage, r in (("autoencoder", s1), ("denoiser", s2))
+                for k in ("examples_per_s", "median_step_s", "peak_memory_mb")
+                if r[k] is not None
+            },
+            0,
+        )
+    )
+    common.log_to_mlflow(
+        args,
+        "training_throughput",
+        {"pipeline": description, "quick": args.quick, "mixed_precision": args.mixed_precision, "device": str(device)},
+        metrics,
+        [p for p in (path, png) if p is not None],
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-#: Named sizes. ``tiny`` is for tests, ``small`` for CPU work (the issue's comparison point:
-#: 384 wide, 6 layers, 6 heads, 3 long skips), ``base`` is the LD4LG recipe.
+#: Named sizes. ``tiny`` is for tests, ``small`` for CPU work, ``base`` is the LD4LG recipe.
 DENOISER_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, num_long_skips=1),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, num_long_skips=3),
@@ -158,7 +157,7 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.output_proj.bias)
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "LatentDenoiser":
+    def from_size(cls, size: str, **overrides) -> LatentDenoiser:
         """Build a denoiser of a named size (`tiny`, `small`, `base`); keyword arguments override it."""
         if size not in DENOISER_SIZES:
             raise ValueError(f"Unknown denoiser size {size!r}; choose one of {sorted(DENOISER_SIZES)}.")
@@ -228,7 +227,9 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             if self_cond is None:
                 self_cond = torch.zeros_like(sample)
             elif self_cond.shape != sample.shape:
-                raise ValueError(f"self_cond must match sample's shape {tuple(sample.shape)}, got {tuple(self_cond.shape)}.")
+                raise ValueError(
+                    f"self_cond must match sample's shape {tuple(sample.shape)}, got {tuple(self_cond.shape)}."
+                )
             x = torch.cat([sample, self_cond.to(sample.dtype)], dim=-1)
         else:
             if self_cond is not None:

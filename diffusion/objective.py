@@ -7,6 +7,8 @@ import torch
 from .schedules import predict_original_sample
 
 LOSS_TYPES = ("l2", "l1")
+#: how training draws timesteps: uniformly, or by `TimestepImportanceSampler`
+TIMESTEP_SAMPLING = ("uniform", "importance")
 
 
 def _rand(shape, generator: torch.Generator | None, device, kind: str = "rand") -> torch.Tensor:

@@ -19,8 +19,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config value, e.g. --set autoencoder.optimizer.max_steps=200 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete checkpoints of an earlier run in output_dir instead of refusing to start")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete checkpoints of an earlier run in output_dir instead of refusing to start",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's)")
-    p.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)")
+    p.add_argument(
+        "--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)"
+    )
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-column", default="text")

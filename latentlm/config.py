@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -54,8 +55,24 @@ class OptimizerConfig:
 
 
 @dataclass
-class AutoencoderTrainingConfig:
-    """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder)."""
+class TrainingLoopConfig:
+    """What every training stage shares (`latentlm.training.run_stage`): the optimizer, the cadence of
+    logging and checkpoints, mixed precision and the seed."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    save_every: int = 1_000
+    log_every: int = 10
+    keep_last_checkpoints: int = 2
+    mixed_precision: str = "no"
+    seed: int = 0
+
+
+@dataclass
+class AutoencoderTrainingConfig(TrainingLoopConfig):
+    """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder).
+
+    The model keys are the keyword arguments of `TextAutoencoder.from_backbone`, by the same names.
+    """
 
     backbone: str = "facebook/bart-base"
     max_length: int = 64
@@ -71,6 +88,7 @@ class AutoencoderTrainingConfig:
     # None = per backbone (LD4LG: on for BART, off for T5).
     normalize_latents: bool | None = None
     head_dim: int = 64
+    ff_mult: int = 4
     dropout: float = 0.0
     # learned position embeddings added to the encoder states before compression (LD4LG's Perceiver):
     # 0 = none, -1 = one per token of max_length
@@ -86,7 +104,7 @@ class AutoencoderTrainingConfig:
     prompt_template: str | None = None
     # decoder-only backbones: weight of the loss pulling soft prompt slot j to the embedding of token j
     alignment_weight: float = 0.0
-    # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: ~10x cheaper)
+    # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
     alignment_warmup_steps: int = 0
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
@@ -99,19 +117,13 @@ class AutoencoderTrainingConfig:
     # beam search with no_repeat_ngram_size=3 / repetition_penalty=1.2, which breaks texts that
     # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
     group_by_length: bool = False
     eval_every: int = 1_000
-    save_every: int = 1_000
-    log_every: int = 10
-    keep_last_checkpoints: int = 2
-    mixed_precision: str = "no"
-    seed: int = 0
 
 
 @dataclass
-class DiffusionTrainingConfig:
+class DiffusionTrainingConfig(TrainingLoopConfig):
     """Stage 2: the latent denoiser (LD4LG recipe: v-prediction, cosine, self-conditioning, CFG dropout)."""
 
     denoiser_size: str = "base"  # tiny | small | base
@@ -133,10 +145,6 @@ class DiffusionTrainingConfig:
     num_samples_per_class: int = 4
     sample_inference_steps: int = 50
     save_every: int = 5_000
-    log_every: int = 10
-    keep_last_checkpoints: int = 2
-    mixed_precision: str = "no"
-    seed: int = 0
 
 
 @dataclass
@@ -165,32 +173,34 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
+        """Check values against what the modules that use them accept (imported here, when needed)."""
+        from latentlm.autoencoder.backbones import DECODER_MODES
+        from latentlm.diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES, TIMESTEP_SAMPLING
+        from latentlm.training import LR_SCHEDULES
+
+        def one_of(where: str, value: Any, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"{where}={value!r}: use one of {list(allowed)}.")
+
         for name, stage in (("autoencoder", self.autoencoder), ("diffusion", self.diffusion)):
-            if stage.mixed_precision not in MIXED_PRECISION:
-                raise ValueError(
-                    f"{name}.mixed_precision={stage.mixed_precision!r} is not one of {MIXED_PRECISION}."
-                )
+            one_of(f"{name}.mixed_precision", stage.mixed_precision, MIXED_PRECISION)
             opt = stage.optimizer
-            if opt.lr_schedule not in ("linear", "cosine", "constant"):
-                raise ValueError(f"{name}.optimizer.lr_schedule={opt.lr_schedule!r}: use linear, cosine or constant.")
+            one_of(f"{name}.optimizer.lr_schedule", opt.lr_schedule, LR_SCHEDULES)
             for key in ("learning_rate", "batch_size", "max_steps"):
                 if getattr(opt, key) <= 0:
                     raise ValueError(f"{name}.optimizer.{key} must be positive, got {getattr(opt, key)!r}.")
             if opt.warmup_steps < 0:
                 raise ValueError(f"{name}.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}.")
-        if self.autoencoder.decoder not in ("frozen", "lora", "full"):
-            raise ValueError(f"autoencoder.decoder={self.autoencoder.decoder!r}: use frozen, lora or full.")
+        one_of("autoencoder.decoder", self.autoencoder.decoder, DECODER_MODES)
         if self.autoencoder.context_positions < -1:
             raise ValueError(
                 f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "
                 f"token of max_length) or a positive number of positions."
             )
-        if self.diffusion.loss_type not in ("l2", "l1"):
-            raise ValueError(f"diffusion.loss_type={self.diffusion.loss_type!r}: use l2 or l1.")
-        if self.diffusion.timestep_sampling not in ("uniform", "importance"):
-            raise ValueError(
-                f"diffusion.timestep_sampling={self.diffusion.timestep_sampling!r}: use uniform or importance."
-            )
+        one_of("diffusion.schedule", self.diffusion.schedule, SCHEDULES)
+        one_of("diffusion.prediction_type", self.diffusion.prediction_type, PREDICTION_TYPES)
+        one_of("diffusion.loss_type", self.diffusion.loss_type, LOSS_TYPES)
+        one_of("diffusion.timestep_sampling", self.diffusion.timestep_sampling, TIMESTEP_SAMPLING)
         for key in ("self_conditioning_prob", "label_dropout_prob"):
             value = getattr(self.diffusion, key)
             if not 0.0 <= value <= 1.0:

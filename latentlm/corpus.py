@@ -27,18 +27,28 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-NAMES = ("The Eagle", "Blue Spice", "The Mill", "Green Man", "The Olive Grove", "Zizzi",
-         "Aromi", "The Punter", "Cotto", "Wildwood", "Fitzbillies", "Alimentum")
+NAMES = (
+    "The Eagle",
+    "Blue Spice",
+    "The Mill",
+    "Green Man",
+    "The Olive Grove",
+    "Zizzi",
+    "Aromi",
+    "The Punter",
+    "Cotto",
+    "Wildwood",
+    "Fitzbillies",
+    "Alimentum",
+)
 EAT_TYPES = ("restaurant", "pub", "coffee shop")
 FOODS = ("Italian", "Chinese", "French", "Indian", "Japanese")
 PRICES = ("cheap", "mid-range", "expensive")
 AREAS = ("city centre", "riverside")
 RATINGS = ("low", "average", "high", "excellent")
-NEARS = ("Burger King", "the Portland Arms", "Crowne Plaza Hotel", "All Bar One", "the Rice Boat",
-         "the Bakers")
+NEARS = ("Burger King", "the Portland Arms", "Crowne Plaza Hotel", "All Bar One", "the Rice Boat", "the Bakers")
 
 #: The attribute used as the class label of the quickstart, and its class names (label ids follow
 #: this order).
@@ -46,15 +56,6 @@ CLASS_ATTRIBUTE = "food"
 CLASS_NAMES = FOODS
 
 ATTRIBUTES = ("name", "eat_type", "food", "price", "area", "rating", "family_friendly", "near")
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """Sizes and seed of a generated corpus (the quickstart's ``data.path: builtin:restaurants``)."""
-
-    num_train: int = 20000
-    num_validation: int = 1000
-    seed: int = 0
 
 
 def _article(word: str) -> str:
@@ -71,8 +72,11 @@ def render(attributes: dict) -> str:
         if not attributes.get(key):
             raise ValueError(f"render() needs the attribute {key!r}; got {attributes!r}")
     price, area = attributes.get("price"), attributes.get("area")
-    noun = f"{price} {attributes['food']} {attributes['eat_type']}" if price else \
-        f"{attributes['food']} {attributes['eat_type']}"
+    noun = (
+        f"{price} {attributes['food']} {attributes['eat_type']}"
+        if price
+        else f"{attributes['food']} {attributes['eat_type']}"
+    )
     noun = f"{_article(noun)} {noun}"
     where = f" in the {area}" if area else ""
     if attributes.get("opening", 0) == 0:
@@ -126,8 +130,7 @@ def generate_examples(num_examples: int, seed: int = 0) -> list[dict]:
     return examples
 
 
-def write_corpus(out_dir: str | Path, num_train: int = 20000, num_validation: int = 1000,
-                 seed: int = 0) -> Path:
+def write_corpus(out_dir: str | Path, num_train: int = 20000, num_validation: int = 1000, seed: int = 0) -> Path:
     """Write ``train.jsonl`` and ``validation.jsonl`` (``text``, ``label``) to ``out_dir``.
 
     The validation split uses an independent seed stream, so changing ``num_train`` leaves it as is.
@@ -147,6 +150,7 @@ def write_corpus(out_dir: str | Path, num_train: int = 20000, num_validation: in
 # ---------------------------------------------------------------------------------------------
 # Exact acceptor
 # ---------------------------------------------------------------------------------------------
+
 
 def _alt(values) -> str:
     # Longest first so that e.g. "The Olive Grove" is not cut short by a prefix alternative.

@@ -6,6 +6,8 @@
 - a folder with ``train.jsonl`` / ``validation.jsonl`` (or csv/parquet/txt; datasets' file-name rules);
 - a hub dataset name (needs network access).
 
+`read_texts` reads the texts (and labels) of one local file for evaluation and benchmarks.
+
 Every loaded split is validated: it exists, is non-empty, has the text column, and holds no empty
 or non-string texts. Nothing is silently dropped.
 """
@@ -18,7 +20,7 @@ import datasets
 
 from latentlm.config import DataConfig
 
-__all__ = ["load_text_dataset", "load_texts", "count_truncated", "FILE_BUILDERS"]
+__all__ = ["load_text_dataset", "load_texts", "read_texts", "find_label_column", "count_truncated", "FILE_BUILDERS"]
 
 # file extension -> datasets packaged builder
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -35,7 +37,7 @@ def check_text_file(path: Path) -> None:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ValueError(
-            f"Data file {str(path)!r} is not UTF-8 (line {line}, byte {err.start}: {data[err.start:err.start + 1]!r}). "
+            f"Data file {str(path)!r} is not UTF-8 (line {line}, byte {err.start}: {data[err.start : err.start + 1]!r}). "
             f"Convert it, e.g. iconv -f latin1 -t utf-8."
         ) from None
     if path.suffix.lower() == ".jsonl":
@@ -128,3 +130,57 @@ def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:
     """How many texts have more than `max_length` tokens (special tokens included)."""
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
     return sum(length > max_length for length in lengths)
+
+
+def read_texts(
+    path: str | Path, text_column: str = "text", label_column: str | None = None
+) -> tuple[list[str], list[str] | None]:
+    """Texts (and labels) from a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a ``.txt`` file
+    with one text per line; rows with an empty text are left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a jsonl/json/csv/parquet/txt file of texts.")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use one of {sorted(FILE_BUILDERS)}.")
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if builder == "text":
+        text_column = "text"
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"{path} has no column {text_column!r}; its columns are {dataset.column_names}. Pass text_column=."
+        )
+    texts = [str(t) for t in dataset[text_column] if t is not None and str(t).strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no non-empty text in column {text_column!r}.")
+    labels = None
+    if label_column is not None:
+        if label_column not in dataset.column_names:
+            raise ValueError(f"{path} has no label column {label_column!r}; its columns are {dataset.column_names}.")
+        rows = [
+            (str(t), str(label))
+            for t, label in zip(dataset[text_column], dataset[label_column])
+            if t is not None and str(t).strip()
+        ]
+        texts, labels = [r[0] for r in rows], [r[1] for r in rows]
+    return texts, labels
+
+
+def find_label_column(path: str | Path, text_column: str, class_names) -> str:
+    """The one column of ``path`` whose values include all of ``class_names`` (e.g. ``sentiment``)."""
+    path = Path(path)
+    builder = FILE_BUILDERS.get(path.suffix.lower(), path.suffix.lower().lstrip("."))
+    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    matches = []
+    for column in dataset.column_names:
+        if column == text_column:
+            continue
+        values = {str(v) for v in dataset[column]}
+        if set(class_names) <= values:
+            matches.append(column)
+    if len(matches) != 1:
+        raise ValueError(
+            f"Cannot tell which column of {path} holds the class labels {list(class_names)} "
+            f"(candidates: {matches or 'none'}); pass label_column=."
+        )
+    return matches[0]

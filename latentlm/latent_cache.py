@@ -22,15 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from latentlm.training import atomic_directory
+from latentlm.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class LatentCache:
     class_names: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | Path) -> "LatentCache":
+    def open(cls, path: str | Path) -> LatentCache:
         path = Path(path)
         meta_file = path / META_FILE
         if not meta_file.is_file():
@@ -152,10 +152,10 @@ def build_latent_cache(
     text_autoencoder.eval()
     try:
         with atomic_directory(final) as tmp:
-            out = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(texts), n, d))
-            for start in tqdm(range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress,
-                              leave=False):
+            out = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(len(texts), n, d))
+            for start in tqdm(
+                range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress, leave=False
+            ):
                 chunk = order[start : start + batch_size]
                 z = text_autoencoder.encode([texts[i] for i in chunk]).float().cpu().numpy()
                 if not np.isfinite(z).all():

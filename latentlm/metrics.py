@@ -74,9 +74,7 @@ def _check_texts(texts: Sequence[str], name: str) -> None:
         raise ValueError(f"{name} is empty; pass at least one text.")
 
 
-def ngram_repetition(
-    texts: Sequence[str], n: int, tokenize: Callable[[str], list[str]] = tokenize_words
-) -> float:
+def ngram_repetition(texts: Sequence[str], n: int, tokenize: Callable[[str], list[str]] = tokenize_words) -> float:
     """Share of repeated n-grams over the whole set: ``1 - unique / total``.
 
     n-grams are pooled across all texts (a phrase shared by two samples counts as a repetition), as
@@ -97,9 +95,7 @@ def ngram_repetition(
 
 
 def diversity(
-    texts: Sequence[str],
-    orders: Iterable[int] = (2, 3, 4),
-    tokenize: Callable[[str], list[str]] = tokenize_words,
+    texts: Sequence[str], orders: Iterable[int] = (2, 3, 4), tokenize: Callable[[str], list[str]] = tokenize_words
 ) -> float:
     """LD4LG diversity: product over ``orders`` of ``unique / total`` n-grams, in [0, 1]."""
     value = 1.0
@@ -320,11 +316,7 @@ class LinearTextClassifier(torch.nn.Module):
 
 
 def train_text_classifier(
-    features: torch.Tensor,
-    labels: Sequence[str],
-    *,
-    weight_decay: float = 1e-3,
-    max_iter: int = 200,
+    features: torch.Tensor, labels: Sequence[str], *, weight_decay: float = 1e-3, max_iter: int = 200
 ) -> LinearTextClassifier:
     """Fit a :class:`LinearTextClassifier` on ``features`` [N, H] with string ``labels`` (full-batch L-BFGS).
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -58,14 +57,16 @@ class PipelinePyfunc:
     def _predict(self, model_input, params: dict[str, Any] | None):
         import pandas as pd
 
-        from latentlm.sampling import make_scheduler
+        from latentlm.sampling import make_scheduler, sample_texts
 
         params = {**PARAM_DEFAULTS, **(params or {})}
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         if not isinstance(model_input, pd.DataFrame):
-            raise TypeError(f"model_input must be a pandas DataFrame (columns class, num_samples), "
-                            f"got {type(model_input).__name__}.")
+            raise TypeError(
+                f"model_input must be a pandas DataFrame (columns class, num_samples), "
+                f"got {type(model_input).__name__}."
+            )
         unknown = sorted(set(model_input.columns) - {"class", "num_samples"})
         if unknown:
             raise ValueError(f"unknown input columns {unknown}; use 'class' and 'num_samples'.")
@@ -80,13 +81,18 @@ class PipelinePyfunc:
                 label = int(label)
             count = record.get("num_samples", 1)
             count = 1 if count is None or pd.isna(count) else int(count)
-            guidance = float(params["guidance_scale"]) if label is not None else 1.0
-            out = self.pipe(num_samples=count, class_labels=label, guidance_scale=guidance,
-                            num_inference_steps=int(params["num_inference_steps"]),
-                            generator=torch.Generator().manual_seed(int(params["seed"]) + index),
-                            scheduler=scheduler)
-            name = self.pipe.class_names[label] if isinstance(label, int) else label
-            rows.extend({"class": name, "text": text, "row": index} for text in out.texts)
+            # One pipeline call per input row, seeded with seed + row.
+            texts = sample_texts(
+                self.pipe,
+                count,
+                class_name=label,
+                guidance_scale=float(params["guidance_scale"]) if label is not None else 1.0,
+                num_inference_steps=int(params["num_inference_steps"]),
+                scheduler=scheduler,
+                seed=int(params["seed"]) + index,
+                batch_size=max(count, 1),
+            )
+            rows.extend({"class": row["class"], "text": row["text"], "row": index} for row in texts)
         return pd.DataFrame(rows, columns=["class", "text", "row"])
 
 
@@ -104,12 +110,14 @@ def _signature():
     return ModelSignature(
         inputs=None,
         outputs=Schema([ColSpec("string", "class", required=False), ColSpec("string", "text"), ColSpec("long", "row")]),
-        params=ParamSchema([
-            ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),
-            ParamSpec("num_inference_steps", "long", PARAM_DEFAULTS["num_inference_steps"]),
-            ParamSpec("seed", "long", PARAM_DEFAULTS["seed"]),
-            ParamSpec("scheduler", "string", PARAM_DEFAULTS["scheduler"]),
-        ]),
+        params=ParamSchema(
+            [
+                ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),
+                ParamSpec("num_inference_steps", "long", PARAM_DEFAULTS["num_inference_steps"]),
+                ParamSpec("seed", "long", PARAM_DEFAULTS["seed"]),
+                ParamSpec("scheduler", "string", PARAM_DEFAULTS["scheduler"]),
+            ]
+        ),
     )
 
 
@@ -124,8 +132,11 @@ def save_pipeline_model(pipeline_dir: str | Path, path: str | Path) -> Path:
         raise FileNotFoundError(f"{str(pipeline_dir)!r} is not a pipeline folder (no model_index.json).")
     # Explicit requirements: MLflow's inference of them would load the model in a subprocess.
     mlflow.pyfunc.save_model(
-        path=str(path), loader_module="latentlm.mlflow_model", data_path=str(pipeline_dir),
-        signature=_signature(), pip_requirements=[f"latentlm=={__version__}"],
+        path=str(path),
+        loader_module="latentlm.mlflow_model",
+        data_path=str(pipeline_dir),
+        signature=_signature(),
+        pip_requirements=[f"latentlm=={__version__}"],
     )
     return Path(path)
 

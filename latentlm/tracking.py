@@ -19,8 +19,9 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import TrackingConfig
 
@@ -59,7 +60,7 @@ class Tracker:
         self,
         cfg: TrackingConfig,
         run_name: str | None = None,
-        parent: "Tracker | None" = None,
+        parent: Tracker | None = None,
         fallback_dir: str | Path | None = None,
         active: bool = True,
         resume: bool = False,
@@ -78,7 +79,7 @@ class Tracker:
         self._warned = False
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         self.start()
         return self
 
@@ -201,7 +202,9 @@ class Tracker:
         path = folder / "mlflow_unsent.jsonl"
         with open(path, "a") as handle:
             for op, kwargs in calls:
-                handle.write(json.dumps({"run_name": self.run_name, "op": op.lstrip("_"), **kwargs}, default=str) + "\n")
+                handle.write(
+                    json.dumps({"run_name": self.run_name, "op": op.lstrip("_"), **kwargs}, default=str) + "\n"
+                )
         if rejected:
             warnings.warn(
                 f"MLflow refused a {calls[0][0].lstrip('_')} call ({calls[0][1]['error'][:300]}); it was written to "
@@ -263,7 +266,9 @@ class Tracker:
             os.replace(tmp, path)
             if not rest:
                 path.unlink()
-            logger.warning("Replaying %d MLflow calls of %r queued by an earlier run in %s.", len(mine), self.run_name, path)
+            logger.warning(
+                "Replaying %d MLflow calls of %r queued by an earlier run in %s.", len(mine), self.run_name, path
+            )
         return mine
 
     def _create_run(self) -> None:
@@ -288,7 +293,9 @@ class Tracker:
                 self._client.set_terminated(run.info.run_id, status="KILLED")
         experiment = self._client.get_experiment_by_name(self.cfg.experiment_name)
         experiment_id = (
-            experiment.experiment_id if experiment is not None else self._client.create_experiment(self.cfg.experiment_name)
+            experiment.experiment_id
+            if experiment is not None
+            else self._client.create_experiment(self.cfg.experiment_name)
         )
         tags = {}
         if self.parent is not None:

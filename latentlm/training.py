@@ -1,5 +1,5 @@
-"""What both training loops share: accelerate set-up, AdamW + warmup, step-addressed data order,
-per-step seeding, non-finite loss checks and atomic safetensors checkpoints.
+"""The training loop every stage runs (`run_stage` over a `TrainingStage`) and what it is made of:
+accelerate set-up, AdamW + warmup, step-addressed data order, per-step seeding, non-finite loss checks.
 
 Resuming is exact by construction rather than by saving RNG states: the batch at step ``k`` and
 the random numbers drawn at step ``k`` (dropout, noise, timesteps) are functions of ``(seed, k)``
@@ -11,59 +11,34 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
-import shutil
-import uuid
+import logging
+import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .config import OptimizerConfig
+from latentlm.checkpoints import CheckpointManager, run_fingerprint
+from latentlm.files import atomic_directory, write_json_atomic
+
+if TYPE_CHECKING:
+    from latentlm.config import OptimizerConfig, RunConfig
+    from latentlm.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+#: ``optimizer.lr_schedule`` values -> transformers scheduler names.
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model built from the current config."""
-
-
-class StaleCheckpointsError(RuntimeError):
-    """The checkpoint folder holds checkpoints of another run (another config or seed)."""
-
-
-# Settings that may change between a run and its resumption without changing what is trained.
-CADENCE_KEYS = frozenset({
-    "eval_every", "save_every", "log_every", "keep_last_checkpoints", "sample_every", "num_samples_per_class",
-    "sample_inference_steps", "num_eval_examples", "eval_num_beams", "max_eval_samples", "max_steps",
-})
-
-
-def run_fingerprint(*sections: Any) -> str:
-    """sha256 (16 hex) of the config sections that determine a run (dataclasses or plain values),
-    without the cadence settings (`CADENCE_KEYS`), which a resumed run may change."""
-    import dataclasses
-    import hashlib
-
-    def strip(value):
-        if dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in sorted(value.items()) if k not in CADENCE_KEYS}
-        if isinstance(value, (list, tuple)):
-            return [strip(v) for v in value]
-        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
-
-    payload = json.dumps([strip(section) for section in sections], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
@@ -84,13 +59,9 @@ def make_accelerator(mixed_precision: str = "no", seed: int = 0) -> Accelerator:
 
 
 def attention_kernel(device: torch.device):
-    """Context for a training step: on CPU, SDPA's math kernel instead of the flash kernel.
-
-    For the short, padded sequences of text autoencoders the CPU flash-attention kernel is slower
-    than plain matmuls: a MiniLM BERT2BERT step (batch 32, bf16, 2 threads, random batches) took
-    1.87 s with the flash kernel and 1.36 s with the math kernel; with length-grouped batches the
-    two are level (`benchmarks/autoencoder_step_time.py`). Elsewhere PyTorch's own choice stands.
-    """
+    """Context for a training step: on CPU, SDPA's math kernel instead of the flash kernel, which is
+    slower for short padded text batches (`benchmarks/autoencoder_step_time.py`); elsewhere PyTorch's
+    own choice stands."""
     if torch.device(device).type != "cpu":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -104,8 +75,8 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: O
     if not params:
         raise ValueError("No trainable parameters were given to the optimizer: check which modules are frozen.")
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    # The fused kernel is ~20x faster than AdamW's default per-tensor loop on CPU (2.5 s -> 0.1 s CPU
-    # time per step for a 22M-parameter denoiser); devices/dtypes without it fall back to the loop.
+    # The fused kernel is much faster than AdamW's per-tensor loop on CPU; devices/dtypes without it
+    # fall back to the loop.
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
@@ -114,8 +85,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: O
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup for ``warmup_steps``, then linear/cosine decay to zero at ``max_steps`` (or constant)."""
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    return get_scheduler(
+        LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
 
 
 def seed_step(seed: int, step: int, process_index: int = 0) -> torch.Generator:
@@ -132,8 +104,9 @@ LENGTH_GROUP_BATCHES = 50
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int, batch_size: int = 0,
-                       lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
+def _epoch_permutation(
+    num_examples: int, seed: int, epoch: int, batch_size: int = 0, lengths: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_examples, generator=generator)
     if lengths is None:
@@ -153,7 +126,12 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int, batch_size: int
 
 
 def batch_indices(
-    num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0, num_processes: int = 1,
+    num_examples: int,
+    batch_size: int,
+    step: int,
+    seed: int,
+    process_index: int = 0,
+    num_processes: int = 1,
     lengths: tuple[int, ...] | None = None,
 ) -> list[int]:
     """Indices of this process's share of the global batch number ``step``.
@@ -193,229 +171,300 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
-
-    A run killed half-way through writing leaves only a ``.tmp-*`` folder behind, never a
-    half-written ``final``.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a synced temporary sibling and one rename: a reader (``--resume``)
-    sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(obj, indent=2, ensure_ascii=False))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+class TrainingStage:
+    """One stage of training, run by `run_stage`: the stage builds its data and models and says how
+    one step goes; the loop owns resume, tracking, cadence, the time budget, checkpoints and the
+    final save.
 
-
-def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that training changes (``requires_grad``), detached and contiguous."""
-    return {
-        name: param.detach().contiguous().clone()
-        for name, param in module.named_parameters()
-        if param.requires_grad
-    }
-
-
-class CheckpointManager:
-    """Atomic, safetensors-only training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX``.
-
-    Call ``save`` from the main process only, then ``accelerator.wait_for_everyone()``.
+    A stage sets, in `setup`: ``modules`` (name -> module whose trainable weights are checkpointed),
+    ``optimizer``, ``lr_scheduler`` and ``train_model`` (what ``accelerator.prepare`` returned);
+    optionally ``ema`` (a diffusers `EMAModel`, checkpointed and stepped by the loop).
     """
 
-    def __init__(self, output_dir: str | Path, keep_last: int = 2, fingerprint: str | None = None):
-        self.root = Path(output_dir) / "checkpoints"
-        self.keep_last = keep_last
-        self.fingerprint = fingerprint
+    #: short name: the MLflow run ``train-<name>`` and the progress bar
+    name: str = "stage"
+    #: folders and files under ``output_dir``
+    final_dir: str = "model"
+    checkpoint_dir: str = "training"
+    history_file: str = "history.json"
 
-    def prepare(self, resume: bool, overwrite: bool = False) -> Path | None:
-        """Check the folder before a run starts; returns the checkpoint to resume from (or None).
+    ema = None
 
-        Leftovers of a killed save (``.tmp-*`` / ``.old-*`` folders) are removed. A fresh run
-        (``resume=False``) refuses a folder that already holds checkpoints unless ``overwrite``
-        (then they are deleted); a resumed run refuses checkpoints written under another config
-        or seed (their fingerprint differs) unless ``overwrite``, which starts over.
-        """
-        if self.root.is_dir():
-            for leftover in list(self.root.glob(".tmp-*")) + list(self.root.glob(".old-*")):
-                shutil.rmtree(leftover, ignore_errors=True)
-        found = self.checkpoints()
-        if not found:
-            return None
-        if overwrite:
-            for path in found:
-                shutil.rmtree(path)
-            return None
+    def __init__(self, config: RunConfig, stage_config):
+        self.config = config
+        self.cfg = stage_config
+
+    # -- what a stage supplies
+    def setup(self, accelerator: Accelerator) -> None:
+        raise NotImplementedError
+
+    def batch_indices(self, step: int, num_examples: int, lengths: tuple[int, ...] | None = None) -> list[int]:
+        """This process's share of global batch ``step`` over ``num_examples`` (see `batch_indices`)."""
+        accelerator = self.accelerator
+        return batch_indices(
+            num_examples,
+            self.cfg.optimizer.batch_size,
+            step,
+            self.cfg.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            lengths=lengths,
+        )
+
+    def fingerprint(self) -> str:
+        """What determines the run: a resumed run must have the same (see `run_fingerprint`)."""
+        return run_fingerprint(self.cfg, self.config.data)
+
+    def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The loss of global batch ``step``. The loop has seeded the global RNG for this step (and
+        ``generator`` the same way); it backpropagates and steps the optimizer."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """After the optimizer step (the loop has stepped ``ema``); returns extra metrics to log."""
+        return {}
+
+    @property
+    def eval_every(self) -> int:
+        """Evaluate every this many steps (0: never during training)."""
+        return 0
+
+    @property
+    def evaluate_at_end(self) -> bool:
+        """Evaluate once more after the last step."""
+        return bool(self.eval_every)
+
+    def evaluate(self, step: int, tracker: Tracker) -> dict[str, Any] | None:
+        """Main process only: evaluate, log, and return an entry for the history (or None)."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """Logged once, when the run starts, beside the config."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able state beyond weights, optimizer and EMA, saved in every checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save(self, folder: Path) -> None:
+        """Write the trained model into ``folder`` (a temporary folder renamed into place)."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """Extra entries of the history file."""
+        return {}
+
+
+class _RunState:
+    """Where a stage's run stands (step, evaluations, loss curve, training time) and its checkpoints."""
+
+    def __init__(self, stage: TrainingStage, accelerator: Accelerator):
+        self.stage, self.accelerator = stage, accelerator
+        self.is_main = accelerator.is_main_process
+        self.checkpoints = CheckpointManager(
+            Path(stage.config.output_dir) / stage.checkpoint_dir,
+            keep_last=stage.cfg.keep_last_checkpoints,
+            fingerprint=stage.fingerprint(),
+        )
+        self.step, self.history, self.loss_curve, self.train_time = 0, [], [], 0.0
+
+    def restore(self, resume: bool, overwrite: bool) -> None:
+        """Check the checkpoint folder (see `CheckpointManager.prepare`) and, on resume, load the latest."""
+        latest = self.checkpoints.prepare(resume, overwrite) if self.is_main else None
+        self.accelerator.wait_for_everyone()
         if not resume:
-            raise StaleCheckpointsError(
-                f"{str(self.root)!r} already holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
-                f"continue it, --overwrite to delete them and start over, or choose another output_dir."
-            )
-        latest = found[-1]
-        saved = json.loads((latest / "trainer_state.json").read_text()).get("fingerprint")
-        if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
-            raise StaleCheckpointsError(
-                f"{str(latest)!r} was written by a run with another config or seed (fingerprint {saved}, this run "
-                f"{self.fingerprint}). Resume with the config it was trained with, pass --overwrite to start over, "
-                f"or choose another output_dir."
-            )
-        return latest
+            return
+        if not self.is_main:
+            latest = self.checkpoints.latest()
+        if latest is None:
+            if self.is_main:
+                logger.warning("--resume: no checkpoint in %s; starting from step 0.", self.checkpoints.root)
+            return
+        stage = self.stage
+        state = self.checkpoints.load(latest, stage.modules, stage.optimizer, stage.lr_scheduler, ema=stage.ema)
+        extra = state["extra_state"]
+        self.step, self.history, self.loss_curve = state["step"], extra.pop("history", []), extra.pop("loss_curve", [])
+        self.train_time = float(extra.pop("train_time_s", 0.0))
+        stage.load_extra_state(extra)
+        if self.is_main:
+            logger.warning("Resumed from %s (step %d).", latest, self.step)
 
-    def checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def save(
-        self,
-        step: int,
-        modules: dict[str, torch.nn.Module],
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Any,
-        ema: Any = None,
-        extra_state: dict[str, Any] | None = None,
-    ) -> Path:
-        final = self.root / f"step_{step:08d}"
-        with atomic_directory(final) as tmp:
-            for name, module in modules.items():
-                save_file(trainable_state_dict(module), str(tmp / f"{name}.safetensors"))
-            optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
-            state: dict[str, Any] = {
-                "step": step,
-                "modules": sorted(modules),
-                "optimizer": optim_meta,
-                "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
-                "extra_state": extra_state or {},
-                "fingerprint": self.fingerprint,
+    def save_checkpoint(self) -> None:
+        stage = self.stage
+        if self.is_main:
+            extra = {
+                "history": self.history,
+                "loss_curve": self.loss_curve,
+                "train_time_s": self.train_time,
+                **stage.extra_state(),
             }
-            if ema is not None:
-                ema_state = ema.state_dict()
-                shadow = {f"shadow.{i}": p.detach().contiguous().clone() for i, p in enumerate(ema_state["shadow_params"])}
-                save_file(shadow, str(tmp / "ema.safetensors"))
-                state["ema"] = {k: v for k, v in ema_state.items() if k not in ("shadow_params", "collected_params")}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        # Oldest first; a kill during this clean-up leaves whole checkpoints only (each is one folder,
-        # removed by renaming it away first), so resume still finds the newest.
-        for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
-            trash = old.parent / f".old-{old.name}"
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        return final
-
-    def load(
-        self,
-        path: str | Path,
-        modules: dict[str, torch.nn.Module],
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Any,
-        ema: Any = None,
-    ) -> dict[str, Any]:
-        """Restore a checkpoint in place; returns the trainer state (``step``, ``extra_state``)."""
-        path = Path(path)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint folder (no trainer_state.json).")
-        state = json.loads(state_file.read_text())
-        if sorted(modules) != state["modules"]:
-            raise CheckpointMismatchError(
-                f"Checkpoint {str(path)!r} holds modules {state['modules']} but the run trains {sorted(modules)}."
+            self.checkpoints.save(
+                self.step, stage.modules, stage.optimizer, stage.lr_scheduler, ema=stage.ema, extra_state=extra
             )
-        for name, module in modules.items():
-            saved = load_file(str(path / f"{name}.safetensors"))
-            expected = {n: p for n, p in module.named_parameters() if p.requires_grad}
-            missing = sorted(set(expected) - set(saved))
-            unexpected = sorted(set(saved) - set(expected))
-            if missing or unexpected:
-                raise CheckpointMismatchError(
-                    f"Checkpoint {str(path)!r} does not fit module {name!r}: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}. Was it written with another config?"
-                )
-            for key, tensor in saved.items():
-                if tensor.shape != expected[key].shape:
-                    raise CheckpointMismatchError(
-                        f"Checkpoint {str(path)!r}: {name}.{key} has shape {tuple(tensor.shape)} but the model "
-                        f"built from the config has {tuple(expected[key].shape)}. Use the config it was trained with."
-                    )
-            with torch.no_grad():
-                for key, tensor in saved.items():
-                    expected[key].copy_(tensor)
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if ema is not None:
-            if "ema" not in state:
-                raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")
-            shadow = load_file(str(path / "ema.safetensors"))
-            ema_state = dict(state["ema"])
-            ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
-            ema.load_state_dict(ema_state)
-        return {"step": state["step"], "extra_state": state["extra_state"]}
+        self.accelerator.wait_for_everyone()
+
+    def evaluate(self, tracker: Tracker) -> None:
+        entry = self.stage.evaluate(self.step, tracker) if self.is_main else None
+        if entry is not None:
+            self.history.append({"step": self.step, **entry, "train_time_s": round(self.train_time, 1)})
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return None  # e.g. LambdaLR's lr_lambdas: functions are rebuilt from the config, not saved
+def _optimizer_step(stage: TrainingStage, accelerator: Accelerator, step: int, trainable: list) -> float:
+    """One training step of ``stage``; returns the loss averaged over processes."""
+    cfg = stage.cfg
+    generator = seed_step(cfg.seed, step, accelerator.process_index)
+    loss = stage.training_step(step, generator)
+    # The same value on every process, so a NaN anywhere stops all of them (no hung all-reduce).
+    global_loss = accelerator.reduce(loss.detach().float(), reduction="mean")
+    check_finite(global_loss, step)
+    accelerator.backward(loss)
+    if cfg.optimizer.max_grad_norm and cfg.optimizer.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
+    stage.optimizer.step()
+    stage.lr_scheduler.step()
+    stage.optimizer.zero_grad(set_to_none=True)
+    if stage.ema is not None:
+        stage.ema.step(trainable)
+    return global_loss.item()
 
 
-def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous().clone()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}
+def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) -> None:
+    """Steps from ``run.step`` to ``max_steps`` (or the time budget), logging, evaluating and saving."""
+    stage, accelerator = run.stage, run.accelerator
+    cfg, max_steps, start = stage.cfg, stage.cfg.optimizer.max_steps, run.step
+    trainable = [p for group in stage.optimizer.param_groups for p in group["params"]]
+    progress = tqdm(
+        range(start, max_steps), initial=start, total=max_steps, desc=f"train-{stage.name}", disable=not run.is_main
+    )
+    stage.train_model.train()
+    running: list[float] = []
+    for step in progress:
+        tick = time.perf_counter()
+        running.append(_optimizer_step(stage, accelerator, step, trainable))
+        extra_metrics = stage.after_step(step)
+        run.train_time += time.perf_counter() - tick
+        run.step = done = step + 1
+        if done % cfg.log_every == 0 or done == max_steps:
+            mean_loss = sum(running) / len(running)
+            running = []
+            lrs = {f"lr/{g['name']}" if "name" in g else "lr": g["lr"] for g in stage.optimizer.param_groups}
+            tracker.log_metrics(
+                {
+                    "train/loss": mean_loss,
+                    **lrs,
+                    **extra_metrics,
+                    "train/steps_per_s": (done - start) / max(run.train_time, 1e-9),
+                },
+                done,
+            )
+            run.loss_curve.append({"step": done, "loss": mean_loss, "train_time_s": round(run.train_time, 1)})
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        out_of_time = time_budget_s is not None and run.train_time >= time_budget_s
+        if stage.eval_every and done % stage.eval_every == 0 and done != max_steps and not out_of_time:
+            run.evaluate(tracker)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == max_steps or out_of_time):
+            run.save_checkpoint()
+        if out_of_time:
+            if run.is_main:
+                logger.warning("Time budget of %.0f s reached after %d steps.", time_budget_s, done)
+            break
+    progress.close()
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+def _save_final(run: _RunState, tracker: Tracker) -> Path:
+    """The trained model to ``<output_dir>/<final_dir>`` and the history file, atomically."""
+    stage = run.stage
+    output_dir = Path(stage.config.output_dir)
+    final = output_dir / stage.final_dir
+    if run.is_main:
+        with atomic_directory(final) as tmp:
+            stage.save(tmp)
+        write_json_atomic(
+            output_dir / stage.history_file,
+            {
+                "final_step": run.step,
+                "train_time_s": round(run.train_time, 1),
+                **stage.summary(),
+                "history": run.history,
+                "loss_curve": run.loss_curve,
+            },
+        )
+        tracker.log_artifact(output_dir / stage.history_file)
+        last = run.history[-1] if run.history else {}
+        finals = {
+            f"final/{k}": v
+            for k, v in last.items()
+            if k not in ("step", "train_time_s") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if finals:
+            tracker.log_metrics(finals, run.step)
+    run.accelerator.wait_for_everyone()
+    return final
+
+
+def run_stage(
+    stage: TrainingStage,
+    *,
+    resume: bool = False,
+    tracker: Tracker | None = None,
+    time_budget_s: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train ``stage`` to ``optimizer.max_steps``; returns ``<output_dir>/<stage.final_dir>``.
+
+    Args:
+        resume: continue from the latest checkpoint in ``<output_dir>/<stage.checkpoint_dir>``.
+        overwrite: delete checkpoints of an earlier run there instead of refusing to start
+            (see `CheckpointManager.prepare`).
+        tracker: an open `Tracker` to log into; by default a new MLflow run is opened (and closed).
+        time_budget_s: stop once this many seconds were spent in training steps (evaluation time not
+            counted); the final evaluation and save still happen.
+
+    Resuming is exact: batch and random numbers of step ``k`` depend on ``(seed, k)`` only.
+    """
+    from latentlm.tracking import Tracker
+
+    config = stage.config
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(stage.cfg.mixed_precision, stage.cfg.seed)
+    stage.accelerator = accelerator
+    stage.setup(accelerator)
+    run = _RunState(stage, accelerator)
+    run.restore(resume, overwrite)
+
+    own_tracker = tracker is None
+    if own_tracker:
+        tracker = Tracker(
+            config.tracking,
+            run_name=config.tracking.run_name or f"train-{stage.name}",
+            fallback_dir=output_dir,
+            active=run.is_main,
+            resume=resume,
+        )
+        tracker.start()
+    try:
+        if run.is_main and run.step == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(output_dir / "config.yaml")
+            tracker.log_params(config.to_dict())
+            tracker.log_params(stage.params())
+            tracker.log_artifact(output_dir / "config.yaml")
+        _train_steps(run, tracker, time_budget_s)
+        if stage.evaluate_at_end:
+            run.evaluate(tracker)
+        final = _save_final(run, tracker)
+    except BaseException:
+        if own_tracker:
+            tracker.close(status="FAILED")
+        raise
+    if own_tracker:
+        tracker.close()
+    return final

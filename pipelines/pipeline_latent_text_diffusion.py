@@ -22,18 +22,18 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-
 from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
-from latentlm.autoencoder.text_codec import decode_latents, encode_texts
+from latentlm.autoencoder.text_codec import decode_latents, encode_texts, merge_peft
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
 from latentlm.diffusion.schedules import PREDICTION_TYPES, predict_original_sample
 
@@ -51,6 +51,31 @@ CUSTOM_PIPELINE_STUB = (
 )
 
 COMPONENTS = ("tokenizer", "language_model", "autoencoder", "denoiser", "scheduler")
+
+
+#: diffusers schedulers that sample well from a trained latent denoiser with the cosine schedule
+#: (`benchmarks/scheduler_support.py`); build them with ``Cls.from_config(pipe.scheduler.config)``.
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+)
+#: schedulers that accept this pipeline's config but do not work with it, and why
+UNSUPPORTED_SCHEDULERS = {
+    "HeunDiscreteScheduler": (
+        "its second-order correction amplifies the denoiser's error at the huge sigma_max of the cosine "
+        "schedule, so samples diverge at usual step counts"
+    ),
+    "KDPM2AncestralDiscreteScheduler": "it diverges at 10 steps and fails with an IndexError at 5",
+}
 
 
 @dataclass
@@ -89,17 +114,31 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "denoiser->autoencoder->language_model"
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    def __init__(self, tokenizer, language_model, autoencoder: LatentAutoencoder, denoiser: LatentDenoiser,
-                 scheduler, prediction_type: str | None = None, max_length: int = 64,
-                 decode_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        language_model,
+        autoencoder: LatentAutoencoder,
+        denoiser: LatentDenoiser,
+        scheduler,
+        prediction_type: str | None = None,
+        max_length: int = 64,
+        decode_kwargs: dict[str, Any] | None = None,
+    ):
         super().__init__()
-        language_model = _merge_peft(language_model)
-        self.register_modules(tokenizer=tokenizer, language_model=language_model, autoencoder=autoencoder,
-                              denoiser=denoiser, scheduler=scheduler)
+        language_model = merge_peft(language_model)
+        self.register_modules(
+            tokenizer=tokenizer,
+            language_model=language_model,
+            autoencoder=autoencoder,
+            denoiser=denoiser,
+            scheduler=scheduler,
+        )
         if prediction_type is None:
             prediction_type = scheduler.config.get("prediction_type", "epsilon") if scheduler is not None else None
-        self.register_to_config(prediction_type=prediction_type, max_length=int(max_length),
-                                decode_kwargs=dict(decode_kwargs or {}))
+        self.register_to_config(
+            prediction_type=prediction_type, max_length=int(max_length), decode_kwargs=dict(decode_kwargs or {})
+        )
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -158,20 +197,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             estimate ẑ0 at the last step) or ``(texts, latents)``.
         """
         # 0. Check inputs.
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
-                guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
-            )
-        if output_type not in ("text", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
-        for name in callback_on_step_end_tensor_inputs:
-            if name not in self._callback_tensor_inputs:
-                raise ValueError(f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {self._callback_tensor_inputs}.")
+        self.check_inputs(
+            num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
+        )
         # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         self.check_scheduler(scheduler)
@@ -186,20 +214,10 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (one of {self.class_names}).")
 
         device = self._execution_device
-        model_dtype = self.denoiser.dtype
         shape = (num_samples, self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
 
-        # 1. Initial noise. Latents stay float32 for the scheduler arithmetic whatever the model dtype.
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"latents have shape {tuple(latents.shape)}, expected {shape} "
-                    "[num_samples, num_latents, latent_dim]."
-                )
-            latents = latents.to(device=device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        # 1. Initial noise.
+        latents = self.prepare_latents(shape, generator, device, latents, scheduler)
 
         # 2. Timesteps.
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -220,18 +238,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
             model_input = scheduler.scale_model_input(latents, t)
             self_cond = pred_original_sample if use_self_cond else None
-            x, sc = model_input, self_cond
-            if do_guidance:
-                x = torch.cat([x, x])
-                sc = None if sc is None else torch.cat([sc, sc])
-            timestep = t.expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=device)
-            model_output = self.denoiser(
-                x.to(model_dtype), timestep, self_cond=None if sc is None else sc.to(model_dtype),
-                class_labels=labels, return_dict=True,
-            ).sample.float()
-            if do_guidance:
-                uncond, cond = model_output.chunk(2)
-                model_output = uncond + guidance_scale * (cond - uncond)
+            model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale)
 
             # ẑ0 of the guided prediction (Euler: from the rescaled model input, which is z_t).
             pred_original_sample = predict_original_sample(
@@ -241,9 +248,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
 
             if callback_on_step_end is not None:
                 local = {"latents": latents, "pred_original_sample": pred_original_sample}
-                callback_outputs = callback_on_step_end(
-                    self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                ) or {}
+                callback_outputs = (
+                    callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                )
                 latents = callback_outputs.get("latents", latents)
                 pred_original_sample = callback_outputs.get("pred_original_sample", pred_original_sample)
 
@@ -281,9 +288,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         if isinstance(class_labels, (str, int, np.integer)):
             class_labels = [class_labels] * num_samples
         if not isinstance(class_labels, (list, tuple)):
-            raise ValueError(
-                f"class_labels={class_labels!r}: give a class name (str), an id (int), or a list of them."
-            )
+            raise ValueError(f"class_labels={class_labels!r}: give a class name (str), an id (int), or a list of them.")
         class_labels = list(class_labels)
         if len(class_labels) != num_samples:
             raise ValueError(
@@ -304,6 +309,62 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
         return torch.tensor(ids, dtype=torch.long)
 
+    def check_inputs(
+        self, num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
+    ) -> None:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
+            )
+        if output_type not in ("text", "latent"):
+            raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(
+                    f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {self._callback_tensor_inputs}."
+                )
+
+    def prepare_latents(self, shape, generator, device, latents, scheduler) -> torch.Tensor:
+        """Initial noise ``z_T`` scaled by the scheduler; float32 for the scheduler arithmetic whatever
+        the model dtype."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}, expected {shape} "
+                    "[num_samples, num_latents, latent_dim]."
+                )
+            latents = latents.to(device=device, dtype=torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def guided_model_output(self, model_input, t, self_cond, labels, guidance_scale: float) -> torch.Tensor:
+        """The denoiser's prediction at ``t``; with guidance (``labels`` holding the null class first,
+        then the classes), ``uncond + w * (cond - uncond)`` from one batched forward pass."""
+        do_guidance = guidance_scale != 1.0
+        x, sc = model_input, self_cond
+        if do_guidance:
+            x = torch.cat([x, x])
+            sc = None if sc is None else torch.cat([sc, sc])
+        timestep = t.expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
+        dtype = self.denoiser.dtype
+        model_output = self.denoiser(
+            x.to(dtype), timestep, self_cond=None if sc is None else sc.to(dtype), class_labels=labels, return_dict=True
+        ).sample.float()
+        if do_guidance:
+            uncond, cond = model_output.chunk(2)
+            model_output = uncond + guidance_scale * (cond - uncond)
+        return model_output
+
     def check_scheduler(self, scheduler=None) -> None:
         """The scheduler must predict what the denoiser was trained for and work in alphas_cumprod."""
         scheduler = scheduler if scheduler is not None else self.scheduler
@@ -318,6 +379,12 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
                 f"trained for {self.config.prediction_type!r}. Build the scheduler from the pipeline's config, "
                 f"e.g. `pipe.scheduler = {type(scheduler).__name__}.from_config(pipe.scheduler.config)`, or "
                 f"pass prediction_type={self.config.prediction_type!r}."
+            )
+        name = type(scheduler).__name__
+        if name in UNSUPPORTED_SCHEDULERS:
+            raise ValueError(
+                f"{name} is not supported by this pipeline: {UNSUPPORTED_SCHEDULERS[name]}. Use one of "
+                f"{list(SUPPORTED_SCHEDULERS)}, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)."
             )
         if getattr(scheduler, "alphas_cumprod", None) is None:
             raise ValueError(
@@ -340,8 +407,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("encode() needs at least one text.")
-        latents = encode_texts(self.tokenizer, self.language_model, self.autoencoder, texts,
-                               max_length or self.config.max_length)
+        latents = encode_texts(
+            self.tokenizer, self.language_model, self.autoencoder, texts, max_length or self.config.max_length
+        )
         return latents.float()
 
     @torch.no_grad()
@@ -354,16 +422,21 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         generate_kwargs = {**(self.config.get("decode_kwargs") or {}), **generate_kwargs}
         expected = (self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
         if not torch.is_tensor(latents):
-            raise TypeError(f"decode() takes a latent tensor [batch, {expected[0]}, {expected[1]}], got "
-                            f"{type(latents).__name__}; use encode(texts) or the pipeline's output .latents.")
+            raise TypeError(
+                f"decode() takes a latent tensor [batch, {expected[0]}, {expected[1]}], got "
+                f"{type(latents).__name__}; use encode(texts) or the pipeline's output .latents."
+            )
         if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected [batch, {expected[0]}, {expected[1]}].")
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}, expected [batch, {expected[0]}, {expected[1]}]."
+            )
         latents = latents.to(device=self.autoencoder.device, dtype=self.autoencoder.dtype)
         return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
 
     @torch.no_grad()
-    def interpolate(self, text_a: str, text_b: str, num_steps: int = 5, method: str = "slerp",
-                    **generate_kwargs) -> list[str]:
+    def interpolate(
+        self, text_a: str, text_b: str, num_steps: int = 5, method: str = "slerp", **generate_kwargs
+    ) -> list[str]:
         """Decode ``num_steps`` points on the path from ``text_a``'s latents to ``text_b``'s (ends included).
 
         ``slerp`` interpolates each latent vector on the sphere (norms are kept, which matters for
@@ -451,14 +524,3 @@ def slerp(z_a: torch.Tensor, z_b: torch.Tensor, weights: torch.Tensor, eps: floa
     direction = w_a * u_a + w_b * u_b
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps)
     return direction * ((1 - weights) * norm_a + weights * norm_b)
-
-
-def _merge_peft(language_model):
-    """A PeftModel -> a plain transformers model with the adapters merged (the caller's model is untouched)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but the pipeline does not need it for plain models
-        return language_model
-    if isinstance(language_model, PeftModel):
-        return copy.deepcopy(language_model).merge_and_unload()
-    return language_model

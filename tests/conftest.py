@@ -2,7 +2,7 @@
 
 Everything here is built in the test session (no hub access): a word-level tokenizer trained
 with `tokenizers` on `SENTENCES`, and tiny BART, T5 and BERT2BERT models saved to temporary
-folders, so tests go through the real `latentlm.backbones.load_backbone(path)` code.
+folders, so tests go through the real `latentlm.autoencoder.backbones.load_backbone(path)` code.
 """
 
 from __future__ import annotations
@@ -130,11 +130,25 @@ def build_tiny_bart(vocab_size: int):
     from transformers import BartConfig, BartForConditionalGeneration
 
     config = BartConfig(
-        vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        decoder_start_token_id=EOS_ID, forced_bos_token_id=None, forced_eos_token_id=EOS_ID,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.1,
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID,
+        forced_bos_token_id=None,
+        forced_eos_token_id=EOS_ID,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.1,
     )
     return BartForConditionalGeneration(config)
 
@@ -143,9 +157,18 @@ def build_tiny_t5(vocab_size: int):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
-        vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
-        num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
     )
     return T5ForConditionalGeneration(config)
 
@@ -154,9 +177,16 @@ def build_tiny_bert2bert(vocab_size: int):
     from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderConfig, EncoderDecoderModel
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD_ID,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.1,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.1,
     )
     enc_cfg = BertConfig(**common)
     dec_cfg = BertConfig(**common, is_decoder=True, add_cross_attention=True)
@@ -196,15 +226,27 @@ def tiny_bert2bert_dir(tiny_backbone_dirs) -> str:
     return tiny_backbone_dirs["bert2bert"]
 
 
-def make_tiny_text_autoencoder(backbone_dir: str, decoder: str = "frozen", num_latents: int = 4,
-                               latent_dim: int = 8, max_length: int = 16, **kwargs):
+def make_tiny_text_autoencoder(
+    backbone_dir: str,
+    decoder: str = "frozen",
+    num_latents: int = 4,
+    latent_dim: int = 8,
+    max_length: int = 16,
+    **kwargs,
+):
     """A fresh `TextAutoencoder` over a tiny backbone folder (randomly initialised autoencoder)."""
-    from latentlm.text_autoencoder import TextAutoencoder
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
     seed_everything(0)
     return TextAutoencoder.from_backbone(
-        backbone_dir, decoder=decoder, num_latents=num_latents, latent_dim=latent_dim,
-        num_compression_layers=1, num_reconstruction_layers=1, head_dim=16, max_length=max_length,
+        backbone_dir,
+        decoder=decoder,
+        num_latents=num_latents,
+        latent_dim=latent_dim,
+        num_compression_layers=1,
+        num_reconstruction_layers=1,
+        head_dim=16,
+        max_length=max_length,
         **kwargs,
     )
 

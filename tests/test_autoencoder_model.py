@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 from conftest import SENTENCES, make_tiny_text_autoencoder
-
 from latentlm.autoencoder import DEFAULT_GENERATE_KWARGS, LatentAutoencoder
-from latentlm.backbones import NAMED_BACKBONES, load_backbone
-from latentlm.text_autoencoder import TextAutoencoder
+from latentlm.autoencoder.backbones import NAMED_BACKBONES, load_backbone
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
 BACKBONES = ["bart", "t5", "bert2bert"]
 
 
 def small_ae(**kw) -> LatentAutoencoder:
-    args = dict(d_model=32, num_latents=4, latent_dim=8, num_compression_layers=2,
-                num_reconstruction_layers=1, head_dim=16)
+    args = dict(
+        d_model=32, num_latents=4, latent_dim=8, num_compression_layers=2, num_reconstruction_layers=1, head_dim=16
+    )
     args.update(kw)
     return LatentAutoencoder(**args).eval()
 
@@ -80,8 +80,9 @@ def test_context_positions_make_compression_see_word_order(tmp_path):
     assert not torch.allclose(ae.compress(swapped, mask), z, atol=1e-3)
     # padding is still ignored, and the embeddings round-trip through save/load
     h_padded = torch.cat([h, 1e4 * torch.randn(2, 2, 32)], dim=1)
-    torch.testing.assert_close(ae.compress(h_padded, torch.cat([mask, torch.zeros(2, 2, dtype=torch.long)], 1)), z,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ae.compress(h_padded, torch.cat([mask, torch.zeros(2, 2, dtype=torch.long)], 1)), z, atol=1e-5, rtol=1e-5
+    )
     ae.save_pretrained(tmp_path / "ae")
     loaded = LatentAutoencoder.from_pretrained(tmp_path / "ae").eval()
     torch.testing.assert_close(loaded.compress(h, mask), z)
@@ -168,7 +169,7 @@ def test_text_autoencoder_save_load_identical(backbone, decoder, tiny_backbone_d
 
 def _perturb_lora(model):
     with torch.no_grad():
-        for name, p in model.language_model.named_parameters():
+        for p in model.language_model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
 
@@ -251,7 +252,7 @@ def test_from_pretrained_missing_folder(tmp_path):
 
 
 def test_missing_local_backbone_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
-    from latentlm.backbones import _resolve
+    from latentlm.autoencoder.backbones import _resolve
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
@@ -262,8 +263,9 @@ def test_missing_local_backbone_folder_is_not_taken_for_a_hub_id(tmp_path, monke
 
 
 def test_default_generate_kwargs_are_ld4lg():
-    assert DEFAULT_GENERATE_KWARGS == dict(num_beams=4, no_repeat_ngram_size=3, repetition_penalty=1.2,
-                                           min_length=5, max_length=64)
+    assert DEFAULT_GENERATE_KWARGS == dict(
+        num_beams=4, no_repeat_ngram_size=3, repetition_penalty=1.2, min_length=5, max_length=64
+    )
     assert "minilm" in NAMED_BACKBONES and "bart-base" in NAMED_BACKBONES
 
 
@@ -302,7 +304,8 @@ def test_loss_matches_transformers_loss(backbone, decoder, tiny_backbone_dirs):
     loss = model(h, batch["attention_mask"], labels)
     memory = model.autoencoder(h, batch["attention_mask"])
     reference = model.language_model(
-        encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=torch.ones(memory.shape[:2]),
+        encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+        attention_mask=torch.ones(memory.shape[:2]),
         labels=labels,
     ).loss
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)

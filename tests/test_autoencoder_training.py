@@ -7,20 +7,31 @@ import json
 import pytest
 import torch
 from conftest import SENTENCES
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
+from latentlm.checkpoints import StaleCheckpointsError
 from latentlm.config import DataConfig, load_config
 from latentlm.data import count_truncated, load_text_dataset
-from latentlm.text_autoencoder import TextAutoencoder
 from latentlm.train_autoencoder import train_autoencoder
-from latentlm.training import NonFiniteLossError, StaleCheckpointsError
+from latentlm.training import NonFiniteLossError
 
 
 def tiny_config(tmp_path, data_path, backbone, **autoencoder):
     ae = dict(
-        backbone=backbone, max_length=16, decoder="frozen", num_latents=4, latent_dim=8,
-        num_compression_layers=1, num_reconstruction_layers=1, head_dim=16, eval_every=0, save_every=0,
-        log_every=5, eval_num_beams=1, num_eval_examples=4,
+        backbone=backbone,
+        max_length=16,
+        decoder="frozen",
+        num_latents=4,
+        latent_dim=8,
+        num_compression_layers=1,
+        num_reconstruction_layers=1,
+        head_dim=16,
+        eval_every=0,
+        save_every=0,
+        log_every=5,
+        eval_num_beams=1,
+        num_eval_examples=4,
         optimizer=dict(learning_rate=3e-3, batch_size=8, max_steps=20, warmup_steps=2, lr_schedule="linear"),
     )
     for key, value in autoencoder.items():
@@ -28,12 +39,14 @@ def tiny_config(tmp_path, data_path, backbone, **autoencoder):
             ae["optimizer"].update(value)
         else:
             ae[key] = value
-    return load_config({
-        "output_dir": str(tmp_path / "run"),
-        "data": {"path": str(data_path), "max_eval_samples": 8},
-        "autoencoder": ae,
-        "tracking": {"enabled": False},
-    })
+    return load_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "data": {"path": str(data_path), "max_eval_samples": 8},
+            "autoencoder": ae,
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def _history(run_dir):
@@ -43,8 +56,9 @@ def _history(run_dir):
 def test_short_run_lowers_loss_and_logs_to_mlflow(tmp_path, snippets_jsonl, tiny_bart_dir):
     import mlflow
 
-    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, eval_every=10, decoder="full",
-                         optimizer=dict(max_steps=30))
+    config = tiny_config(
+        tmp_path, snippets_jsonl, tiny_bart_dir, eval_every=10, decoder="full", optimizer=dict(max_steps=30)
+    )
     config.tracking.enabled = True
     config.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config.tracking.experiment_name = "stage1-test"
@@ -90,8 +104,9 @@ class KillingTracker:
 def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_bert2bert_dir):
     # LoRA BERT2BERT: trainable cross-attention, adapters and optimizer state must all be restored;
     # length-grouped batches are addressed by step like random ones.
-    kwargs = dict(decoder="lora", lora_r=4, save_every=5, log_every=1, group_by_length=True,
-                  optimizer=dict(max_steps=12))
+    kwargs = dict(
+        decoder="lora", lora_r=4, save_every=5, log_every=1, group_by_length=True, optimizer=dict(max_steps=12)
+    )
     full = tiny_config(tmp_path / "a", snippets_jsonl, tiny_bert2bert_dir, **kwargs)
     train_autoencoder(full)
 
@@ -112,8 +127,16 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_b
 
 
 def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
-    config = tiny_config(tmp_path, snippets_jsonl, tiny_t5_dir, mixed_precision="bf16", decoder="lora", lora_r=2,
-                         context_positions=-1, optimizer=dict(max_steps=3))
+    config = tiny_config(
+        tmp_path,
+        snippets_jsonl,
+        tiny_t5_dir,
+        mixed_precision="bf16",
+        decoder="lora",
+        lora_r=2,
+        context_positions=-1,
+        optimizer=dict(max_steps=3),
+    )
     model = TextAutoencoder.from_pretrained(train_autoencoder(config))
     assert torch.isfinite(model.encode(SENTENCES[:2])).all()
     assert not model.autoencoder.config.normalize_latents  # LD4LG default for T5
@@ -123,16 +146,18 @@ def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
 def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart_dir):
     config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=2))
     train_autoencoder(config)
-    bigger = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, latent_dim=16,
-                         optimizer=dict(max_steps=4))
+    bigger = tiny_config(
+        tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, latent_dim=16, optimizer=dict(max_steps=4)
+    )
     # The checkpoint's fingerprint names the config it was written under: refused before loading.
     with pytest.raises(StaleCheckpointsError, match="another config or seed"):
         train_autoencoder(bigger, resume=True)
 
 
 def test_non_finite_loss_stops(tmp_path, snippets_jsonl, tiny_bart_dir):
-    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, optimizer=dict(learning_rate=1e30, warmup_steps=0,
-                                                                                max_grad_norm=0.0))
+    config = tiny_config(
+        tmp_path, snippets_jsonl, tiny_bart_dir, optimizer=dict(learning_rate=1e30, warmup_steps=0, max_grad_norm=0.0)
+    )
     with pytest.raises(NonFiniteLossError, match="learning_rate"):
         train_autoencoder(config)
 
@@ -143,15 +168,32 @@ def test_tiny_model_overfits_eight_sentences(tmp_path, tiny_bart_dir):
     eight = SENTENCES[:8]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in eight))
     config = tiny_config(
-        tmp_path, data, tiny_bart_dir, decoder="full", num_latents=8, latent_dim=16, num_compression_layers=2,
-        eval_num_beams=1, optimizer=dict(learning_rate=5e-3, batch_size=8, max_steps=120, warmup_steps=10,
-                                         lr_schedule="constant", weight_decay=0.0),
+        tmp_path,
+        data,
+        tiny_bart_dir,
+        decoder="full",
+        num_latents=8,
+        latent_dim=16,
+        num_compression_layers=2,
+        eval_num_beams=1,
+        optimizer=dict(
+            learning_rate=5e-3, batch_size=8, max_steps=120, warmup_steps=10, lr_schedule="constant", weight_decay=0.0
+        ),
     )
     config.data.validation_split = "train"  # evaluate on the training sentences themselves
     final = train_autoencoder(config)
     model = TextAutoencoder.from_pretrained(final)
-    assert model.decode(model.encode(eight), num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
-                        min_length=0, max_length=16) == eight
+    assert (
+        model.decode(
+            model.encode(eight),
+            num_beams=1,
+            no_repeat_ngram_size=0,
+            repetition_penalty=1.0,
+            min_length=0,
+            max_length=16,
+        )
+        == eight
+    )
     assert _history(tmp_path / "run")["history"][-1]["exact_match"] == 1.0
 
 

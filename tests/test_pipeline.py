@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_tiny_text_autoencoder
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -21,8 +22,6 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-
-from conftest import make_tiny_text_autoencoder
 from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
 from latentlm.pipelines import LatentTextDiffusionPipeline, LatentTextDiffusionPipelineOutput
 from latentlm.pipelines.pipeline_latent_text_diffusion import slerp
@@ -42,8 +41,13 @@ SCHEDULERS = {
 def make_denoiser(num_classes: int = 2, **kwargs) -> LatentDenoiser:
     torch.manual_seed(0)
     denoiser = LatentDenoiser.from_size(
-        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=num_classes,
-        class_names=CLASSES[:num_classes] if num_classes else None, **kwargs,
+        "tiny",
+        num_latents=4,
+        latent_dim=8,
+        dropout=0.0,
+        num_classes=num_classes,
+        class_names=CLASSES[:num_classes] if num_classes else None,
+        **kwargs,
     )
     # The output projection is zero-initialised (an untrained model predicts 0); random weights
     # make the output depend on the inputs, so determinism and save/load checks mean something.
@@ -90,8 +94,15 @@ class _Out(BaseOutput):
 
 class OracleDenoiser(ModelMixin, ConfigMixin):
     @register_to_config
-    def __init__(self, num_latents: int = 4, latent_dim: int = 8, num_classes: int = 2, class_names=None,
-                 self_conditioning: bool = True, prediction_type: str = "v_prediction"):
+    def __init__(
+        self,
+        num_latents: int = 4,
+        latent_dim: int = 8,
+        num_classes: int = 2,
+        class_names=None,
+        self_conditioning: bool = True,
+        prediction_type: str = "v_prediction",
+    ):
         super().__init__()
         generator = torch.Generator().manual_seed(1)
         self.register_buffer("targets", torch.randn(num_classes + 1, num_latents, latent_dim, generator=generator))
@@ -99,8 +110,13 @@ class OracleDenoiser(ModelMixin, ConfigMixin):
         self.calls: list[dict] = []
 
     def forward(self, sample, timestep, self_cond=None, class_labels=None, return_dict=True):
-        self.calls.append({"batch": sample.shape[0], "self_cond": None if self_cond is None else self_cond.clone(),
-                           "labels": None if class_labels is None else class_labels.clone()})
+        self.calls.append(
+            {
+                "batch": sample.shape[0],
+                "self_cond": None if self_cond is None else self_cond.clone(),
+                "labels": None if class_labels is None else class_labels.clone(),
+            }
+        )
         if class_labels is None:
             class_labels = torch.full((sample.shape[0],), self.config.num_classes)
         x0 = self.targets[class_labels]
@@ -125,8 +141,13 @@ def test_every_scheduler_reaches_the_exact_latents(tiny_text_autoencoder, name):
     pipe = make_pipeline(tiny_text_autoencoder, denoiser=oracle)
     pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
     trajectory = []
-    out = run(pipe, num_samples=3, class_labels=["even", "odd", "even"], num_inference_steps=10,
-              callback_on_step_end=lambda p, i, t, kw: trajectory.append(kw["latents"].clone()) or {})
+    out = run(
+        pipe,
+        num_samples=3,
+        class_labels=["even", "odd", "even"],
+        num_inference_steps=10,
+        callback_on_step_end=lambda p, i, t, kw: trajectory.append(kw["latents"].clone()) or {},
+    )
     expected = oracle.targets[torch.tensor([0, 1, 0])]
     torch.testing.assert_close(out.latents, expected, atol=2e-3, rtol=2e-3)
     # The scheduler's own trajectory ends there too (DDPM adds noise on its last jump, see the
@@ -144,8 +165,15 @@ def test_guidance_formula_and_single_batched_pass(tiny_text_autoencoder, name):
     pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
     w = 3.0
     trajectory = []
-    out = run(pipe, num_samples=2, class_labels=[1, 0], guidance_scale=w, num_inference_steps=8, output_type="latent",
-              callback_on_step_end=lambda p, i, t, kw: trajectory.append(kw["latents"].clone()) or {})
+    out = run(
+        pipe,
+        num_samples=2,
+        class_labels=[1, 0],
+        guidance_scale=w,
+        num_inference_steps=8,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: trajectory.append(kw["latents"].clone()) or {},
+    )
     null = oracle.targets[2]
     expected = torch.stack([null + w * (oracle.targets[c] - null) for c in (1, 0)])
     torch.testing.assert_close(out.latents, expected, atol=2e-3, rtol=2e-3)
@@ -161,9 +189,15 @@ def test_self_conditioning_feeds_back_previous_estimate(tiny_text_autoencoder):
     pipe = make_pipeline(tiny_text_autoencoder, denoiser=oracle)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     seen = []
-    run(pipe, num_samples=2, class_labels="odd", num_inference_steps=5, output_type="latent",
+    run(
+        pipe,
+        num_samples=2,
+        class_labels="odd",
+        num_inference_steps=5,
+        output_type="latent",
         callback_on_step_end=lambda p, i, t, kw: seen.append(kw["pred_original_sample"].clone()) or {},
-        callback_on_step_end_tensor_inputs=["pred_original_sample"])
+        callback_on_step_end_tensor_inputs=["pred_original_sample"],
+    )
     assert oracle.calls[0]["self_cond"] is None  # first step: no estimate yet (the model uses zeros)
     for step in range(1, 5):
         torch.testing.assert_close(oracle.calls[step]["self_cond"], seen[step - 1])
@@ -216,10 +250,20 @@ def test_same_generator_same_texts(pipe):
 def test_ddpm_stochastic_steps_use_the_generator(pipe):
     assert isinstance(pipe.scheduler, DDPMScheduler)
     noise = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
-    a = pipe(num_samples=2, latents=noise, num_inference_steps=4, output_type="latent",
-             generator=torch.Generator().manual_seed(1)).latents
-    b = pipe(num_samples=2, latents=noise, num_inference_steps=4, output_type="latent",
-             generator=torch.Generator().manual_seed(2)).latents
+    a = pipe(
+        num_samples=2,
+        latents=noise,
+        num_inference_steps=4,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+    ).latents
+    b = pipe(
+        num_samples=2,
+        latents=noise,
+        num_inference_steps=4,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(2),
+    ).latents
     assert not torch.allclose(a, b)  # same start, different step noise
 
 
@@ -250,15 +294,26 @@ def test_callback_on_step_end_can_replace_tensors(pipe):
         assert set(tensors) == {"latents", "pred_original_sample"}
         return {"pred_original_sample": torch.zeros_like(tensors["pred_original_sample"])} if i == 2 else {}
 
-    out = run(pipe, num_samples=2, num_inference_steps=3, output_type="latent", callback_on_step_end=callback,
-              callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"])
+    out = run(
+        pipe,
+        num_samples=2,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+    )
     assert steps == [0, 1, 2]
     assert torch.equal(out.latents, torch.zeros(2, 4, 8))  # the last estimate is the output
 
     # replacing z_t changes what follows
     plain = run(pipe, num_samples=2, num_inference_steps=3, output_type="latent")
-    moved = run(pipe, num_samples=2, num_inference_steps=3, output_type="latent",
-                callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] + 1.0} if i == 0 else {})
+    moved = run(
+        pipe,
+        num_samples=2,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] + 1.0} if i == 0 else {},
+    )
     assert not torch.allclose(plain.latents, moved.latents)
 
 
@@ -318,8 +373,13 @@ def test_peft_language_model_is_merged(tiny_bart_dir):
         for name, param in text_autoencoder.language_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
-    pipe = LatentTextDiffusionPipeline(text_autoencoder.tokenizer, text_autoencoder.language_model,
-                                       text_autoencoder.autoencoder, make_denoiser(), make_noise_scheduler())
+    pipe = LatentTextDiffusionPipeline(
+        text_autoencoder.tokenizer,
+        text_autoencoder.language_model,
+        text_autoencoder.autoencoder,
+        make_denoiser(),
+        make_noise_scheduler(),
+    )
     assert not isinstance(pipe.language_model, PeftModel)
     assert isinstance(text_autoencoder.language_model, PeftModel)  # the caller's model is untouched
     latents = text_autoencoder.encode(["the cat sat on the mat", "the sun is warm today"])
@@ -333,7 +393,9 @@ def test_peft_language_model_is_merged(tiny_bart_dir):
 
 def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
-    files = [os.path.relpath(os.path.join(r, f), tmp_path / "pipe") for r, _, fs in os.walk(tmp_path / "pipe") for f in fs]
+    files = [
+        os.path.relpath(os.path.join(r, f), tmp_path / "pipe") for r, _, fs in os.walk(tmp_path / "pipe") for f in fs
+    ]
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
     for component in ("language_model", "autoencoder", "denoiser"):
         assert any(f.startswith(component + os.sep) and f.endswith(".safetensors") for f in files), component
@@ -365,7 +427,7 @@ def test_generic_diffusers_loader_in_a_fresh_process(pipe, tmp_path):
         import json, sys, torch
         from diffusers import DiffusionPipeline
         assert not any(m.startswith("latentlm") for m in sys.modules)
-        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "pipe")!r}, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         out = pipe(num_samples=2, class_labels="even", guidance_scale=2.0, num_inference_steps=4,
                    generator=torch.Generator().manual_seed(0), decode_kwargs={FAST_DECODE!r})

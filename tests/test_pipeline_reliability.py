@@ -6,11 +6,11 @@ import threading
 
 import pytest
 import torch
-
 from conftest import make_tiny_text_autoencoder
 from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
 from latentlm.pipelines import LatentTextDiffusionPipeline
-from latentlm.sampling import make_scheduler
+
+from latentlm.sampling import make_scheduler, sample_texts
 
 FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0)
 
@@ -19,20 +19,32 @@ FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, rep
 def pipe(tiny_bart_dir):
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     torch.manual_seed(0)
-    denoiser = LatentDenoiser.from_size("tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2,
-                                        class_names=["even", "odd"])
+    denoiser = LatentDenoiser.from_size(
+        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2, class_names=["even", "odd"]
+    )
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
     pipe = LatentTextDiffusionPipeline(
-        tokenizer=model.tokenizer, language_model=model.merged_language_model(), autoencoder=model.autoencoder,
-        denoiser=denoiser.eval(), scheduler=make_noise_scheduler(num_train_timesteps=1000), max_length=16,
+        tokenizer=model.tokenizer,
+        language_model=model.merged_language_model(),
+        autoencoder=model.autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(num_train_timesteps=1000),
+        max_length=16,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def call(pipe, seed: int, steps: int, scheduler=None):
-    return pipe(num_samples=2, class_labels="odd", guidance_scale=2.0, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), decode_kwargs=FAST, scheduler=scheduler)
+    return pipe(
+        num_samples=2,
+        class_labels="odd",
+        guidance_scale=2.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        decode_kwargs=FAST,
+        scheduler=scheduler,
+    )
 
 
 @pytest.mark.parametrize("name", ["dpm++", "unipc", "euler", "ddim"])
@@ -72,6 +84,26 @@ def test_a_call_leaves_the_pipeline_scheduler_untouched(pipe):
     assert scheduler.num_inference_steps is None  # the call stepped its own copy
 
 
+def test_sample_texts_seeds_each_batch_and_leaves_the_pipeline_alone(pipe):
+    before = pipe.scheduler
+    scheduler = make_scheduler(pipe, "ddim")
+    assert make_scheduler(pipe, scheduler) is scheduler  # an instance is used as it is
+    rows = sample_texts(
+        pipe, 3, class_name="1", scheduler=scheduler, num_inference_steps=2, seed=4, batch_size=2, decode_kwargs=FAST
+    )
+    assert [(r["class"], r["seed"], r["index"]) for r in rows] == [("odd", 4, 0), ("odd", 4, 1), ("odd", 5, 2)]
+    assert pipe.scheduler is before and scheduler.num_inference_steps is None
+    # batch k is seeded with seed + k alone: the last batch is the same as a call seeded with 5
+    (alone,) = sample_texts(
+        pipe, 1, class_name="odd", scheduler="ddim", num_inference_steps=2, seed=5, decode_kwargs=FAST
+    )
+    assert alone["text"] == rows[2]["text"]
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        sample_texts(pipe, 0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        sample_texts(pipe, 1, batch_size=0)
+
+
 def test_bf16_save_reload_and_mixed_dtypes_sample(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "fp32")
     bf16 = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "fp32", torch_dtype=torch.bfloat16)
@@ -100,12 +132,15 @@ def test_bad_arguments_get_clear_errors(pipe):
         pipe.decode(None)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty"),
-    (b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON"),
-    (b'{"text": "caf\xe9"}\n', "is not UTF-8 \\(line 1"),
-    (b'{"text": "a"}\n["b"]\n', "line 2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty"),
+        (b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON"),
+        (b'{"text": "caf\xe9"}\n', "is not UTF-8 \\(line 1"),
+        (b'{"text": "a"}\n["b"]\n', "line 2: expected a JSON object"),
+    ],
+)
 def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
     from latentlm.config import DataConfig
     from latentlm.data import load_texts
@@ -115,3 +150,35 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as info:
         load_texts(DataConfig(path=str(path)), "train")
     assert "texts.jsonl" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_unsupported_schedulers_are_refused_naming_the_supported_ones(pipe, name):
+    import diffusers
+
+    scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=f"{name} is not supported.*DPMSolverMultistepScheduler"):
+        pipe(num_samples=1, num_inference_steps=5, scheduler=scheduler, output_type="latent")
+
+
+def test_every_compatible_scheduler_is_either_supported_or_refused(pipe):
+    """A new diffusers scheduler must be measured (benchmarks/scheduler_support.py) and listed."""
+    from latentlm.pipelines.pipeline_latent_text_diffusion import SUPPORTED_SCHEDULERS, UNSUPPORTED_SCHEDULERS
+
+    known = set(SUPPORTED_SCHEDULERS) | set(UNSUPPORTED_SCHEDULERS)
+    # EDMEuler has no alphas_cumprod (refused as such); DPMSolverSDE needs the optional torchsde package
+    untested = {"EDMEulerScheduler", "DPMSolverSDEScheduler"}
+    compatible = {cls.__name__ for cls in pipe.scheduler.compatibles}
+    assert compatible - untested <= known, sorted(compatible - untested - known)
+    for name in SUPPORTED_SCHEDULERS:
+        import diffusers
+
+        scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        out = pipe(
+            num_samples=2,
+            num_inference_steps=6,
+            scheduler=scheduler,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert torch.isfinite(out.latents).all(), name

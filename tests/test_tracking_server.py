@@ -26,8 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, path: str = "/health",
-                 log: Path | None = None) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen, timeout_s: float, path: str = "/health", log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     tail = lambda: "" if log is None else "\n" + log.read_text()[-3000:]  # noqa: E731
     while time.monotonic() < deadline:
@@ -47,10 +48,26 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        start_new_session=True,
     )
 
 
@@ -82,9 +99,9 @@ def test_nested_runs_metrics_and_pyfunc_through_a_server(mlflow_server, tmp_path
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
+    from test_pipeline import make_pipeline
 
     from latentlm.mlflow_model import log_pipeline_model
-    from test_pipeline import make_pipeline
 
     make_pipeline(tiny_text_autoencoder).save_pretrained(tmp_path / "pipeline")
     cfg = TrackingConfig(tracking_uri=mlflow_server, experiment_name="server-test")
@@ -148,18 +165,18 @@ def test_unreachable_server_buffers_and_nothing_is_lost(tmp_path):
 
 def test_training_goes_on_when_the_server_never_comes(tmp_path, tiny_bart_dir):
     """End-to-end `train` against a dead server: it finishes, warns, and writes every call to disk."""
-    import yaml
+    from conftest import SENTENCES
+    from test_cli import tiny_config
 
     from latentlm.config import load_config
     from latentlm.train import train
-    from test_cli import tiny_config
-    from conftest import SENTENCES
 
     data = tmp_path / "data"
     data.mkdir()
     for split, rows in (("train", SENTENCES[:16]), ("validation", SENTENCES[16:20])):
         (data / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"text": t, "label": "a" if i % 2 else "b"}) + "\n" for i, t in enumerate(rows)))
+            "".join(json.dumps({"text": t, "label": "a" if i % 2 else "b"}) + "\n" for i, t in enumerate(rows))
+        )
     raw = tiny_config(tmp_path / "run", data, tiny_bart_dir, f"http://127.0.0.1:{free_port()}")
     raw["diffusion"]["num_samples_per_class"] = 1
     with pytest.warns(UserWarning, match="Training goes on"):
@@ -167,7 +184,8 @@ def test_training_goes_on_when_the_server_never_comes(tmp_path, tiny_bart_dir):
     assert (pipeline / "model_index.json").is_file()
     unsent = [json.loads(line) for line in (tmp_path / "run" / "mlflow_unsent.jsonl").read_text().splitlines()]
     diffusion_steps = sorted(
-        entry["step"] for entry in unsent
+        entry["step"]
+        for entry in unsent
         if entry["op"] == "log_metrics" and entry["run_name"] == "diffusion" and "train/loss" in entry["metrics"]
     )
     assert diffusion_steps == [1, 2, 3, 4]

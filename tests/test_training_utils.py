@@ -6,12 +6,11 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
+from latentlm.checkpoints import CheckpointManager, CheckpointMismatchError
 from latentlm.config import OptimizerConfig, load_config
+from latentlm.files import atomic_directory
 from latentlm.training import (
-    CheckpointManager,
-    CheckpointMismatchError,
     NonFiniteLossError,
-    atomic_directory,
     batch_indices,
     check_finite,
     make_lr_scheduler,

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+from latentlm.autoencoder.text_codec import decoder_stack_name, unwrap_peft
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,8 +26,6 @@ from transformers import (
     BertModel,
     EncoderDecoderModel,
 )
-
-from latentlm.autoencoder.text_codec import decoder_stack_name
 
 __all__ = [
     "NAMED_BACKBONES",
@@ -63,12 +62,11 @@ NAMED_BACKBONES: dict[str, str] = {
     "mt5-base": "google/mt5-base",
 }
 
-# Prompts in which a named decoder-only backbone reads its soft prompt ({memory}): the instruction
-# an instruct model already follows by copying the text (SmolLM2-135M-Instruct repeats a snippet
-# given as plain tokens in this prompt at BLEU 75 with no training), without the long default
-# system prompt of its chat template.
+# Prompts in which a named decoder-only backbone reads its soft prompt ({memory}): an instruction the
+# instruct model already follows by copying the text, so the soft prompt starts from a copying
+# prior; without the long default system prompt of its chat template.
 NAMED_PROMPT_TEMPLATES: dict[str, str] = {
-    "smollm2": "<|im_start|>user\nRepeat this text exactly:\n{memory}<|im_end|>\n<|im_start|>assistant\n",
+    "smollm2": "<|im_start|>user\nRepeat this text exactly:\n{memory}<|im_end|>\n<|im_start|>assistant\n"
 }
 
 # Modules of a BERT2BERT decoder that a BERT checkpoint does not contain (newly initialised when
@@ -137,19 +135,19 @@ def _resolve(name_or_path: str) -> str:
 
 def is_causal_lm(language_model) -> bool:
     """True for a decoder-only LM (no encoder-decoder structure)."""
-    config = _base_model(language_model).config
+    config = unwrap_peft(language_model).config
     return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
 
 
 def decoder_layers(language_model) -> torch.nn.ModuleList:
     """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
-    body = _base_model(language_model).base_model
+    body = unwrap_peft(language_model).base_model
     return getattr(body, decoder_stack_name(body))
 
 
 def backbone_family(language_model) -> str:
     """'bart', 't5', 'bert2bert' or 'causal' (or the config's model_type for other seq2seq models)."""
-    model = _base_model(language_model)
+    model = unwrap_peft(language_model)
     if is_causal_lm(model):
         return "causal"
     model_type = model.config.model_type
@@ -165,22 +163,10 @@ def backbone_family(language_model) -> str:
 def encoder_hidden_size(language_model) -> int:
     """d_model of the encoder states (= width of the memory the decoder cross-attends to; for a
     causal LM, its hidden size, the width of its own states and of the soft prompt it reads)."""
-    model = _base_model(language_model)
+    model = unwrap_peft(language_model)
     if is_causal_lm(model):
         return int(model.get_input_embeddings().weight.shape[1])
     return int(model.get_encoder().config.hidden_size)
-
-
-def _base_model(language_model):
-    """The transformers model under an optional PeftModel wrapper."""
-    try:
-        from peft import PeftModel
-
-        if isinstance(language_model, PeftModel):
-            return language_model.get_base_model()
-    except ImportError:  # pragma: no cover
-        pass
-    return language_model
 
 
 def _warm_start_cross_attention(decoder: BertLMHeadModel) -> None:
@@ -212,9 +198,7 @@ def _identity_lm_head_transform(decoder: BertLMHeadModel) -> None:
 
 def _warm_start_bert2bert(path: str, cross_attention_init: str) -> EncoderDecoderModel:
     if cross_attention_init not in ("self_attention", "random"):
-        raise ValueError(
-            f"cross_attention_init must be 'self_attention' or 'random', got {cross_attention_init!r}."
-        )
+        raise ValueError(f"cross_attention_init must be 'self_attention' or 'random', got {cross_attention_init!r}.")
     from transformers.utils import logging as hf_logging
 
     # The missing cross-attention / MLM head are expected here: silence transformers' load report.
@@ -320,13 +304,17 @@ def default_lora_target_modules(language_model) -> str | list[str]:
         # Self-attention only: the new cross-attention is trained in full (modules_to_save).
         return r".*decoder\.bert\.encoder\.layer\.\d+\.attention\.self\.(query|value)"
     if family == "causal":
-        names = {name.rsplit(".", 1)[-1] for name, _ in _base_model(language_model).named_modules()}
-        for candidates in (("q_proj", "k_proj", "v_proj", "o_proj"), ("c_attn", "c_proj"), ("query_key_value", "dense")):
+        names = {name.rsplit(".", 1)[-1] for name, _ in unwrap_peft(language_model).named_modules()}
+        for candidates in (
+            ("q_proj", "k_proj", "v_proj", "o_proj"),
+            ("c_attn", "c_proj"),
+            ("query_key_value", "dense"),
+        ):
             if set(candidates) <= names:
                 return list(candidates)
         raise ValueError(
-            f"No default LoRA target modules for this causal LM; pass lora_target_modules=[...] (names of its "
-            f"attention projections)."
+            "No default LoRA target modules for this causal LM; pass lora_target_modules=[...] (names of its "
+            "attention projections)."
         )
     raise ValueError(
         f"No default LoRA target modules for model type {family!r}; pass lora_target_modules=[...] "
@@ -347,8 +335,16 @@ def _user_lora_target_regex(language_model, names) -> str:
     return rf"{exclude}.*decoder\..*\b({alternatives})"
 
 
-def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int = 16, lora_alpha: int = 32,
-                        lora_dropout: float = 0.0, lora_target_modules=None, context_layers: int = 0):
+def configure_trainable(
+    language_model,
+    decoder: str = "frozen",
+    *,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules=None,
+    context_layers: int = 0,
+):
     """Freeze the encoder; make the decoder frozen / LoRA-tuned / fully tuned.
 
     Returns the model (a `peft.PeftModel` for ``decoder="lora"``). Parameters shared with the
@@ -361,8 +357,15 @@ def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int 
     model.requires_grad_(False)
     family = backbone_family(model)
     if family == "causal":
-        return _configure_causal(model, decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 lora_target_modules=lora_target_modules, context_layers=context_layers)
+        return _configure_causal(
+            model,
+            decoder,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules,
+            context_layers=context_layers,
+        )
     new_modules = BERT2BERT_NEW_MODULES if family == "bert2bert" else ()
     if decoder == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
@@ -370,12 +373,17 @@ def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int 
         if lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {lora_r}.")
         target = (
-            default_lora_target_modules(model) if lora_target_modules is None
+            default_lora_target_modules(model)
+            if lora_target_modules is None
             else _user_lora_target_regex(model, lora_target_modules)
         )
         lora_config = LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
-            modules_to_save=list(new_modules) or None, task_type=TaskType.SEQ_2_SEQ_LM,
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target,
+            modules_to_save=list(new_modules) or None,
+            task_type=TaskType.SEQ_2_SEQ_LM,
         )
         return get_peft_model(model, lora_config)
     if decoder == "full":
@@ -389,8 +397,9 @@ def configure_trainable(language_model, decoder: str = "frozen", *, lora_r: int 
     return model
 
 
-def _configure_causal(model, decoder: str, *, lora_r: int, lora_alpha: int, lora_dropout: float,
-                      lora_target_modules, context_layers: int):
+def _configure_causal(
+    model, decoder: str, *, lora_r: int, lora_alpha: int, lora_dropout: float, lora_target_modules, context_layers: int
+):
     layers = decoder_layers(model)
     if not 0 <= context_layers < len(layers):
         raise ValueError(
@@ -408,11 +417,18 @@ def _configure_causal(model, decoder: str, *, lora_r: int, lora_alpha: int, lora
         else:
             target = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
             if not target:
-                raise ValueError("lora_target_modules is empty; give module names such as ['q_proj', 'v_proj'] or None.")
-        pattern = decoder_stack_name(_base_model(model).base_model)
+                raise ValueError(
+                    "lora_target_modules is empty; give module names such as ['q_proj', 'v_proj'] or None."
+                )
+        pattern = decoder_stack_name(unwrap_peft(model).base_model)
         lora_config = LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target,
-            layers_to_transform=tuned, layers_pattern=pattern, task_type=TaskType.CAUSAL_LM,
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target,
+            layers_to_transform=tuned,
+            layers_pattern=pattern,
+            task_type=TaskType.CAUSAL_LM,
         )
         return get_peft_model(model, lora_config)
     if decoder == "full":
@@ -435,16 +451,30 @@ def set_dropout(language_model, p: float) -> None:
     for cfg in (config, getattr(config, "encoder", None), getattr(config, "decoder", None)):
         if cfg is None:
             continue
-        for key in ("dropout", "attention_dropout", "activation_dropout", "dropout_rate",
-                    "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for key in (
+            "dropout",
+            "attention_dropout",
+            "activation_dropout",
+            "dropout_rate",
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+        ):
             if hasattr(cfg, key):
                 setattr(cfg, key, p)
 
 
-def load_backbone(name_or_path: str, *, decoder: str = "frozen", lora_r: int = 16, lora_alpha: int = 32,
-                  lora_dropout: float = 0.0, lora_target_modules=None,
-                  cross_attention_init: str = "self_attention", plm_dropout: float | None = None,
-                  context_layers: int = 0):
+def load_backbone(
+    name_or_path: str,
+    *,
+    decoder: str = "frozen",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules=None,
+    cross_attention_init: str = "self_attention",
+    plm_dropout: float | None = None,
+    context_layers: int = 0,
+):
     """Load ``(tokenizer, language_model)`` for a named backbone, a local folder or a hub id.
 
     Args:
@@ -478,15 +508,20 @@ def load_backbone(name_or_path: str, *, decoder: str = "frozen", lora_r: int = 1
     if plm_dropout is not None:
         set_dropout(model, plm_dropout)
     model = configure_trainable(
-        model, decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules, context_layers=context_layers,
+        model,
+        decoder,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules,
+        context_layers=context_layers,
     )
     return tokenizer, model
 
 
 def check_tokenizer_matches(tokenizer, language_model, name: str = "the backbone") -> None:
     """Refuse a tokenizer with ids beyond the model's embedding table (another model's tokenizer)."""
-    vocab = _base_model(language_model).get_input_embeddings().weight.shape[0]
+    vocab = unwrap_peft(language_model).get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise ValueError(
             f"The tokenizer of {name} has {len(tokenizer)} tokens but the language model's embedding table "

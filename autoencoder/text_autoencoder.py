@@ -14,23 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import AutoTokenizer
-
 from latentlm.autoencoder import LatentAutoencoder
-from latentlm.autoencoder.text_codec import (
-    causal_reconstruction_loss,
-    decode_latents,
-    encode_texts,
-    encoder_hidden_states,
-    is_causal_lm,
-    tokenize_texts,
-)
-from latentlm.backbones import (
+from latentlm.autoencoder.backbones import (
     NAMED_PROMPT_TEMPLATES,
     backbone_family,
     configure_trainable,
@@ -39,22 +27,23 @@ from latentlm.backbones import (
     load_backbone,
     load_language_model,
 )
+from latentlm.autoencoder.text_codec import (
+    causal_reconstruction_loss,
+    decode_latents,
+    encode_texts,
+    encoder_hidden_states,
+    is_causal_lm,
+    merge_peft,
+    tokenize_texts,
+    unwrap_peft,
+)
+from peft import PeftModel
+from torch import nn
+from transformers import AutoTokenizer
 
 __all__ = ["TextAutoencoder"]
 
-# EncoderDecoderModel warns on every training step that computing the loss from `labels` changed
-# in transformers 4.12; that is the behaviour we rely on, so the warning is noise.
-warnings.filterwarnings("ignore", message=r"Version v4\.12\.0 introduces a better way", category=FutureWarning)
-
 CONFIG_NAME = "text_autoencoder.json"
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 def default_prompt_template(tokenizer) -> str:
@@ -62,8 +51,9 @@ def default_prompt_template(tokenizer) -> str:
     or, without a chat template, the plain instruction."""
     instruction = "Repeat this text exactly:\n{memory}"
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
     return instruction + "\n"
 
 
@@ -74,9 +64,17 @@ class TextAutoencoder(nn.Module):
     ``autoencoder`` (`LatentAutoencoder`), ``max_length`` (tokens kept per text).
     """
 
-    def __init__(self, tokenizer, language_model, autoencoder: LatentAutoencoder, max_length: int = 64,
-                 backbone: str | None = None, decoder: str = "frozen", lora: dict | None = None,
-                 alignment_weight: float = 0.0):
+    def __init__(
+        self,
+        tokenizer,
+        language_model,
+        autoencoder: LatentAutoencoder,
+        max_length: int = 64,
+        backbone: str | None = None,
+        decoder: str = "frozen",
+        lora: dict | None = None,
+        alignment_weight: float = 0.0,
+    ):
         super().__init__()
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
@@ -89,8 +87,10 @@ class TextAutoencoder(nn.Module):
         self.causal = is_causal_lm(language_model)
         if self.causal:
             if autoencoder.config.prompt_template is None:
-                raise ValueError("A decoder-only LM reads the latents through a prompt: build the autoencoder with "
-                                 "prompt_template='...{memory}...'.")
+                raise ValueError(
+                    "A decoder-only LM reads the latents through a prompt: build the autoencoder with "
+                    "prompt_template='...{memory}...'."
+                )
             budget = autoencoder.config.num_latents * autoencoder.config.tokens_per_query
             if autoencoder.config.tokens_per_query and max_length > budget:
                 raise ValueError(
@@ -110,17 +110,35 @@ class TextAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_backbone(cls, backbone: str, *, decoder: str = "frozen", lora_r: int = 16, lora_alpha: int = 32,
-                      lora_dropout: float = 0.0, lora_target_modules=None, num_latents: int = 32,
-                      latent_dim: int = 64, num_compression_layers: int = 3, num_reconstruction_layers: int = 3,
-                      head_dim: int = 64, ff_mult: int = 4, normalize_latents: bool | None = None,
-                      dropout: float = 0.0, max_length: int = 64,
-                      cross_attention_init: str = "self_attention",
-                      plm_dropout: float | None = None, context_positions: int = 0,
-                      query_init_std: float = 0.02, memory_tokens_per_latent: int = 1,
-                      tokens_per_query: int = 0, context_layers: int = 0, prompt_template: str | None = None,
-                      alignment_weight: float = 0.0) -> "TextAutoencoder":
-        """A new (untrained) autoencoder over a backbone (see `latentlm.backbones.load_backbone`).
+    def from_backbone(
+        cls,
+        backbone: str,
+        *,
+        decoder: str = "frozen",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules=None,
+        num_latents: int = 32,
+        latent_dim: int = 64,
+        num_compression_layers: int = 3,
+        num_reconstruction_layers: int = 3,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        normalize_latents: bool | None = None,
+        dropout: float = 0.0,
+        max_length: int = 64,
+        cross_attention_init: str = "self_attention",
+        plm_dropout: float | None = None,
+        context_positions: int = 0,
+        query_init_std: float = 0.02,
+        memory_tokens_per_latent: int = 1,
+        tokens_per_query: int = 0,
+        context_layers: int = 0,
+        prompt_template: str | None = None,
+        alignment_weight: float = 0.0,
+    ) -> TextAutoencoder:
+        """A new (untrained) autoencoder over a backbone (see `latentlm.autoencoder.backbones.load_backbone`).
 
         ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
         ``context_positions=-1`` gives the compression one learned position embedding per token
@@ -136,9 +154,15 @@ class TextAutoencoder(nn.Module):
         """
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         tokenizer, language_model = load_backbone(
-            backbone, decoder=decoder, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            lora_target_modules=lora_target_modules, cross_attention_init=cross_attention_init,
-            plm_dropout=plm_dropout, context_layers=context_layers,
+            backbone,
+            decoder=decoder,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules,
+            cross_attention_init=cross_attention_init,
+            plm_dropout=plm_dropout,
+            context_layers=context_layers,
         )
         family = backbone_family(language_model)
         if normalize_latents is None:
@@ -147,26 +171,46 @@ class TextAutoencoder(nn.Module):
             if prompt_template is None:
                 prompt_template = NAMED_PROMPT_TEMPLATES.get(str(backbone)) or default_prompt_template(tokenizer)
         elif prompt_template is not None or context_layers or tokens_per_query:
-            raise ValueError("prompt_template, context_layers and tokens_per_query are for decoder-only backbones; "
-                             f"{backbone!r} is a {family} encoder-decoder.")
+            raise ValueError(
+                "prompt_template, context_layers and tokens_per_query are for decoder-only backbones; "
+                f"{backbone!r} is a {family} encoder-decoder."
+            )
         autoencoder = LatentAutoencoder(
-            d_model=encoder_hidden_size(language_model), num_latents=num_latents, latent_dim=latent_dim,
-            num_compression_layers=num_compression_layers, num_reconstruction_layers=num_reconstruction_layers,
-            head_dim=head_dim, ff_mult=ff_mult, normalize_latents=normalize_latents, dropout=dropout,
+            d_model=encoder_hidden_size(language_model),
+            num_latents=num_latents,
+            latent_dim=latent_dim,
+            num_compression_layers=num_compression_layers,
+            num_reconstruction_layers=num_reconstruction_layers,
+            head_dim=head_dim,
+            ff_mult=ff_mult,
+            normalize_latents=normalize_latents,
+            dropout=dropout,
             context_positions=max_length if context_positions == -1 else context_positions,
-            query_init_std=query_init_std, memory_tokens_per_latent=memory_tokens_per_latent,
-            tokens_per_query=tokens_per_query, context_layers=context_layers, prompt_template=prompt_template,
+            query_init_std=query_init_std,
+            memory_tokens_per_latent=memory_tokens_per_latent,
+            tokens_per_query=tokens_per_query,
+            context_layers=context_layers,
+            prompt_template=prompt_template,
         )
         if family == "causal":
             # The soft prompt stands in for input embeddings: start it at their scale.
             embeddings = language_model.get_input_embeddings().weight
             with torch.no_grad():
                 autoencoder.reconstruction_norm.weight.fill_(
-                    float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5)
+                    float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5
+                )
         # A local folder is stored as an absolute path: the saved model then loads from any directory.
         backbone = os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
-        return cls(tokenizer, language_model, autoencoder, max_length=max_length, backbone=backbone,
-                   decoder=decoder, lora=lora, alignment_weight=alignment_weight)
+        return cls(
+            tokenizer,
+            language_model,
+            autoencoder,
+            max_length=max_length,
+            backbone=backbone,
+            decoder=decoder,
+            lora=lora,
+            alignment_weight=alignment_weight,
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -190,14 +234,12 @@ class TextAutoencoder(nn.Module):
         """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden)."""
         return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
 
-    def reconstruct_texts(self, texts: list[str], **generate_kwargs) -> list[str]:
-        return self.decode(self.encode(texts), **generate_kwargs)
-
     # ------------------------------------------------------------------ training helpers
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """{input_ids, attention_mask} [B, L], truncated at max_length, on this model's device."""
-        return tokenize_texts(self.tokenizer, texts, self.max_length, device=self.device,
-                              add_special_tokens=not self.causal)
+        return tokenize_texts(
+            self.tokenizer, texts, self.max_length, device=self.device, add_special_tokens=not self.causal
+        )
 
     def token_ids(self, texts: list[str], truncation: bool = True) -> list[list[int]]:
         """Unpadded token ids per text, as the encoder reads them (cut at max_length unless truncation=False)."""
@@ -213,8 +255,9 @@ class TextAutoencoder(nn.Module):
 
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Frozen encoder states [B, L, d_model] (no gradient)."""
-        return encoder_hidden_states(self.language_model, input_ids, attention_mask,
-                                     self.autoencoder.config.context_layers)
+        return encoder_hidden_states(
+            self.language_model, input_ids, attention_mask, self.autoencoder.config.context_layers
+        )
 
     def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decoder targets [B, L'] from input ids: padding -> -100.
@@ -231,11 +274,16 @@ class TextAutoencoder(nn.Module):
         return labels
 
     def _generation_config(self):
-        model = self.language_model.get_base_model() if _is_peft(self.language_model) else self.language_model
+        model = unwrap_peft(self.language_model)
         return model.generation_config
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                reconstruction: bool = True):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        reconstruction: bool = True,
+    ):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
         hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
@@ -252,8 +300,9 @@ class TextAutoencoder(nn.Module):
                 if not self.alignment_weight:
                     raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
                 return self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
-            loss = causal_reconstruction_loss(self.tokenizer, self.language_model, self.autoencoder, memory,
-                                              input_ids, text_mask)
+            loss = causal_reconstruction_loss(
+                self.tokenizer, self.language_model, self.autoencoder, memory, input_ids, text_mask
+            )
             if self.alignment_weight:
                 loss = loss + self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
             return loss
@@ -267,7 +316,8 @@ class TextAutoencoder(nn.Module):
         handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + tuple(args[1:]))
         try:
             out = self.language_model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
+                encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+                attention_mask=memory_mask,
                 decoder_input_ids=self._shift_right(labels),
             )
         finally:
@@ -275,7 +325,9 @@ class TextAutoencoder(nn.Module):
         logits = out.logits.reshape(-1, out.logits.shape[-1])
         return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
-    def alignment_loss(self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def alignment_loss(
+        self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Cross-entropy of soft prompt slot j against the embedding of the text's token j (the
         end-of-text token past its end), over the batch's distinct tokens: slot j should read as
         token j, so the LM sees its own text to repeat. memory [B, P, H], input_ids [B, L]."""
@@ -310,9 +362,8 @@ class TextAutoencoder(nn.Module):
     # ------------------------------------------------------------------ export
     def merged_language_model(self):
         """A plain transformers model with any LoRA adapters merged (a copy; self is unchanged)."""
-        if _is_peft(self.language_model):
-            return copy.deepcopy(self.language_model).merge_and_unload()
-        return copy.deepcopy(self.language_model)
+        merged = merge_peft(self.language_model)
+        return merged if merged is not self.language_model else copy.deepcopy(merged)
 
     def save_pretrained(self, save_directory: str | os.PathLike, merge_adapters: bool = False) -> Path:
         """Write the folder layout described in the module docstring (safetensors only)."""
@@ -320,10 +371,10 @@ class TextAutoencoder(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out / "tokenizer")
         self.autoencoder.save_pretrained(out / "autoencoder", safe_serialization=True)
-        is_adapter = _is_peft(self.language_model) and not merge_adapters
+        is_adapter = isinstance(self.language_model, PeftModel) and not merge_adapters
         if is_adapter:
             self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
-        elif _is_peft(self.language_model):
+        elif isinstance(self.language_model, PeftModel):
             self.merged_language_model().save_pretrained(out / "language_model", safe_serialization=True)
         else:
             self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
@@ -339,8 +390,9 @@ class TextAutoencoder(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, trainable: bool = False,
-                        device: str | torch.device | None = None) -> "TextAutoencoder":
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, trainable: bool = False, device: str | torch.device | None = None
+    ) -> TextAutoencoder:
         """Load a folder written by `save_pretrained`.
 
         ``trainable=True`` restores the decoder's training mode (LoRA/new modules require grad);
@@ -358,8 +410,6 @@ class TextAutoencoder(nn.Module):
         autoencoder = LatentAutoencoder.from_pretrained(root / "autoencoder")
         lora = meta.get("lora") or {}
         if meta["language_model_format"] == "peft_adapter":
-            from peft import PeftModel
-
             backbone = meta.get("backbone")
             if not backbone:
                 raise ValueError(f"{meta_path} has no 'backbone' to load the LoRA adapter's base model from.")
@@ -377,9 +427,16 @@ class TextAutoencoder(nn.Module):
             language_model = load_language_model(str(root / "language_model"))
             mode = meta["decoder"] if trainable and meta["decoder"] != "lora" else "frozen"
             language_model = configure_trainable(language_model, mode, context_layers=autoencoder.config.context_layers)
-        model = cls(tokenizer, language_model, autoencoder, max_length=meta["max_length"],
-                    backbone=meta.get("backbone"), decoder=meta["decoder"], lora=lora,
-                    alignment_weight=meta.get("alignment_weight", 0.0))
+        model = cls(
+            tokenizer,
+            language_model,
+            autoencoder,
+            max_length=meta["max_length"],
+            backbone=meta.get("backbone"),
+            decoder=meta["decoder"],
+            lora=lora,
+            alignment_weight=meta.get("alignment_weight", 0.0),
+        )
         if not trainable:
             model.requires_grad_(False)
             model.eval()

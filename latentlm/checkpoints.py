@@ -1,0 +1,247 @@
+"""Training checkpoints: atomic, safetensors-only folders ``<root>/checkpoints/step_XXXXXXXX`` holding
+the trainable weights, the optimizer and lr-scheduler state, the EMA weights and a JSON trainer state,
+stamped with a fingerprint of the run's config so that a run never resumes another run's weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentlm.files import atomic_directory
+
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "StaleCheckpointsError", "CADENCE_KEYS", "run_fingerprint"]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built from the current config."""
+
+
+class StaleCheckpointsError(RuntimeError):
+    """The checkpoint folder holds checkpoints of another run (another config or seed)."""
+
+
+# Settings that may change between a run and its resumption without changing what is trained.
+CADENCE_KEYS = frozenset(
+    {
+        "eval_every",
+        "save_every",
+        "log_every",
+        "keep_last_checkpoints",
+        "sample_every",
+        "num_samples_per_class",
+        "sample_inference_steps",
+        "num_eval_examples",
+        "eval_num_beams",
+        "max_eval_samples",
+        "max_steps",
+    }
+)
+
+
+def run_fingerprint(*sections: Any) -> str:
+    """sha256 (16 hex) of the config sections that determine a run (dataclasses or plain values),
+    without the cadence settings (`CADENCE_KEYS`), which a resumed run may change."""
+
+    def strip(value):
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in CADENCE_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [strip(v) for v in value]
+        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+    payload = json.dumps([strip(section) for section in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (``requires_grad``), detached and contiguous."""
+    return {
+        name: param.detach().contiguous().clone() for name, param in module.named_parameters() if param.requires_grad
+    }
+
+
+class CheckpointManager:
+    """Atomic, safetensors-only training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX``.
+
+    Call ``save`` from the main process only, then ``accelerator.wait_for_everyone()``.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int = 2, fingerprint: str | None = None):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.fingerprint = fingerprint
+
+    def prepare(self, resume: bool, overwrite: bool = False) -> Path | None:
+        """Check the folder before a run starts; returns the checkpoint to resume from (or None).
+
+        Leftovers of a killed save (``.tmp-*`` / ``.old-*`` folders) are removed. A fresh run
+        (``resume=False``) refuses a folder that already holds checkpoints unless ``overwrite``
+        (then they are deleted); a resumed run refuses checkpoints written under another config
+        or seed (their fingerprint differs) unless ``overwrite``, which starts over.
+        """
+        if self.root.is_dir():
+            for leftover in list(self.root.glob(".tmp-*")) + list(self.root.glob(".old-*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        found = self.checkpoints()
+        if not found:
+            return None
+        if overwrite:
+            for path in found:
+                shutil.rmtree(path)
+            return None
+        if not resume:
+            raise StaleCheckpointsError(
+                f"{str(self.root)!r} already holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
+                f"continue it, --overwrite to delete them and start over, or choose another output_dir."
+            )
+        latest = found[-1]
+        saved = json.loads((latest / "trainer_state.json").read_text()).get("fingerprint")
+        if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
+            raise StaleCheckpointsError(
+                f"{str(latest)!r} was written by a run with another config or seed (fingerprint {saved}, this run "
+                f"{self.fingerprint}). Resume with the config it was trained with, pass --overwrite to start over, "
+                f"or choose another output_dir."
+            )
+        return latest
+
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        ema: Any = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> Path:
+        final = self.root / f"step_{step:08d}"
+        with atomic_directory(final) as tmp:
+            for name, module in modules.items():
+                save_file(trainable_state_dict(module), str(tmp / f"{name}.safetensors"))
+            optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+            state: dict[str, Any] = {
+                "step": step,
+                "modules": sorted(modules),
+                "optimizer": optim_meta,
+                "lr_scheduler": _jsonable(lr_scheduler.state_dict()),
+                "extra_state": extra_state or {},
+                "fingerprint": self.fingerprint,
+            }
+            if ema is not None:
+                ema_state = ema.state_dict()
+                shadow = {
+                    f"shadow.{i}": p.detach().contiguous().clone() for i, p in enumerate(ema_state["shadow_params"])
+                }
+                save_file(shadow, str(tmp / "ema.safetensors"))
+                state["ema"] = {k: v for k, v in ema_state.items() if k not in ("shadow_params", "collected_params")}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        # Oldest first; a kill during this clean-up leaves whole checkpoints only (each is one folder,
+        # removed by renaming it away first), so resume still finds the newest.
+        for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
+            trash = old.parent / f".old-{old.name}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    def load(
+        self,
+        path: str | Path,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        ema: Any = None,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint in place; returns the trainer state (``step``, ``extra_state``)."""
+        path = Path(path)
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint folder (no trainer_state.json).")
+        state = json.loads(state_file.read_text())
+        if sorted(modules) != state["modules"]:
+            raise CheckpointMismatchError(
+                f"Checkpoint {str(path)!r} holds modules {state['modules']} but the run trains {sorted(modules)}."
+            )
+        for name, module in modules.items():
+            saved = load_file(str(path / f"{name}.safetensors"))
+            expected = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            missing = sorted(set(expected) - set(saved))
+            unexpected = sorted(set(saved) - set(expected))
+            if missing or unexpected:
+                raise CheckpointMismatchError(
+                    f"Checkpoint {str(path)!r} does not fit module {name!r}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}. Was it written with another config?"
+                )
+            for key, tensor in saved.items():
+                if tensor.shape != expected[key].shape:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint {str(path)!r}: {name}.{key} has shape {tuple(tensor.shape)} but the model "
+                        f"built from the config has {tuple(expected[key].shape)}. Use the config it was trained with."
+                    )
+            with torch.no_grad():
+                for key, tensor in saved.items():
+                    expected[key].copy_(tensor)
+        optimizer.load_state_dict(
+            _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        )
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")
+            shadow = load_file(str(path / "ema.safetensors"))
+            ema_state = dict(state["ema"])
+            ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+            ema.load_state_dict(ema_state)
+        return {"step": state["step"], "extra_state": state["extra_state"]}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return None  # e.g. LambdaLR's lr_lambdas: functions are rebuilt from the config, not saved
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,131 @@
+"""The shared training loop (`latentlm.training.run_stage`): a new stage is a small class, and the loop
+gives it resume, checkpoints, cadence, a time budget and the history file."""
+
+import inspect
+import json
+
+import pytest
+import torch
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+from safetensors.torch import load_file
+
+import latentlm.training as training_loop
+from latentlm.config import AutoencoderTrainingConfig, TrainingLoopConfig, load_config
+from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
+
+
+class RegressionStage(TrainingStage):
+    """y = x @ w on fixed random data: the smallest stage there is."""
+
+    name = "regression"
+    final_dir, checkpoint_dir, history_file = "regression", "regression_training", "regression_history.json"
+
+    def setup(self, accelerator):
+        data = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 4, generator=data)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+        self.model = torch.nn.Linear(4, 1, bias=False)
+        self.optimizer = make_optimizer(self.model.parameters(), self.cfg.optimizer)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.cfg.optimizer)
+        self.train_model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.modules = {"model": self.model}
+        self.evaluations = 0
+
+    def training_step(self, step, generator):
+        rows = self.batch_indices(step, len(self.x))
+        noise = 0.01 * torch.randn(len(rows), generator=generator)  # per-step randomness, reproducible
+        return torch.nn.functional.mse_loss(self.train_model(self.x[rows]).squeeze(-1), self.y[rows] + noise)
+
+    @property
+    def eval_every(self):
+        return 5
+
+    def evaluate(self, step, tracker):
+        self.evaluations += 1
+        with torch.no_grad():
+            return {"mse": float(torch.nn.functional.mse_loss(self.model(self.x).squeeze(-1), self.y))}
+
+    def save(self, folder):
+        from safetensors.torch import save_file
+
+        save_file(self.model.state_dict(), str(folder / "model.safetensors"))
+
+
+class KilledAt(Exception):
+    pass
+
+
+class Recorder:
+    """A tracker that records metrics and can kill the run after a step."""
+
+    def __init__(self, kill_step=None):
+        self.kill_step, self.metrics = kill_step, []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+        if step == self.kill_step:
+            raise KilledAt(step)
+
+    def log_params(self, params): ...
+    def log_artifact(self, path, artifact_path=None): ...
+
+
+def _stage(tmp_path, **loop):
+    config = load_config({"output_dir": str(tmp_path / "run"), "tracking": {"enabled": False}})
+    cfg = TrainingLoopConfig(**{"save_every": 4, "log_every": 1, **loop})
+    cfg.optimizer.learning_rate, cfg.optimizer.batch_size, cfg.optimizer.max_steps = 0.05, 16, 20
+    cfg.optimizer.warmup_steps = 0
+    return RegressionStage(config, cfg)
+
+
+def test_a_stage_trains_evaluates_and_writes_its_history(tmp_path):
+    stage = _stage(tmp_path)
+    recorder = Recorder()
+    final = run_stage(stage, tracker=recorder)
+    history = json.loads((tmp_path / "run" / "regression_history.json").read_text())
+    assert final == tmp_path / "run" / "regression" and (final / "model.safetensors").is_file()
+    assert history["final_step"] == 20
+    assert [h["step"] for h in history["history"]] == [5, 10, 15, 20]  # every 5 steps, and once at the end
+    assert history["history"][-1]["mse"] < history["history"][0]["mse"]
+    assert [m["step"] for m in history["loss_curve"]] == list(range(1, 21))
+    assert {"train/loss", "lr", "train/steps_per_s"} <= set(recorder.metrics[0][1])
+
+
+def test_a_killed_stage_resumes_to_the_same_weights(tmp_path):
+    run_stage(_stage(tmp_path / "a"), tracker=Recorder())
+    with pytest.raises(KilledAt):
+        run_stage(_stage(tmp_path / "b"), tracker=Recorder(kill_step=11))  # last checkpoint: step 8
+    run_stage(_stage(tmp_path / "b"), tracker=Recorder(), resume=True)
+    a = load_file(str(tmp_path / "a" / "run" / "regression" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "regression" / "model.safetensors"))
+    torch.testing.assert_close(a["weight"], b["weight"], atol=0, rtol=0)
+    history_a = json.loads((tmp_path / "a" / "run" / "regression_history.json").read_text())
+    history_b = json.loads((tmp_path / "b" / "run" / "regression_history.json").read_text())
+    assert [h["mse"] for h in history_a["history"]] == [h["mse"] for h in history_b["history"]]
+
+
+def test_time_budget_stops_early_with_a_checkpoint_and_final_save(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 10))  # every perf_counter() call advances 10 s
+    monkeypatch.setattr(training_loop.time, "perf_counter", lambda: next(clock))
+    stage = _stage(tmp_path)
+    run_stage(stage, tracker=Recorder(), time_budget_s=25)
+    history = json.loads((tmp_path / "run" / "regression_history.json").read_text())
+    assert history["final_step"] == 3
+    assert (tmp_path / "run" / "regression_training" / "checkpoints" / "step_00000003").is_dir()
+    assert [h["step"] for h in history["history"]] == [3]  # only the final evaluation
+
+
+def test_autoencoder_config_mirrors_the_constructor():
+    """Every keyword of `TextAutoencoder.from_backbone` is a config field of the same name (and default)."""
+    params = {
+        name: p
+        for name, p in inspect.signature(TextAutoencoder.from_backbone).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    defaults = AutoencoderTrainingConfig()
+    missing = sorted(set(params) - set(vars(defaults)))
+    assert not missing, f"add config fields for {missing}"
+    # the loop settings live in one place, shared by both stages
+    loop_fields = set(TrainingLoopConfig.__dataclass_fields__)
+    assert loop_fields <= set(AutoencoderTrainingConfig.__dataclass_fields__)
+    assert not loop_fields & set(params)

@@ -1,10 +1,15 @@
 """Stage 2 of latentlm: the latent denoiser, noise schedules and the diffusion training objective."""
 
+from .modeling_latent_classifier import CLASSIFIER_TASKS, LatentClassifier, latent_fingerprint
 from .modeling_latent_denoiser import DENOISER_SIZES, LatentDenoiser, LatentDenoiserOutput
 from .objective import LOSS_TYPES, TIMESTEP_SAMPLING, TimestepImportanceSampler, diffusion_loss, diffusion_target
-from .schedules import PREDICTION_TYPES, SCHEDULES, make_noise_scheduler, predict_original_sample
+from .schedules import PREDICTION_TYPES, SCHEDULES, guide_model_output, make_noise_scheduler, predict_original_sample
 
 __all__ = [
+    "CLASSIFIER_TASKS",
+    "LatentClassifier",
+    "guide_model_output",
+    "latent_fingerprint",
     "DENOISER_SIZES",
     "LOSS_TYPES",
     "PREDICTION_TYPES",

@@ -171,10 +171,51 @@ def predict_original_sample(
     return z0.to(model_output.dtype)
 
 
+def guide_model_output(
+    scheduler,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor | int | float,
+    grad_log_prob: torch.Tensor,
+    prediction_type: str | None = None,
+) -> torch.Tensor:
+    """Classifier guidance: shift the model's score by ``grad_log_prob`` = ∇_{z_t} log p(y | z_t).
+
+    With z_t = √ᾱ z0 + √(1-ᾱ) ε the score is -ε / √(1-ᾱ), so adding the gradient to the score means
+    ε' = ε - √(1-ᾱ) · ∇ log p(y | z_t) (Dhariwal & Nichol 2021, eq. 14). Here the gradient is weighted
+    by ᾱ_t: ε' = ε - ᾱ √(1-ᾱ) ∇ log p. Unweighted, the implied clean estimate moves by
+    (1-ᾱ)/√ᾱ · ∇ log p, which explodes as ᾱ -> 0 (the first steps of a few-step sampler), and the
+    self-conditioning input and multistep solvers carry that error on; the weight bounds the move by
+    (1-ᾱ)√ᾱ · ∇ log p and leaves low-noise steps, where classifiers are reliable, as they are. The
+    result is in the model's own parametrisation (v, ε or ẑ0), so any scheduler steps with it as usual.
+    """
+    prediction_type = _PREDICTION_ALIASES.get(
+        prediction_type or scheduler.config.prediction_type, prediction_type or scheduler.config.prediction_type
+    )
+    abar = _alphas_cumprod_at(scheduler, timesteps, sample)
+    a, sigma = abar.sqrt(), (1 - abar).sqrt()
+    out, z_t = model_output.double(), sample.double()
+    if prediction_type == "v_prediction":  # v = a ε - σ z0, z_t = a z0 + σ ε
+        eps = a * out + sigma * z_t
+    elif prediction_type == "epsilon":
+        eps = out
+    elif prediction_type == "sample":
+        eps = (z_t - a * out) / sigma
+    else:
+        raise ValueError(f"Unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}.")
+    # Weighted by ᾱ: the shift of the implied clean latent, σ²/√ᾱ · ∇ log p, would explode where ᾱ -> 0
+    # (a classifier is at chance there anyway); with the weight it is at most σ²√ᾱ · ∇ log p.
+    eps = eps - abar * sigma * grad_log_prob.double()
+    z0 = (z_t - sigma * eps) / a
+    guided = {"v_prediction": a * eps - sigma * z0, "epsilon": eps, "sample": z0}[prediction_type]
+    return guided.to(model_output.dtype)
+
+
 __all__ = [
     "PREDICTION_TYPES",
     "SCHEDULES",
     "cosine_alphas_cumprod",
+    "guide_model_output",
     "make_noise_scheduler",
     "predict_original_sample",
     "shifted_cosine_betas",

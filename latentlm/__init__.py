@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LatentAutoencoder": "latentlm.autoencoder",
     "LatentDenoiser": "latentlm.diffusion",
+    "LatentClassifier": "latentlm.diffusion",
     "make_noise_scheduler": "latentlm.diffusion",
     "LatentTextDiffusionPipeline": "latentlm.pipelines",
     "LatentTextDiffusionPipelineOutput": "latentlm.pipelines",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "Tracker": "latentlm.tracking",
     "train_autoencoder": "latentlm.train_autoencoder",
     "train_diffusion": "latentlm.train_diffusion",
+    "train_classifier": "latentlm.train_classifier",
     "train": "latentlm.train",
     "sample": "latentlm.sampling",
     "evaluate": "latentlm.evaluation",

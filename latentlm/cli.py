@@ -1,4 +1,5 @@
-"""The ``latentlm`` command line: ``train-autoencoder``, ``train-diffusion``, ``train``, ``sample``, ``evaluate``."""
+"""The ``latentlm`` command line: ``train-autoencoder``, ``train-diffusion``, ``train-classifier``, ``train``,
+``sample``, ``evaluate``, ``evaluate-autoencoder``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="trained autoencoder folder (default: <output_dir>/autoencoder from the config)",
     )
 
+    p = commands.add_parser("train-classifier", help="a latent classifier for classifier guidance (a control)")
+    _add_config_arguments(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--label-column", default=None, help="data column to classify (classifier.label_column)")
+    target.add_argument("--target", default=None, help="derived number to predict: length (classifier.target)")
+    p.add_argument("--name", default=None, help="the control's name (default: the column or target)")
+    p.add_argument("--autoencoder", default=None, help="trained autoencoder folder (default: <output_dir>/autoencoder)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="pipeline folder to add the classifier to (default: <output_dir>/pipeline if it exists; 'none' to skip)",
+    )
+
     p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
     _add_config_arguments(p)
 
@@ -53,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="dpm++", help="ddpm | ddim | dpm++ | unipc | euler (default: dpm++)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the samples as jsonl here")
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="classifier guidance by the pipeline's classifier NAME towards VALUE (a class, or a number), repeatable",
+    )
+    p.add_argument("--control-scale", type=float, default=1.0, help="weight of the controls (default 1)")
 
     p = commands.add_parser("evaluate", help="LD4LG evaluation: MAUVE, perplexity, diversity, memorization")
     p.add_argument("--pipeline", required=True)
@@ -86,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train-autoencoder", "train-diffusion", "train"):
+    if args.command in ("train-autoencoder", "train-diffusion", "train-classifier", "train"):
         from .config import load_config
 
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        for key in ("label_column", "target", "name"):
+            if getattr(args, key, None) is not None:
+                overrides.append(f"classifier.{key}={getattr(args, key)}")
+        config = load_config(args.config, overrides)
         if args.command != "train":  # `train` prepares its data itself, inside its MLflow run
             from .train import prepare_data
 
@@ -103,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
 
             autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
             path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+        elif args.command == "train-classifier":
+            from .train_classifier import attach_classifier, train_classifier
+
+            autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
+            path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+            pipeline = args.pipeline or str(Path(config.output_dir) / "pipeline")
+            if args.pipeline != "none" and (
+                args.pipeline is not None or (Path(pipeline) / "model_index.json").is_file()
+            ):
+                print(f"Added to the pipeline as {attach_classifier(pipeline, path)}")
         else:
             from .train import train
 
@@ -111,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "sample":
         from .sampling import sample
 
+        controls = {}
+        for item in args.control:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SystemExit(
+                    f"--control {item!r}: use NAME=VALUE, e.g. --control price=cheap or --control length=12"
+                )
+            controls[name] = yaml.safe_load(value) if value.strip() else value
         rows = sample(
             args.pipeline,
             class_name=args.class_name,
@@ -120,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             scheduler=args.scheduler,
             seed=args.seed,
             out=args.out,
+            controls=controls or None,
+            control_scale=args.control_scale,
         )
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))

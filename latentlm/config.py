@@ -148,6 +148,24 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
 
 
 @dataclass
+class ClassifierTrainingConfig(TrainingLoopConfig):
+    """A latent classifier for classifier guidance (`latentlm train-classifier`), trained on the latents
+    of stage 1 at noise levels drawn as in stage 2."""
+
+    label_column: str | None = None  # classify this data column ...
+    target: str | None = None  # ... or regress a derived target: "length" (tokens of the text)
+    name: str | None = None  # the control's name (default: the label column or the target)
+    classifier: dict[str, Any] = field(default_factory=dict)  # overrides of LatentClassifier arguments
+    eval_every: int = 500
+    num_noise_levels: int = 10  # accuracy (or MAE) is reported at this many evenly spaced timesteps
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            learning_rate=1e-3, batch_size=128, max_steps=2_000, warmup_steps=100, lr_schedule="cosine"
+        )
+    )
+
+
+@dataclass
 class TrackingConfig:
     """MLflow. ``tracking_uri=None`` uses ``MLFLOW_TRACKING_URI`` if set, else MLflow's default local store
     (``sqlite:///mlflow.db`` in the working directory)."""
@@ -164,6 +182,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     diffusion: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    classifier: ClassifierTrainingConfig = field(default_factory=ClassifierTrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,7 +201,11 @@ class RunConfig:
             if value not in allowed:
                 raise ValueError(f"{where}={value!r}: use one of {list(allowed)}.")
 
-        for name, stage in (("autoencoder", self.autoencoder), ("diffusion", self.diffusion)):
+        for name, stage in (
+            ("autoencoder", self.autoencoder),
+            ("diffusion", self.diffusion),
+            ("classifier", self.classifier),
+        ):
             one_of(f"{name}.mixed_precision", stage.mixed_precision, MIXED_PRECISION)
             opt = stage.optimizer
             one_of(f"{name}.optimizer.lr_schedule", opt.lr_schedule, LR_SCHEDULES)

@@ -118,20 +118,59 @@ def sample_attributes(rng: random.Random) -> dict:
     return attributes
 
 
+#: attribute columns written beside ``text`` and ``label``; an absent optional attribute is "none"
+ATTRIBUTE_COLUMNS = ("name", "eat_type", "price", "area", "rating", "family_friendly", "near")
+#: E2E's slot names, for the meaning representation (``mr``)
+_MR_SLOTS = {
+    "name": "name",
+    "eat_type": "eatType",
+    "food": "food",
+    "price": "priceRange",
+    "area": "area",
+    "rating": "customer rating",
+    "family_friendly": "familyFriendly",
+    "near": "near",
+}
+
+
+def _column_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def meaning_representation(attributes: dict) -> str:
+    """E2E-style meaning representation of the present attributes: ``name[The Eagle], food[Italian], ...``."""
+    return ", ".join(
+        f"{slot}[{_column_value(attributes[key])}]"
+        for key, slot in _MR_SLOTS.items()
+        if attributes.get(key) is not None
+    )
+
+
 def generate_examples(num_examples: int, seed: int = 0) -> list[dict]:
-    """``num_examples`` seeded examples ``{"text": str, "label": food name}``."""
+    """``num_examples`` seeded examples ``{"text", "label": food name, "mr", <ATTRIBUTE_COLUMNS>}``."""
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     rng = random.Random(seed)
     examples = []
     for _ in range(num_examples):
         attributes = sample_attributes(rng)
-        examples.append({"text": render(attributes), "label": attributes[CLASS_ATTRIBUTE]})
+        example = {
+            "text": render(attributes),
+            "label": attributes[CLASS_ATTRIBUTE],
+            "mr": meaning_representation(attributes),
+        }
+        example.update({key: _column_value(attributes[key]) for key in ATTRIBUTE_COLUMNS})
+        examples.append(example)
     return examples
 
 
 def write_corpus(out_dir: str | Path, num_train: int = 20000, num_validation: int = 1000, seed: int = 0) -> Path:
-    """Write ``train.jsonl`` and ``validation.jsonl`` (``text``, ``label``) to ``out_dir``.
+    """Write ``train.jsonl`` and ``validation.jsonl`` (``text``, ``label``, ``mr`` and the attribute
+    columns, see `generate_examples`) to ``out_dir``.
 
     The validation split uses an independent seed stream, so changing ``num_train`` leaves it as is.
     Returns ``out_dir``.

@@ -74,8 +74,11 @@ def sample_texts(
     seed: int = 0,
     batch_size: int = 64,
     decode_kwargs: dict | None = None,
+    controls: dict[str, Any] | None = None,
+    control_scale: float | dict[str, float] = 1.0,
 ) -> list[dict]:
     """rows [{"class", "text", "seed", "index"}]; batch k uses torch.Generator().manual_seed(seed + k);
+    controls / control_scale: classifier guidance, as in the pipeline's ``__call__`` (one target per control);
     scheduler: None (pipeline's own), a name from SCHEDULERS, or a scheduler instance (used for this call only via pipe(..., scheduler=...));
     class_name: None (unconditional), a class name, an int id, or a digit string that is not a class name.
 
@@ -91,6 +94,8 @@ def sample_texts(
         "decode_kwargs": decode_kwargs,
         "scheduler": scheduler,
     }
+    if controls:
+        call_kwargs.update(controls=controls, control_scale=control_scale)
     if num_inference_steps is not None:
         call_kwargs["num_inference_steps"] = num_inference_steps
     rows: list[dict[str, Any]] = []
@@ -121,6 +126,8 @@ def sample(
     batch_size: int = 64,
     decode_kwargs: dict[str, Any] | None = None,
     pipe=None,
+    controls: dict[str, Any] | None = None,
+    control_scale: float | dict[str, float] = 1.0,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` texts; returns ``[{"class", "text", "seed", "index"}]`` and writes jsonl to ``out``.
 
@@ -133,6 +140,8 @@ def sample(
         seed: batch ``k`` uses ``torch.Generator().manual_seed(seed + k)``: the same call gives the same texts.
         batch_size: samples per pipeline call.
         pipe: an already loaded pipeline (then ``pipeline_dir`` is only reported).
+        controls, control_scale: classifier guidance by the pipeline's classifiers, e.g.
+            ``{"price": "cheap"}`` (see the pipeline's ``__call__``).
 
     See `sample_texts`, which does the sampling; this loads the pipeline (progress bar off) and writes the file.
     """
@@ -149,6 +158,8 @@ def sample(
         seed=seed,
         batch_size=batch_size,
         decode_kwargs=decode_kwargs,
+        controls=controls,
+        control_scale=control_scale,
     )
     if out is not None:
         out = Path(out)

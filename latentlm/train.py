@@ -64,7 +64,7 @@ def prepare_data(config: RunConfig) -> RunConfig:
     sizes = BUILTIN_CORPORA[path]
     seed = config.autoencoder.seed
     stamp = folder / "corpus.json"
-    expected = {"corpus": path, "seed": seed, **sizes}
+    expected = {"corpus": path, "seed": seed, "columns": "text,label,mr,attributes", **sizes}
     if path == "builtin:snippets":
         expected = {"corpus": path, **sizes}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == expected):

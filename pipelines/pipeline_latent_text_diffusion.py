@@ -34,8 +34,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
 from latentlm.autoencoder.text_codec import decode_latents, encode_texts, merge_peft
+from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
-from latentlm.diffusion.schedules import PREDICTION_TYPES, predict_original_sample
+from latentlm.diffusion.schedules import PREDICTION_TYPES, guide_model_output, predict_original_sample
+from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
 
 # File written next to model_index.json so that diffusers' generic loader,
 # `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, finds the pipeline class
@@ -55,6 +57,8 @@ COMPONENTS = ("tokenizer", "language_model", "autoencoder", "denoiser", "schedul
 
 #: diffusers schedulers that sample well from a trained latent denoiser with the cosine schedule
 #: (`benchmarks/scheduler_support.py`); build them with ``Cls.from_config(pipe.scheduler.config)``.
+CLASSIFIERS_DIR = "classifiers"
+
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -105,6 +109,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         scheduler: any diffusers scheduler over ``alphas_cumprod`` (DDPM, DDIM, DPM-Solver++,
             UniPC, Euler ...) whose ``prediction_type`` is the one the denoiser was trained for.
 
+    Classifiers (optional, for classifier guidance): named `LatentClassifier` s over this pipeline's
+    latents (`add_classifier`), saved in ``classifiers/<name>/`` and loaded with the pipeline.
+
     Config (besides the components, saved in ``model_index.json``): ``prediction_type`` (the
     denoiser's training target; defaults to the scheduler's at construction), ``max_length``
     (tokens kept by `encode`) and ``decode_kwargs`` (this pipeline's default generation arguments,
@@ -139,6 +146,15 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         self.register_to_config(
             prediction_type=prediction_type, max_length=int(max_length), decode_kwargs=dict(decode_kwargs or {})
         )
+        self.classifiers: dict[str, LatentClassifier] = {}
+
+    def add_classifier(self, name: str, classifier: LatentClassifier) -> None:
+        """Carry ``classifier`` as the control ``name`` (``pipe(controls={name: target})``); it must have
+        been trained on this pipeline's latents (shape and autoencoder fingerprint are checked)."""
+        cfg = self.denoiser.config
+        check_classifier(name, classifier, cfg.num_latents, cfg.latent_dim, self.autoencoder)
+        classifier.eval().requires_grad_(False)
+        self.classifiers[name] = classifier
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -166,6 +182,8 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         return_dict: bool = True,
         scheduler=None,
+        controls: dict[str, Any] | None = None,
+        control_scale: float | dict[str, float] = 1.0,
     ) -> LatentTextDiffusionPipelineOutput | tuple:
         r"""Sample texts.
 
@@ -191,6 +209,12 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             return_dict: return a `LatentTextDiffusionPipelineOutput` instead of a tuple.
             scheduler: a scheduler for this call only (default: ``self.scheduler``). Each call
                 steps its own copy, so calls from several threads never share scheduler state.
+            controls: classifier guidance, ``{name: target}`` over the carried classifiers: a class
+                name (or id) for a classification head, a number for a regression head (e.g.
+                ``{"price": "cheap", "length": 12}``); one target for all samples or one per sample.
+                At each step ∇ log p(y | z_t) is added to the score (`guide_model_output`); several
+                controls multiply (a product of experts). Combines with classes and ``guidance_scale``.
+            control_scale: the classifiers' weight, one number or ``{name: number}`` (>= 0).
 
         Returns:
             `LatentTextDiffusionPipelineOutput` (``texts``, ``latents [B, N, D]``: the denoiser's clean
@@ -204,6 +228,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         self.check_scheduler(scheduler)
         labels = self.prepare_class_labels(class_labels, num_samples)
+        controls = prepare_controls(self.classifiers, controls, control_scale, num_samples)
         do_guidance = guidance_scale != 1.0
         if do_guidance and labels is None:
             if not self.class_names:
@@ -239,6 +264,11 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             model_input = scheduler.scale_model_input(latents, t)
             self_cond = pred_original_sample if use_self_cond else None
             model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale)
+            if controls:
+                gradient = control_gradient(controls, model_input, t)
+                model_output = guide_model_output(
+                    scheduler, model_output, model_input, t, gradient, prediction_type=self.config.prediction_type
+                )
 
             # ẑ0 of the guided prediction (Euler: from the rescaled model input, which is z_t).
             pred_original_sample = predict_original_sample(
@@ -472,6 +502,8 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         index["_class_name"] = [CUSTOM_PIPELINE_MODULE, type(self).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (save_directory / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_STUB)
+        for name, classifier in self.classifiers.items():
+            classifier.save_pretrained(save_directory / CLASSIFIERS_DIR / name, safe_serialization=True)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -505,7 +537,12 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             kwargs.setdefault("trust_remote_code", True)
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(str(folder), **kwargs)
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        classifiers = folder / CLASSIFIERS_DIR
+        for path in sorted(classifiers.iterdir()) if classifiers.is_dir() else []:
+            if (path / "config.json").is_file():
+                pipe.add_classifier(path.name, LatentClassifier.from_pretrained(path).to(pipe.device))
+        return pipe
 
 
 def slerp(z_a: torch.Tensor, z_b: torch.Tensor, weights: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -90,7 +90,12 @@ def test_write_corpus(tmp_path):
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     validation = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
     assert len(train) == 30 and len(validation) == 7
-    assert set(train[0]) == {"text", "label"}
+    assert set(train[0]) == {"text", "label", "mr", *corpus.ATTRIBUTE_COLUMNS}
+    for row in train:  # the attribute columns and the meaning representation say what the text says
+        parsed = corpus.parse(row["text"])
+        assert row["price"] == (parsed["price"] or "none") and row["near"] == (parsed["near"] or "none")
+        assert f"food[{row['label']}]" in row["mr"] and f"name[{row['name']}]" in row["mr"]
+        assert ("priceRange[" in row["mr"]) == (row["price"] != "none")
     assert train != validation[:7]
     # validation does not depend on the size of the train split
     out2 = corpus.write_corpus(tmp_path / "d", num_train=5, num_validation=7, seed=0)

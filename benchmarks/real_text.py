@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-stage2", action="store_true")
+    parser.add_argument(
+        "--skip-reconstruction-row", action="store_true", help="leave out the autoencoder's reconstructions row"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_text.json"))
     args = parser.parse_args(argv)
 
@@ -157,7 +160,9 @@ def main(argv=None) -> int:
     pool = rng.sample(list(zip(train_texts, train_labels)), min(5000, len(train_texts)))
     classifier = metrics.train_text_classifier(features([t for t, _ in pool]), [label for _, label in pool])
     judges = (features, perplexity, classifier)
-    rows: dict[str, list[dict]] = {"references": [], "reconstructions": []}
+    rows: dict[str, list[dict]] = {"references": []}
+    if not args.skip_reconstruction_row:
+        rows["reconstructions"] = []
     rows.update({f"model, guidance {g:g}": [] for g in args.guidance})
     per_class: dict = {}
     timings = {}
@@ -169,8 +174,9 @@ def main(argv=None) -> int:
         human = random.Random(args.seed + k).sample(held_out, n)
         entry = {"num_references": n, "references": score_texts(human, refs, train_texts, judges, name, args.seed)}
         entry["references"]["memorization"] = metrics.memorization(refs, train_texts)
-        recon_texts = reconstruct(pipe, refs, batch_size=64)
-        entry["reconstructions"] = score_texts(recon_texts, refs, train_texts, judges, name, args.seed)
+        if not args.skip_reconstruction_row:
+            recon_texts = reconstruct(pipe, refs, batch_size=64)
+            entry["reconstructions"] = score_texts(recon_texts, refs, train_texts, judges, name, args.seed)
         for g in args.guidance:
             tick = time.perf_counter()
             samples = [
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
             entry[key]["examples"] = samples[:4]
             rows[key].append(entry[key])
         rows["references"].append(entry["references"])
-        rows["reconstructions"].append(entry["reconstructions"])
+        if not args.skip_reconstruction_row:
+            rows["reconstructions"].append(entry["reconstructions"])
         per_class[name] = entry
         print(
             name,

@@ -14,6 +14,7 @@ or non-string texts. Nothing is silently dropped.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import datasets
@@ -21,6 +22,8 @@ import datasets
 from latentlm.config import DataConfig
 
 __all__ = ["load_text_dataset", "load_texts", "read_texts", "find_label_column", "count_truncated", "FILE_BUILDERS"]
+
+logger = logging.getLogger(__name__)
 
 # file extension -> datasets packaged builder
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -136,7 +139,7 @@ def read_texts(
     path: str | Path, text_column: str = "text", label_column: str | None = None
 ) -> tuple[list[str], list[str] | None]:
     """Texts (and labels) from a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a ``.txt`` file
-    with one text per line; rows with an empty text are left out."""
+    with one text per line; rows with an empty text are left out, with a warning that counts them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a jsonl/json/csv/parquet/txt file of texts.")
@@ -151,6 +154,14 @@ def read_texts(
             f"{path} has no column {text_column!r}; its columns are {dataset.column_names}. Pass text_column=."
         )
     texts = [str(t) for t in dataset[text_column] if t is not None and str(t).strip()]
+    if len(texts) < len(dataset):
+        logger.warning(
+            "%s: %d of %d rows have an empty %r and are left out.",
+            path,
+            len(dataset) - len(texts),
+            len(dataset),
+            text_column,
+        )
     if not texts:
         raise ValueError(f"{path} holds no non-empty text in column {text_column!r}.")
     labels = None

@@ -182,3 +182,17 @@ def test_every_compatible_scheduler_is_either_supported_or_refused(pipe):
             generator=torch.Generator().manual_seed(0),
         )
         assert torch.isfinite(out.latents).all(), name
+
+
+def test_read_texts_says_how_many_empty_rows_it_leaves_out(tmp_path, caplog):
+    import json
+    import logging
+
+    from latentlm.data import read_texts
+
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": "a"}) + "\n" for t in ["one", "", "three", "  "]))
+    with caplog.at_level(logging.WARNING, logger="latentlm.data"):
+        texts, labels = read_texts(path, label_column="label")
+    assert texts == ["one", "three"] and labels == ["a", "a"]
+    assert "2 of 4 rows have an empty 'text' and are left out" in caplog.text

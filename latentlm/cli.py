@@ -108,44 +108,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train(args) -> None:
+    """The training commands: load the config (with the command line's overrides) and run the stage."""
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for key in ("label_column", "target", "name"):
+        if getattr(args, key, None) is not None:
+            overrides.append(f"classifier.{key}={getattr(args, key)}")
+    config = load_config(args.config, overrides)
+    if args.command != "train":  # `train` prepares its data itself, inside its MLflow run
+        from .train import prepare_data
+
+        config = prepare_data(config)
+    if args.command == "train-autoencoder":
+        from .train_autoencoder import train_autoencoder
+
+        path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "train-diffusion":
+        from .train_diffusion import train_diffusion
+
+        autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
+        path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "train-classifier":
+        from .train_classifier import attach_classifier, train_classifier
+
+        autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
+        path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+        pipeline = args.pipeline or str(Path(config.output_dir) / "pipeline")
+        if args.pipeline != "none" and (args.pipeline is not None or (Path(pipeline) / "model_index.json").is_file()):
+            print(f"Added to the pipeline as {attach_classifier(pipeline, path)}")
+    else:
+        from .train import train
+
+        path = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"Saved to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train-autoencoder", "train-diffusion", "train-classifier", "train"):
-        from .config import load_config
-
-        overrides = list(args.overrides)
-        for key in ("label_column", "target", "name"):
-            if getattr(args, key, None) is not None:
-                overrides.append(f"classifier.{key}={getattr(args, key)}")
-        config = load_config(args.config, overrides)
-        if args.command != "train":  # `train` prepares its data itself, inside its MLflow run
-            from .train import prepare_data
-
-            config = prepare_data(config)
-        if args.command == "train-autoencoder":
-            from .train_autoencoder import train_autoencoder
-
-            path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "train-diffusion":
-            from .train_diffusion import train_diffusion
-
-            autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-            path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "train-classifier":
-            from .train_classifier import attach_classifier, train_classifier
-
-            autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-            path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
-            pipeline = args.pipeline or str(Path(config.output_dir) / "pipeline")
-            if args.pipeline != "none" and (
-                args.pipeline is not None or (Path(pipeline) / "model_index.json").is_file()
-            ):
-                print(f"Added to the pipeline as {attach_classifier(pipeline, path)}")
-        else:
-            from .train import train
-
-            path = train(config, resume=args.resume, overwrite=args.overwrite)
-        print(f"Saved to {path}")
+        _train(args)
     elif args.command == "sample":
         from .sampling import sample
 

@@ -26,7 +26,7 @@ from latentlm.diffusion import LatentClassifier, latent_fingerprint, make_noise_
 from latentlm.files import atomic_directory
 from latentlm.latent_cache import build_latent_cache
 from latentlm.tracking import Tracker
-from latentlm.train_diffusion import CACHE_DIR, _check_autoencoder_path, resolve_class_labels
+from latentlm.train_diffusion import CACHE_DIR, check_autoencoder_path, resolve_class_labels
 from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class ClassifierStage(TrainingStage):
         self.final_dir = f"{CLASSIFIERS_DIR}/{self.control}"
         self.checkpoint_dir = f"classifier_training/{self.control}"
         self.history_file = f"classifier_{self.control}_history.json"
-        self.autoencoder_path = _check_autoencoder_path(autoencoder_path)
+        self.autoencoder_path = check_autoencoder_path(autoencoder_path)
         self.cache_root = Path(cache_dir) if cache_dir is not None else self.autoencoder_path / CACHE_DIR
 
     def setup(self, accelerator) -> None:

@@ -38,7 +38,7 @@ from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_diffusion", "DiffusionStage", "resolve_class_labels", "build_denoiser"]
+__all__ = ["train_diffusion", "DiffusionStage", "resolve_class_labels", "build_denoiser", "check_autoencoder_path"]
 
 FINAL_DIR = "diffusion"
 CHECKPOINT_DIR = "diffusion_training"
@@ -48,7 +48,7 @@ CACHE_DIR = "latent_cache"
 _DENOISER_ARGS = set(inspect.signature(LatentDenoiser.__init__).parameters) - {"self"}
 
 
-def _check_autoencoder_path(autoencoder_path: str | Path) -> Path:
+def check_autoencoder_path(autoencoder_path: str | Path) -> Path:
     path = Path(autoencoder_path)
     if not (path / AUTOENCODER_CONFIG_NAME).is_file():
         if (path / "autoencoder" / AUTOENCODER_CONFIG_NAME).is_file():
@@ -144,7 +144,7 @@ class DiffusionStage(TrainingStage):
 
     def __init__(self, config: RunConfig, autoencoder_path: str | Path, cache_dir: str | Path | None = None):
         super().__init__(config, config.diffusion)
-        self.autoencoder_path = _check_autoencoder_path(autoencoder_path)
+        self.autoencoder_path = check_autoencoder_path(autoencoder_path)
         self.cache_root = Path(cache_dir) if cache_dir is not None else self.autoencoder_path / CACHE_DIR
 
     def setup(self, accelerator) -> None:

@@ -274,3 +274,27 @@ def snippets_jsonl(tmp_path) -> Path:
             for i, text in enumerate(rows):
                 f.write(json.dumps({"text": text, "label": "even" if i % 2 == 0 else "odd"}) + "\n")
     return folder
+
+
+def make_tiny_pipeline(tiny_bart_dir):
+    """A class-conditional ("even", "odd") pipeline over the tiny BART autoencoder (4 x 8 latents) with a
+    random denoiser whose output layer is not zero, so samples differ."""
+    from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
+    model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
+    torch.manual_seed(0)
+    denoiser = LatentDenoiser.from_size(
+        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2, class_names=["even", "odd"]
+    )
+    torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
+    pipe = LatentTextDiffusionPipeline(
+        tokenizer=model.tokenizer,
+        language_model=model.merged_language_model(),
+        autoencoder=model.autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(num_train_timesteps=1000),
+        max_length=16,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

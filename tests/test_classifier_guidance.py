@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_text_autoencoder
+from conftest import make_tiny_pipeline, make_tiny_text_autoencoder
 from latentlm.diffusion import (
     LatentClassifier,
-    LatentDenoiser,
     guide_model_output,
     latent_fingerprint,
     make_noise_scheduler,
@@ -25,22 +24,7 @@ FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, rep
 
 @pytest.fixture
 def pipe(tiny_bart_dir):
-    model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
-    torch.manual_seed(0)
-    denoiser = LatentDenoiser.from_size(
-        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2, class_names=["even", "odd"]
-    )
-    torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
-    pipe = LatentTextDiffusionPipeline(
-        tokenizer=model.tokenizer,
-        language_model=model.merged_language_model(),
-        autoencoder=model.autoencoder,
-        denoiser=denoiser.eval(),
-        scheduler=make_noise_scheduler(num_train_timesteps=1000),
-        max_length=16,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_tiny_pipeline(tiny_bart_dir)
 
 
 def sign_classifier(pipe, steps: int = 150) -> LatentClassifier:

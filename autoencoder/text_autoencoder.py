@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from latentlm.autoencoder import LatentAutoencoder
+from latentlm.autoencoder.adapters import configure_trainable
 from latentlm.autoencoder.backbones import (
     NAMED_PROMPT_TEMPLATES,
     backbone_family,
-    configure_trainable,
     decoder_layers,
     encoder_hidden_size,
     load_backbone,
@@ -30,6 +30,7 @@ from latentlm.autoencoder.backbones import (
 from latentlm.autoencoder.text_codec import (
     causal_reconstruction_loss,
     decode_latents,
+    encode_sources,
     encode_texts,
     encoder_hidden_states,
     is_causal_lm,
@@ -229,6 +230,10 @@ class TextAutoencoder(nn.Module):
     def encode(self, texts: list[str]) -> torch.Tensor:
         """texts -> latents [B, num_latents, latent_dim]."""
         return encode_texts(self.tokenizer, self.language_model, self.autoencoder, texts, self.max_length)
+
+    def encode_sources(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source texts -> frozen encoder states [B, L, d_model] and mask [B, L], for a text-to-text denoiser."""
+        return encode_sources(self.tokenizer, self.language_model, self.autoencoder, texts)
 
     def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
         """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden)."""

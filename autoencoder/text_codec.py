@@ -29,6 +29,8 @@ __all__ = [
     "tokenize_texts",
     "encoder_hidden_states",
     "encode_texts",
+    "encode_sources",
+    "source_length_limit",
     "decode_latents",
     "is_causal_lm",
     "soft_prompt_inputs",
@@ -50,18 +52,18 @@ GREEDY_GENERATE_KWARGS: dict[str, Any] = dict(
 )
 
 
-def check_texts(texts) -> list[str]:
-    """Validate a batch of texts: a non-empty list of non-empty strings."""
+def check_texts(texts, name: str = "texts") -> list[str]:
+    """Validate a batch of texts: a non-empty list of non-empty strings (``name`` is used in errors)."""
     if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, got a single string; wrap it: [text].")
+        raise TypeError(f"{name} must be a list of strings, got a single string; wrap it: [text].")
     texts = list(texts)
     if not texts:
-        raise ValueError("texts is empty; pass at least one string.")
+        raise ValueError(f"{name} is empty; pass at least one string.")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str.")
+            raise TypeError(f"{name}[{i}] is {type(text).__name__}, expected str.")
         if not text.strip():
-            raise ValueError(f"texts[{i}] is an empty string; remove empty texts before encoding.")
+            raise ValueError(f"{name}[{i}] is an empty string; remove empty texts before encoding.")
     return texts
 
 
@@ -142,7 +144,7 @@ def encoder_hidden_states(
 
     Seq2seq: the encoder's last hidden states. Causal LM: the states after its first
     ``context_layers`` layers (with the final norm), or its input embeddings for 0. Those layers
-    are never tuned (`latentlm.autoencoder.backbones.configure_trainable`), so LoRA adapters leave them as is.
+    are never tuned (`latentlm.autoencoder.adapters.configure_trainable`), so LoRA adapters leave them as is.
     """
     if not is_causal_lm(language_model):
         encoder = language_model.get_encoder()
@@ -170,6 +172,43 @@ def encode_texts(tokenizer, language_model, autoencoder, texts: list[str], max_l
         language_model, batch["input_ids"], batch["attention_mask"], autoencoder.config.get("context_layers") or 0
     )
     return autoencoder.compress(hidden, batch["attention_mask"])
+
+
+def source_length_limit(tokenizer, language_model) -> int | None:
+    """The most tokens the encoder reads: its position embeddings, or the tokenizer's limit (None = no limit)."""
+    config = unwrap_peft(language_model).config
+    config = getattr(config, "encoder", None) or config
+    limits = [getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None)]
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [int(limit) for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+@torch.no_grad()
+def encode_sources(
+    tokenizer, language_model, autoencoder, texts: list[str], device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source texts -> the frozen encoder's states [B, L, d_model] and attention mask [B, L] (text-to-text).
+
+    The states are those the autoencoder compresses (`encoder_hidden_states`), uncompressed: the
+    denoiser cross-attends to them. A source longer than the encoder reads is an error, never cut.
+    """
+    texts = check_texts(texts)
+    add_special = not is_causal_lm(language_model)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+    limit = source_length_limit(tokenizer, language_model)
+    too_long = [i for i, length in enumerate(lengths) if limit is not None and length > limit]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} source texts are longer than the encoder reads ({limit} tokens): source "
+            f"{too_long[0]} has {lengths[too_long[0]]} tokens. Shorten or split them; sources are never cut."
+        )
+    device = device if device is not None else _device_of(autoencoder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special)
+    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    states = encoder_hidden_states(language_model, input_ids, mask, autoencoder.config.get("context_layers") or 0)
+    return states, mask
 
 
 def _prompt_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:

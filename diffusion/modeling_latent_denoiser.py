@@ -45,7 +45,7 @@ class DenoiserBlock(nn.Module):
     which keeps a deep stack with long skips stable at the start of training.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, ff_mult: int, dropout: float):
+    def __init__(self, hidden_size: int, num_heads: int, ff_mult: int, dropout: float, cross_attention: bool = False):
         super().__init__()
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
@@ -64,9 +64,30 @@ class DenoiserBlock(nn.Module):
         self.modulation = nn.Linear(hidden_size, 6 * hidden_size)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
+        # Cross-attention to the source (text-to-text models only). Its output projection starts at
+        # zero, so a new block starts as the block without it.
+        self.cross_attention = cross_attention
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.to_q_cross = nn.Linear(hidden_size, hidden_size)
+            self.to_kv_cross = nn.Linear(hidden_size, 2 * hidden_size)
+            self.to_out_cross = nn.Linear(hidden_size, hidden_size)
+            nn.init.zeros_(self.to_out_cross.weight)
+            nn.init.zeros_(self.to_out_cross.bias)
 
-    def forward(self, hidden_states: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """hidden_states [B, N, H], cond [B, H] (already passed through SiLU) -> [B, N, H]."""
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, L, H] -> [B, heads, L, H / heads]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cond: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [B, N, H], cond [B, H] (already passed through SiLU), context [B, L, H] with
+        context_mask [B, L] (True = attend; cross-attention blocks only) -> [B, N, H]."""
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(cond).chunk(6, dim=-1)
         batch, seq, width = hidden_states.shape
 
@@ -75,6 +96,15 @@ class DenoiserBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         attn = attn.transpose(1, 2).reshape(batch, seq, width)
         hidden_states = hidden_states + gate_a[:, None] * self.resid_dropout(self.to_out(attn))
+
+        if self.cross_attention:
+            q = self._heads(self.to_q_cross(self.norm_cross(hidden_states)))
+            k, v = (self._heads(x) for x in self.to_kv_cross(context).chunk(2, dim=-1))
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=context_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+            )
+            attn = attn.transpose(1, 2).reshape(batch, seq, width)
+            hidden_states = hidden_states + self.resid_dropout(self.to_out_cross(attn))
 
         h = _modulate(self.norm2(hidden_states), shift_f, scale_f)
         hidden_states = hidden_states + gate_f[:, None] * self.resid_dropout(self.ff(h))
@@ -93,6 +123,12 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
     Class conditioning: class ids are `0 .. num_classes - 1`; the null class (classifier-free
     guidance's unconditional branch) is `num_classes`. With `num_classes=0` the model is truly
     unconditional: it has no class embedding and only accepts `class_labels=None`.
+
+    Source conditioning (text-to-text, LD4LG): with `cross_attention_dim` set, every block
+    cross-attends to the frozen encoder states of a source text `[B, L, cross_attention_dim]`
+    (layer-normed, projected to `hidden_size`; padding masked). A learned null context token is
+    always visible; a row whose source mask is all zero sees only it, which is the "no source"
+    branch of classifier-free guidance and of source dropout in training.
     """
 
     _supports_gradient_checkpointing = False
@@ -111,6 +147,7 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
         self_conditioning: bool = True,
         num_classes: int = 0,
         class_names: list[str] | None = None,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         if num_latents < 1 or latent_dim < 1:
@@ -131,6 +168,10 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             )
         if class_names is not None and len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be unique, got {class_names}.")
+        if cross_attention_dim is not None and cross_attention_dim < 1:
+            raise ValueError(
+                f"cross_attention_dim must be positive (or None for no source), got {cross_attention_dim}."
+            )
 
         in_dim = 2 * latent_dim if self_conditioning else latent_dim
         self.input_proj = nn.Linear(in_dim, hidden_size)
@@ -144,7 +185,16 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             nn.init.normal_(self.class_embedding.weight, std=0.02)
         self.cond_to_tokens = nn.Linear(hidden_size, hidden_size)
 
-        self.blocks = nn.ModuleList(DenoiserBlock(hidden_size, num_heads, ff_mult, dropout) for _ in range(num_layers))
+        has_source = cross_attention_dim is not None
+        if has_source:
+            self.context_norm = nn.LayerNorm(cross_attention_dim, eps=1e-6)
+            self.context_proj = nn.Linear(cross_attention_dim, hidden_size)
+            self.null_context = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
+
+        self.blocks = nn.ModuleList(
+            DenoiserBlock(hidden_size, num_heads, ff_mult, dropout, cross_attention=has_source)
+            for _ in range(num_layers)
+        )
         # skip_projs[i] merges the output of block i into the input of block (num_layers - 1 - i).
         self.skip_projs = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(num_long_skips))
 
@@ -191,12 +241,51 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             )
         return self.class_embedding(class_labels)
 
+    def _context(
+        self, encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None, batch: int, dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The source as cross-attention context: (null token + projected states [B, 1 + L, H], mask [B, 1 + L])."""
+        dim = self.config.cross_attention_dim
+        if dim is None:
+            if encoder_hidden_states is not None:
+                raise ValueError(
+                    "This denoiser was trained without a source (cross_attention_dim=None) but got "
+                    "encoder_hidden_states; sample it without a source, or train a text-to-text model "
+                    "(data.source_column)."
+                )
+            return None, None
+        null = self.null_context.to(dtype).expand(batch, -1, -1)
+        visible = torch.ones(batch, 1, dtype=torch.bool, device=null.device)
+        if encoder_hidden_states is None:
+            return null, visible
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != batch
+            or encoder_hidden_states.shape[2] != dim
+        ):
+            raise ValueError(
+                f"encoder_hidden_states must have shape [{batch}, source_length, {dim}] (cross_attention_dim), "
+                f"got {tuple(encoder_hidden_states.shape)}."
+            )
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=null.device)
+        if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
+            raise ValueError(
+                f"encoder_attention_mask must have shape {tuple(encoder_hidden_states.shape[:2])}, "
+                f"got {tuple(encoder_attention_mask.shape)}."
+            )
+        states = self.context_proj(self.context_norm(encoder_hidden_states.to(dtype)))
+        mask = torch.cat([visible, encoder_attention_mask.to(device=null.device).bool()], dim=1)
+        return torch.cat([null, states], dim=1), mask
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         self_cond: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> LatentDenoiserOutput | tuple[torch.Tensor]:
         """
@@ -205,6 +294,10 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             timestep: `[batch]` or a scalar (same for the whole batch), in scheduler train-step units.
             self_cond: ẑ0 from a previous prediction `[batch, num_latents, latent_dim]`; None = zeros.
             class_labels: `[batch]` long in `[0, num_classes]`; None = the null class.
+            encoder_hidden_states: the source's frozen encoder states `[batch, source_length,
+                cross_attention_dim]` (text-to-text models only); None = no source for any row.
+            encoder_attention_mask: `[batch, source_length]`, 1 for source tokens, 0 for padding; an
+                all-zero row means "no source" for that row.
         Returns:
             `LatentDenoiserOutput(sample=[batch, num_latents, latent_dim])` (or a 1-tuple).
         """
@@ -245,6 +338,7 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
 
         hidden = self.input_proj(x.to(dtype)) + self.pos_embed.to(dtype) + self.cond_to_tokens(emb)[:, None]
         cond = F.silu(emb)
+        context, context_mask = self._context(encoder_hidden_states, encoder_attention_mask, batch, dtype)
 
         num_layers, num_skips = cfg.num_layers, cfg.num_long_skips
         skips: list[torch.Tensor] = []
@@ -252,7 +346,7 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             j = num_layers - 1 - i  # mirror index: block i's skip partner
             if j < num_skips:
                 hidden = self.skip_projs[j](torch.cat([hidden, skips[j]], dim=-1))
-            hidden = block(hidden, cond)
+            hidden = block(hidden, cond, context, context_mask)
             if i < num_skips:
                 skips.append(hidden)
 

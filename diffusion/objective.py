@@ -97,6 +97,76 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"Unsupported prediction_type {prediction_type!r}: use v_prediction, epsilon or sample.")
 
 
+def _drop_labels(class_labels, num_classes: int, batch: int, dropout_prob: float, generator, device):
+    """Validated class labels `[batch]`, each replaced by the null class with probability ``dropout_prob``."""
+    if class_labels is None:
+        return None
+    if num_classes == 0:
+        raise ValueError("Class labels were given but the denoiser is unconditional (num_classes=0).")
+    class_labels = torch.as_tensor(class_labels, device=device).long()
+    if class_labels.shape != (batch,):
+        raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
+    if bool(((class_labels < 0) | (class_labels > num_classes)).any()):
+        raise ValueError(
+            f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = unlabelled), "
+            f"got {sorted(set(class_labels.tolist()))}."
+        )
+    if dropout_prob > 0:
+        drop = _rand((batch,), generator, device) < dropout_prob
+        class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
+    return class_labels
+
+
+def _drop_sources(
+    encoder_hidden_states, encoder_attention_mask, cross_attention_dim, batch, dropout_prob, generator, device
+):
+    """The source mask `[batch, L]` with each row zeroed (= no source) with probability ``dropout_prob``."""
+    if cross_attention_dim is None:
+        if encoder_hidden_states is not None:
+            raise ValueError(
+                "Source states were given but the denoiser has no cross-attention (cross_attention_dim=None)."
+            )
+        return None
+    if encoder_hidden_states is None:
+        raise ValueError(
+            "This denoiser reads a source (cross_attention_dim is set) but no source states were given; "
+            "pass encoder_hidden_states (and encoder_attention_mask)."
+        )
+    if encoder_attention_mask is None:
+        encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
+    if dropout_prob > 0:
+        keep = _rand((batch,), generator, device) >= dropout_prob
+        encoder_attention_mask = encoder_attention_mask * keep[:, None].to(encoder_attention_mask.dtype)
+    return encoder_attention_mask
+
+
+def _check_loss_arguments(
+    cfg, latents, loss_type, reduction, self_conditioning_prob, label_dropout_prob, source_dropout_prob
+) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}.")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+    for name, p in (
+        ("self_conditioning_prob", self_conditioning_prob),
+        ("label_dropout_prob", label_dropout_prob),
+        ("source_dropout_prob", source_dropout_prob),
+    ):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}.")
+    if latents.ndim != 3 or latents.shape[1:] != (cfg.num_latents, cfg.latent_dim):
+        raise ValueError(
+            f"Latents of shape {tuple(latents.shape)} do not fit the denoiser, which expects "
+            f"[batch, {cfg.num_latents}, {cfg.latent_dim}]: build the denoiser with the autoencoder's "
+            "num_latents and latent_dim."
+        )
+    if self_conditioning_prob > 0 and not cfg.self_conditioning:
+        raise ValueError(
+            "self_conditioning_prob > 0 but the denoiser was built with self_conditioning=False; "
+            "set self_conditioning_prob=0 or build the denoiser with self_conditioning=True."
+        )
+
+
 def diffusion_loss(
     denoiser,
     scheduler,
@@ -109,6 +179,9 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    source_dropout_prob: float = 0.0,
 ) -> torch.Tensor:
     """One LD4LG training loss.
 
@@ -124,43 +197,30 @@ def diffusion_loss(
         timesteps: `[batch]` train timesteps; default uniform over `[0, num_train_timesteps)`.
         generator: drives every random choice (noise, t, coins), so a seeded step is reproducible.
         reduction: `mean` (scalar) or `none` (`[batch]`, e.g. for importance-sampling weights).
+        encoder_hidden_states, encoder_attention_mask: the source's encoder states `[batch, L, C]` and
+            mask `[batch, L]` (text-to-text denoisers, which require them).
+        source_dropout_prob: probability that an example's source is dropped (the null context: CFG on
+            the source).
     """
     model = denoiser.module if hasattr(denoiser, "module") else denoiser  # unwrap DDP for the config
     cfg = model.config
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}.")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
-    if not 0.0 <= self_conditioning_prob <= 1.0 or not 0.0 <= label_dropout_prob <= 1.0:
-        raise ValueError("self_conditioning_prob and label_dropout_prob must lie in [0, 1].")
-    if latents.ndim != 3 or latents.shape[1:] != (cfg.num_latents, cfg.latent_dim):
-        raise ValueError(
-            f"Latents of shape {tuple(latents.shape)} do not fit the denoiser, which expects "
-            f"[batch, {cfg.num_latents}, {cfg.latent_dim}]: build the denoiser with the autoencoder's "
-            "num_latents and latent_dim."
-        )
-    if self_conditioning_prob > 0 and not cfg.self_conditioning:
-        raise ValueError(
-            "self_conditioning_prob > 0 but the denoiser was built with self_conditioning=False; "
-            "set self_conditioning_prob=0 or build the denoiser with self_conditioning=True."
-        )
+    _check_loss_arguments(
+        cfg, latents, loss_type, reduction, self_conditioning_prob, label_dropout_prob, source_dropout_prob
+    )
     batch, device = latents.shape[0], latents.device
-    num_classes = cfg.num_classes
-
-    if class_labels is not None:
-        if num_classes == 0:
-            raise ValueError("Class labels were given but the denoiser is unconditional (num_classes=0).")
-        class_labels = torch.as_tensor(class_labels, device=device).long()
-        if class_labels.shape != (batch,):
-            raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
-        if bool(((class_labels < 0) | (class_labels > num_classes)).any()):
-            raise ValueError(
-                f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = unlabelled), "
-                f"got {sorted(set(class_labels.tolist()))}."
-            )
-        if label_dropout_prob > 0:
-            drop = _rand((batch,), generator, device) < label_dropout_prob
-            class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
+    class_labels = _drop_labels(class_labels, cfg.num_classes, batch, label_dropout_prob, generator, device)
+    source_mask = _drop_sources(
+        encoder_hidden_states,
+        encoder_attention_mask,
+        cfg.get("cross_attention_dim"),
+        batch,
+        source_dropout_prob,
+        generator,
+        device,
+    )
+    condition = dict(
+        class_labels=class_labels, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=source_mask
+    )
 
     T = scheduler.config.num_train_timesteps
     if timesteps is None:
@@ -174,10 +234,10 @@ def diffusion_loss(
     self_cond = None
     if self_conditioning_prob > 0 and float(_rand((), generator, device)) < self_conditioning_prob:
         with torch.no_grad():
-            first = denoiser(noisy, timesteps, self_cond=None, class_labels=class_labels).sample
+            first = denoiser(noisy, timesteps, self_cond=None, **condition).sample
             self_cond = predict_original_sample(scheduler, first.float(), noisy, timesteps).detach()
 
-    pred = denoiser(noisy, timesteps, self_cond=self_cond, class_labels=class_labels).sample
+    pred = denoiser(noisy, timesteps, self_cond=self_cond, **condition).sample
     err = pred.float() - target.float()
     per_example = (err.square() if loss_type == "l2" else err.abs()).mean(dim=(1, 2))
     return per_example.mean() if reduction == "mean" else per_example

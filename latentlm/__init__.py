@@ -28,7 +28,7 @@ _EXPORTS = {
     "train": "latentlm.train",
     "sample": "latentlm.sampling",
     "evaluate": "latentlm.evaluation",
-    "evaluate_autoencoder": "latentlm.evaluation",
+    "evaluate_autoencoder": "latentlm.reconstruction",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -29,41 +29,31 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentlm", description="Latent diffusion language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("train-autoencoder", help="stage 1: train the latent text autoencoder")
-    _add_config_arguments(p)
-
-    p = commands.add_parser("train-diffusion", help="stage 2: train the latent denoiser on a trained autoencoder")
-    _add_config_arguments(p)
-    p.add_argument(
-        "--autoencoder",
+def _add_time_budget(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--time-budget",
+        type=float,
         default=None,
-        help="trained autoencoder folder (default: <output_dir>/autoencoder from the config)",
+        metavar="MINUTES",
+        help="stop after this many training minutes (checkpoint and final save; --resume continues)",
     )
 
-    p = commands.add_parser("train-classifier", help="a latent classifier for classifier guidance (a control)")
-    _add_config_arguments(p)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--label-column", default=None, help="data column to classify (classifier.label_column)")
-    target.add_argument("--target", default=None, help="derived number to predict: length (classifier.target)")
-    p.add_argument("--name", default=None, help="the control's name (default: the column or target)")
-    p.add_argument("--autoencoder", default=None, help="trained autoencoder folder (default: <output_dir>/autoencoder)")
-    p.add_argument(
-        "--pipeline",
-        default=None,
-        help="pipeline folder to add the classifier to (default: <output_dir>/pipeline if it exists; 'none' to skip)",
-    )
 
-    p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
-    _add_config_arguments(p)
-
+def _add_sample_parser(commands) -> None:
     p = commands.add_parser("sample", help="sample texts from a pipeline folder")
     p.add_argument("--pipeline", required=True, help="pipeline folder (save_pretrained output)")
     p.add_argument("--class", dest="class_name", default=None, help="class name or id to condition on")
-    p.add_argument("-n", "--num-samples", type=int, default=16)
+    p.add_argument(
+        "-n", "--num-samples", type=int, default=None, help="texts (per source, with sources; default 16 / 1)"
+    )
+    sources = p.add_mutually_exclusive_group()
+    sources.add_argument("--source", action="append", default=None, help="text-to-text: a source text (repeatable)")
+    sources.add_argument(
+        "--sources", default=None, help="text-to-text: a txt (one per line) or jsonl/csv file of sources"
+    )
+    p.add_argument("--source-column", default="source", help="column of --sources in a jsonl/csv file")
+    p.add_argument("--mbr", type=int, default=1, help="MBR decoding: candidates per text (1 = off)")
+    p.add_argument("--mbr-metric", default="bleu", help="bleu | rouge_l")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--steps", type=int, default=50, help="number of inference steps")
     p.add_argument("--scheduler", default="dpm++", help="ddpm | ddim | dpm++ | unipc | euler (default: dpm++)")
@@ -78,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--control-scale", type=float, default=1.0, help="weight of the controls (default 1)")
 
-    p = commands.add_parser("evaluate", help="LD4LG evaluation: MAUVE, perplexity, diversity, memorization")
+
+def _add_evaluate_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="LD4LG evaluation: MAUVE, perplexity, diversity, memorization (text-to-text: BLEU, ROUGE-L, BERTScore)",
+    )
     p.add_argument("--pipeline", required=True)
     p.add_argument("--references", required=True, help="jsonl/txt file of reference texts")
     p.add_argument("--train", dest="train_file", default=None, help="training texts, for memorization")
@@ -96,6 +91,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")
     p.add_argument("--feature-model", default="auto", help="MAUVE features: auto | minilm | gpt2-large | folder | none")
     p.add_argument("--perplexity-model", default="auto", help="auto | smollm2 | gpt2-large | folder | none")
+    p.add_argument("--source-column", default="source", help="text-to-text pipelines: column of the sources")
+    p.add_argument(
+        "--target-column", default=None, help="text-to-text pipelines: column of the targets (--text-column)"
+    )
+    p.add_argument("--samples-per-source", type=int, default=1, help="text-to-text: samples per source (self-BLEU)")
+    p.add_argument("--mbr", type=int, default=1, help="text-to-text: MBR candidates per sample (1 = off)")
+    p.add_argument("--mbr-metric", default="bleu", help="bleu | rouge_l")
+    p.add_argument("--bert-model", default="minilm", help="text-to-text BERTScore model: minilm | hub name | none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentlm", description="Latent diffusion language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train-autoencoder", help="stage 1: train the latent text autoencoder")
+    _add_config_arguments(p)
+    _add_time_budget(p)
+
+    p = commands.add_parser("train-diffusion", help="stage 2: train the latent denoiser on a trained autoencoder")
+    _add_config_arguments(p)
+    _add_time_budget(p)
+    p.add_argument(
+        "--autoencoder",
+        default=None,
+        help="trained autoencoder folder (default: <output_dir>/autoencoder from the config)",
+    )
+
+    p = commands.add_parser("train-classifier", help="a latent classifier for classifier guidance (a control)")
+    _add_config_arguments(p)
+    _add_time_budget(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--label-column", default=None, help="data column to classify (classifier.label_column)")
+    target.add_argument("--target", default=None, help="derived number to predict: length (classifier.target)")
+    p.add_argument("--name", default=None, help="the control's name (default: the column or target)")
+    p.add_argument("--autoencoder", default=None, help="trained autoencoder folder (default: <output_dir>/autoencoder)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="pipeline folder to add the classifier to (default: <output_dir>/pipeline if it exists; 'none' to skip)",
+    )
+
+    p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
+    _add_config_arguments(p)
+
+    _add_sample_parser(commands)
+    _add_evaluate_parser(commands)
 
     p = commands.add_parser("evaluate-autoencoder", help="reconstruction BLEU and exact match of an autoencoder")
     p.add_argument("--model", required=True, help="TextAutoencoder folder (or a pipeline folder)")
@@ -121,20 +162,21 @@ def _train(args) -> None:
         from .train import prepare_data
 
         config = prepare_data(config)
+    budget = None if getattr(args, "time_budget", None) is None else 60.0 * args.time_budget
     if args.command == "train-autoencoder":
         from .train_autoencoder import train_autoencoder
 
-        path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite)
+        path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
     elif args.command == "train-diffusion":
         from .train_diffusion import train_diffusion
 
         autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-        path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+        path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
     elif args.command == "train-classifier":
         from .train_classifier import attach_classifier, train_classifier
 
         autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-        path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite)
+        path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
         pipeline = args.pipeline or str(Path(config.output_dir) / "pipeline")
         if args.pipeline != "none" and (args.pipeline is not None or (Path(pipeline) / "model_index.json").is_file()):
             print(f"Added to the pipeline as {attach_classifier(pipeline, path)}")
@@ -145,56 +187,91 @@ def _train(args) -> None:
     print(f"Saved to {path}")
 
 
+def _sample(args) -> None:
+    from .sampling import sample
+
+    controls = {}
+    for item in args.control:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--control {item!r}: use NAME=VALUE, e.g. --control price=cheap or --control length=12")
+        controls[name] = yaml.safe_load(value) if value.strip() else value
+    source_texts = args.source
+    if args.sources is not None:
+        from .data import read_texts
+
+        source_texts, _ = read_texts(args.sources, text_column=args.source_column)
+    rows = sample(
+        args.pipeline,
+        class_name=args.class_name,
+        num_samples=args.num_samples if args.num_samples is not None else (1 if source_texts else 16),
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        out=args.out,
+        controls=controls or None,
+        control_scale=args.control_scale,
+        source_texts=source_texts,
+        mbr_candidates=args.mbr,
+        mbr_metric=args.mbr_metric,
+    )
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+
+
+def _evaluate(args) -> None:
+    from .evaluation import evaluate
+    from .seq2seq_evaluation import evaluate_text_to_text, is_text_to_text
+
+    if is_text_to_text(args.pipeline):
+        result = evaluate_text_to_text(
+            args.pipeline,
+            args.references,
+            source_column=args.source_column,
+            target_column=args.target_column or args.text_column,
+            num_sources=args.num_samples,
+            num_samples_per_source=args.samples_per_source,
+            mbr_candidates=args.mbr,
+            mbr_metric=args.mbr_metric,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            scheduler=args.scheduler,
+            seed=args.seeds[0],
+            batch_size=args.batch_size,
+            bert_model=None if args.bert_model == "none" else args.bert_model,
+            output_dir=args.out,
+        )
+        print(result["markdown"])
+        return
+    result = evaluate(
+        args.pipeline,
+        args.references,
+        train_file=args.train_file,
+        class_name=args.class_name,
+        num_samples=args.num_samples,
+        seeds=tuple(args.seeds),
+        output_dir=args.out,
+        num_inference_steps=args.steps,
+        scheduler=args.scheduler,
+        guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        feature_model=args.feature_model,
+        perplexity_model=args.perplexity_model,
+    )
+    print(result["markdown"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train-autoencoder", "train-diffusion", "train-classifier", "train"):
         _train(args)
     elif args.command == "sample":
-        from .sampling import sample
-
-        controls = {}
-        for item in args.control:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise SystemExit(
-                    f"--control {item!r}: use NAME=VALUE, e.g. --control price=cheap or --control length=12"
-                )
-            controls[name] = yaml.safe_load(value) if value.strip() else value
-        rows = sample(
-            args.pipeline,
-            class_name=args.class_name,
-            num_samples=args.num_samples,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            scheduler=args.scheduler,
-            seed=args.seed,
-            out=args.out,
-            controls=controls or None,
-            control_scale=args.control_scale,
-        )
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+        _sample(args)
     elif args.command == "evaluate":
-        from .evaluation import evaluate
-
-        result = evaluate(
-            args.pipeline,
-            args.references,
-            train_file=args.train_file,
-            class_name=args.class_name,
-            num_samples=args.num_samples,
-            seeds=tuple(args.seeds),
-            output_dir=args.out,
-            num_inference_steps=args.steps,
-            scheduler=args.scheduler,
-            guidance_scale=args.guidance,
-            batch_size=args.batch_size,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            feature_model=args.feature_model,
-            perplexity_model=args.perplexity_model,
-        )
-        print(result["markdown"])
+        _evaluate(args)
     elif args.command == "evaluate-autoencoder":
         from .evaluation import evaluate_autoencoder
 

@@ -33,10 +33,25 @@ class DataConfig:
     path: str = ""
     text_column: str = "text"
     label_column: str | None = None
+    # text-to-text: the column of the source texts the model generates from (None = no source)
+    source_column: str | None = None
+    # text-to-text: the column of the target texts; another name for text_column, which it sets
+    target_column: str | None = None
     train_split: str = "train"
     validation_split: str | None = "validation"
     max_train_samples: int | None = None
     max_eval_samples: int = 256
+
+    def __post_init__(self):
+        if self.target_column is not None:
+            if self.text_column not in ("text", self.target_column):
+                raise ValueError(
+                    f"data.target_column={self.target_column!r} and data.text_column={self.text_column!r} name "
+                    "the same thing (the texts to generate); set only one of them."
+                )
+            self.text_column = self.target_column
+        if self.source_column is not None and self.source_column == self.text_column:
+            raise ValueError(f"data.source_column and the target column are both {self.source_column!r}.")
 
 
 @dataclass
@@ -133,6 +148,8 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
     num_train_timesteps: int = 1_000
     self_conditioning_prob: float = 0.5
     label_dropout_prob: float = 0.1
+    # text-to-text: probability that a source is replaced by the null context (CFG on the source)
+    source_dropout_prob: float = 0.1
     loss_type: str = "l2"  # l2 | l1
     timestep_sampling: str = "uniform"  # uniform | importance
     ema_decay: float = 0.9999
@@ -224,7 +241,7 @@ class RunConfig:
         one_of("diffusion.prediction_type", self.diffusion.prediction_type, PREDICTION_TYPES)
         one_of("diffusion.loss_type", self.diffusion.loss_type, LOSS_TYPES)
         one_of("diffusion.timestep_sampling", self.diffusion.timestep_sampling, TIMESTEP_SAMPLING)
-        for key in ("self_conditioning_prob", "label_dropout_prob"):
+        for key in ("self_conditioning_prob", "label_dropout_prob", "source_dropout_prob"):
             value = getattr(self.diffusion, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"diffusion.{key} must lie in [0, 1], got {value}.")

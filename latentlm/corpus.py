@@ -17,7 +17,7 @@ Grammar (``[x]`` optional, ``a`` agrees with the next word: "a"/"an"):
 
 Usage::
 
-    from latentlm.corpus import generate_examples, parse, write_corpus
+    from latentlm.corpus import generate_examples, parse, slots_match, write_corpus
     write_corpus("data/restaurants", num_train=20000, num_validation=1000, seed=0)
     parse("There is a cheap Chinese pub called Zizzi.")["food"]   # "Chinese"
 """
@@ -148,6 +148,30 @@ def meaning_representation(attributes: dict) -> str:
         for key, slot in _MR_SLOTS.items()
         if attributes.get(key) is not None
     )
+
+
+_MR_ITEM = re.compile(r"\s*([A-Za-z ]+)\[([^\]]*)\]\s*")
+
+
+def parse_meaning_representation(mr: str) -> dict:
+    """The attributes of a meaning representation written by `meaning_representation` (absent ones
+    ``None``), in the form `parse` returns them; a ValueError names what is malformed."""
+    slots = {slot: key for key, slot in _MR_SLOTS.items()}
+    attributes: dict = dict.fromkeys(ATTRIBUTES)
+    for item in mr.split("],"):
+        item = item if item.endswith("]") else item + "]"
+        match = _MR_ITEM.fullmatch(item)
+        if match is None or match.group(1).strip() not in slots:
+            raise ValueError(f"Malformed meaning representation item {item.strip()!r} in {mr!r}.")
+        key, value = slots[match.group(1).strip()], match.group(2)
+        attributes[key] = value == "yes" if key == "family_friendly" else value
+    return attributes
+
+
+def slots_match(text: str, mr: str) -> bool:
+    """True when ``text`` is grammatical and states exactly the slots of ``mr`` (no more, no fewer)."""
+    parsed = parse(text)
+    return parsed is not None and parsed == parse_meaning_representation(mr)
 
 
 def generate_examples(num_examples: int, seed: int = 0) -> list[dict]:

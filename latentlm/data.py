@@ -110,17 +110,22 @@ def load_text_dataset(data_cfg: DataConfig, split: str, max_samples: int | None 
             f"Text column {column!r} not found in split {split!r} of {data_cfg.path!r}; available columns: "
             f"{ds.column_names}. Set data.text_column."
         )
-    if data_cfg.label_column is not None and data_cfg.label_column not in ds.column_names:
-        raise ValueError(
-            f"Label column {data_cfg.label_column!r} not found in split {split!r} of {data_cfg.path!r}; "
-            f"available columns: {ds.column_names}. Set data.label_column (or null)."
-        )
-    bad = [i for i, text in enumerate(ds[column]) if not isinstance(text, str) or not text.strip()]
-    if bad:
-        raise ValueError(
-            f"Split {split!r} of {data_cfg.path!r} has {len(bad)} empty or non-string texts in column {column!r} "
-            f"(first rows: {bad[:5]}). Remove or fill them; nothing is skipped silently."
-        )
+    for key in ("label_column", "source_column"):
+        name = getattr(data_cfg, key)
+        if name is not None and name not in ds.column_names:
+            raise ValueError(
+                f"{key.replace('_', ' ').capitalize()} {name!r} not found in split {split!r} of {data_cfg.path!r}; "
+                f"available columns: {ds.column_names}. Set data.{key} (or null)."
+            )
+    for name in (column, data_cfg.source_column):
+        if name is None:
+            continue
+        bad = [i for i, text in enumerate(ds[name]) if not isinstance(text, str) or not text.strip()]
+        if bad:
+            raise ValueError(
+                f"Split {split!r} of {data_cfg.path!r} has {len(bad)} empty or non-string texts in column {name!r} "
+                f"(first rows: {bad[:5]}). Remove or fill them; nothing is skipped silently."
+            )
     return ds
 
 

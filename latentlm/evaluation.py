@@ -3,7 +3,8 @@
 ``evaluate`` samples ``num_samples`` texts from a pipeline for each seed and reports mean ± std
 over seeds of MAUVE, perplexity, diversity, memorization and (for class-conditional models) class
 accuracy, with the same metrics on human texts beside them, as JSON, a markdown table and an MLflow
-run. ``evaluate_autoencoder`` reports reconstruction BLEU and exact match.
+run. ``evaluate_autoencoder`` (in `latentlm.reconstruction`, re-exported here) reports
+reconstruction BLEU and exact match.
 
 The judge models live in `latentlm.judges`, the file reader in `latentlm.data`, the sampling loop
 in `latentlm.sampling` and the reconstruction scoring in `latentlm.reconstruction`; this module
@@ -12,7 +13,6 @@ puts them together and writes the results.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -25,20 +25,13 @@ import torch
 
 from . import metrics
 from .data import find_label_column, read_texts
+from .evaluation_report import METRIC_NAMES, build_result, format_markdown, log_to_mlflow, write_results
 from .judges import FeatureModel, PerplexityModel, load_feature_model, load_perplexity_model
-from .reconstruction import evaluate_reconstruction
+from .reconstruction import evaluate_autoencoder
 from .sampling import load_pipeline, make_scheduler, sample_texts
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
-_METRIC_HEADERS = {
-    "mauve": "MAUVE ↑",
-    "perplexity": "Perplexity ↓",
-    "diversity": "Diversity ↑",
-    "memorization": "Memorization ↓",
-    "class_accuracy": "Class accuracy ↑",
-}
 
 __all__ = ["METRIC_NAMES", "evaluate", "evaluate_autoencoder", "format_markdown"]
 
@@ -304,7 +297,7 @@ def evaluate(
         batch_size=batch_size,
         decode_kwargs=decode_kwargs,
     )
-    result = _result(
+    result = build_result(
         pipeline_dir,
         references_file,
         train_file,
@@ -314,7 +307,10 @@ def evaluate(
         num_inference_steps,
         scheduler,
         guidance_scale,
-        judges,
+        (
+            judges.features.name if judges.features is not None else None,
+            judges.perplexity.name if judges.perplexity is not None else None,
+        ),
         rows,
         timings,
     )
@@ -323,231 +319,7 @@ def evaluate(
     if output_dir is None and isinstance(pipeline_dir, (str, Path)):
         output_dir = Path(pipeline_dir) / "evaluation"
     if output_dir is not None:
-        _write_results(Path(output_dir), result, samples)
-    _log_to_mlflow(result, samples, tracking, output_dir)
+        write_results(Path(output_dir), result, samples)
+    log_to_mlflow(result, samples, tracking, output_dir)
     result["samples"] = samples
     return result
-
-
-# ------------------------------------------------------------------------------------ results
-
-
-def _result(
-    pipeline_dir,
-    references_file,
-    train_file,
-    class_name,
-    num_samples,
-    seeds,
-    num_inference_steps,
-    scheduler,
-    guidance_scale,
-    judges: _Judges,
-    rows,
-    timings,
-) -> dict[str, Any]:
-    """The settings of an evaluation and its ``model`` / ``references`` rows as mean ± std over seeds."""
-    result: dict[str, Any] = {
-        "pipeline": str(pipeline_dir) if isinstance(pipeline_dir, (str, Path)) else type(pipeline_dir).__name__,
-        "references_file": str(references_file),
-        "train_file": str(train_file) if train_file is not None else None,
-        "class_name": class_name,
-        "num_samples": num_samples,
-        "seeds": seeds,
-        "num_inference_steps": num_inference_steps,
-        "scheduler": type(scheduler).__name__,
-        "guidance_scale": guidance_scale,
-        "feature_model": judges.features.name if judges.features is not None else None,
-        "perplexity_model": judges.perplexity.name if judges.perplexity is not None else None,
-        "sampling_seconds": _summary(timings),
-        "texts_per_second": num_samples * len(seeds) / sum(timings),
-    }
-    for row, values in rows.items():
-        result[row] = {m: _summary(values[m]) if m in values else None for m in METRIC_NAMES}
-    return result
-
-
-def _summary(per_seed: list[float | None]) -> dict[str, Any] | None:
-    values = [v for v in per_seed if v is not None]
-    if not values:
-        return None
-    stats = metrics.mean_std(values)
-    return {"mean": stats.mean, "std": stats.std, "per_seed": values}
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    """The ``model`` / ``references`` rows of an ``evaluate`` result as a markdown table."""
-    rows = {name: result[name] for name in ("model", "references") if name in result}
-    names = [m for m in METRIC_NAMES if any(r.get(m) is not None for r in rows.values())]
-    lines = ["| | " + " | ".join(_METRIC_HEADERS[m] for m in names) + " |", "|---|" + "---|" * len(names)]
-    for row_name, row in rows.items():
-        cells = []
-        for m in names:
-            entry = row.get(m)
-            if entry is None:
-                cells.append("–")
-            elif m != "perplexity" and 0 < abs(entry["mean"]) < 0.01:
-                # Tiny values (diversity of a small grammar) would print as 0.000.
-                cells.append(f"{entry['mean']:.2e} ± {entry['std']:.1e}")
-            else:
-                digits = 1 if m == "perplexity" else 3
-                cells.append(f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}")
-        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    seeds = result.get("seeds", [])
-    lines.append("")
-    notes = [f"{result.get('num_samples')} samples × {len(seeds)} seeds"]
-    if result.get("feature_model"):
-        notes.append(f"MAUVE features: {result['feature_model']}")
-    if result.get("perplexity_model"):
-        notes.append(f"perplexity judge: {result['perplexity_model']}")
-    lines.append("; ".join(notes) + ".")
-    return "\n".join(lines) + "\n"
-
-
-def _write_results(folder: Path, result: dict[str, Any], samples: dict[int, list[str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (folder / "results.md").write_text(result["markdown"])
-    with open(folder / "samples.jsonl", "w") as handle:
-        for seed, texts in samples.items():
-            for text in texts:
-                handle.write(json.dumps({"seed": seed, "text": text}, ensure_ascii=False) + "\n")
-
-
-def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    flat = {}
-    for row in ("model", "references"):
-        for name, entry in result.get(row, {}).items():
-            if entry is not None:
-                flat[f"{row}/{name}_mean"] = entry["mean"]
-                flat[f"{row}/{name}_std"] = entry["std"]
-    return flat
-
-
-def _log_to_mlflow(result: dict[str, Any], samples: dict[int, list[str]], tracking, output_dir) -> None:
-    from .config import TrackingConfig
-    from .tracking import Tracker
-
-    cfg = tracking if tracking is not None else TrackingConfig()
-    if not cfg.enabled:
-        return
-    params = {
-        k: result[k]
-        for k in (
-            "pipeline",
-            "references_file",
-            "train_file",
-            "class_name",
-            "num_samples",
-            "seeds",
-            "num_inference_steps",
-            "scheduler",
-            "guidance_scale",
-            "feature_model",
-            "perplexity_model",
-        )
-    }
-    with Tracker(cfg, run_name=cfg.run_name or "evaluate", fallback_dir=output_dir) as tracker:
-        tracker.log_params({"evaluate": params})
-        tracker.log_metrics(_flat_metrics(result) | {"texts_per_second": result["texts_per_second"]}, step=0)
-        for i, seed in enumerate(result["seeds"]):
-            per_seed = {
-                f"{row}/{name}": entry["per_seed"][i]
-                for row in ("model", "references")
-                for name, entry in result[row].items()
-                if entry is not None and i < len(entry["per_seed"])
-            }
-            tracker.log_metrics(per_seed, step=seed)
-        tracker.log_table([{"seed": s, "text": t} for s, texts in samples.items() for t in texts], "samples.json")
-        tracker.log_dict({k: v for k, v in result.items() if k != "markdown"}, "results.json")
-        tracker.log_text(result["markdown"], "results.md")
-
-
-# ------------------------------------------------------------------------------------ autoencoder
-
-
-def _load_codec(model_or_dir, device):
-    """A pipeline or a TextAutoencoder (from a folder or as given): anything with encode/decode."""
-    if isinstance(model_or_dir, (str, Path)):
-        folder = Path(model_or_dir)
-        if (folder / "model_index.json").is_file():
-            return _load_pipeline(folder, device)
-        from .autoencoder.text_autoencoder import TextAutoencoder
-
-        model = TextAutoencoder.from_pretrained(str(folder))
-        if device is not None:
-            model.to(device)
-        return model.eval()
-    return model_or_dir
-
-
-def _autoencoder_markdown(result: dict[str, Any]) -> str:
-    return (
-        "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
-        f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
-        f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
-    )
-
-
-def evaluate_autoencoder(
-    model_dir,
-    references_file: str | Path,
-    num_samples: int = 1000,
-    *,
-    text_column: str = "text",
-    batch_size: int = 32,
-    decode_kwargs: dict | None = None,
-    output_dir: str | Path | None = None,
-    tracking=None,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """Reconstruction BLEU (sacrebleu, 0-100) and exact match of the first ``num_samples`` references,
-    against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as written
-    (``bleu_raw_text``, ``exact_match_raw_text``); scored by `reconstruction.evaluate_reconstruction`.
-
-    ``model_dir`` is a ``TextAutoencoder`` folder, a pipeline folder, or a loaded model with
-    ``encode(texts) -> [B, N, D]`` and ``decode(latents, **kw) -> list[str]``. ``decode_kwargs``
-    override the model's own decoding defaults (``None``: the defaults).
-    """
-    codec = _load_codec(model_dir, device)
-    texts, _ = read_texts(references_file, text_column)
-    texts = texts[:num_samples]
-    start = time.perf_counter()
-    scores = evaluate_reconstruction(
-        codec, texts, batch_size=batch_size, generate_kwargs=dict(decode_kwargs or {}), num_examples=len(texts)
-    )
-    seconds = time.perf_counter() - start
-    result: dict[str, Any] = {
-        "model": str(model_dir) if isinstance(model_dir, (str, Path)) else type(model_dir).__name__,
-        "references_file": str(references_file),
-        "num_samples": scores["num_samples"],
-        **{k: scores[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")},
-        "texts_per_second": len(texts) / seconds,
-    }
-    result["markdown"] = _autoencoder_markdown(result)
-    examples = scores["examples"]
-    if output_dir is not None:
-        folder = Path(output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "autoencoder_results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        (folder / "autoencoder_results.md").write_text(result["markdown"])
-    _log_autoencoder_to_mlflow(result, examples, tracking, output_dir)
-    result["examples"] = examples
-    return result
-
-
-def _log_autoencoder_to_mlflow(result: dict[str, Any], examples: list[dict], tracking, output_dir) -> None:
-    from .config import TrackingConfig
-    from .tracking import Tracker
-
-    cfg = tracking if tracking is not None else TrackingConfig()
-    if not cfg.enabled:
-        return
-    with Tracker(cfg, run_name=cfg.run_name or "evaluate-autoencoder", fallback_dir=output_dir) as tracker:
-        tracker.log_params(
-            {"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}}
-        )
-        tracker.log_metrics(
-            {k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0
-        )
-        tracker.log_table(examples, "reconstructions.json")

@@ -14,7 +14,12 @@ Folder layout::
 
     <cache_dir>/<key>/latents.npy   float32 [num_examples, num_latents, latent_dim]
                       labels.npy    int64 [num_examples] (only with labels)
+                      source_states.npy   float16 [num_examples, max_source_length, d_model]
+                      source_lengths.npy  int64 [num_examples]   (both only with sources: text-to-text)
                       meta.json     shape, num_examples, class_names, key
+
+Text-to-text training also caches each source text's frozen encoder states (right-padded to the
+longest source), so stage 2 never runs the encoder either.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ def _hash_module(digest, module: torch.nn.Module) -> None:
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def latent_cache_key(text_autoencoder, texts: Sequence[str], labels: Sequence[int] | None = None) -> str:
+def latent_cache_key(
+    text_autoencoder, texts: Sequence[str], labels: Sequence[int] | None = None, sources: Sequence[str] | None = None
+) -> str:
     """sha256 (hex, 24 chars) of what determines the cached latents: weights, tokenizer, max_length, data."""
     digest = hashlib.sha256()
     digest.update(f"latentlm-latent-cache-v{CACHE_VERSION}".encode())
@@ -63,6 +70,10 @@ def latent_cache_key(text_autoencoder, texts: Sequence[str], labels: Sequence[in
         digest.update(text.encode() + b"\x00")
     if labels is not None:
         digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    if sources is not None:
+        digest.update(f"num_sources={len(sources)}".encode())
+        for source in sources:
+            digest.update(source.encode() + b"\x00")
     return digest.hexdigest()[:24]
 
 
@@ -71,13 +82,16 @@ class LatentCache:
     """Cached latents of one dataset, memory-mapped.
 
     Attributes: ``path`` (the cache folder), ``latents`` (read-only memmap ``[M, N, D]`` float32),
-    ``labels`` (int64 ``[M]`` or None), ``class_names`` (list, empty without labels).
+    ``labels`` (int64 ``[M]`` or None), ``class_names`` (list, empty without labels),
+    ``source_states`` (read-only memmap ``[M, L, d_model]`` float16, or None) and ``source_lengths``.
     """
 
     path: Path
     latents: np.ndarray
     labels: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
+    source_states: np.ndarray | None = None
+    source_lengths: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> LatentCache:
@@ -93,7 +107,18 @@ class LatentCache:
                 f"meta.json says {meta['shape']}. Delete the folder to rebuild it."
             )
         labels = np.load(path / "labels.npy") if meta.get("has_labels") else None
-        return cls(path=path, latents=latents, labels=labels, class_names=list(meta.get("class_names", [])))
+        sources = lengths = None
+        if meta.get("has_sources"):
+            sources = np.load(path / "source_states.npy", mmap_mode="r")
+            lengths = np.load(path / "source_lengths.npy")
+        return cls(
+            path=path,
+            latents=latents,
+            labels=labels,
+            class_names=list(meta.get("class_names", [])),
+            source_states=sources,
+            source_lengths=lengths,
+        )
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -106,12 +131,29 @@ class LatentCache:
     def latent_dim(self) -> int:
         return self.latents.shape[2]
 
+    @property
+    def source_dim(self) -> int | None:
+        """Width of the cached source states (the encoder's d_model); None without sources."""
+        return None if self.source_states is None else self.source_states.shape[2]
+
     def batch(self, indices: Sequence[int], device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> latents `[len(indices), N, D]` float32, labels `[len(indices)]` long (or None)."""
         idx = np.asarray(indices, dtype=np.int64)
         latents = torch.from_numpy(np.ascontiguousarray(self.latents[idx])).to(device)
         labels = torch.from_numpy(self.labels[idx]).to(device) if self.labels is not None else None
         return latents, labels
+
+    def source_batch(self, indices: Sequence[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> source states `[len(indices), L, d_model]` float32 (L = the longest of these sources) and
+        their attention mask `[len(indices), L]` long."""
+        if self.source_states is None:
+            raise ValueError(f"The latent cache {str(self.path)!r} holds no sources (it was built without them).")
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = torch.from_numpy(self.source_lengths[idx])
+        longest = int(lengths.max())
+        states = torch.from_numpy(np.ascontiguousarray(self.source_states[idx, :longest])).float()
+        mask = (torch.arange(longest)[None] < lengths[:, None]).long()
+        return states.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -123,6 +165,7 @@ def build_latent_cache(
     class_names: Sequence[str] | None = None,
     batch_size: int = 64,
     show_progress: bool = True,
+    sources: Sequence[str] | None = None,
 ) -> LatentCache:
     """Encode `texts` once (or reuse an existing cache with the same key) and open it memory-mapped.
 
@@ -132,13 +175,18 @@ def build_latent_cache(
         cache_dir: parent folder; the cache lives in ``<cache_dir>/<key>``.
         labels: optional class ids, one per text.
         class_names: names of the class ids (stored with the cache for inspection).
+        sources: optional source texts, one per text (text-to-text): their encoder states are cached too.
     """
     texts = list(texts)
     if not texts:
         raise ValueError("No texts to encode: the latent cache needs at least one training text.")
     if labels is not None and len(labels) != len(texts):
         raise ValueError(f"Got {len(labels)} labels for {len(texts)} texts; give one label per text.")
-    key = latent_cache_key(text_autoencoder, texts, labels)
+    if sources is not None:
+        sources = list(sources)
+        if len(sources) != len(texts):
+            raise ValueError(f"Got {len(sources)} sources for {len(texts)} texts; give one source per text.")
+    key = latent_cache_key(text_autoencoder, texts, labels, sources)
     final = Path(cache_dir) / key
     if (final / META_FILE).is_file():
         logger.info("Reusing latent cache %s", final)
@@ -168,12 +216,15 @@ def build_latent_cache(
             del out
             if labels is not None:
                 np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+            if sources is not None:
+                _encode_sources(text_autoencoder, sources, tmp, batch_size, show_progress)
             meta = {
                 "version": CACHE_VERSION,
                 "key": key,
                 "shape": [len(texts), n, d],
                 "num_examples": len(texts),
                 "has_labels": labels is not None,
+                "has_sources": sources is not None,
                 "class_names": list(class_names or []),
                 "max_length": text_autoencoder.max_length,
             }
@@ -182,3 +233,31 @@ def build_latent_cache(
         text_autoencoder.train(was_training)
     logger.info("Wrote latent cache %s (%d x %d x %d)", final, len(texts), n, d)
     return LatentCache.open(final)
+
+
+def _encode_sources(text_autoencoder, sources: list[str], folder: Path, batch_size: int, show_progress: bool) -> None:
+    """Write the sources' encoder states (float16, right-padded) and lengths into ``folder``."""
+    lengths = np.asarray([len(ids) for ids in text_autoencoder.token_ids(sources, truncation=False)], dtype=np.int64)
+    width = text_autoencoder.autoencoder.config.d_model
+    out = np.lib.format.open_memmap(
+        folder / "source_states.npy", mode="w+", dtype=np.float16, shape=(len(sources), int(lengths.max()), width)
+    )
+    order = np.argsort(lengths, kind="stable")
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="encoding sources", disable=not show_progress, leave=False
+    ):
+        chunk = order[start : start + batch_size]
+        states, mask = text_autoencoder.encode_sources([sources[i] for i in chunk])
+        states = states.float().cpu().numpy()
+        if not np.isfinite(states).all():
+            raise ValueError("The encoder produced non-finite source states; check the source texts and the backbone.")
+        if np.abs(states).max() > np.finfo(np.float16).max:
+            raise ValueError(
+                f"Source states reach {np.abs(states).max():.3g}, beyond float16, in which the cache stores them; "
+                "this backbone's encoder states are too large to cache."
+            )
+        for row, i in enumerate(chunk):
+            out[i, : lengths[i]] = states[row, : lengths[i]]
+    out.flush()
+    del out
+    np.save(folder / "source_lengths.npy", lengths)

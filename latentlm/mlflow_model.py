@@ -1,4 +1,4 @@
-"""The pipeline as an MLflow pyfunc model: a DataFrame of class / num_samples in, texts out.
+"""The pipeline as an MLflow pyfunc model: a DataFrame of class / num_samples (/ source) in, texts out.
 
 ```python
 import mlflow, pandas as pd
@@ -8,6 +8,7 @@ model.predict(pd.DataFrame({"class": ["Italian", "French"], "num_samples": [2, 1
 #      class                                   text  row
 # 0  Italian  Zizzi is an Italian pub in the ...      0
 ```
+A text-to-text pipeline takes a ``source`` column: ``num_samples`` texts are generated from each row's source.
 
 The model is saved with MLflow's ``loader_module`` workflow: the folder holds the pipeline folder
 (safetensors) and the name of this module, whose `_load_pyfunc` rebuilds the pipeline; nothing is
@@ -44,7 +45,8 @@ class PipelinePyfunc:
 
     def predict(self, model_input, params: dict[str, Any] | None = None):
         """Input columns: ``class`` (name, id or missing/None = unconditional), ``num_samples``
-        (default 1). Output: one row per text with ``class``, ``text`` and ``row`` (the input row).
+        (default 1), ``source`` (text-to-text pipelines: the text to generate from). Output: one row per
+        text with ``class``, ``text``, ``row`` (the input row) and, with sources, ``source``.
 
         Safe to call from several threads (``mlflow models serve`` does): each request samples with
         its own scheduler and generators. Bad input raises an MLflow INVALID_PARAMETER_VALUE error,
@@ -64,12 +66,13 @@ class PipelinePyfunc:
             model_input = pd.DataFrame(model_input)
         if not isinstance(model_input, pd.DataFrame):
             raise TypeError(
-                f"model_input must be a pandas DataFrame (columns class, num_samples), "
+                f"model_input must be a pandas DataFrame (columns class, num_samples, source), "
                 f"got {type(model_input).__name__}."
             )
-        unknown = sorted(set(model_input.columns) - {"class", "num_samples"})
+        unknown = sorted(set(model_input.columns) - {"class", "num_samples", "source"})
         if unknown:
-            raise ValueError(f"unknown input columns {unknown}; use 'class' and 'num_samples'.")
+            raise ValueError(f"unknown input columns {unknown}; use 'class', 'num_samples' and 'source'.")
+        with_sources = "source" in model_input.columns
         # A scheduler for this request only: concurrent requests never touch shared state.
         scheduler = make_scheduler(self.pipe, params["scheduler"])
         rows = []
@@ -81,19 +84,32 @@ class PipelinePyfunc:
                 label = int(label)
             count = record.get("num_samples", 1)
             count = 1 if count is None or pd.isna(count) else int(count)
+            source = record.get("source") if with_sources else None
+            if source is not None and not isinstance(source, str) and pd.isna(source):
+                source = None
             # One pipeline call per input row, seeded with seed + row.
             texts = sample_texts(
                 self.pipe,
                 count,
                 class_name=label,
-                guidance_scale=float(params["guidance_scale"]) if label is not None else 1.0,
+                guidance_scale=float(params["guidance_scale"]) if label is not None or source is not None else 1.0,
                 num_inference_steps=int(params["num_inference_steps"]),
                 scheduler=scheduler,
                 seed=int(params["seed"]) + index,
                 batch_size=max(count, 1),
+                source_texts=None if source is None else [source],
             )
-            rows.extend({"class": row["class"], "text": row["text"], "row": index} for row in texts)
-        return pd.DataFrame(rows, columns=["class", "text", "row"])
+            rows.extend(
+                {
+                    "class": row["class"],
+                    "text": row["text"],
+                    "row": index,
+                    **({"source": source} if with_sources else {}),
+                }
+                for row in texts
+            )
+        columns = ["class", "text", "row"] + (["source"] if with_sources else [])
+        return pd.DataFrame(rows, columns=columns)
 
 
 def _load_pyfunc(data_path: str) -> PipelinePyfunc:
@@ -109,7 +125,14 @@ def _signature():
     # unconditionally); predict() checks the columns itself and names the bad one.
     return ModelSignature(
         inputs=None,
-        outputs=Schema([ColSpec("string", "class", required=False), ColSpec("string", "text"), ColSpec("long", "row")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "class", required=False),
+                ColSpec("string", "text"),
+                ColSpec("long", "row"),
+                ColSpec("string", "source", required=False),
+            ]
+        ),
         params=ParamSchema(
             [
                 ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),

@@ -1,12 +1,16 @@
 """Reconstruction quality of a stage-1 model: texts -> latents -> texts, scored with sacrebleu BLEU and
 exact match against what the tokenizer can represent (`normalized_reference`).
 
-Used by stage-1 training (evaluation every ``eval_every`` steps) and by ``latentlm evaluate-autoencoder``.
+Used by stage-1 training (evaluation every ``eval_every`` steps) and by ``latentlm evaluate-autoencoder``
+(`evaluate_autoencoder`: the scores of a saved model on a file of texts, as JSON, markdown and an MLflow run).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +18,13 @@ import torch
 from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS, GREEDY_GENERATE_KWARGS
 from latentlm.metrics import exact_match, reconstruction_bleu
 
-__all__ = ["normalized_reference", "reconstruct", "evaluate_reconstruction", "reconstruction_generate_kwargs"]
+__all__ = [
+    "normalized_reference",
+    "reconstruct",
+    "evaluate_reconstruction",
+    "reconstruction_generate_kwargs",
+    "evaluate_autoencoder",
+]
 
 
 def normalized_reference(tokenizer, text: str, max_length: int, add_special_tokens: bool = True) -> str:
@@ -94,3 +104,94 @@ def evaluate_reconstruction(
             for t, r, h in list(zip(texts, references, hypotheses))[:num_examples]
         ],
     }
+
+
+def _load_codec(model_or_dir, device):
+    """A pipeline or a TextAutoencoder (from a folder or as given): anything with encode/decode."""
+    if isinstance(model_or_dir, (str, Path)):
+        folder = Path(model_or_dir)
+        if (folder / "model_index.json").is_file():
+            from latentlm.sampling import load_pipeline
+
+            return load_pipeline(folder, device)
+        from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
+        model = TextAutoencoder.from_pretrained(str(folder))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+    return model_or_dir
+
+
+def _autoencoder_markdown(result: dict[str, Any]) -> str:
+    return (
+        "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
+        f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
+        f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
+    )
+
+
+def evaluate_autoencoder(
+    model_dir,
+    references_file: str | Path,
+    num_samples: int = 1000,
+    *,
+    text_column: str = "text",
+    batch_size: int = 32,
+    decode_kwargs: dict | None = None,
+    output_dir: str | Path | None = None,
+    tracking=None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Reconstruction BLEU (sacrebleu, 0-100) and exact match of the first ``num_samples`` references,
+    against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as written
+    (``bleu_raw_text``, ``exact_match_raw_text``); scored by `reconstruction.evaluate_reconstruction`.
+
+    ``model_dir`` is a ``TextAutoencoder`` folder, a pipeline folder, or a loaded model with
+    ``encode(texts) -> [B, N, D]`` and ``decode(latents, **kw) -> list[str]``. ``decode_kwargs``
+    override the model's own decoding defaults (``None``: the defaults).
+    """
+    from latentlm.data import read_texts
+
+    codec = _load_codec(model_dir, device)
+    texts, _ = read_texts(references_file, text_column)
+    texts = texts[:num_samples]
+    start = time.perf_counter()
+    scores = evaluate_reconstruction(
+        codec, texts, batch_size=batch_size, generate_kwargs=dict(decode_kwargs or {}), num_examples=len(texts)
+    )
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "model": str(model_dir) if isinstance(model_dir, (str, Path)) else type(model_dir).__name__,
+        "references_file": str(references_file),
+        "num_samples": scores["num_samples"],
+        **{k: scores[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")},
+        "texts_per_second": len(texts) / seconds,
+    }
+    result["markdown"] = _autoencoder_markdown(result)
+    examples = scores["examples"]
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "autoencoder_results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        (folder / "autoencoder_results.md").write_text(result["markdown"])
+    _log_autoencoder_to_mlflow(result, examples, tracking, output_dir)
+    result["examples"] = examples
+    return result
+
+
+def _log_autoencoder_to_mlflow(result: dict[str, Any], examples: list[dict], tracking, output_dir) -> None:
+    from latentlm.config import TrackingConfig
+    from latentlm.tracking import Tracker
+
+    cfg = tracking if tracking is not None else TrackingConfig()
+    if not cfg.enabled:
+        return
+    with Tracker(cfg, run_name=cfg.run_name or "evaluate-autoencoder", fallback_dir=output_dir) as tracker:
+        tracker.log_params(
+            {"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}}
+        )
+        tracker.log_metrics(
+            {k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0
+        )
+        tracker.log_table(examples, "reconstructions.json")

@@ -76,8 +76,14 @@ def sample_texts(
     decode_kwargs: dict | None = None,
     controls: dict[str, Any] | None = None,
     control_scale: float | dict[str, float] = 1.0,
+    source_texts: list[str] | None = None,
+    mbr_candidates: int = 1,
+    mbr_metric: str = "bleu",
 ) -> list[dict]:
     """rows [{"class", "text", "seed", "index"}]; batch k uses torch.Generator().manual_seed(seed + k);
+    source_texts: text-to-text pipelines: ``num_samples`` texts for each source, rows gain ``"source"``
+    (``index`` counts the samples of one source); mbr_candidates / mbr_metric: MBR decoding, as in the
+    pipeline's ``__call__``;
     controls / control_scale: classifier guidance, as in the pipeline's ``__call__`` (one target per control);
     scheduler: None (pipeline's own), a name from SCHEDULERS, or a scheduler instance (used for this call only via pipe(..., scheduler=...));
     class_name: None (unconditional), a class name, an int id, or a digit string that is not a class name.
@@ -98,7 +104,29 @@ def sample_texts(
         call_kwargs.update(controls=controls, control_scale=control_scale)
     if num_inference_steps is not None:
         call_kwargs["num_inference_steps"] = num_inference_steps
+    if mbr_candidates != 1:
+        call_kwargs.update(mbr_candidates=mbr_candidates, mbr_metric=mbr_metric)
     rows: list[dict[str, Any]] = []
+    if source_texts is not None:
+        if isinstance(source_texts, str):
+            source_texts = [source_texts]
+        sources = list(source_texts)
+        per_call = max(1, batch_size // (num_samples * mbr_candidates))
+        for batch, start in enumerate(range(0, len(sources), per_call)):
+            chunk = sources[start : start + per_call]
+            output = pipe(
+                source_texts=chunk,
+                num_samples_per_source=num_samples,
+                generator=torch.Generator().manual_seed(seed + batch),
+                **call_kwargs,
+            )
+            name = pipe.class_names[label] if isinstance(label, int) else label
+            for source, texts in zip(chunk, output.texts):
+                rows.extend(
+                    {"class": name, "source": source, "text": text, "seed": seed + batch, "index": i}
+                    for i, text in enumerate(texts)
+                )
+        return rows
     for batch, start in enumerate(range(0, num_samples, batch_size)):
         output = pipe(
             num_samples=min(batch_size, num_samples - start),
@@ -128,8 +156,12 @@ def sample(
     pipe=None,
     controls: dict[str, Any] | None = None,
     control_scale: float | dict[str, float] = 1.0,
+    source_texts: list[str] | None = None,
+    mbr_candidates: int = 1,
+    mbr_metric: str = "bleu",
 ) -> list[dict[str, Any]]:
-    """Sample ``num_samples`` texts; returns ``[{"class", "text", "seed", "index"}]`` and writes jsonl to ``out``.
+    """Sample ``num_samples`` texts (per source, with ``source_texts``); returns
+    ``[{"class", "text", "seed", "index"}]`` (rows gain ``"source"``) and writes jsonl to ``out``.
 
     Args:
         pipeline_dir: a folder written by ``LatentTextDiffusionPipeline.save_pretrained``.
@@ -142,6 +174,7 @@ def sample(
         pipe: an already loaded pipeline (then ``pipeline_dir`` is only reported).
         controls, control_scale: classifier guidance by the pipeline's classifiers, e.g.
             ``{"price": "cheap"}`` (see the pipeline's ``__call__``).
+        source_texts, mbr_candidates, mbr_metric: text-to-text pipelines, as in `sample_texts`.
 
     See `sample_texts`, which does the sampling; this loads the pipeline (progress bar off) and writes the file.
     """
@@ -160,6 +193,9 @@ def sample(
         decode_kwargs=decode_kwargs,
         controls=controls,
         control_scale=control_scale,
+        source_texts=source_texts,
+        mbr_candidates=mbr_candidates,
+        mbr_metric=mbr_metric,
     )
     if out is not None:
         out = Path(out)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from latentlm.config import OptimizerConfig, RunConfig, TrainingLoopConfig
-from latentlm.data import load_texts
+from latentlm.data import load_text_dataset
 from latentlm.tracking import Tracker
 from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
 
@@ -70,7 +70,8 @@ SCRATCH_PREFIX = "scratch:"
 def build_word_tokenizer(texts: list[str], vocab_size: int = 8000, model_max_length: int = 512):
     """A word-level `PreTrainedTokenizerFast` for a small closed-vocabulary corpus.
 
-    Words are split at whitespace, with ``.`` and ``,`` as their own tokens; decoding joins words
+    Words are split at whitespace, with ``.``, ``,``, ``[`` and ``]`` as their own tokens (the brackets
+    of meaning representations such as ``food[Italian]``); decoding joins words
     with spaces and re-attaches punctuation, so corpus texts round-trip exactly. Special tokens:
     ``<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4`` (BART's layout).
     """
@@ -83,6 +84,8 @@ def build_word_tokenizer(texts: list[str], vocab_size: int = 8000, model_max_len
             pre_tokenizers.WhitespaceSplit(),
             pre_tokenizers.Split(".", behavior="isolated"),
             pre_tokenizers.Split(",", behavior="isolated"),
+            pre_tokenizers.Split("[", behavior="isolated"),
+            pre_tokenizers.Split("]", behavior="isolated"),
         ]
     )
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -125,7 +128,8 @@ def build_scratch_bart(tokenizer, model_kwargs: dict[str, Any], max_length: int)
 
 class BackboneStage(TrainingStage):
     """Pre-training of a scratch BART: ``mask_prob`` of the input words become ``<mask>``, the target is
-    the clean text, so the encoder learns states that carry every word and the decoder the language."""
+    the clean text, so the encoder learns states that carry every word and the decoder the language.
+    With ``data.source_column`` the source texts are pre-trained on (and in the vocabulary) as well."""
 
     name = "backbone"
     final_dir, checkpoint_dir, history_file = BACKBONE_DIR, "backbone_training", "backbone_history.json"
@@ -153,7 +157,10 @@ class BackboneStage(TrainingStage):
 
     def setup(self, accelerator) -> None:
         max_length = self.config.autoencoder.max_length
-        self.texts = load_texts(self.config.data, self.config.data.train_split, self.config.data.max_train_samples)
+        data = self.config.data
+        rows = load_text_dataset(data, data.train_split, data.max_train_samples)
+        # Text-to-text: the encoder also reads the sources, so they share the vocabulary and the pre-training.
+        self.texts = list(rows[data.text_column]) + (list(rows[data.source_column]) if data.source_column else [])
         self.tokenizer = build_word_tokenizer(self.texts, vocab_size=self.spec["vocab_size"])
         self.model = build_scratch_bart(self.tokenizer, self.spec["model"], max_length).to(accelerator.device)
         self.encodings = self.tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]

@@ -25,6 +25,7 @@ from latentlm.data import load_text_dataset
 from latentlm.diffusion import LatentClassifier, latent_fingerprint, make_noise_scheduler
 from latentlm.files import atomic_directory
 from latentlm.latent_cache import build_latent_cache
+from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR
 from latentlm.tracking import Tracker
 from latentlm.train_diffusion import CACHE_DIR, check_autoencoder_path, resolve_class_labels
 from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
@@ -35,7 +36,6 @@ __all__ = ["train_classifier", "ClassifierStage", "attach_classifier", "TARGETS"
 
 #: derived regression targets: name -> what it measures
 TARGETS = {"length": "tokens of the text (no special tokens)"}
-CLASSIFIERS_DIR = "classifiers"
 NOISE_LEVELS_FILE = "noise_levels.json"
 
 

@@ -1,7 +1,8 @@
 """Stage 2 training: learn the latent denoiser on a trained autoencoder's latents.
 
-`train_diffusion(config, autoencoder_path)` loads the training texts (and labels), encodes them
-once into a memory-mapped latent cache (`latentlm.latent_cache`), and trains a `LatentDenoiser`
+`train_diffusion(config, autoencoder_path)` loads the training texts (and labels, and for
+text-to-text the source texts of ``data.source_column``), encodes them once into a memory-mapped
+latent cache (`latentlm.latent_cache`), and trains a `LatentDenoiser`
 with the LD4LG objective (`latentlm.diffusion.diffusion_loss`) in the shared loop
 (`latentlm.training.run_stage`), with an EMA of the weights (diffusers `EMAModel`). Every
 ``sample_every`` steps a few decoded samples per class go to MLflow as a table. The result is
@@ -97,8 +98,11 @@ def resolve_class_labels(
     return [index[label] for label in as_str], class_names
 
 
-def build_denoiser(config: RunConfig, num_latents: int, latent_dim: int, class_names: list[str]) -> LatentDenoiser:
-    """The denoiser of ``config.diffusion`` for latents ``[N, D]`` and these classes (validated)."""
+def build_denoiser(
+    config: RunConfig, num_latents: int, latent_dim: int, class_names: list[str], cross_attention_dim: int | None = None
+) -> LatentDenoiser:
+    """The denoiser of ``config.diffusion`` for latents ``[N, D]``, these classes and (text-to-text) source
+    states of width ``cross_attention_dim`` (validated)."""
     cfg = config.diffusion
     if cfg.denoiser_size not in DENOISER_SIZES:
         raise ValueError(f"diffusion.denoiser_size={cfg.denoiser_size!r}: use one of {sorted(DENOISER_SIZES)}.")
@@ -118,7 +122,14 @@ def build_denoiser(config: RunConfig, num_latents: int, latent_dim: int, class_n
             f"diffusion.denoiser.num_classes={overrides['num_classes']} but the data have {len(class_names)} "
             f"classes {class_names}; remove num_classes (it is taken from the data)."
         )
+    if overrides.get("cross_attention_dim", cross_attention_dim) != cross_attention_dim:
+        raise ValueError(
+            f"diffusion.denoiser.cross_attention_dim={overrides['cross_attention_dim']} but the source states have "
+            f"width {cross_attention_dim} ({'no data.source_column' if cross_attention_dim is None else 'the encoder'}"
+            "); remove it (it is taken from the data and the autoencoder)."
+        )
     overrides.update(
+        cross_attention_dim=cross_attention_dim,
         num_latents=num_latents,
         latent_dim=latent_dim,
         num_classes=len(class_names),
@@ -128,12 +139,13 @@ def build_denoiser(config: RunConfig, num_latents: int, latent_dim: int, class_n
     return LatentDenoiser.from_size(cfg.denoiser_size, **overrides)
 
 
-def _load_training_data(config: RunConfig) -> tuple[list[str], list[Any] | None]:
+def _load_training_data(config: RunConfig) -> tuple[list[str], list[Any] | None, list[str] | None]:
     data = config.data
     ds = load_text_dataset(data, data.train_split, data.max_train_samples)
     texts = list(ds[data.text_column])
     labels = list(ds[data.label_column]) if data.label_column else None
-    return texts, labels
+    sources = list(ds[data.source_column]) if data.source_column else None
+    return texts, labels, sources
 
 
 class DiffusionStage(TrainingStage):
@@ -150,7 +162,7 @@ class DiffusionStage(TrainingStage):
     def setup(self, accelerator) -> None:
         cfg, opt = self.cfg, self.cfg.optimizer
         # data and classes, validated before anything expensive
-        texts, raw_labels = _load_training_data(self.config)
+        texts, raw_labels, self.sources = _load_training_data(self.config)
         labels, self.class_names = resolve_class_labels(raw_labels, cfg.denoiser.get("class_names"))
 
         # latents, encoded once (main process), then memory-mapped by every process
@@ -166,13 +178,16 @@ class DiffusionStage(TrainingStage):
             labels=labels,
             class_names=self.class_names,
             show_progress=accelerator.is_main_process,
+            sources=self.sources,
         )
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()
         else:
             self.text_autoencoder = None  # only the main process decodes samples
 
-        self.denoiser = build_denoiser(self.config, self.cache.num_latents, self.cache.latent_dim, self.class_names)
+        self.denoiser = build_denoiser(
+            self.config, self.cache.num_latents, self.cache.latent_dim, self.class_names, self.cache.source_dim
+        )
         self.denoiser.to(accelerator.device)
         self.scheduler = make_noise_scheduler(cfg.schedule, cfg.prediction_type, cfg.num_train_timesteps)
         self.optimizer = make_optimizer(self.denoiser.parameters(), opt)
@@ -199,6 +214,9 @@ class DiffusionStage(TrainingStage):
         cfg, accelerator = self.cfg, self.accelerator
         indices = self.batch_indices(step, len(self.cache))
         latents, labels = self.cache.batch(indices, accelerator.device)
+        states = mask = None
+        if self.sources is not None:
+            states, mask = self.cache.source_batch(indices, accelerator.device)
         self.timesteps = weights = None
         if self.importance is not None:
             self.timesteps, weights = self.importance.sample(len(indices), accelerator.device, generator=generator)
@@ -214,6 +232,9 @@ class DiffusionStage(TrainingStage):
                 timesteps=self.timesteps,
                 generator=generator,
                 reduction="none",
+                encoder_hidden_states=states,
+                encoder_attention_mask=mask,
+                source_dropout_prob=cfg.source_dropout_prob if states is not None else 0.0,
             )
         return (self.losses * weights).mean() if weights is not None else self.losses.mean()
 
@@ -228,7 +249,8 @@ class DiffusionStage(TrainingStage):
         return self.cfg.sample_every
 
     def evaluate(self, step: int, tracker: Tracker) -> dict[str, Any]:
-        """A few decoded samples per class, with the EMA weights (what is saved)."""
+        """A few decoded samples per class (text-to-text: for the first training sources), with the EMA
+        weights (what is saved)."""
         from latentlm.sampling import sample_texts
 
         with self.ema_weights():
@@ -238,14 +260,22 @@ class DiffusionStage(TrainingStage):
                 rows.extend(
                     sample_texts(
                         pipe,
-                        self.cfg.num_samples_per_class,
+                        1 if self.sources else self.cfg.num_samples_per_class,
                         class_name=name,
                         scheduler="ddim",
                         num_inference_steps=self.cfg.sample_inference_steps,
                         seed=self.cfg.seed,
+                        source_texts=self.sources[: self.cfg.num_samples_per_class] if self.sources else None,
                     )
                 )
-        rows = [{"class": row["class"] if row["class"] is not None else "", "text": row["text"]} for row in rows]
+        rows = [
+            {
+                "class": row["class"] if row["class"] is not None else "",
+                **({"source": row["source"]} if self.sources else {}),
+                "text": row["text"],
+            }
+            for row in rows
+        ]
         tracker.log_table([{"step": step, **row} for row in rows], f"samples/step_{step:08d}.json")
         return {"samples": rows[: 2 * max(1, len(self.class_names))]}
 
@@ -285,6 +315,7 @@ class DiffusionStage(TrainingStage):
             "diffusion.latent_cache": str(self.cache.path),
             "diffusion.num_train_examples": len(self.cache),
             "diffusion.class_names": ",".join(self.class_names) or "(unconditional)",
+            "diffusion.source_column": self.config.data.source_column or "(none)",
             "diffusion.num_parameters": sum(p.numel() for p in self.denoiser.parameters()),
         }
 

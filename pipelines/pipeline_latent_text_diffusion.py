@@ -13,13 +13,15 @@ pipe = LatentTextDiffusionPipeline.from_pretrained("outputs/quickstart/pipeline"
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 texts = pipe(num_samples=4, class_labels="Italian", guidance_scale=2.0, num_inference_steps=25).texts
 ```
+
+A text-to-text pipeline (its denoiser cross-attends to a source text's encoder states) generates
+from sources: ``pipe(source_texts=[...], num_samples_per_source=2, mbr_candidates=5).texts`` is one
+list of texts per source.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import math
 import os
 from collections.abc import Callable
@@ -27,59 +29,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
-from latentlm.autoencoder.text_codec import decode_latents, encode_texts, merge_peft
+from latentlm.autoencoder.text_codec import decode_latents, encode_sources, encode_texts, merge_peft
 from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
-from latentlm.diffusion.schedules import PREDICTION_TYPES, guide_model_output, predict_original_sample
+from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-
-# File written next to model_index.json so that diffusers' generic loader,
-# `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, finds the pipeline class
-# (a Hub-style custom pipeline). It only re-exports the installed class: the folder carries no
-# code of its own, and `LatentTextDiffusionPipeline.from_pretrained` runs the file only when it is
-# byte-for-byte this stub.
-CUSTOM_PIPELINE_MODULE = "pipeline_latent_text_diffusion"
-CUSTOM_PIPELINE_STUB = (
-    '"""Hub-style entry point for diffusers\' generic loader; needs `pip install latentlm`."""\n'
-    "from latentlm.pipelines.pipeline_latent_text_diffusion import LatentTextDiffusionPipeline\n"
-    "\n"
-    '__all__ = ["LatentTextDiffusionPipeline"]\n'
+from latentlm.pipelines.conditioning import check_source_texts, class_label_ids, count_outputs
+from latentlm.pipelines.mbr import mbr_select
+from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR, check_pipeline_folder, mark_custom_pipeline
+from latentlm.pipelines.schedulers import (
+    SUPPORTED_SCHEDULERS,
+    UNSUPPORTED_SCHEDULERS,
+    check_scheduler,
+    extra_step_kwargs,
 )
 
-COMPONENTS = ("tokenizer", "language_model", "autoencoder", "denoiser", "scheduler")
-
-
-#: diffusers schedulers that sample well from a trained latent denoiser with the cosine schedule
-#: (`benchmarks/scheduler_support.py`); build them with ``Cls.from_config(pipe.scheduler.config)``.
-CLASSIFIERS_DIR = "classifiers"
-
-SUPPORTED_SCHEDULERS = (
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "DEISMultistepScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "PNDMScheduler",
-    "UniPCMultistepScheduler",
-)
-#: schedulers that accept this pipeline's config but do not work with it, and why
-UNSUPPORTED_SCHEDULERS = {
-    "HeunDiscreteScheduler": (
-        "its second-order correction amplifies the denoiser's error at the huge sigma_max of the cosine "
-        "schedule, so samples diverge at usual step counts"
-    ),
-    "KDPM2AncestralDiscreteScheduler": "it diverges at 10 steps and fails with an IndexError at 5",
-}
+__all__ = [
+    "LatentTextDiffusionPipeline",
+    "LatentTextDiffusionPipelineOutput",
+    "SUPPORTED_SCHEDULERS",
+    "UNSUPPORTED_SCHEDULERS",
+    "slerp",
+]
 
 
 @dataclass
@@ -87,11 +63,13 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
     """Output of `LatentTextDiffusionPipeline.__call__`.
 
     Args:
-        texts: the decoded samples (``None`` when ``output_type="latent"``).
-        latents: the clean latents ``[batch, num_latents, latent_dim]`` (float32).
+        texts: the decoded samples (``None`` when ``output_type="latent"``); with ``source_texts``, one
+            list of ``num_samples_per_source`` texts per source.
+        latents: the clean latents ``[batch, num_latents, latent_dim]`` (float32; with sources, source
+            by source).
     """
 
-    texts: list[str] | None
+    texts: list[str] | list[list[str]] | None
     latents: torch.Tensor
 
 
@@ -105,12 +83,19 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         autoencoder (`LatentAutoencoder`): compression (encoder states -> latents) and
             reconstruction (latents -> decoder memory).
         denoiser (`LatentDenoiser`): predicts the scheduler's target from ``z_t``, ``t``, the
-            previous ``ẑ0`` (self-conditioning) and a class label; class names live in its config.
+            previous ``ẑ0`` (self-conditioning), a class label and (text-to-text) the source text's
+            encoder states; class names live in its config.
         scheduler: any diffusers scheduler over ``alphas_cumprod`` (DDPM, DDIM, DPM-Solver++,
             UniPC, Euler ...) whose ``prediction_type`` is the one the denoiser was trained for.
 
     Classifiers (optional, for classifier guidance): named `LatentClassifier` s over this pipeline's
-    latents (`add_classifier`), saved in ``classifiers/<name>/`` and loaded with the pipeline.
+    latents (`add_classifier`), saved in ``classifiers/<name>/`` and loaded with the pipeline. At each
+    step ∇ log p(y | z_t) of the requested controls is added to the score (`guide_model_output`);
+    several controls multiply (a product of experts) and combine with classes and ``guidance_scale``.
+
+    Text-to-text: a denoiser with ``cross_attention_dim`` reads the encoder states of a source text;
+    ``guidance_scale`` then mixes the predictions with and without the source (and the class, if one
+    is given) in one batched pass.
 
     Config (besides the components, saved in ``model_index.json``): ``prediction_type`` (the
     denoiser's training target; defaults to the scheduler's at construction), ``max_length``
@@ -170,7 +155,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        num_samples: int = 1,
+        num_samples: int | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         num_inference_steps: int = 50,
@@ -184,15 +169,20 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         scheduler=None,
         controls: dict[str, Any] | None = None,
         control_scale: float | dict[str, float] = 1.0,
+        source_texts: str | list[str] | None = None,
+        num_samples_per_source: int = 1,
+        mbr_candidates: int = 1,
+        mbr_metric: str = "bleu",
     ) -> LatentTextDiffusionPipelineOutput | tuple:
         r"""Sample texts.
 
         Args:
-            num_samples: batch size ``B``.
+            num_samples: batch size ``B`` (default 1); with ``source_texts`` leave it unset:
+                ``B = len(source_texts) * num_samples_per_source``.
             class_labels: ``None`` (unconditional), one label for all samples, or ``B`` labels;
                 a label is a class name (see `class_names`) or an id.
-            guidance_scale: classifier-free guidance ``w``: ``uncond + w * (cond - uncond)``;
-                1.0 disables it (one forward pass per step), anything else needs class labels.
+            guidance_scale: classifier-free guidance ``w``: ``uncond + w * (cond - uncond)`` on the class
+                and the source; 1.0 disables it (one forward pass per step).
             num_inference_steps: scheduler steps.
             generator: makes sampling (initial noise, stochastic steps) reproducible.
             latents: initial noise ``[B, num_latents, latent_dim]`` (scaled by the scheduler's
@@ -209,90 +199,61 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             return_dict: return a `LatentTextDiffusionPipelineOutput` instead of a tuple.
             scheduler: a scheduler for this call only (default: ``self.scheduler``). Each call
                 steps its own copy, so calls from several threads never share scheduler state.
-            controls: classifier guidance, ``{name: target}`` over the carried classifiers: a class
-                name (or id) for a classification head, a number for a regression head (e.g.
-                ``{"price": "cheap", "length": 12}``); one target for all samples or one per sample.
-                At each step ∇ log p(y | z_t) is added to the score (`guide_model_output`); several
-                controls multiply (a product of experts). Combines with classes and ``guidance_scale``.
+            controls: classifier guidance ``{name: target}`` by the carried classifiers (a class for a
+                classification head, a number for a regression head; one target or one per sample),
+                e.g. ``{"price": "cheap", "length": 12}``; see the class docstring.
             control_scale: the classifiers' weight, one number or ``{name: number}`` (>= 0).
+            source_texts: the texts to generate from (text-to-text pipelines, which require them).
+            num_samples_per_source: texts generated for each source.
+            mbr_candidates: MBR decoding: candidates sampled per returned text, which is the one most
+                similar to the others (1 = off); ``mbr_metric``: ``"bleu"`` or ``"rouge_l"``.
 
         Returns:
             `LatentTextDiffusionPipelineOutput` (``texts``, ``latents [B, N, D]``: the denoiser's clean
             estimate ẑ0 at the last step) or ``(texts, latents)``.
         """
         # 0. Check inputs.
+        sources = check_source_texts(source_texts, self.denoiser.config.get("cross_attention_dim"))
+        num_samples = count_outputs(
+            sources, num_samples, num_samples_per_source, mbr_candidates, mbr_metric, output_type
+        )
         self.check_inputs(
             num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
         )
         # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         self.check_scheduler(scheduler)
-        labels = self.prepare_class_labels(class_labels, num_samples)
         controls = prepare_controls(self.classifiers, controls, control_scale, num_samples)
-        do_guidance = guidance_scale != 1.0
-        if do_guidance and labels is None:
-            if not self.class_names:
-                raise ValueError(
-                    f"guidance_scale={guidance_scale} needs a class-conditional denoiser, but this one is "
-                    "unconditional (num_classes=0). Use guidance_scale=1.0."
-                )
-            raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (one of {self.class_names}).")
-
-        device = self._execution_device
-        shape = (num_samples, self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
-
-        # 1. Initial noise.
-        latents = self.prepare_latents(shape, generator, device, latents, scheduler)
-
-        # 2. Timesteps.
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, scheduler)
-
-        if labels is not None:
-            labels = labels.to(device)
-            if do_guidance:
-                # Unconditional half first: one batched forward pass gives both predictions.
-                null = torch.full_like(labels, self.denoiser.config.num_classes)
-                labels = torch.cat([null, labels])
-        use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
-        pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
+        for control in controls:  # every returned text has mbr_candidates candidates, drawn side by side
+            control.target = control.target.repeat_interleave(mbr_candidates)
+        # 1. Conditions, with the unconditional half first when guiding (one batched forward pass).
+        labels, context = self.prepare_conditions(
+            class_labels, sources, num_samples, num_samples_per_source, mbr_candidates, guidance_scale
+        )
+        # 2. Initial noise.
+        shape = (num_samples * mbr_candidates, self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
+        latents = self.prepare_latents(shape, generator, self._execution_device, latents, scheduler)
 
         # 3. Denoising loop.
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
-            model_input = scheduler.scale_model_input(latents, t)
-            self_cond = pred_original_sample if use_self_cond else None
-            model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale)
-            if controls:
-                gradient = control_gradient(controls, model_input, t)
-                model_output = guide_model_output(
-                    scheduler, model_output, model_input, t, gradient, prediction_type=self.config.prediction_type
-                )
+        latents = self.denoise(
+            latents,
+            scheduler,
+            num_inference_steps,
+            generator,
+            labels=labels,
+            context=context,
+            guidance_scale=guidance_scale,
+            controls=controls,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
-            # ẑ0 of the guided prediction (Euler: from the rescaled model input, which is z_t).
-            pred_original_sample = predict_original_sample(
-                scheduler, model_output, model_input, t, prediction_type=self.config.prediction_type
-            )
-            latents = scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=True).prev_sample
-
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "pred_original_sample": pred_original_sample}
-                callback_outputs = (
-                    callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
-                )
-                latents = callback_outputs.get("latents", latents)
-                pred_original_sample = callback_outputs.get("pred_original_sample", pred_original_sample)
-
-        # The sample is the last clean estimate ẑ0, as in LD4LG: a DDPM step with few inference
-        # steps and variance "fixed_large" would otherwise add noise of std sqrt(1 - ᾱ_t) on its
-        # final jump to t=0; deterministic schedulers end at (or next to) this estimate anyway.
-        latents = pred_original_sample
-
-        # 4. Decode.
+        # 4. Decode (and keep each output's MBR choice).
         texts = None
         if output_type == "text":
-            texts = self.decode(latents, **(decode_kwargs or {}))
+            texts, latents = self.decode_outputs(
+                latents, decode_kwargs, mbr_candidates, mbr_metric, num_samples_per_source, sources
+            )
         self.maybe_free_model_hooks()
 
         if not return_dict:
@@ -303,41 +264,98 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
     # Helpers of __call__ (public so that subclasses and tests can use them)
     # ------------------------------------------------------------------------------------------
 
+    def denoise(
+        self,
+        latents,
+        scheduler,
+        num_inference_steps: int,
+        generator,
+        *,
+        labels,
+        context,
+        guidance_scale: float,
+        controls,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> torch.Tensor:
+        """The reverse process from ``z_T`` (labels and context already carry the unconditional half when
+        guiding); returns the last clean estimate ẑ0 ``[B, N, D]``.
+
+        The sample is that estimate, as in LD4LG: a DDPM step with few inference steps and variance
+        "fixed_large" would otherwise add noise of std sqrt(1 - ᾱ_t) on its final jump to t=0;
+        deterministic schedulers end at (or next to) this estimate anyway.
+        """
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        step_kwargs = extra_step_kwargs(scheduler, generator)
+        prediction_type = self.config.prediction_type
+        use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
+        pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
+            model_input = scheduler.scale_model_input(latents, t)
+            self_cond = pred_original_sample if use_self_cond else None
+            model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale, context)
+            if controls:
+                gradient = control_gradient(controls, model_input, t)
+                model_output = guide_model_output(
+                    scheduler, model_output, model_input, t, gradient, prediction_type=prediction_type
+                )
+            # ẑ0 of the guided prediction (Euler: from the rescaled model input, which is z_t).
+            pred_original_sample = predict_original_sample(
+                scheduler, model_output, model_input, t, prediction_type=prediction_type
+            )
+            latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=True).prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "pred_original_sample": pred_original_sample}
+                callback_outputs = (
+                    callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                )
+                latents = callback_outputs.get("latents", latents)
+                pred_original_sample = callback_outputs.get("pred_original_sample", pred_original_sample)
+        return pred_original_sample
+
+    def prepare_conditions(
+        self, class_labels, sources, num_samples, num_samples_per_source, mbr_candidates, guidance_scale
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Class ids ``[B']`` and source (states, mask) ``[B', L, C]``, ``[B', L]`` for the whole batch:
+        ``B = num_samples * mbr_candidates``, and ``B' = 2B`` with guidance (the null class and no
+        source first)."""
+        labels = self.prepare_class_labels(class_labels, num_samples)
+        do_guidance = guidance_scale != 1.0
+        if do_guidance and labels is None and sources is None:
+            if not self.class_names:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} needs a class-conditional or text-to-text denoiser, but this "
+                    "one is unconditional. Use guidance_scale=1.0."
+                )
+            raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (one of {self.class_names}).")
+        context = None
+        if sources is not None:
+            context = self.encode_sources(sources, repeats=num_samples_per_source * mbr_candidates)
+            if do_guidance:  # an all-zero mask leaves only the null context: no source
+                states, mask = context
+                context = (torch.cat([states, states]), torch.cat([torch.zeros_like(mask), mask]))
+        if labels is not None:
+            labels = labels.repeat_interleave(mbr_candidates).to(self._execution_device)
+            if do_guidance:
+                labels = torch.cat([torch.full_like(labels, self.denoiser.config.num_classes), labels])
+        return labels, context
+
+    def decode_outputs(self, latents, decode_kwargs, mbr_candidates, mbr_metric, num_samples_per_source, sources):
+        """Texts of the clean latents; with MBR each output's chosen candidate (texts and latents), with
+        sources the texts grouped per source."""
+        texts = self.decode(latents, **(decode_kwargs or {}))
+        if mbr_candidates > 1:
+            chosen = mbr_select(texts, mbr_candidates, mbr_metric)
+            texts, latents = [texts[i] for i in chosen], latents[chosen]
+        if sources is not None:
+            k = num_samples_per_source
+            texts = [texts[i : i + k] for i in range(0, len(texts), k)]
+        return texts, latents
+
     def prepare_class_labels(self, class_labels, num_samples: int) -> torch.Tensor | None:
         """Class names / ids -> ``LongTensor [num_samples]`` (or ``None`` for unconditional)."""
-        if class_labels is None:
-            return None
-        names = self.class_names
-        if not names:
-            raise ValueError(
-                f"class_labels={class_labels!r} given, but the denoiser is unconditional (num_classes=0): "
-                "sample without class_labels."
-            )
-        if torch.is_tensor(class_labels):
-            class_labels = class_labels.reshape(-1).tolist()
-        if isinstance(class_labels, (str, int, np.integer)):
-            class_labels = [class_labels] * num_samples
-        if not isinstance(class_labels, (list, tuple)):
-            raise ValueError(f"class_labels={class_labels!r}: give a class name (str), an id (int), or a list of them.")
-        class_labels = list(class_labels)
-        if len(class_labels) != num_samples:
-            raise ValueError(
-                f"got {len(class_labels)} class labels for num_samples={num_samples}: pass one label, "
-                "or exactly num_samples labels."
-            )
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                if label not in names:
-                    raise ValueError(f"unknown class name {label!r}; this model knows {names}.")
-                ids.append(names.index(label))
-            elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-                if not 0 <= int(label) < len(names):
-                    raise ValueError(f"class id {label} is out of range: use 0..{len(names) - 1} ({names}).")
-                ids.append(int(label))
-            else:
-                raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
-        return torch.tensor(ids, dtype=torch.long)
+        return class_label_ids(self.class_names, class_labels, num_samples)
 
     def check_inputs(
         self, num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
@@ -377,9 +395,12 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32)
         return latents * scheduler.init_noise_sigma
 
-    def guided_model_output(self, model_input, t, self_cond, labels, guidance_scale: float) -> torch.Tensor:
+    def guided_model_output(
+        self, model_input, t, self_cond, labels, guidance_scale: float, context=None
+    ) -> torch.Tensor:
         """The denoiser's prediction at ``t``; with guidance (``labels`` holding the null class first,
-        then the classes), ``uncond + w * (cond - uncond)`` from one batched forward pass."""
+        then the classes; ``context`` = (source states, mask) with the no-source half first),
+        ``uncond + w * (cond - uncond)`` from one batched forward pass."""
         do_guidance = guidance_scale != 1.0
         x, sc = model_input, self_cond
         if do_guidance:
@@ -387,8 +408,10 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             sc = None if sc is None else torch.cat([sc, sc])
         timestep = t.expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
         dtype = self.denoiser.dtype
+        # The source goes in only when there is one, so denoisers without cross-attention keep their signature.
+        source = {} if context is None else {"encoder_hidden_states": context[0], "encoder_attention_mask": context[1]}
         model_output = self.denoiser(
-            x.to(dtype), timestep, self_cond=None if sc is None else sc.to(dtype), class_labels=labels, return_dict=True
+            x.to(dtype), timestep, self_cond=None if sc is None else sc.to(dtype), class_labels=labels, **source
         ).sample.float()
         if do_guidance:
             uncond, cond = model_output.chunk(2)
@@ -397,35 +420,10 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
 
     def check_scheduler(self, scheduler=None) -> None:
         """The scheduler must predict what the denoiser was trained for and work in alphas_cumprod."""
-        scheduler = scheduler if scheduler is not None else self.scheduler
-        if self.config.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"pipeline prediction_type={self.config.prediction_type!r}: use one of {PREDICTION_TYPES}."
-            )
-        scheduler_type = scheduler.config.get("prediction_type")
-        if scheduler_type != self.config.prediction_type:
-            raise ValueError(
-                f"{type(scheduler).__name__} has prediction_type={scheduler_type!r} but the denoiser was "
-                f"trained for {self.config.prediction_type!r}. Build the scheduler from the pipeline's config, "
-                f"e.g. `pipe.scheduler = {type(scheduler).__name__}.from_config(pipe.scheduler.config)`, or "
-                f"pass prediction_type={self.config.prediction_type!r}."
-            )
-        name = type(scheduler).__name__
-        if name in UNSUPPORTED_SCHEDULERS:
-            raise ValueError(
-                f"{name} is not supported by this pipeline: {UNSUPPORTED_SCHEDULERS[name]}. Use one of "
-                f"{list(SUPPORTED_SCHEDULERS)}, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)."
-            )
-        if getattr(scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(
-                f"{type(scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler "
-                "(DDPM, DDIM, DPMSolverMultistep, UniPC, Euler ...)."
-            )
+        check_scheduler(scheduler if scheduler is not None else self.scheduler, self.config.prediction_type)
 
     def prepare_extra_step_kwargs(self, generator, scheduler=None) -> dict:
-        # Schedulers differ in what step() accepts (UniPC takes no generator).
-        params = inspect.signature((scheduler if scheduler is not None else self.scheduler).step).parameters
-        return {"generator": generator} if "generator" in params else {}
+        return extra_step_kwargs(scheduler if scheduler is not None else self.scheduler, generator)
 
     # ------------------------------------------------------------------------------------------
     # Convenience: text <-> latents
@@ -441,6 +439,15 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             self.tokenizer, self.language_model, self.autoencoder, texts, max_length or self.config.max_length
         )
         return latents.float()
+
+    @torch.no_grad()
+    def encode_sources(self, source_texts: list[str], repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source texts -> their encoder states ``[B * repeats, L, d_model]`` (in the denoiser's dtype) and
+        mask ``[B * repeats, L]``, each source repeated ``repeats`` times in a row."""
+        states, mask = encode_sources(self.tokenizer, self.language_model, self.autoencoder, list(source_texts))
+        device = self._execution_device
+        states = states.to(device=device, dtype=self.denoiser.dtype).repeat_interleave(repeats, dim=0)
+        return states, mask.to(device).repeat_interleave(repeats, dim=0)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
@@ -495,13 +502,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             raise ValueError("latentlm saves safetensors only; drop safe_serialization=False.")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         save_directory = Path(save_directory)
-        # A ["module", "Class"] pair in _class_name plus the module file is how diffusers finds a
-        # Hub-style custom pipeline (pipeline_loading_utils._resolve_custom_pipeline_and_cls).
-        index_path = save_directory / self.config_name
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [CUSTOM_PIPELINE_MODULE, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (save_directory / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_STUB)
+        mark_custom_pipeline(save_directory, self.config_name, type(self).__name__)
         for name, classifier in self.classifiers.items():
             classifier.save_pretrained(save_directory / CLASSIFIERS_DIR / name, safe_serialization=True)
 
@@ -510,30 +511,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         """Load a folder written by `save_pretrained` (offline; extra kwargs go to diffusers,
         e.g. ``torch_dtype``)."""
         folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"{str(folder)!r} is not a pipeline folder. latentlm loads local folders written by "
-                "save_pretrained (for a hub repo, download it first, e.g. huggingface_hub.snapshot_download)."
-            )
-        index_path = folder / cls.config_name
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{str(folder)!r} has no {cls.config_name}: it is not a saved pipeline folder.")
-        index = json.loads(index_path.read_text())
-        missing = [name for name in COMPONENTS if name not in index or not (folder / name).is_dir()]
-        if missing:
-            raise ValueError(
-                f"pipeline folder {str(folder)!r} is missing the component(s) {missing} "
-                f"(expected sub-folders {list(COMPONENTS)} listed in {cls.config_name}); save it again "
-                "with save_pretrained."
-            )
-        stub = folder / f"{CUSTOM_PIPELINE_MODULE}.py"
-        if isinstance(index.get("_class_name"), list):
-            # diffusers would import the folder's module file; allow it only when it is our stub.
-            if not stub.is_file() or stub.read_text() != CUSTOM_PIPELINE_STUB:
-                raise ValueError(
-                    f"{str(stub)!r} differs from the file latentlm writes; refusing to run code from the folder. "
-                    "Load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust it."
-                )
+        if check_pipeline_folder(folder, cls.config_name):
             kwargs.setdefault("trust_remote_code", True)
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("use_safetensors", True)

@@ -276,18 +276,27 @@ def snippets_jsonl(tmp_path) -> Path:
     return folder
 
 
-def make_tiny_pipeline(tiny_bart_dir):
+def make_tiny_pipeline(tiny_bart_dir, source: bool = False):
     """A class-conditional ("even", "odd") pipeline over the tiny BART autoencoder (4 x 8 latents) with a
-    random denoiser whose output layer is not zero, so samples differ."""
+    random denoiser whose output layer is not zero, so samples differ. ``source=True``: text-to-text (the
+    denoiser cross-attends to the encoder states of a source; its cross-attention starts non-zero)."""
     from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     torch.manual_seed(0)
     denoiser = LatentDenoiser.from_size(
-        "tiny", num_latents=4, latent_dim=8, dropout=0.0, num_classes=2, class_names=["even", "odd"]
+        "tiny",
+        num_latents=4,
+        latent_dim=8,
+        dropout=0.0,
+        num_classes=2,
+        class_names=["even", "odd"],
+        cross_attention_dim=model.autoencoder.config.d_model if source else None,
     )
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
+    for block in denoiser.blocks if source else []:
+        torch.nn.init.normal_(block.to_out_cross.weight, std=0.3)
     pipe = LatentTextDiffusionPipeline(
         tokenizer=model.tokenizer,
         language_model=model.merged_language_model(),

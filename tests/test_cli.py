@@ -230,3 +230,14 @@ def test_cli_rejects_bad_config(tmp_path):
     bad.write_text("output_dir: x\nautoencoder: {backbon: minilm}\n")
     with pytest.raises(ValueError, match="backbon"):
         main(["train", "--config", str(bad)])
+
+
+def test_time_budget_stops_a_stage_early(trained_run, tmp_path):
+    run_dir, _, config_path = trained_run
+    out = tmp_path / "budget"
+    sets = [f"output_dir={out}", "tracking.enabled=false", "diffusion.optimizer.max_steps=10000"]
+    args = ["train-diffusion", "--config", str(config_path), "--autoencoder", str(run_dir / "autoencoder")]
+    assert main([*args, *[x for s in sets for x in ("--set", s)], "--time-budget", "0.001"]) == 0
+    history = json.loads((out / "diffusion_history.json").read_text())
+    assert 1 <= history["final_step"] < 10000
+    assert (out / "diffusion" / "denoiser").is_dir()

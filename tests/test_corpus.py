@@ -102,6 +102,21 @@ def test_write_corpus(tmp_path):
     assert (out2 / "validation.jsonl").read_text() == (out / "validation.jsonl").read_text()
 
 
+def test_meaning_representations_round_trip_and_slots_match_exactly():
+    examples = corpus.generate_examples(500, seed=3)
+    for example in examples:
+        assert corpus.slots_match(example["text"], example["mr"])
+        parsed = corpus.parse(example["text"])
+        assert corpus.parse_meaning_representation(example["mr"]) == parsed
+    text = "Zizzi is a cheap Chinese pub. It is near Burger King."
+    assert corpus.slots_match(text, "name[Zizzi], eatType[pub], food[Chinese], priceRange[cheap], near[Burger King]")
+    assert not corpus.slots_match(text, "name[Zizzi], eatType[pub], food[Chinese], priceRange[cheap]")  # a slot added
+    assert not corpus.slots_match(text, "name[Zizzi], eatType[pub], food[Chinese], near[Burger King], area[riverside]")
+    assert not corpus.slots_match("Zizzi is a cheap Chinese.", "name[Zizzi], food[Chinese], priceRange[cheap]")
+    with pytest.raises(ValueError, match="Malformed meaning representation"):
+        corpus.parse_meaning_representation("name[Zizzi], colour[red]")
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_examples"):
         corpus.generate_examples(-1)
@@ -143,7 +158,7 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
     config = load_config(
         {
             "output_dir": str(tmp_path / "run"),
-            "data": {"path": "builtin:restaurants", "label_column": "label"},
+            "data": {"path": "builtin:restaurants", "label_column": "label", "source_column": "mr"},
             "autoencoder": {"backbone": "scratch:bart-test", "max_length": 40},
             "tracking": {"enabled": False},
         }
@@ -173,6 +188,10 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == text  # word-level: exact round trip
+    # text-to-text: the sources (meaning representations) are in the vocabulary, brackets split off
+    mr = json.loads(train_rows[0])["mr"]
+    assert tokenizer.unk_token_id not in tokenizer(mr)["input_ids"]
+    assert "[" in tokenizer.tokenize(mr)
 
     # resume keeps the finished backbone; an unknown preset is a clear error
     stamp = (folder / "model.safetensors").stat().st_mtime_ns

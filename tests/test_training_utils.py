@@ -6,17 +6,11 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
+from latentlm.batching import batch_indices, seed_step
 from latentlm.checkpoints import CheckpointManager, CheckpointMismatchError
 from latentlm.config import OptimizerConfig, load_config
 from latentlm.files import atomic_directory
-from latentlm.training import (
-    NonFiniteLossError,
-    batch_indices,
-    check_finite,
-    make_lr_scheduler,
-    make_optimizer,
-    seed_step,
-)
+from latentlm.training import NonFiniteLossError, check_finite, make_lr_scheduler, make_optimizer
 
 
 def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):

@@ -1,0 +1,89 @@
+"""What a call of `LatentTextDiffusionPipeline` conditions on, checked once per call: class labels
+(names or ids) and the source texts of a text-to-text pipeline, and how many texts the call returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from latentlm.autoencoder.text_codec import check_texts
+from latentlm.pipelines.mbr import MBR_METRICS
+
+__all__ = ["class_label_ids", "check_source_texts", "count_outputs"]
+
+
+def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> torch.Tensor | None:
+    """Class names / ids -> ``LongTensor [num_samples]`` (or ``None`` for unconditional)."""
+    if class_labels is None:
+        return None
+    names = class_names
+    if not names:
+        raise ValueError(
+            f"class_labels={class_labels!r} given, but the denoiser is unconditional (num_classes=0): "
+            "sample without class_labels."
+        )
+    if torch.is_tensor(class_labels):
+        class_labels = class_labels.reshape(-1).tolist()
+    if isinstance(class_labels, (str, int, np.integer)):
+        class_labels = [class_labels] * num_samples
+    if not isinstance(class_labels, (list, tuple)):
+        raise ValueError(f"class_labels={class_labels!r}: give a class name (str), an id (int), or a list of them.")
+    class_labels = list(class_labels)
+    if len(class_labels) != num_samples:
+        raise ValueError(
+            f"got {len(class_labels)} class labels for num_samples={num_samples}: pass one label, "
+            "or exactly num_samples labels."
+        )
+    ids = []
+    for label in class_labels:
+        if isinstance(label, str):
+            if label not in names:
+                raise ValueError(f"unknown class name {label!r}; this model knows {names}.")
+            ids.append(names.index(label))
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if not 0 <= int(label) < len(names):
+                raise ValueError(f"class id {label} is out of range: use 0..{len(names) - 1} ({names}).")
+            ids.append(int(label))
+        else:
+            raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_source_texts(source_texts, cross_attention_dim: int | None) -> list[str] | None:
+    """The call's sources as a list of non-empty strings (None for a call without sources); a source
+    given to a model trained without one, or the reverse, is an error."""
+    if source_texts is None:
+        if cross_attention_dim is not None:
+            raise ValueError(
+                "This pipeline generates from a source text (its denoiser was trained with data.source_column): "
+                "pass source_texts=[...], e.g. pipe(source_texts=['name[The Eagle], food[Italian]'])."
+            )
+        return None
+    if cross_attention_dim is None:
+        raise ValueError(
+            "source_texts given, but this pipeline's denoiser was trained without a source (cross_attention_dim "
+            "is None): sample it without source_texts, or train a text-to-text model (data.source_column)."
+        )
+    if isinstance(source_texts, str):
+        source_texts = [source_texts]
+    return check_texts(source_texts, "source_texts")
+
+
+def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, mbr_metric, output_type) -> int:
+    """The number of texts a call returns; checks the text-to-text and MBR arguments."""
+    for name, value in (("num_samples_per_source", num_samples_per_source), ("mbr_candidates", mbr_candidates)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if mbr_metric not in MBR_METRICS:
+        raise ValueError(f"mbr_metric={mbr_metric!r}: use one of {MBR_METRICS}.")
+    if mbr_candidates > 1 and output_type != "text":
+        raise ValueError("MBR decoding compares decoded texts: use output_type='text' with mbr_candidates > 1.")
+    if sources is None:
+        if num_samples_per_source != 1:
+            raise ValueError("num_samples_per_source needs source_texts; without sources use num_samples.")
+        return 1 if num_samples is None else num_samples
+    if num_samples is not None:
+        raise ValueError(
+            f"num_samples={num_samples!r} with source_texts: the batch is len(source_texts) x "
+            "num_samples_per_source; set num_samples_per_source instead."
+        )
+    return len(sources) * num_samples_per_source

@@ -1,0 +1,73 @@
+"""The saved folder of a `LatentTextDiffusionPipeline`: what `save_pretrained` adds to diffusers' layout
+(the Hub-style entry point of diffusers' generic loader) and the checks `from_pretrained` runs first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = [
+    "CUSTOM_PIPELINE_MODULE",
+    "CUSTOM_PIPELINE_STUB",
+    "COMPONENTS",
+    "CLASSIFIERS_DIR",
+    "mark_custom_pipeline",
+    "check_pipeline_folder",
+]
+
+# File written next to model_index.json so that diffusers' generic loader,
+# `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, finds the pipeline class
+# (a Hub-style custom pipeline). It only re-exports the installed class: the folder carries no
+# code of its own, and `LatentTextDiffusionPipeline.from_pretrained` runs the file only when it is
+# byte-for-byte this stub.
+CUSTOM_PIPELINE_MODULE = "pipeline_latent_text_diffusion"
+CUSTOM_PIPELINE_STUB = (
+    '"""Hub-style entry point for diffusers\' generic loader; needs `pip install latentlm`."""\n'
+    "from latentlm.pipelines.pipeline_latent_text_diffusion import LatentTextDiffusionPipeline\n"
+    "\n"
+    '__all__ = ["LatentTextDiffusionPipeline"]\n'
+)
+
+COMPONENTS = ("tokenizer", "language_model", "autoencoder", "denoiser", "scheduler")
+#: sub-folder of the named classifiers of classifier guidance (``classifiers/<name>/``)
+CLASSIFIERS_DIR = "classifiers"
+
+
+def mark_custom_pipeline(folder: Path, index_name: str, class_name: str) -> None:
+    """Point ``model_index.json`` at the entry-point stub and write it: a ["module", "Class"] pair in
+    _class_name plus the module file is how diffusers finds a Hub-style custom pipeline
+    (pipeline_loading_utils._resolve_custom_pipeline_and_cls)."""
+    index_path = folder / index_name
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = [CUSTOM_PIPELINE_MODULE, class_name]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_STUB)
+
+
+def check_pipeline_folder(folder: Path, index_name: str) -> bool:
+    """Check that ``folder`` is a complete saved pipeline; returns whether diffusers will import its
+    entry-point stub (allowed only when the file is byte-for-byte the one latentlm writes)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a pipeline folder. latentlm loads local folders written by "
+            "save_pretrained (for a hub repo, download it first, e.g. huggingface_hub.snapshot_download)."
+        )
+    index_path = folder / index_name
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no {index_name}: it is not a saved pipeline folder.")
+    index = json.loads(index_path.read_text())
+    missing = [name for name in COMPONENTS if name not in index or not (folder / name).is_dir()]
+    if missing:
+        raise ValueError(
+            f"pipeline folder {str(folder)!r} is missing the component(s) {missing} "
+            f"(expected sub-folders {list(COMPONENTS)} listed in {index_name}); save it again with save_pretrained."
+        )
+    if not isinstance(index.get("_class_name"), list):
+        return False
+    stub = folder / f"{CUSTOM_PIPELINE_MODULE}.py"
+    if not stub.is_file() or stub.read_text() != CUSTOM_PIPELINE_STUB:
+        raise ValueError(
+            f"{str(stub)!r} differs from the file latentlm writes; refusing to run code from the folder. "
+            "Load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust it."
+        )
+    return True

@@ -218,9 +218,10 @@ def diffusion_loss(
         generator,
         device,
     )
-    condition = dict(
-        class_labels=class_labels, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=source_mask
-    )
+    # The source goes in only when there is one, so denoisers without cross-attention keep their signature.
+    condition = {"class_labels": class_labels}
+    if source_mask is not None:
+        condition.update(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=source_mask)
 
     T = scheduler.config.num_train_timesteps
     if timesteps is None:

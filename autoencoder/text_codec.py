@@ -195,8 +195,8 @@ def encode_sources(
     denoiser cross-attends to them. A source longer than the encoder reads is an error, never cut.
     """
     texts = check_texts(texts)
-    add_special = not is_causal_lm(language_model)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not is_causal_lm(language_model))
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
     limit = source_length_limit(tokenizer, language_model)
     too_long = [i for i, length in enumerate(lengths) if limit is not None and length > limit]
     if too_long:
@@ -205,7 +205,6 @@ def encode_sources(
             f"{too_long[0]} has {lengths[too_long[0]]} tokens. Shorten or split them; sources are never cut."
         )
     device = device if device is not None else _device_of(autoencoder)
-    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add_special)
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     states = encoder_hidden_states(language_model, input_ids, mask, autoencoder.config.get("context_layers") or 0)
     return states, mask

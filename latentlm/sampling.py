@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULERS", "make_scheduler", "load_pipeline", "sample_texts", "sample"]
+__all__ = ["SCHEDULERS", "make_scheduler", "load_pipeline", "sample_texts", "sample_per_class", "sample"]
 
 #: Scheduler names accepted by ``--scheduler`` -> (diffusers class name, extra config).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -137,6 +137,38 @@ def sample_texts(
         rows.extend(
             {"class": name, "text": text, "seed": seed + batch, "index": start + i}
             for i, text in enumerate(output.texts)
+        )
+    return rows
+
+
+def sample_per_class(
+    pipe,
+    num_per_class: int,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    scheduler=None,
+    seed: int = 0,
+    source_texts: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """``num_per_class`` samples ``{"class", "text"}`` for every class (or unconditional ones); a text-to-text
+    pipeline writes one text ``{"class", "source", "text"}`` for each of ``source_texts`` instead (per class,
+    if it has classes). ``guidance_scale`` applies where there is a class or a source to guide on."""
+    rows: list[dict[str, Any]] = []
+    for name in pipe.class_names or [None]:
+        guided = name is not None or source_texts is not None
+        rows.extend(
+            {"class": row["class"], **({"source": row["source"]} if source_texts else {}), "text": row["text"]}
+            for row in sample_texts(
+                pipe,
+                1 if source_texts else num_per_class,
+                class_name=name,
+                guidance_scale=guidance_scale if guided else 1.0,
+                num_inference_steps=num_inference_steps,
+                scheduler=scheduler,
+                seed=seed,
+                source_texts=source_texts,
+            )
         )
     return rows
 

@@ -15,6 +15,7 @@ the upper bound the latent space allows).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -54,17 +55,22 @@ def self_bleu(groups: Sequence[Sequence[str]]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
-def bert_score_f1(hypotheses: Sequence[str], references: Sequence[str], model: str = "minilm") -> tuple[float, str]:
-    """Mean BERTScore F1 (0-100) and the model's name. ``minilm`` is the offline all-MiniLM-L6-v2
-    (layer 6); any other value is a `bert_score` model type (hub name or folder)."""
+@functools.lru_cache(maxsize=2)
+def _bert_scorer(model: str):
+    """The `bert_score` scorer of ``model`` and its name, built once (it loads the model)."""
     from bert_score import BERTScorer
 
     from latentlm.autoencoder.backbones import minilm_path
 
     if model == "minilm":
-        scorer, name = BERTScorer(model_type=str(minilm_path()), num_layers=6), "all-MiniLM-L6-v2 (layer 6)"
-    else:
-        scorer, name = BERTScorer(model_type=model, lang="en"), model
+        return BERTScorer(model_type=str(minilm_path()), num_layers=6), "all-MiniLM-L6-v2 (layer 6)"
+    return BERTScorer(model_type=model, lang="en"), model
+
+
+def bert_score_f1(hypotheses: Sequence[str], references: Sequence[str], model: str = "minilm") -> tuple[float, str]:
+    """Mean BERTScore F1 (0-100) and the model's name. ``minilm`` is the offline all-MiniLM-L6-v2
+    (layer 6); any other value is a `bert_score` model type (hub name or folder)."""
+    scorer, name = _bert_scorer(model)
     _, _, f1 = scorer.score(list(hypotheses), list(references))
     return 100.0 * float(f1.mean()), name
 

@@ -32,7 +32,7 @@ from latentlm.train_backbone import SCRATCH_PREFIX, prepare_backbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "prepare_data", "build_pipeline", "sample_per_class", "example_sources", "BUILTIN_CORPORA"]
+__all__ = ["train", "prepare_data", "build_pipeline", "example_sources", "BUILTIN_CORPORA"]
 
 PIPELINE_DIR = "pipeline"
 SAMPLES_FILE = "samples.jsonl"
@@ -113,37 +113,6 @@ def build_pipeline(
     return pipe
 
 
-def sample_per_class(
-    pipe,
-    num_per_class: int = 4,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 2.0,
-    seed: int = 0,
-    source_texts: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """``num_per_class`` samples for every class (or unconditional ones) with DPM-Solver++; a text-to-text
-    pipeline writes one text for each of ``source_texts`` instead (per class, if it has classes)."""
-    from latentlm.sampling import sample_texts
-
-    rows: list[dict[str, Any]] = []
-    for name in pipe.class_names or [None]:
-        guided = name is not None or source_texts is not None
-        rows.extend(
-            {"class": row["class"], **({"source": row["source"]} if source_texts else {}), "text": row["text"]}
-            for row in sample_texts(
-                pipe,
-                1 if source_texts else num_per_class,
-                class_name=name,
-                guidance_scale=guidance_scale if guided else 1.0,
-                num_inference_steps=num_inference_steps,
-                scheduler="dpm++",
-                seed=seed,
-                source_texts=source_texts,
-            )
-        )
-    return rows
-
-
 def example_sources(config: RunConfig, num_sources: int) -> list[str] | None:
     """The first ``num_sources`` sources of the validation split (else of the training split), for a
     text-to-text run's samples; None without ``data.source_column``."""
@@ -184,11 +153,14 @@ def write_pipeline(
     with atomic_directory(pipeline_dir) as tmp:
         pipe.save_pretrained(tmp)
     pipe.set_progress_bar_config(disable=True)
+    from latentlm.sampling import sample_per_class
+
     rows = sample_per_class(
         pipe,
-        num_per_class=config.diffusion.num_samples_per_class,
+        config.diffusion.num_samples_per_class,
         num_inference_steps=config.diffusion.sample_inference_steps,
         guidance_scale=guidance_scale,
+        scheduler="dpm++",
         seed=config.diffusion.seed,
         source_texts=example_sources(config, config.diffusion.num_samples_per_class),
     )

@@ -251,31 +251,18 @@ class DiffusionStage(TrainingStage):
     def evaluate(self, step: int, tracker: Tracker) -> dict[str, Any]:
         """A few decoded samples per class (text-to-text: for the first training sources), with the EMA
         weights (what is saved)."""
-        from latentlm.sampling import sample_texts
+        from latentlm.sampling import sample_per_class
 
         with self.ema_weights():
-            pipe = self.pipeline()
-            rows = []
-            for name in self.class_names or [None]:
-                rows.extend(
-                    sample_texts(
-                        pipe,
-                        1 if self.sources else self.cfg.num_samples_per_class,
-                        class_name=name,
-                        scheduler="ddim",
-                        num_inference_steps=self.cfg.sample_inference_steps,
-                        seed=self.cfg.seed,
-                        source_texts=self.sources[: self.cfg.num_samples_per_class] if self.sources else None,
-                    )
-                )
-        rows = [
-            {
-                "class": row["class"] if row["class"] is not None else "",
-                **({"source": row["source"]} if self.sources else {}),
-                "text": row["text"],
-            }
-            for row in rows
-        ]
+            rows = sample_per_class(
+                self.pipeline(),
+                self.cfg.num_samples_per_class,
+                num_inference_steps=self.cfg.sample_inference_steps,
+                scheduler="ddim",
+                seed=self.cfg.seed,
+                source_texts=self.sources[: self.cfg.num_samples_per_class] if self.sources else None,
+            )
+        rows = [{**row, "class": row["class"] if row["class"] is not None else ""} for row in rows]
         tracker.log_table([{"step": step, **row} for row in rows], f"samples/step_{step:08d}.json")
         return {"samples": rows[: 2 * max(1, len(self.class_names))]}
 

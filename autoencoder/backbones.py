@@ -29,6 +29,8 @@ from transformers import (
 __all__ = [
     "NAMED_BACKBONES",
     "NAMED_PROMPT_TEMPLATES",
+    "prompt_template_for",
+    "attention_shape",
     "DECODER_MODES",
     "load_backbone",
     "load_language_model",
@@ -64,6 +66,32 @@ NAMED_BACKBONES: dict[str, str] = {
 NAMED_PROMPT_TEMPLATES: dict[str, str] = {
     "smollm2": "<|im_start|>user\nRepeat this text exactly:\n{memory}<|im_end|>\n<|im_start|>assistant\n"
 }
+
+
+def attention_shape(language_model) -> dict[str, int]:
+    """A decoder-only LM's attention layers, key/value heads and head size, by the names
+    `LatentAutoencoder` takes for a key/value prefix."""
+    config = language_model.config.get_text_config()
+    heads = config.num_attention_heads
+    return dict(
+        key_value_layers=config.num_hidden_layers,
+        key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        key_value_head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def prompt_template_for(backbone: str, tokenizer) -> str:
+    """The prompt a causal LM reads the soft prompt in: the named backbone's, else the tokenizer's chat
+    template asking to repeat the text, else (no chat template) the plain instruction."""
+    if str(backbone) in NAMED_PROMPT_TEMPLATES:
+        return NAMED_PROMPT_TEMPLATES[str(backbone)]
+    instruction = "Repeat this text exactly:\n{memory}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    return instruction + "\n"
+
 
 # Modules of a BERT2BERT decoder that a BERT checkpoint does not contain (newly initialised when
 # warm-starting), so they are always trained, whatever the decoder mode.

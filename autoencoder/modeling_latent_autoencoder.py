@@ -128,6 +128,11 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             token sequence, which a decoder-only LM can copy.
         context_layers: decoder-only LMs: the compressed states are the LM's own after this many
             of its layers (0 = its input embeddings). Unused for seq2seq backbones.
+        key_value_layers, key_value_heads, key_value_head_dim: decoder-only LMs read the memory as a
+            per-layer key/value prefix (prefix tuning; PLANNER, 500xCompressor) instead of a soft
+            prompt of input embeddings: a linear map writes, for each memory position, the keys and
+            values of every one of the LM's ``key_value_layers`` attention layers
+            (``key_value_heads`` x ``key_value_head_dim`` each; see `key_values`). 0 = soft prompt.
         prompt_template: decoder-only LMs: the text around the soft prompt, with one
             ``{memory}`` where the memory goes (see `text_codec`). None for seq2seq backbones,
             whose decoder cross-attends to the memory.
@@ -162,6 +167,9 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         tokens_per_query: int = 0,
         context_layers: int = 0,
         prompt_template: str | None = None,
+        key_value_layers: int = 0,
+        key_value_heads: int = 0,
+        key_value_head_dim: int = 0,
     ):
         super().__init__()
         for name, value in (
@@ -184,6 +192,12 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(f"context_layers must be >= 0, got {context_layers}.")
         if prompt_template is not None and prompt_template.count("{memory}") != 1:
             raise ValueError(f"prompt_template must contain '{{memory}}' exactly once, got {prompt_template!r}.")
+        key_value_shape = (key_value_layers, key_value_heads, key_value_head_dim)
+        if any(v < 0 for v in key_value_shape) or (any(key_value_shape) and not all(key_value_shape)):
+            raise ValueError(
+                "key_value_layers, key_value_heads and key_value_head_dim must all be positive (a key/value "
+                f"prefix) or all 0 (a soft prompt), got {key_value_shape}."
+            )
         if context_positions < 0:
             raise ValueError(f"context_positions must be >= 0 (0 = no position embeddings), got {context_positions}.")
         # Compression.
@@ -207,6 +221,12 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         )
         # PLM encoders end in a (RMS/Layer)Norm, so the decoder expects memory of that scale.
         self.reconstruction_norm = nn.LayerNorm(width)
+        self.to_key_values = None
+        if key_value_layers:
+            # Zero keys and values at first: the LM starts unchanged, attending to an empty prefix.
+            self.to_key_values = nn.Linear(width, key_value_layers * 2 * key_value_heads * key_value_head_dim)
+            nn.init.zeros_(self.to_key_values.weight)
+            nn.init.zeros_(self.to_key_values.bias)
 
     def compress(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [B, L, d_model], attention_mask [B, L] (1 = token, 0 = padding) -> [B, N, D]."""
@@ -274,6 +294,17 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         for layer in self.reconstruction_layers:
             x = layer(x)
         return self.reconstruction_norm(x)
+
+    def key_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """memory [B, P, memory_dim] -> for each LM layer, (keys, values) ``[B, key_value_heads, P,
+        key_value_head_dim]``: the prefix a decoder-only LM attends to before its prompt and text."""
+        if self.to_key_values is None:
+            raise ValueError("This autoencoder writes a soft prompt, not a key/value prefix (key_value_layers=0).")
+        c = self.config
+        b, p = memory.shape[:2]
+        kv = self.to_key_values(memory).view(b, p, c.key_value_layers, 2, c.key_value_heads, c.key_value_head_dim)
+        kv = kv.permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, heads, P, head_dim]
+        return [(kv[layer, 0], kv[layer, 1]) for layer in range(c.key_value_layers)]
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """compress then reconstruct: [B, L, d_model] -> [B, N * k, memory_dim]."""

@@ -20,15 +20,16 @@ import torch
 from latentlm.autoencoder import LatentAutoencoder
 from latentlm.autoencoder.adapters import configure_trainable
 from latentlm.autoencoder.backbones import (
-    NAMED_PROMPT_TEMPLATES,
+    attention_shape,
     backbone_family,
     decoder_layers,
     encoder_hidden_size,
     load_backbone,
     load_language_model,
+    prompt_template_for,
 )
+from latentlm.autoencoder.losses import alignment_loss, causal_reconstruction_loss, seq2seq_reconstruction_loss
 from latentlm.autoencoder.text_codec import (
-    causal_reconstruction_loss,
     decode_latents,
     encode_sources,
     encode_texts,
@@ -42,20 +43,11 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
-__all__ = ["TextAutoencoder"]
+__all__ = ["CAUSAL_MEMORY", "TextAutoencoder"]
 
 CONFIG_NAME = "text_autoencoder.json"
-
-
-def default_prompt_template(tokenizer) -> str:
-    """The prompt a causal LM reads the soft prompt in: its chat template asking to repeat the text,
-    or, without a chat template, the plain instruction."""
-    instruction = "Repeat this text exactly:\n{memory}"
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-        )
-    return instruction + "\n"
+#: How a decoder-only LM reads the latents: input embeddings in its prompt, or keys and values in every layer.
+CAUSAL_MEMORY = ("soft_prompt", "key_value_prefix")
 
 
 class TextAutoencoder(nn.Module):
@@ -100,6 +92,11 @@ class TextAutoencoder(nn.Module):
                 )
         if alignment_weight < 0:
             raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}.")
+        if alignment_weight and autoencoder.config.get("key_value_layers"):
+            raise ValueError(
+                "alignment_weight pulls soft-prompt slots towards token embeddings, but this autoencoder writes a "
+                "key/value prefix (causal_memory='key_value_prefix'): set alignment_weight to 0."
+            )
         self.tokenizer = tokenizer
         self.language_model = language_model
         self.autoencoder = autoencoder
@@ -138,21 +135,23 @@ class TextAutoencoder(nn.Module):
         context_layers: int = 0,
         prompt_template: str | None = None,
         alignment_weight: float = 0.0,
+        causal_memory: str = "soft_prompt",
     ) -> TextAutoencoder:
         """A new (untrained) autoencoder over a backbone (see `latentlm.autoencoder.backbones.load_backbone`).
 
-        ``normalize_latents=None`` picks the LD4LG default per backbone: off for T5, on otherwise.
-        ``context_positions=-1`` gives the compression one learned position embedding per token
-        of ``max_length`` (see `LatentAutoencoder`); 0 = none.
+        ``normalize_latents=None``: off for T5, on otherwise (LD4LG). ``context_positions=-1``: one
+        learned position embedding per token of ``max_length`` (see `LatentAutoencoder`).
 
-        Decoder-only backbones (``"smollm2"``, ``"gpt2"``, any causal LM folder): the LM's states
-        after ``context_layers`` layers are compressed, and the latents come back as a soft prompt
-        of ``num_latents * memory_tokens_per_latent`` input embeddings placed in
-        ``prompt_template`` (default: the backbone's named template, else the tokenizer's chat
-        template asking to repeat the text). ``alignment_weight`` > 0 adds a loss pulling soft
-        prompt slot j towards the LM's embedding of the text's token j, so that the prompt reads
+        Decoder-only backbones (``"smollm2"``, ``"gpt2"``, any causal LM folder): the LM's states after
+        ``context_layers`` layers are compressed; the latents come back as a soft prompt of
+        ``num_latents * memory_tokens_per_latent`` input embeddings in ``prompt_template`` (default: the
+        backbone's, else its chat template asking to repeat the text), or with
+        ``causal_memory="key_value_prefix"`` as keys and values in every layer. ``alignment_weight`` > 0
+        pulls soft-prompt slot j towards the embedding of the text's token j: the prompt then reads
         like the text itself, which the LM already knows how to repeat.
         """
+        if causal_memory not in CAUSAL_MEMORY:
+            raise ValueError(f"causal_memory={causal_memory!r}: use one of {list(CAUSAL_MEMORY)}.")
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         tokenizer, language_model = load_backbone(
             backbone,
@@ -170,12 +169,13 @@ class TextAutoencoder(nn.Module):
             normalize_latents = family != "t5"
         if family == "causal":
             if prompt_template is None:
-                prompt_template = NAMED_PROMPT_TEMPLATES.get(str(backbone)) or default_prompt_template(tokenizer)
-        elif prompt_template is not None or context_layers or tokens_per_query:
+                prompt_template = prompt_template_for(backbone, tokenizer)
+        elif prompt_template is not None or context_layers or tokens_per_query or causal_memory != "soft_prompt":
             raise ValueError(
-                "prompt_template, context_layers and tokens_per_query are for decoder-only backbones; "
-                f"{backbone!r} is a {family} encoder-decoder."
+                "prompt_template, context_layers, tokens_per_query and causal_memory are for decoder-only "
+                f"backbones; {backbone!r} is a {family} encoder-decoder."
             )
+        key_value_shape = attention_shape(language_model) if causal_memory == "key_value_prefix" else {}
         autoencoder = LatentAutoencoder(
             d_model=encoder_hidden_size(language_model),
             num_latents=num_latents,
@@ -192,8 +192,9 @@ class TextAutoencoder(nn.Module):
             tokens_per_query=tokens_per_query,
             context_layers=context_layers,
             prompt_template=prompt_template,
+            **key_value_shape,
         )
-        if family == "causal":
+        if family == "causal" and not key_value_shape:
             # The soft prompt stands in for input embeddings: start it at their scale.
             embeddings = language_model.get_input_embeddings().weight
             with torch.no_grad():
@@ -273,14 +274,10 @@ class TextAutoencoder(nn.Module):
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         if self.causal:
             return labels
-        start = self._generation_config().decoder_start_token_id
+        start = unwrap_peft(self.language_model).generation_config.decoder_start_token_id
         if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
             labels = labels[:, 1:].contiguous()
         return labels
-
-    def _generation_config(self):
-        model = unwrap_peft(self.language_model)
-        return model.generation_config
 
     def forward(
         self,
@@ -292,70 +289,25 @@ class TextAutoencoder(nn.Module):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
         hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
-        Decoder-only backbones add ``alignment_weight`` x `alignment_loss`; ``reconstruction=False``
+        Decoder-only backbones add ``alignment_weight`` x `losses.alignment_loss`; ``reconstruction=False``
         gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt).
         """
-        from transformers.modeling_outputs import BaseModelOutput
-
         memory = self.autoencoder(hidden_states, attention_mask)
-        if self.causal:
-            input_ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
-            text_mask = (labels != -100).long()
-            if not reconstruction:
-                if not self.alignment_weight:
-                    raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
-                return self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
+        if not self.causal:
+            return seq2seq_reconstruction_loss(self.tokenizer, self.language_model, memory, labels)
+        input_ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
+        text_mask = (labels != -100).long()
+        if not reconstruction and not self.alignment_weight:
+            raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
+        loss = 0.0
+        if reconstruction:
             loss = causal_reconstruction_loss(
                 self.tokenizer, self.language_model, self.autoencoder, memory, input_ids, text_mask
             )
-            if self.alignment_weight:
-                loss = loss + self.alignment_weight * self.alignment_loss(memory, input_ids, text_mask)
-            return loss
-        memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
-        keep = labels != -100
-        if not bool(keep.any()):
-            raise ValueError("labels hold no target token (all -100); cannot compute a reconstruction loss.")
-        # Vocabulary logits only where there is a target: with padded batches of short texts the
-        # output projection (vocab x d_model) is the largest matmul, and padding is most of it.
-        head = self.language_model.get_output_embeddings()
-        handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + tuple(args[1:]))
-        try:
-            out = self.language_model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=memory),
-                attention_mask=memory_mask,
-                decoder_input_ids=self._shift_right(labels),
-            )
-        finally:
-            handle.remove()
-        logits = out.logits.reshape(-1, out.logits.shape[-1])
-        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
-
-    def alignment_loss(
-        self, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Cross-entropy of soft prompt slot j against the embedding of the text's token j (the
-        end-of-text token past its end), over the batch's distinct tokens: slot j should read as
-        token j, so the LM sees its own text to repeat. memory [B, P, H], input_ids [B, L]."""
-        b, p = memory.shape[:2]
-        targets = input_ids.new_full((b, p), self.tokenizer.eos_token_id)
-        n = min(p, input_ids.shape[1])
-        targets[:, :n] = input_ids[:, :n].masked_fill(attention_mask[:, :n] == 0, self.tokenizer.eos_token_id)
-        vocab, inverse = torch.unique(targets, return_inverse=True)
-        embeddings = self.language_model.get_input_embeddings().weight[vocab]
-        logits = memory.float() @ embeddings.float().T
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), inverse.reshape(-1))
-
-    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs for teacher forcing: [start, labels[:-1]] with -100 -> pad."""
-        config = self._generation_config()
-        start = config.decoder_start_token_id
-        pad = self.tokenizer.pad_token_id
-        if start is None:
-            raise ValueError("The language model has no decoder_start_token_id; set it in its generation config.")
-        shifted = labels.new_full(labels.shape, pad)
-        shifted[:, 0] = start
-        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad)
-        return shifted
+        if self.alignment_weight:
+            alignment = alignment_loss(self.tokenizer, self.language_model, memory, input_ids, text_mask)
+            loss = loss + self.alignment_weight * alignment
+        return loss
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """{"autoencoder": [...], "language_model": [...]} (only requires_grad)."""

@@ -19,7 +19,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = [
@@ -34,7 +33,8 @@ __all__ = [
     "decode_latents",
     "is_causal_lm",
     "soft_prompt_inputs",
-    "causal_reconstruction_loss",
+    "key_value_prefix_inputs",
+    "uses_key_value_prefix",
     "MEMORY_PLACEHOLDER",
     "unwrap_peft",
     "merge_peft",
@@ -130,7 +130,7 @@ def merge_peft(language_model):
     return language_model
 
 
-def _causal_body(language_model):
+def causal_body(language_model):
     """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
     model = unwrap_peft(language_model)
     return model, model.base_model
@@ -149,7 +149,7 @@ def encoder_hidden_states(
     if not is_causal_lm(language_model):
         encoder = language_model.get_encoder()
         return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-    model, body = _causal_body(language_model)
+    model, body = causal_body(language_model)
     if context_layers == 0:
         return model.get_input_embeddings()(input_ids)
     # A shallow copy of the decoder stack that runs only its lowest layers: same weights, no
@@ -226,7 +226,7 @@ def soft_prompt_inputs(
     tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Input embeddings [B, T, H] of ``prompt_before + memory + prompt_after (+ text_ids)``."""
-    model, _ = _causal_body(language_model)
+    model, _ = causal_body(language_model)
     embed = model.get_input_embeddings()
     before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
     b, device = memory.shape[0], memory.device
@@ -241,37 +241,44 @@ def soft_prompt_inputs(
     return torch.cat(pieces, dim=1)
 
 
-def causal_reconstruction_loss(
-    tokenizer, language_model, autoencoder, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Mean cross-entropy of ``text + end-of-text`` given the soft prompt, teacher-forced.
+def uses_key_value_prefix(autoencoder) -> bool:
+    """Whether a decoder-only LM reads this autoencoder's memory as a key/value prefix (else a soft prompt)."""
+    return bool(autoencoder.config.get("key_value_layers"))
 
-    memory [B, P, H]; input_ids / attention_mask [B, L] (right-padded text tokens, no special tokens).
+
+def key_value_prefix_inputs(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None, repeats: int = 1
+):
+    """The key/value prefix route: ``(cache, input_ids)``.
+
+    ``cache`` (a transformers ``DynamicCache``) holds the keys and values of the prompt before
+    ``{memory}`` (computed by the LM) followed by the prefix `LatentAutoencoder.key_values` writes,
+    each batch row repeated ``repeats`` times (beams); ``input_ids`` [B, T] is the prompt after
+    ``{memory}`` (+ ``text_ids``), what the LM reads next, at positions after the cache.
     """
-    eos = tokenizer.eos_token_id
-    lengths = attention_mask.sum(dim=1)
-    b, length = input_ids.shape
-    # Targets: the text, then its end-of-text token; padding ignored.
-    targets = torch.cat([input_ids, input_ids.new_full((b, 1), eos)], dim=1)
-    positions = torch.arange(length + 1, device=input_ids.device)[None]
-    targets = targets.masked_fill(positions > lengths[:, None], -100)
-    targets[torch.arange(b), lengths] = eos
-    inputs = soft_prompt_inputs(
-        tokenizer,
-        language_model,
-        autoencoder,
-        memory,
-        input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
-    )
-    model, body = _causal_body(language_model)
-    hidden = body(inputs_embeds=inputs, use_cache=False, return_dict=True).last_hidden_state
-    # The hidden state before each target: the last prompt position, then each text position.
-    start = inputs.shape[1] - length - 1
-    hidden = hidden[:, start : start + length + 1]
-    keep = targets != -100
-    # Vocabulary logits only where there is a target (the output projection is the largest matmul).
-    logits = model.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    from transformers import DynamicCache
+
+    model, body = causal_body(language_model)
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    if not after:
+        raise ValueError(
+            "A key/value prefix needs at least one prompt token after {memory} (the LM predicts the text's first "
+            f"token from it); prompt_template={autoencoder.config.get('prompt_template')!r}."
+        )
+    b, device = memory.shape[0] * repeats, memory.device
+    cache = DynamicCache(config=model.config)
+    if before:
+        body(input_ids=torch.tensor([before], device=device).expand(b, -1), past_key_values=cache, use_cache=True)
+    # The cache must hold what the attention layers compute: under autocast, its dtype.
+    param = next(model.parameters())
+    dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) else param.dtype
+    for layer, (keys, values) in enumerate(autoencoder.key_values(memory)):
+        keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+        cache.update(keys.to(dtype), values.to(dtype), layer)
+    input_ids = torch.tensor([after], device=device).expand(memory.shape[0], -1)
+    if text_ids is not None:
+        input_ids = torch.cat([input_ids, text_ids], dim=1)
+    return cache, input_ids
 
 
 @torch.no_grad()
@@ -314,11 +321,38 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
 
 
 def _generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
-    """Soft prompt -> ``generate(inputs_embeds=...)``: the prompt is computed once per batch (beams and
-    sampled sequences share it). ``max_length`` / ``min_length`` count the text's tokens, as for seq2seq
-    decoders, not the prompt's."""
-    inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
+    """The LM's ``generate()`` after the latents' prompt, computed once per batch (beams and sampled
+    sequences share it): ``inputs_embeds`` for a soft prompt, ``past_key_values`` for a key/value
+    prefix. ``max_length`` / ``min_length`` count the text's tokens, as for seq2seq decoders."""
     kwargs = dict(kwargs)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if not uses_key_value_prefix(autoencoder):
+        inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
+        kwargs = _text_length_kwargs(language_model, kwargs, inputs.shape[1])
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
+    else:
+        # generate() repeats its inputs per beam (or per returned sample) but not a cache: repeat it here.
+        repeats = (
+            kwargs.get("num_beams", 1) if kwargs.get("num_beams", 1) > 1 else kwargs.get("num_return_sequences", 1)
+        )
+        cache, after = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory, repeats=repeats)
+        past = cache.get_seq_length()
+        kwargs = _text_length_kwargs(language_model, kwargs, past + after.shape[1])
+        # generate() takes embeddings of the whole sequence and reads those past the cache: the cached
+        # positions get placeholders, so repetition penalties see only the generated text, as with a soft prompt.
+        embeds = causal_body(language_model)[0].get_input_embeddings()(after)
+        inputs = torch.cat([embeds.new_zeros(embeds.shape[0], past, embeds.shape[2]), embeds], dim=1)
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, **kwargs)
+    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [t.strip() for t in texts]
+
+
+def _text_length_kwargs(language_model, kwargs: dict, prompt_length: int) -> dict:
+    """``max_length`` / ``min_length`` (text tokens, as for seq2seq decoders) -> ``max_new_tokens`` /
+    ``min_new_tokens``, capped by the LM's positions after a prompt of ``prompt_length``."""
     if "max_new_tokens" not in kwargs:
         kwargs["max_new_tokens"] = kwargs.pop("max_length")
     kwargs.pop("max_length", None)
@@ -327,21 +361,14 @@ def _generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tenso
     max_positions = getattr(language_model.config, "max_position_embeddings", None) or getattr(
         language_model.config, "n_positions", None
     )
-    room = None if max_positions is None else max_positions - inputs.shape[1]
+    room = None if max_positions is None else max_positions - prompt_length
     if room is not None and kwargs["max_new_tokens"] > room:
         if room < 1:
-            raise ValueError(
-                f"The soft prompt ({inputs.shape[1]} positions) leaves no room in the LM's {max_positions}."
-            )
+            raise ValueError(f"The prompt ({prompt_length} positions) leaves no room in the LM's {max_positions}.")
         warnings.warn(
-            f"max_length={kwargs['max_new_tokens']} does not fit after the {inputs.shape[1]}-position prompt "
+            f"max_length={kwargs['max_new_tokens']} does not fit after the {prompt_length}-position prompt "
             f"in the LM's {max_positions} positions; generating at most {room} tokens.",
-            stacklevel=3,
+            stacklevel=4,
         )
         kwargs["max_new_tokens"] = room
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-    output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
-    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [t.strip() for t in texts]
+    return kwargs

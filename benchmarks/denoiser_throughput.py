@@ -41,7 +41,7 @@ from diffusers.training_utils import EMAModel
 from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 
 from latentlm.config import OptimizerConfig
-from latentlm.training import make_lr_scheduler, make_optimizer
+from latentlm.optimization import make_lr_scheduler, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "snippets" / "train.jsonl"

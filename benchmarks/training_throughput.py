@@ -22,7 +22,7 @@ import torch
 
 from latentlm.config import OptimizerConfig
 from latentlm.data import read_texts
-from latentlm.training import make_optimizer
+from latentlm.optimization import make_optimizer
 
 
 def autocast(device: torch.device, mixed_precision: str):

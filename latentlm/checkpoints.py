@@ -38,6 +38,7 @@ CADENCE_KEYS = frozenset(
         "sample_every",
         "num_samples_per_class",
         "sample_inference_steps",
+        "time_budget_minutes",
         "num_eval_examples",
         "eval_num_beams",
         "max_eval_samples",

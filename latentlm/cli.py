@@ -35,7 +35,8 @@ def _add_time_budget(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="MINUTES",
-        help="stop after this many training minutes (checkpoint and final save; --resume continues)",
+        help="stop after this many training minutes (checkpoint and final save; --resume continues); "
+        "replaces the stage's time_budget_minutes",
     )
 
 

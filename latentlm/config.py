@@ -72,7 +72,7 @@ class OptimizerConfig:
 @dataclass
 class TrainingLoopConfig:
     """What every training stage shares (`latentlm.training.run_stage`): the optimizer, the cadence of
-    logging and checkpoints, mixed precision and the seed."""
+    logging and checkpoints, mixed precision, the seed and an optional time budget."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     save_every: int = 1_000
@@ -80,6 +80,9 @@ class TrainingLoopConfig:
     keep_last_checkpoints: int = 2
     mixed_precision: str = "no"
     seed: int = 0
+    # stop after this many minutes of training steps, before max_steps if need be (None = no limit);
+    # a `--time-budget` on the command line replaces it
+    time_budget_minutes: float | None = None
 
 
 @dataclass
@@ -117,6 +120,8 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     context_layers: int = 0
     # decoder-only backbones: the prompt around the soft prompt, with one {memory} (None = the backbone's default)
     prompt_template: str | None = None
+    # decoder-only backbones: the latents as a soft prompt of input embeddings or a per-layer key/value prefix
+    causal_memory: str = "soft_prompt"  # soft_prompt | key_value_prefix
     # decoder-only backbones: weight of the loss pulling soft prompt slot j to the embedding of token j
     alignment_weight: float = 0.0
     # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
@@ -211,8 +216,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check values against what the modules that use them accept (imported here, when needed)."""
         from latentlm.autoencoder.backbones import DECODER_MODES
+        from latentlm.autoencoder.text_autoencoder import CAUSAL_MEMORY
         from latentlm.diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES, TIMESTEP_SAMPLING
-        from latentlm.training import LR_SCHEDULES
+        from latentlm.optimization import LR_SCHEDULES
 
         def one_of(where: str, value: Any, allowed) -> None:
             if value not in allowed:
@@ -231,7 +237,17 @@ class RunConfig:
                     raise ValueError(f"{name}.optimizer.{key} must be positive, got {getattr(opt, key)!r}.")
             if opt.warmup_steps < 0:
                 raise ValueError(f"{name}.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}.")
+            if stage.time_budget_minutes is not None and not stage.time_budget_minutes > 0:
+                raise ValueError(
+                    f"{name}.time_budget_minutes must be positive (or null for no limit), got {stage.time_budget_minutes}."
+                )
         one_of("autoencoder.decoder", self.autoencoder.decoder, DECODER_MODES)
+        one_of("autoencoder.causal_memory", self.autoencoder.causal_memory, CAUSAL_MEMORY)
+        if self.autoencoder.alignment_warmup_steps and not self.autoencoder.alignment_weight:
+            raise ValueError(
+                f"autoencoder.alignment_warmup_steps={self.autoencoder.alignment_warmup_steps} trains only the alignment "
+                "loss, but autoencoder.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
+            )
         if self.autoencoder.context_positions < -1:
             raise ValueError(
                 f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "

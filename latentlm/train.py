@@ -141,7 +141,7 @@ def _stage_done(history_file: Path, final_dir: Path, max_steps: int) -> bool:
             history_file,
         )
         return False
-    return int(history.get("final_step", -1)) >= max_steps
+    return int(history.get("final_step", -1)) >= max_steps or bool(history.get("time_budget_reached"))
 
 
 def write_pipeline(

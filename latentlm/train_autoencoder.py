@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.config import AutoencoderTrainingConfig, RunConfig
 from latentlm.data import load_texts
+from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.reconstruction import evaluate_reconstruction
 from latentlm.tracking import Tracker
-from latentlm.training import TrainingStage, attention_kernel, make_lr_scheduler, make_optimizer, run_stage
+from latentlm.training import TrainingStage, attention_kernel, run_stage
 
 logger = logging.getLogger(__name__)
 

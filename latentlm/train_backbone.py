@@ -14,8 +14,9 @@ import torch
 
 from latentlm.config import OptimizerConfig, RunConfig, TrainingLoopConfig
 from latentlm.data import load_text_dataset
+from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.tracking import Tracker
-from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
+from latentlm.training import TrainingStage, run_stage
 
 __all__ = [
     "SCRATCH_BACKBONES",

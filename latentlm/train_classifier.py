@@ -25,10 +25,11 @@ from latentlm.data import load_text_dataset
 from latentlm.diffusion import LatentClassifier, latent_fingerprint, make_noise_scheduler
 from latentlm.files import atomic_directory
 from latentlm.latent_cache import build_latent_cache
+from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR
 from latentlm.tracking import Tracker
 from latentlm.train_diffusion import CACHE_DIR, check_autoencoder_path, resolve_class_labels
-from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
+from latentlm.training import TrainingStage, run_stage
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from latentlm.diffusion import (
     make_noise_scheduler,
 )
 from latentlm.latent_cache import build_latent_cache
+from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.tracking import Tracker
-from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
+from latentlm.training import TrainingStage, run_stage
 
 logger = logging.getLogger(__name__)
 

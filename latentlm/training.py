@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,20 +21,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from latentlm.batching import batch_indices, seed_step
 from latentlm.checkpoints import CheckpointManager, run_fingerprint
 from latentlm.files import atomic_directory, write_json_atomic
 
 if TYPE_CHECKING:
-    from latentlm.config import OptimizerConfig, RunConfig
+    from latentlm.config import RunConfig
     from latentlm.tracking import Tracker
 
 logger = logging.getLogger(__name__)
-
-#: ``optimizer.lr_schedule`` values -> transformers scheduler names.
-LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,27 +63,6 @@ def attention_kernel(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over ``params`` (tensors or param groups, which may carry their own ``lr``)."""
-    params = list(params)
-    if not params:
-        raise ValueError("No trainable parameters were given to the optimizer: check which modules are frozen.")
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    # The fused kernel is much faster than AdamW's per-tensor loop on CPU; devices/dtypes without it
-    # fall back to the loop.
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, **kwargs)
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup for ``warmup_steps``, then linear/cosine decay to zero at ``max_steps`` (or constant)."""
-    return get_scheduler(
-        LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
-    )
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
@@ -205,6 +179,7 @@ class _RunState:
             fingerprint=stage.fingerprint(),
         )
         self.step, self.history, self.loss_curve, self.train_time = 0, [], [], 0.0
+        self.out_of_time = False  # the time budget ended the run before max_steps
 
     def restore(self, resume: bool, overwrite: bool) -> None:
         """Check the checkpoint folder (see `CheckpointManager.prepare`) and, on resume, load the latest."""
@@ -303,6 +278,7 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
         if cfg.save_every and (done % cfg.save_every == 0 or done == max_steps or out_of_time):
             run.save_checkpoint()
         if out_of_time:
+            run.out_of_time = True
             if run.is_main:
                 logger.warning("Time budget of %.0f s reached after %d steps.", time_budget_s, done)
             break
@@ -322,6 +298,7 @@ def _save_final(run: _RunState, tracker: Tracker) -> Path:
             {
                 "final_step": run.step,
                 "train_time_s": round(run.train_time, 1),
+                "time_budget_reached": run.out_of_time,
                 **stage.summary(),
                 "history": run.history,
                 "loss_curve": run.loss_curve,
@@ -356,7 +333,8 @@ def run_stage(
             (see `CheckpointManager.prepare`).
         tracker: an open `Tracker` to log into; by default a new MLflow run is opened (and closed).
         time_budget_s: stop once this many seconds were spent in training steps (evaluation time not
-            counted); the final evaluation and save still happen.
+            counted); the final evaluation and save still happen. None = the stage config's
+            ``time_budget_minutes`` (itself None = no limit).
 
     Resuming is exact: batch and random numbers of step ``k`` depend on ``(seed, k)`` only.
     """
@@ -387,6 +365,8 @@ def run_stage(
             tracker.log_params(config.to_dict())
             tracker.log_params(stage.params())
             tracker.log_artifact(output_dir / "config.yaml")
+        if time_budget_s is None and stage.cfg.time_budget_minutes is not None:
+            time_budget_s = 60.0 * stage.cfg.time_budget_minutes
         _train_steps(run, tracker, time_budget_s)
         if stage.evaluate_at_end:
             run.evaluate(tracker)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from latentlm.autoencoder.text_codec import check_texts
 from latentlm.pipelines.mbr import MBR_METRICS
 
-__all__ = ["class_label_ids", "check_source_texts", "count_outputs"]
+__all__ = ["check_call_arguments", "class_label_ids", "check_source_texts", "count_outputs"]
 
 
 def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> torch.Tensor | None:
@@ -87,3 +89,32 @@ def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, 
             "num_samples_per_source; set num_samples_per_source instead."
         )
     return len(sources) * num_samples_per_source
+
+
+def check_call_arguments(
+    num_samples,
+    num_inference_steps,
+    guidance_scale,
+    output_type,
+    callback_on_step_end_tensor_inputs,
+    allowed_tensor_inputs,
+) -> None:
+    """The plain arguments of a pipeline call: counts, guidance, output type and callback tensors."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(
+            f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
+        )
+    if output_type not in ("text", "latent"):
+        raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
+    for name in callback_on_step_end_tensor_inputs:
+        if name not in allowed_tensor_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {allowed_tensor_inputs}.")

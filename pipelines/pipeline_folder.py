@@ -13,6 +13,8 @@ __all__ = [
     "CLASSIFIERS_DIR",
     "mark_custom_pipeline",
     "check_pipeline_folder",
+    "load_classifiers",
+    "save_classifiers",
 ]
 
 # File written next to model_index.json so that diffusers' generic loader,
@@ -71,3 +73,18 @@ def check_pipeline_folder(folder: Path, index_name: str) -> bool:
             "Load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust it."
         )
     return True
+
+
+def save_classifiers(classifiers: dict, folder: Path) -> None:
+    """Each carried `LatentClassifier` to ``<folder>/classifiers/<name>/`` (safetensors)."""
+    for name, classifier in classifiers.items():
+        classifier.save_pretrained(Path(folder) / CLASSIFIERS_DIR / name, safe_serialization=True)
+
+
+def load_classifiers(folder: Path) -> dict:
+    """``{name: LatentClassifier}`` from ``<folder>/classifiers/`` (empty when there is none)."""
+    from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
+
+    root = Path(folder) / CLASSIFIERS_DIR
+    paths = sorted(root.iterdir()) if root.is_dir() else []
+    return {path.name: LatentClassifier.from_pretrained(path) for path in paths if (path / "config.json").is_file()}

@@ -22,7 +22,6 @@ list of texts per source.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,20 +33,27 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
-from latentlm.autoencoder.text_codec import decode_latents, encode_sources, encode_texts, merge_peft
+from latentlm.autoencoder.text_codec import merge_peft
 from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
 from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-from latentlm.pipelines.conditioning import check_source_texts, class_label_ids, count_outputs
+from latentlm.pipelines.conditioning import check_call_arguments, check_source_texts, class_label_ids, count_outputs
+from latentlm.pipelines.interpolation import slerp
 from latentlm.pipelines.mbr import mbr_select
-from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR, check_pipeline_folder, mark_custom_pipeline
+from latentlm.pipelines.pipeline_folder import (
+    check_pipeline_folder,
+    load_classifiers,
+    mark_custom_pipeline,
+    save_classifiers,
+)
 from latentlm.pipelines.schedulers import (
     SUPPORTED_SCHEDULERS,
     UNSUPPORTED_SCHEDULERS,
     check_scheduler,
     extra_step_kwargs,
 )
+from latentlm.pipelines.text_latents import TextLatentsMixin
 
 __all__ = [
     "LatentTextDiffusionPipeline",
@@ -73,34 +79,27 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
     latents: torch.Tensor
 
 
-class LatentTextDiffusionPipeline(DiffusionPipeline):
+class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
     r"""Text generation by latent diffusion (LD4LG).
 
     Components:
         tokenizer: the language model's tokenizer.
-        language_model: a transformers encoder-decoder (BART, T5, ``EncoderDecoderModel``); a
-            ``PeftModel`` is accepted and merged into a plain model (the pipeline saves no adapters).
-        autoencoder (`LatentAutoencoder`): compression (encoder states -> latents) and
-            reconstruction (latents -> decoder memory).
-        denoiser (`LatentDenoiser`): predicts the scheduler's target from ``z_t``, ``t``, the
-            previous ``ẑ0`` (self-conditioning), a class label and (text-to-text) the source text's
-            encoder states; class names live in its config.
-        scheduler: any diffusers scheduler over ``alphas_cumprod`` (DDPM, DDIM, DPM-Solver++,
-            UniPC, Euler ...) whose ``prediction_type`` is the one the denoiser was trained for.
+        language_model: a transformers encoder-decoder (BART, T5, ``EncoderDecoderModel``) or causal
+            LM; a ``PeftModel`` is merged into a plain model (the pipeline saves no adapters).
+        autoencoder (`LatentAutoencoder`): encoder states -> latents -> decoder memory.
+        denoiser (`LatentDenoiser`): predicts the scheduler's target from ``z_t``, ``t``, the previous
+            ``ẑ0`` (self-conditioning), a class label and (text-to-text, ``cross_attention_dim``) a
+            source text's encoder states; class names live in its config.
+        scheduler: any diffusers scheduler over ``alphas_cumprod`` (DDPM, DDIM, DPM-Solver++, UniPC,
+            Euler ...) predicting the denoiser's ``prediction_type``.
 
-    Classifiers (optional, for classifier guidance): named `LatentClassifier` s over this pipeline's
-    latents (`add_classifier`), saved in ``classifiers/<name>/`` and loaded with the pipeline. At each
-    step ∇ log p(y | z_t) of the requested controls is added to the score (`guide_model_output`);
-    several controls multiply (a product of experts) and combine with classes and ``guidance_scale``.
+    Classifier guidance: named `LatentClassifier` s over these latents (`add_classifier`, saved in
+    ``classifiers/<name>/``) add ∇ log p(y | z_t) to the score; several multiply (a product of
+    experts) and combine with classes, sources and ``guidance_scale``.
 
-    Text-to-text: a denoiser with ``cross_attention_dim`` reads the encoder states of a source text;
-    ``guidance_scale`` then mixes the predictions with and without the source (and the class, if one
-    is given) in one batched pass.
-
-    Config (besides the components, saved in ``model_index.json``): ``prediction_type`` (the
-    denoiser's training target; defaults to the scheduler's at construction), ``max_length``
-    (tokens kept by `encode`) and ``decode_kwargs`` (this pipeline's default generation arguments,
-    over `latentlm.autoencoder.text_codec.DEFAULT_GENERATE_KWARGS`).
+    Config (in ``model_index.json``): ``prediction_type`` (default: the scheduler's), ``max_length``
+    (tokens kept by `encode`) and ``decode_kwargs`` (default generation arguments, over
+    `latentlm.autoencoder.text_codec.DEFAULT_GENERATE_KWARGS`).
     """
 
     model_cpu_offload_seq = "denoiser->autoencoder->language_model"
@@ -177,40 +176,32 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         r"""Sample texts.
 
         Args:
-            num_samples: batch size ``B`` (default 1); with ``source_texts`` leave it unset:
-                ``B = len(source_texts) * num_samples_per_source``.
-            class_labels: ``None`` (unconditional), one label for all samples, or ``B`` labels;
-                a label is a class name (see `class_names`) or an id.
-            guidance_scale: classifier-free guidance ``w``: ``uncond + w * (cond - uncond)`` on the class
-                and the source; 1.0 disables it (one forward pass per step).
+            num_samples: batch size ``B`` (default 1); with sources ``B = len(source_texts) *
+                num_samples_per_source`` (leave it unset).
+            class_labels: ``None``, one label for all samples or ``B`` labels (names or ids).
+            guidance_scale: classifier-free guidance ``uncond + w * (cond - uncond)`` on the class and
+                the source; 1.0 = off (one forward pass per step).
             num_inference_steps: scheduler steps.
-            generator: makes sampling (initial noise, stochastic steps) reproducible.
-            latents: initial noise ``[B, num_latents, latent_dim]`` (scaled by the scheduler's
-                ``init_noise_sigma`` as in diffusers); drawn from ``generator`` when ``None``.
-            output_type: ``"text"`` (decode) or ``"latent"`` (skip decoding; ``texts`` is ``None``).
-            decode_kwargs: generation arguments for this call (beams, max_length ...), over the
-                pipeline's ``config.decode_kwargs`` and `text_codec.DEFAULT_GENERATE_KWARGS`.
-            callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step;
-                a returned ``"latents"`` (``z_t`` for the next step) or ``"pred_original_sample"``
-                (ẑ0, fed back by self-conditioning; after the last step it is the output) replaces
-                the current one.
-            callback_on_step_end_tensor_inputs: names passed in ``tensors`` (``latents``,
-                ``pred_original_sample``).
-            return_dict: return a `LatentTextDiffusionPipelineOutput` instead of a tuple.
-            scheduler: a scheduler for this call only (default: ``self.scheduler``). Each call
-                steps its own copy, so calls from several threads never share scheduler state.
-            controls: classifier guidance ``{name: target}`` by the carried classifiers (a class for a
-                classification head, a number for a regression head; one target or one per sample),
-                e.g. ``{"price": "cheap", "length": 12}``; see the class docstring.
-            control_scale: the classifiers' weight, one number or ``{name: number}`` (>= 0).
-            source_texts: the texts to generate from (text-to-text pipelines, which require them).
-            num_samples_per_source: texts generated for each source.
-            mbr_candidates: MBR decoding: candidates sampled per returned text, which is the one most
-                similar to the others (1 = off); ``mbr_metric``: ``"bleu"`` or ``"rouge_l"``.
+            generator, latents: the initial noise ``[B, num_latents, latent_dim]`` (scaled by the
+                scheduler's ``init_noise_sigma``) and stochastic steps, as in diffusers.
+            output_type: ``"text"`` or ``"latent"`` (no decoding; ``texts`` is ``None``).
+            decode_kwargs: generation arguments over the pipeline's ``config.decode_kwargs``.
+            callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; a
+                returned ``"latents"`` (next ``z_t``) or ``"pred_original_sample"`` (ẑ0, the output after
+                the last step) replaces the current one. ``callback_on_step_end_tensor_inputs``: the
+                names it receives.
+            return_dict: a `LatentTextDiffusionPipelineOutput` instead of a tuple.
+            scheduler: a scheduler for this call (default ``self.scheduler``); every call steps a copy,
+                so threads never share scheduler state.
+            controls, control_scale: classifier guidance ``{name: target}`` (a class or a number, one or
+                ``B``) and its weight (a number or ``{name: number}``).
+            source_texts, num_samples_per_source: text-to-text: the sources, and texts per source.
+            mbr_candidates, mbr_metric: MBR decoding: candidates per returned text, which is the one
+                most similar to the others by ``"bleu"`` or ``"rouge_l"`` (1 = off).
 
         Returns:
-            `LatentTextDiffusionPipelineOutput` (``texts``, ``latents [B, N, D]``: the denoiser's clean
-            estimate ẑ0 at the last step) or ``(texts, latents)``.
+            `LatentTextDiffusionPipelineOutput` (``texts``, ``latents``: the last clean estimate ẑ0
+            ``[B, N, D]``) or ``(texts, latents)``.
         """
         # 0. Check inputs.
         sources = check_source_texts(source_texts, self.denoiser.config.get("cross_attention_dim"))
@@ -320,7 +311,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         """Class ids ``[B']`` and source (states, mask) ``[B', L, C]``, ``[B', L]`` for the whole batch:
         ``B = num_samples * mbr_candidates``, and ``B' = 2B`` with guidance (the null class and no
         source first)."""
-        labels = self.prepare_class_labels(class_labels, num_samples)
+        labels = class_label_ids(self.class_names, class_labels, num_samples)
         do_guidance = guidance_scale != 1.0
         if do_guidance and labels is None and sources is None:
             if not self.class_names:
@@ -353,33 +344,17 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
             texts = [texts[i : i + k] for i in range(0, len(texts), k)]
         return texts, latents
 
-    def prepare_class_labels(self, class_labels, num_samples: int) -> torch.Tensor | None:
-        """Class names / ids -> ``LongTensor [num_samples]`` (or ``None`` for unconditional)."""
-        return class_label_ids(self.class_names, class_labels, num_samples)
-
     def check_inputs(
         self, num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
     ) -> None:
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise ValueError(
-                f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
-            )
-        if output_type not in ("text", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
-        for name in callback_on_step_end_tensor_inputs:
-            if name not in self._callback_tensor_inputs:
-                raise ValueError(
-                    f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {self._callback_tensor_inputs}."
-                )
+        check_call_arguments(
+            num_samples,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            allowed_tensor_inputs=self._callback_tensor_inputs,
+        )
 
     def prepare_latents(self, shape, generator, device, latents, scheduler) -> torch.Tensor:
         """Initial noise ``z_T`` scaled by the scheduler; float32 for the scheduler arithmetic whatever
@@ -422,75 +397,6 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         """The scheduler must predict what the denoiser was trained for and work in alphas_cumprod."""
         check_scheduler(scheduler if scheduler is not None else self.scheduler, self.config.prediction_type)
 
-    def prepare_extra_step_kwargs(self, generator, scheduler=None) -> dict:
-        return extra_step_kwargs(scheduler if scheduler is not None else self.scheduler, generator)
-
-    # ------------------------------------------------------------------------------------------
-    # Convenience: text <-> latents
-    # ------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
-        """Texts -> clean latents ``[B, num_latents, latent_dim]`` (float32)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("encode() needs at least one text.")
-        latents = encode_texts(
-            self.tokenizer, self.language_model, self.autoencoder, texts, max_length or self.config.max_length
-        )
-        return latents.float()
-
-    @torch.no_grad()
-    def encode_sources(self, source_texts: list[str], repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source texts -> their encoder states ``[B * repeats, L, d_model]`` (in the denoiser's dtype) and
-        mask ``[B * repeats, L]``, each source repeated ``repeats`` times in a row."""
-        states, mask = encode_sources(self.tokenizer, self.language_model, self.autoencoder, list(source_texts))
-        device = self._execution_device
-        states = states.to(device=device, dtype=self.denoiser.dtype).repeat_interleave(repeats, dim=0)
-        return states, mask.to(device).repeat_interleave(repeats, dim=0)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
-        """Latents ``[B, num_latents, latent_dim]`` -> texts.
-
-        ``generate_kwargs`` override the pipeline's ``config.decode_kwargs``, which override
-        `text_codec.DEFAULT_GENERATE_KWARGS` (LD4LG's beam search).
-        """
-        generate_kwargs = {**(self.config.get("decode_kwargs") or {}), **generate_kwargs}
-        expected = (self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
-        if not torch.is_tensor(latents):
-            raise TypeError(
-                f"decode() takes a latent tensor [batch, {expected[0]}, {expected[1]}], got "
-                f"{type(latents).__name__}; use encode(texts) or the pipeline's output .latents."
-            )
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
-            raise ValueError(
-                f"latents have shape {tuple(latents.shape)}, expected [batch, {expected[0]}, {expected[1]}]."
-            )
-        latents = latents.to(device=self.autoencoder.device, dtype=self.autoencoder.dtype)
-        return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
-
-    @torch.no_grad()
-    def interpolate(
-        self, text_a: str, text_b: str, num_steps: int = 5, method: str = "slerp", **generate_kwargs
-    ) -> list[str]:
-        """Decode ``num_steps`` points on the path from ``text_a``'s latents to ``text_b``'s (ends included).
-
-        ``slerp`` interpolates each latent vector on the sphere (norms are kept, which matters for
-        normalised latents); ``lerp`` interpolates linearly.
-        """
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be >= 2 (both ends are included), got {num_steps}.")
-        if method not in ("slerp", "lerp"):
-            raise ValueError(f"method={method!r}: use 'slerp' or 'lerp'.")
-        z_a, z_b = self.encode([text_a, text_b]).chunk(2)  # [1, N, D] each
-        weights = torch.linspace(0.0, 1.0, num_steps, device=z_a.device).view(-1, 1, 1)
-        if method == "lerp":
-            path = (1 - weights) * z_a + weights * z_b
-        else:
-            path = slerp(z_a, z_b, weights)
-        return self.decode(path, **generate_kwargs)
-
     # ------------------------------------------------------------------------------------------
     # Saving and loading
     # ------------------------------------------------------------------------------------------
@@ -503,8 +409,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         save_directory = Path(save_directory)
         mark_custom_pipeline(save_directory, self.config_name, type(self).__name__)
-        for name, classifier in self.classifiers.items():
-            classifier.save_pretrained(save_directory / CLASSIFIERS_DIR / name, safe_serialization=True)
+        save_classifiers(self.classifiers, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -516,26 +421,6 @@ class LatentTextDiffusionPipeline(DiffusionPipeline):
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(str(folder), **kwargs)
-        classifiers = folder / CLASSIFIERS_DIR
-        for path in sorted(classifiers.iterdir()) if classifiers.is_dir() else []:
-            if (path / "config.json").is_file():
-                pipe.add_classifier(path.name, LatentClassifier.from_pretrained(path).to(pipe.device))
+        for name, classifier in load_classifiers(folder).items():
+            pipe.add_classifier(name, classifier.to(pipe.device))
         return pipe
-
-
-def slerp(z_a: torch.Tensor, z_b: torch.Tensor, weights: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Spherical interpolation along the last dim: ``z_a, z_b [1, N, D]``, ``weights [S, 1, 1]`` -> ``[S, N, D]``.
-
-    Norms are interpolated linearly; nearly parallel vectors fall back to lerp.
-    """
-    norm_a, norm_b = z_a.norm(dim=-1, keepdim=True), z_b.norm(dim=-1, keepdim=True)
-    u_a, u_b = z_a / norm_a.clamp_min(eps), z_b / norm_b.clamp_min(eps)
-    cos = (u_a * u_b).sum(-1, keepdim=True).clamp(-1 + eps, 1 - eps)
-    omega = torch.acos(cos)
-    sin = torch.sin(omega)
-    parallel = sin.abs() < 1e-4
-    w_a = torch.where(parallel, 1 - weights, torch.sin((1 - weights) * omega) / sin)
-    w_b = torch.where(parallel, weights, torch.sin(weights * omega) / sin)
-    direction = w_a * u_a + w_b * u_b
-    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return direction * ((1 - weights) * norm_a + weights * norm_b)

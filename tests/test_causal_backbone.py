@@ -90,6 +90,22 @@ def make_causal_autoencoder(path: str, decoder: str = "lora", **kwargs):
     return TextAutoencoder.from_backbone(path, **settings)
 
 
+def train_to_reconstruct(model, texts, steps: int = 150) -> tuple[float, float]:
+    """AdamW on the reconstruction loss of ``texts``; returns the first and last loss."""
+    batch = model.tokenize(texts)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(states, batch["attention_mask"], labels)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses[0], losses[-1]
+
+
 def test_causal_lm_is_its_own_encoder_and_lora_spares_the_encoder_layers(tiny_llama_dir):
     model = make_causal_autoencoder(tiny_llama_dir, decoder="lora")
     assert model.causal and model.autoencoder.memory_length == 8 and model.autoencoder.memory_dim == 32
@@ -108,19 +124,8 @@ def test_causal_lm_is_its_own_encoder_and_lora_spares_the_encoder_layers(tiny_ll
 def test_causal_autoencoder_learns_to_reconstruct(tiny_llama_dir):
     model = make_causal_autoencoder(tiny_llama_dir, decoder="full")
     texts = SENTENCES[:4]
-    batch = model.tokenize(texts)
-    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
-    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    first = None
-    for _ in range(150):
-        loss = model(states, batch["attention_mask"], labels)
-        first = first if first is not None else loss.item()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.1 * first
+    first, last = train_to_reconstruct(model, texts)
+    assert last < 0.1 * first
     model.eval()
     assert model.decode(model.encode(texts), num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0) == texts
 
@@ -148,6 +153,52 @@ def test_generate_beam_search_and_sampling_with_a_soft_prompt(tiny_llama_dir):
         assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
         # max_length counts the text's tokens, not the prompt's.
         assert all(len(t.split()) <= 6 for t in texts)
+
+
+def test_key_value_prefix_learns_to_reconstruct_and_generates(tiny_llama_dir):
+    """causal_memory="key_value_prefix": the latents become keys and values in every layer of the LM."""
+    model = make_causal_autoencoder(
+        tiny_llama_dir, decoder="full", causal_memory="key_value_prefix", alignment_weight=0.0
+    )
+    config = model.autoencoder.config
+    assert (config.key_value_layers, config.key_value_heads, config.key_value_head_dim) == (3, 1, 16)
+    texts = SENTENCES[:4]
+    first, last = train_to_reconstruct(model, texts)
+    assert last < 0.1 * first
+    model.eval()
+    z = model.encode(texts)
+    assert model.decode(z, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0) == texts
+    assert model.decode(z, num_beams=3, no_repeat_ngram_size=0, repetition_penalty=1.0) == texts
+    sampled = model.decode(z, do_sample=True, num_beams=1, top_k=5, max_length=6)
+    assert len(sampled) == 4 and all(len(t.split()) <= 6 for t in sampled)
+    batch = model.tokenize(texts)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the prefix takes the dtype the layers compute in
+        model.train()
+        assert torch.isfinite(model(states, batch["attention_mask"], labels))
+
+
+def test_key_value_prefix_saves_loads_and_refuses_what_it_cannot_do(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
+    model = make_causal_autoencoder(tiny_llama_dir, causal_memory="key_value_prefix", alignment_weight=0.0).eval()
+    expected = model.decode(model.encode(SENTENCES[:2]), num_beams=1)
+    model.save_pretrained(tmp_path / "ae")
+    loaded = TextAutoencoder.from_pretrained(tmp_path / "ae")
+    assert loaded.autoencoder.config.key_value_layers == 3
+    assert loaded.decode(loaded.encode(SENTENCES[:2]), num_beams=1) == expected
+    with pytest.raises(ValueError, match="set alignment_weight to 0"):
+        make_causal_autoencoder(tiny_llama_dir, causal_memory="key_value_prefix", alignment_weight=1.0)
+    with pytest.raises(ValueError, match="causal_memory='prefix'"):
+        make_causal_autoencoder(tiny_llama_dir, causal_memory="prefix")
+    gpt2 = make_causal_autoencoder(tiny_gpt2_dir, causal_memory="key_value_prefix", alignment_weight=0.0).eval()
+    assert len(gpt2.decode(gpt2.encode(SENTENCES[:2]), num_beams=2, max_length=4)) == 2
+    bad = make_causal_autoencoder(
+        tiny_llama_dir, causal_memory="key_value_prefix", alignment_weight=0.0, prompt_template="<s> {memory}"
+    ).eval()
+    with pytest.raises(ValueError, match="at least one prompt token after"):
+        bad.decode(bad.encode(SENTENCES[:1]), num_beams=1)
 
 
 def test_causal_save_load_with_peft_adapters(tiny_llama_dir, tmp_path):

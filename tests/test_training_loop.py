@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import latentlm.training as training_loop
 from latentlm.config import AutoencoderTrainingConfig, TrainingLoopConfig, load_config
-from latentlm.training import TrainingStage, make_lr_scheduler, make_optimizer, run_stage
+from latentlm.optimization import make_lr_scheduler, make_optimizer
+from latentlm.training import TrainingStage, run_stage
 
 
 class RegressionStage(TrainingStage):
@@ -113,6 +114,23 @@ def test_time_budget_stops_early_with_a_checkpoint_and_final_save(tmp_path, monk
     assert history["final_step"] == 3
     assert (tmp_path / "run" / "regression_training" / "checkpoints" / "step_00000003").is_dir()
     assert [h["step"] for h in history["history"]] == [3]  # only the final evaluation
+    assert history["time_budget_reached"] is True
+
+
+def test_time_budget_from_the_config_and_train_counts_the_stage_as_done(tmp_path, monkeypatch):
+    from latentlm.train import _stage_done
+
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(training_loop.time, "perf_counter", lambda: next(clock))
+    stage = _stage(tmp_path, time_budget_minutes=25 / 60)
+    run_stage(stage, tracker=Recorder())
+    history_file = tmp_path / "run" / "regression_history.json"
+    assert json.loads(history_file.read_text())["final_step"] == 3
+    # `latentlm train --resume` skips a stage that its budget ended, as one that reached max_steps
+    assert _stage_done(history_file, tmp_path / "run" / "regression", max_steps=stage.cfg.optimizer.max_steps)
+    # a budget must be positive
+    with pytest.raises(ValueError, match="time_budget_minutes"):
+        load_config(None, ["diffusion.time_budget_minutes=0"])
 
 
 def test_autoencoder_config_mirrors_the_constructor():

@@ -10,7 +10,8 @@ from latentlm.batching import batch_indices, seed_step
 from latentlm.checkpoints import CheckpointManager, CheckpointMismatchError
 from latentlm.config import OptimizerConfig, load_config
 from latentlm.files import atomic_directory
-from latentlm.training import NonFiniteLossError, check_finite, make_lr_scheduler, make_optimizer
+from latentlm.optimization import make_lr_scheduler, make_optimizer
+from latentlm.training import NonFiniteLossError, check_finite
 
 
 def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):

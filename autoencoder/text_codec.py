@@ -253,8 +253,8 @@ def key_value_prefix_inputs(
 
     ``cache`` (a transformers ``DynamicCache``) holds the keys and values of the prompt before
     ``{memory}`` (computed by the LM) followed by the prefix `LatentAutoencoder.key_values` writes,
-    each batch row repeated ``repeats`` times (beams); ``input_ids`` [B, T] is the prompt after
-    ``{memory}`` (+ ``text_ids``), what the LM reads next, at positions after the cache.
+    each batch row repeated ``repeats`` times (beams); ``input_ids`` [B, T] (not repeated) is the
+    prompt after ``{memory}`` (+ ``text_ids``), what the LM reads next, at positions after the cache.
     """
     from transformers import DynamicCache
 

@@ -31,6 +31,7 @@ __all__ = [
     "NAMED_PROMPT_TEMPLATES",
     "prompt_template_for",
     "attention_shape",
+    "CAUSAL_MEMORY",
     "DECODER_MODES",
     "load_backbone",
     "load_language_model",
@@ -66,6 +67,9 @@ NAMED_BACKBONES: dict[str, str] = {
 NAMED_PROMPT_TEMPLATES: dict[str, str] = {
     "smollm2": "<|im_start|>user\nRepeat this text exactly:\n{memory}<|im_end|>\n<|im_start|>assistant\n"
 }
+
+#: How a decoder-only LM reads the latents: input embeddings in its prompt, or keys and values in every layer.
+CAUSAL_MEMORY = ("soft_prompt", "key_value_prefix")
 
 
 def attention_shape(language_model) -> dict[str, int]:

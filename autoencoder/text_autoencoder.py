@@ -20,6 +20,7 @@ import torch
 from latentlm.autoencoder import LatentAutoencoder
 from latentlm.autoencoder.adapters import configure_trainable
 from latentlm.autoencoder.backbones import (
+    CAUSAL_MEMORY,
     attention_shape,
     backbone_family,
     decoder_layers,
@@ -38,16 +39,15 @@ from latentlm.autoencoder.text_codec import (
     merge_peft,
     tokenize_texts,
     unwrap_peft,
+    uses_key_value_prefix,
 )
 from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
-__all__ = ["CAUSAL_MEMORY", "TextAutoencoder"]
+__all__ = ["TextAutoencoder"]
 
 CONFIG_NAME = "text_autoencoder.json"
-#: How a decoder-only LM reads the latents: input embeddings in its prompt, or keys and values in every layer.
-CAUSAL_MEMORY = ("soft_prompt", "key_value_prefix")
 
 
 class TextAutoencoder(nn.Module):
@@ -92,7 +92,7 @@ class TextAutoencoder(nn.Module):
                 )
         if alignment_weight < 0:
             raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}.")
-        if alignment_weight and autoencoder.config.get("key_value_layers"):
+        if alignment_weight and uses_key_value_prefix(autoencoder):
             raise ValueError(
                 "alignment_weight pulls soft-prompt slots towards token embeddings, but this autoencoder writes a "
                 "key/value prefix (causal_memory='key_value_prefix'): set alignment_weight to 0."

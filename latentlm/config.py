@@ -215,8 +215,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check values against what the modules that use them accept (imported here, when needed)."""
-        from latentlm.autoencoder.backbones import DECODER_MODES
-        from latentlm.autoencoder.text_autoencoder import CAUSAL_MEMORY
+        from latentlm.autoencoder.backbones import CAUSAL_MEMORY, DECODER_MODES
         from latentlm.diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES, TIMESTEP_SAMPLING
         from latentlm.optimization import LR_SCHEDULES
 

@@ -50,6 +50,15 @@ __all__ = ["TextAutoencoder"]
 CONFIG_NAME = "text_autoencoder.json"
 
 
+def _start_soft_prompt_at_embedding_scale(autoencoder: LatentAutoencoder, language_model) -> None:
+    """The soft prompt stands in for input embeddings: start its norm at theirs."""
+    embeddings = language_model.get_input_embeddings().weight
+    with torch.no_grad():
+        autoencoder.reconstruction_norm.weight.fill_(
+            float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5
+        )
+
+
 class TextAutoencoder(nn.Module):
     """Texts <-> latents [B, num_latents, latent_dim] through a frozen PLM encoder and its decoder.
 
@@ -156,20 +165,14 @@ class TextAutoencoder(nn.Module):
         tokenizer, language_model = load_backbone(
             backbone,
             decoder=decoder,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_target_modules=lora_target_modules,
+            **{f"lora_{key}": value for key, value in lora.items()},
             cross_attention_init=cross_attention_init,
             plm_dropout=plm_dropout,
             context_layers=context_layers,
         )
         family = backbone_family(language_model)
-        if normalize_latents is None:
-            normalize_latents = family != "t5"
         if family == "causal":
-            if prompt_template is None:
-                prompt_template = prompt_template_for(backbone, tokenizer)
+            prompt_template = prompt_template_for(backbone, tokenizer) if prompt_template is None else prompt_template
         elif prompt_template is not None or context_layers or tokens_per_query or causal_memory != "soft_prompt":
             raise ValueError(
                 "prompt_template, context_layers, tokens_per_query and causal_memory are for decoder-only "
@@ -184,7 +187,7 @@ class TextAutoencoder(nn.Module):
             num_reconstruction_layers=num_reconstruction_layers,
             head_dim=head_dim,
             ff_mult=ff_mult,
-            normalize_latents=normalize_latents,
+            normalize_latents=family != "t5" if normalize_latents is None else normalize_latents,
             dropout=dropout,
             context_positions=max_length if context_positions == -1 else context_positions,
             query_init_std=query_init_std,
@@ -195,12 +198,7 @@ class TextAutoencoder(nn.Module):
             **key_value_shape,
         )
         if family == "causal" and not key_value_shape:
-            # The soft prompt stands in for input embeddings: start it at their scale.
-            embeddings = language_model.get_input_embeddings().weight
-            with torch.no_grad():
-                autoencoder.reconstruction_norm.weight.fill_(
-                    float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5
-                )
+            _start_soft_prompt_at_embedding_scale(autoencoder, language_model)
         # A local folder is stored as an absolute path: the saved model then loads from any directory.
         backbone = os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
         return cls(

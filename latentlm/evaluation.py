@@ -3,7 +3,13 @@
 ``evaluate`` samples ``num_samples`` texts from a pipeline for each seed and reports mean ± std
 over seeds of MAUVE, perplexity, diversity, memorization and (for class-conditional models) class
 accuracy, with the same metrics on human texts beside them, as JSON, a markdown table and an MLflow
-run. ``evaluate_autoencoder`` (in `latentlm.reconstruction`, re-exported here) reports
+run. The human ("references") row: per seed, references are shuffled and ``num_samples`` of them
+form MAUVE's p side for both rows; the human q side is ``num_samples`` training texts when
+``train_file`` is given (else the other half of the references). Its memorization is that of the
+references against the training set (the natural overlap), its class accuracy that of the
+classifier on references labelled with ``class_name``.
+
+``evaluate_autoencoder`` (in `latentlm.reconstruction`, re-exported here) reports
 reconstruction BLEU and exact match.
 
 The judge models live in `latentlm.judges`, the file reader in `latentlm.data`, the sampling loop
@@ -108,6 +114,11 @@ class _Judges:
     perplexity: PerplexityModel | None
     classifier: Any = None
     class_name: str | None = None
+
+    @property
+    def names(self) -> tuple[str | None, str | None]:
+        """The names of the feature and perplexity models (``None`` where skipped)."""
+        return (getattr(self.features, "name", None), getattr(self.perplexity, "name", None))
 
 
 def _load_judges(
@@ -259,14 +270,9 @@ def evaluate(
         tracking: a ``TrackingConfig``; ``None`` uses the default one (``MLFLOW_TRACKING_URI`` or MLflow's
             local default store); ``TrackingConfig(enabled=False)`` logs nothing.
 
-    The human ("references") row: per seed, references are shuffled and ``num_samples`` of them form
-    MAUVE's p side for both rows. The human q side is ``num_samples`` training texts when
-    ``train_file`` is given (else the other half of the references). Its memorization is that of the
-    references against the training set (the natural overlap), its class accuracy that of the
-    classifier on references labelled with ``class_name``.
-
     Returns a dict with ``model`` and ``references`` rows (``{metric: {mean, std, per_seed}}`` or
-    ``None`` where not computed), the settings, ``samples`` (``{seed: texts}``) and ``markdown``.
+    ``None`` where not computed; the references row is described in the module docstring), the
+    settings, ``samples`` (``{seed: texts}``) and ``markdown``.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 (MAUVE compares distributions), got {num_samples}.")
@@ -307,19 +313,20 @@ def evaluate(
         num_inference_steps,
         scheduler,
         guidance_scale,
-        (
-            judges.features.name if judges.features is not None else None,
-            judges.perplexity.name if judges.perplexity is not None else None,
-        ),
+        judges.names,
         rows,
         timings,
     )
     result["markdown"] = format_markdown(result)
+    _write_and_log(result, samples, pipeline_dir, output_dir, tracking)
+    result["samples"] = samples
+    return result
 
+
+def _write_and_log(result, samples, pipeline_dir, output_dir, tracking) -> None:
+    """Results and samples to ``output_dir`` (default ``<pipeline_dir>/evaluation``) and to MLflow."""
     if output_dir is None and isinstance(pipeline_dir, (str, Path)):
         output_dir = Path(pipeline_dir) / "evaluation"
     if output_dir is not None:
         write_results(Path(output_dir), result, samples)
     log_to_mlflow(result, samples, tracking, output_dir)
-    result["samples"] = samples
-    return result

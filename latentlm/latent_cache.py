@@ -7,7 +7,8 @@ opened memory-mapped (``np.load(mmap_mode="r")``), so a dataset larger than RAM 
 open and every later run with the same autoencoder and data reuses it.
 
 The key hashes everything the latents depend on: the encoder and compression weights, the
-tokenizer's vocabulary, ``max_length``, the texts and the labels. A different autoencoder or
+tokenizer's vocabulary, ``max_length``, the precision the texts were encoded in, the texts and the
+labels. A different autoencoder or
 dataset gets a different folder; a stale cache can never be picked up.
 
 Folder layout::
@@ -43,6 +44,8 @@ __all__ = ["LatentCache", "build_latent_cache", "latent_cache_key"]
 
 CACHE_VERSION = 1
 META_FILE = "meta.json"
+#: ``mixed_precision`` (accelerate's names) -> the autocast dtype the texts are encoded in.
+ENCODING_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _hash_module(digest, module: torch.nn.Module) -> None:
@@ -54,11 +57,18 @@ def _hash_module(digest, module: torch.nn.Module) -> None:
 
 
 def latent_cache_key(
-    text_autoencoder, texts: Sequence[str], labels: Sequence[int] | None = None, sources: Sequence[str] | None = None
+    text_autoencoder,
+    texts: Sequence[str],
+    labels: Sequence[int] | None = None,
+    sources: Sequence[str] | None = None,
+    mixed_precision: str = "no",
 ) -> str:
-    """sha256 (hex, 24 chars) of what determines the cached latents: weights, tokenizer, max_length, data."""
+    """sha256 (hex, 24 chars) of what determines the cached latents: weights, tokenizer, max_length,
+    precision, data."""
     digest = hashlib.sha256()
     digest.update(f"latentlm-latent-cache-v{CACHE_VERSION}".encode())
+    if mixed_precision != "no":  # fp32 keys stay those of caches written before precision was a choice
+        digest.update(f"mixed_precision={mixed_precision}".encode())
     _hash_module(digest, text_autoencoder.autoencoder)
     for module in text_autoencoder.encoder_modules():
         _hash_module(digest, module)
@@ -166,6 +176,7 @@ def build_latent_cache(
     batch_size: int = 64,
     show_progress: bool = True,
     sources: Sequence[str] | None = None,
+    mixed_precision: str = "no",
 ) -> LatentCache:
     """Encode `texts` once (or reuse an existing cache with the same key) and open it memory-mapped.
 
@@ -176,7 +187,11 @@ def build_latent_cache(
         labels: optional class ids, one per text.
         class_names: names of the class ids (stored with the cache for inspection).
         sources: optional source texts, one per text (text-to-text): their encoder states are cached too.
+        mixed_precision: ``"bf16"`` / ``"fp16"`` encode under that autocast (as a stage 1 trained in it
+            ran; faster on CPU too), ``"no"`` in the weights' dtype. Part of the key.
     """
+    if mixed_precision not in ENCODING_DTYPES:
+        raise ValueError(f"mixed_precision={mixed_precision!r}: use one of {list(ENCODING_DTYPES)}.")
     texts = list(texts)
     if not texts:
         raise ValueError("No texts to encode: the latent cache needs at least one training text.")
@@ -186,7 +201,7 @@ def build_latent_cache(
         sources = list(sources)
         if len(sources) != len(texts):
             raise ValueError(f"Got {len(sources)} sources for {len(texts)} texts; give one source per text.")
-    key = latent_cache_key(text_autoencoder, texts, labels, sources)
+    key = latent_cache_key(text_autoencoder, texts, labels, sources, mixed_precision)
     final = Path(cache_dir) / key
     if (final / META_FILE).is_file():
         logger.info("Reusing latent cache %s", final)
@@ -198,8 +213,10 @@ def build_latent_cache(
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     was_training = text_autoencoder.training
     text_autoencoder.eval()
+    device = next(text_autoencoder.parameters()).device
+    dtype = ENCODING_DTYPES[mixed_precision]
     try:
-        with atomic_directory(final) as tmp:
+        with atomic_directory(final) as tmp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(len(texts), n, d))
             for start in tqdm(
                 range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress, leave=False
@@ -227,6 +244,7 @@ def build_latent_cache(
                 "has_sources": sources is not None,
                 "class_names": list(class_names or []),
                 "max_length": text_autoencoder.max_length,
+                "mixed_precision": mixed_precision,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     finally:

@@ -86,7 +86,7 @@ class ClassifierStage(TrainingStage):
         labels, names = None, None
         if data.label_column and data.label_column in ds.column_names:
             labels, names = resolve_class_labels(list(ds[data.label_column]), diffusion.denoiser.get("class_names"))
-        cache_kwargs = dict(labels=labels, class_names=names)
+        cache_kwargs = dict(labels=labels, class_names=names, mixed_precision=diffusion.mixed_precision)
         if accelerator.is_main_process:  # the main process writes the cache, the others find it by its key
             self.cache = build_latent_cache(text_autoencoder, texts, self.cache_root, **cache_kwargs)
         accelerator.wait_for_everyone()

@@ -180,6 +180,7 @@ class DiffusionStage(TrainingStage):
             class_names=self.class_names,
             show_progress=accelerator.is_main_process,
             sources=self.sources,
+            mixed_precision=cfg.mixed_precision,
         )
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()

@@ -96,8 +96,27 @@ def test_latent_cache_matches_encoder_and_is_reused(tmp_path, tiny_bart_dir, mon
     assert LatentCache.open(cache.path).latents.shape == (10, 4, 8)
 
 
+def test_latent_cache_in_bf16_is_its_own_cache(tmp_path, tiny_bart_dir):
+    model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
+    texts = SENTENCES[:6]
+    full = build_latent_cache(model, texts, tmp_path, show_progress=False)
+    half = build_latent_cache(model, texts, tmp_path, show_progress=False, mixed_precision="bf16")
+    assert half.path != full.path and half.path.name == latent_cache_key(model, texts, mixed_precision="bf16")
+    assert json.loads((half.path / "meta.json").read_text())["mixed_precision"] == "bf16"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.encode(texts).float()
+    torch.testing.assert_close(torch.from_numpy(np.array(half.latents)), expected)
+    assert not np.array_equal(np.array(half.latents), np.array(full.latents))  # encoded in bf16, not copied
+    # bf16 rounds the latents, it does not change them.
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(half.latents)), torch.from_numpy(np.array(full.latents)), atol=0.1, rtol=0.05
+    )
+
+
 def test_latent_cache_bad_input(tmp_path, tiny_bart_dir):
     model = make_tiny_text_autoencoder(tiny_bart_dir)
+    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
+        build_latent_cache(model, SENTENCES[:3], tmp_path, mixed_precision="fp8")
     with pytest.raises(ValueError, match="one label per text"):
         build_latent_cache(model, SENTENCES[:3], tmp_path, labels=[0, 1])
     with pytest.raises(ValueError, match="at least one"):

@@ -48,6 +48,21 @@ def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
     }
 
 
+def load_ema_weights(denoiser, checkpoint: Path) -> None:
+    """Put a stage-2 checkpoint's EMA weights (``ema.safetensors``: the shadow of every denoiser
+    parameter, in order) into ``denoiser``."""
+    import torch
+    from safetensors.torch import load_file
+
+    shadow = load_file(str(checkpoint / "ema.safetensors"))
+    params = list(denoiser.parameters())
+    if len(shadow) != len(params):
+        raise ValueError(f"{checkpoint}: {len(shadow)} EMA tensors for a denoiser of {len(params)} parameters.")
+    with torch.no_grad():
+        for i, param in enumerate(params):
+            param.copy_(shadow[f"shadow.{i}"].to(param.dtype))
+
+
 def mean_rows(rows: list[dict]) -> dict:
     return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS if all(r.get(m) is not None for r in rows)}
 
@@ -65,6 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-stage2", action="store_true")
+    parser.add_argument(
+        "--denoiser-checkpoint",
+        default=None,
+        help="a stage-2 checkpoint folder (<run>/diffusion_training/checkpoints/step_N): sample with its EMA weights",
+    )
     parser.add_argument(
         "--skip-reconstruction-row", action="store_true", help="leave out the autoencoder's reconstructions row"
     )
@@ -154,6 +174,9 @@ def main(argv=None) -> int:
     # ---- stage 2: LD4LG metrics per class
     pipe = LatentTextDiffusionPipeline.from_pretrained(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
+    if args.denoiser_checkpoint:
+        load_ema_weights(pipe.denoiser, Path(args.denoiser_checkpoint))
+        result["denoiser_checkpoint"] = args.denoiser_checkpoint
     features = load_feature_model("minilm")
     perplexity = load_perplexity_model("smollm2")
     rng = random.Random(args.seed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,7 @@ class DiffusionStage(TrainingStage):
             self.text_autoencoder.to(accelerator.device)  # encodes the cache here, decodes samples later
         else:
             accelerator.wait_for_everyone()  # the main process writes the cache; the others find it by its key
+        tick = time.perf_counter()
         self.cache = build_latent_cache(
             self.text_autoencoder,
             texts,
@@ -182,6 +184,7 @@ class DiffusionStage(TrainingStage):
             sources=self.sources,
             mixed_precision=cfg.mixed_precision,
         )
+        self.cache_seconds = time.perf_counter() - tick  # 0 when an existing cache was reused
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()
         else:
@@ -332,7 +335,11 @@ class DiffusionStage(TrainingStage):
         self.scheduler.save_pretrained(folder / "scheduler")
 
     def summary(self) -> dict[str, Any]:
-        return {"latent_cache": str(self.cache.path), "class_names": self.class_names}
+        return {
+            "latent_cache": str(self.cache.path),
+            "latent_cache_s": round(self.cache_seconds, 1),
+            "class_names": self.class_names,
+        }
 
 
 def train_diffusion(

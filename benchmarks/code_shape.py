@@ -65,7 +65,7 @@ def measure_commit(rev: str, longest: int) -> dict:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=ROOT, check=True)
         try:
             shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")  # this tree's ruff settings
-            subprocess.run(["ruff", "format", "-q", "."], cwd=tree, check=True)
+            subprocess.run([sys.executable, "-m", "ruff", "format", "-q", "."], cwd=tree, check=True)
             return measure(tree, longest)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)

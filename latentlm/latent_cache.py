@@ -208,29 +208,13 @@ def build_latent_cache(
         return LatentCache.open(final)
 
     n, d = text_autoencoder.num_latents, text_autoencoder.latent_dim
-    # Encode in order of token length: batches of similar length waste little padding.
-    lengths = [len(ids) for ids in text_autoencoder.token_ids(texts)]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     was_training = text_autoencoder.training
     text_autoencoder.eval()
     device = next(text_autoencoder.parameters()).device
     dtype = ENCODING_DTYPES[mixed_precision]
     try:
         with atomic_directory(final) as tmp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(len(texts), n, d))
-            for start in tqdm(
-                range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress, leave=False
-            ):
-                chunk = order[start : start + batch_size]
-                z = text_autoencoder.encode([texts[i] for i in chunk]).float().cpu().numpy()
-                if not np.isfinite(z).all():
-                    raise ValueError(
-                        "The autoencoder produced non-finite latents; check that the autoencoder at this path "
-                        "was trained without diverging."
-                    )
-                out[np.asarray(chunk)] = z
-            out.flush()
-            del out
+            _encode_texts(text_autoencoder, texts, tmp, batch_size, show_progress)
             if labels is not None:
                 np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
             if sources is not None:
@@ -251,6 +235,28 @@ def build_latent_cache(
         text_autoencoder.train(was_training)
     logger.info("Wrote latent cache %s (%d x %d x %d)", final, len(texts), n, d)
     return LatentCache.open(final)
+
+
+def _encode_texts(text_autoencoder, texts: list[str], folder: Path, batch_size: int, show_progress: bool) -> None:
+    """Write the texts' latents (float32) into ``folder``, encoded in order of token length: batches
+    of similar length waste little padding."""
+    lengths = [len(ids) for ids in text_autoencoder.token_ids(texts)]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    shape = (len(texts), text_autoencoder.num_latents, text_autoencoder.latent_dim)
+    out = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float32, shape=shape)
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress, leave=False
+    ):
+        chunk = order[start : start + batch_size]
+        z = text_autoencoder.encode([texts[i] for i in chunk]).float().cpu().numpy()
+        if not np.isfinite(z).all():
+            raise ValueError(
+                "The autoencoder produced non-finite latents; check that the autoencoder at this path "
+                "was trained without diverging."
+            )
+        out[np.asarray(chunk)] = z
+    out.flush()
+    del out
 
 
 def _encode_sources(text_autoencoder, sources: list[str], folder: Path, batch_size: int, show_progress: bool) -> None:

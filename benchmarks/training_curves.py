@@ -5,7 +5,8 @@
     python benchmarks/training_curves.py --latest [--experiment latentlm]
 
 Writes outputs/benchmarks/training_curves_<run>.png and .json (the plotted points): per-run
-plots, not kept in git.
+plots, not kept in git. ``--out PATH --window N`` also writes the curves' means over windows of N steps
+(with the command) to PATH, e.g. a summary under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import argparse
 import sys
 
 import sampling_common as common
+
+
+def window_means(steps: list[int], values: list[float], window: int) -> list[dict]:
+    """Mean of the values logged in each window of ``window`` steps (first step of the window, mean)."""
+    windows: dict[int, list[float]] = {}
+    for step, value in zip(steps, values):
+        windows.setdefault(step // window * window, []).append(value)
+    return [{"from_step": start, "mean": sum(vs) / len(vs), "max": max(vs)} for start, vs in sorted(windows.items())]
 
 
 def main() -> None:
@@ -29,6 +38,8 @@ def main() -> None:
         help="metric names to plot (default: every metric whose name contains 'loss')",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the PNG back to the run")
+    parser.add_argument("--out", default=None, help="also write window means of the curves here")
+    parser.add_argument("--window", type=int, default=250, help="steps per window mean (with --out)")
     args = parser.parse_args()
     from mlflow import MlflowClient
 
@@ -72,6 +83,11 @@ def main() -> None:
     path = common.write_results(
         name, {"run_id": args.run_id, "curves": points}, str(common.OUTPUTS_DIR / f"{name}.json")
     )
+    if args.out:
+        summary = {name: window_means(curve["steps"], curve["values"], args.window) for name, curve in points.items()}
+        command = "python benchmarks/training_curves.py " + " ".join(sys.argv[1:])
+        payload = {"command": command, "run_id": args.run_id, "window": args.window, "window_means": summary}
+        common.write_results("training_curves", payload, args.out)
     png = common.plot(path.with_suffix(".png"), panels, f"training curves of run {run.info.run_name or args.run_id}")
     if png is not None and not args.no_mlflow:
         client.log_artifact(args.run_id, str(png), "plots")

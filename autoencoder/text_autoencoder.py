@@ -165,7 +165,10 @@ class TextAutoencoder(nn.Module):
         tokenizer, language_model = load_backbone(
             backbone,
             decoder=decoder,
-            **{f"lora_{key}": value for key, value in lora.items()},
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules,
             cross_attention_init=cross_attention_init,
             plm_dropout=plm_dropout,
             context_layers=context_layers,

@@ -49,18 +49,17 @@ def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
 
 
 def load_ema_weights(denoiser, checkpoint: Path) -> None:
-    """Put a stage-2 checkpoint's EMA weights (``ema.safetensors``: the shadow of every denoiser
-    parameter, in order) into ``denoiser``."""
+    """Put a stage-2 checkpoint's EMA weights into ``denoiser`` (every parameter is trained and averaged)."""
     import torch
-    from safetensors.torch import load_file
 
-    shadow = load_file(str(checkpoint / "ema.safetensors"))
-    params = list(denoiser.parameters())
+    from latentlm.checkpoints import read_ema_shadow
+
+    shadow, params = read_ema_shadow(checkpoint), list(denoiser.parameters())
     if len(shadow) != len(params):
         raise ValueError(f"{checkpoint}: {len(shadow)} EMA tensors for a denoiser of {len(params)} parameters.")
     with torch.no_grad():
-        for i, param in enumerate(params):
-            param.copy_(shadow[f"shadow.{i}"].to(param.dtype))
+        for param, average in zip(params, shadow):
+            param.copy_(average.to(param.dtype))
 
 
 def mean_rows(rows: list[dict]) -> dict:

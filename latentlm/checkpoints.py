@@ -17,7 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from latentlm.files import atomic_directory
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "StaleCheckpointsError", "CADENCE_KEYS", "run_fingerprint"]
+__all__ = [
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "StaleCheckpointsError",
+    "CADENCE_KEYS",
+    "read_ema_shadow",
+    "run_fingerprint",
+]
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,6 +76,12 @@ def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: param.detach().contiguous().clone() for name, param in module.named_parameters() if param.requires_grad
     }
+
+
+def read_ema_shadow(checkpoint: str | Path) -> list[torch.Tensor]:
+    """A checkpoint's EMA weights (``ema.safetensors``): one tensor per trainable parameter, in order."""
+    shadow = load_file(str(Path(checkpoint) / "ema.safetensors"))
+    return [shadow[f"shadow.{i}"] for i in range(len(shadow))]
 
 
 class CheckpointManager:
@@ -207,9 +220,8 @@ class CheckpointManager:
         if ema is not None:
             if "ema" not in state:
                 raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")
-            shadow = load_file(str(path / "ema.safetensors"))
             ema_state = dict(state["ema"])
-            ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+            ema_state["shadow_params"] = read_ema_shadow(path)
             ema.load_state_dict(ema_state)
         return {"step": state["step"], "extra_state": state["extra_state"]}
 

@@ -184,7 +184,7 @@ class DiffusionStage(TrainingStage):
             sources=self.sources,
             mixed_precision=cfg.mixed_precision,
         )
-        self.cache_seconds = time.perf_counter() - tick  # 0 when an existing cache was reused
+        self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()
         else:

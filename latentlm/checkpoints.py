@@ -20,8 +20,8 @@ from latentlm.files import atomic_directory
 __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
+    "RESUMABLE_KEYS",
     "StaleCheckpointsError",
-    "CADENCE_KEYS",
     "read_ema_shadow",
     "run_fingerprint",
 ]
@@ -35,8 +35,10 @@ class StaleCheckpointsError(RuntimeError):
     """The checkpoint folder holds checkpoints of another run (another config or seed)."""
 
 
-# Settings that may change between a run and its resumption without changing what is trained.
-CADENCE_KEYS = frozenset(
+# Settings that may change between a run and its resumption: the cadence of logs, evaluations and
+# checkpoints, and how long the run goes on and on which learning-rate schedule (so a run can be
+# extended, or a constant-rate checkpoint branched into a decay). The model, data and seed may not.
+RESUMABLE_KEYS = frozenset(
     {
         "eval_every",
         "save_every",
@@ -50,19 +52,21 @@ CADENCE_KEYS = frozenset(
         "eval_num_beams",
         "max_eval_samples",
         "max_steps",
+        "lr_schedule",
+        "decay_steps",
     }
 )
 
 
 def run_fingerprint(*sections: Any) -> str:
     """sha256 (16 hex) of the config sections that determine a run (dataclasses or plain values),
-    without the cadence settings (`CADENCE_KEYS`), which a resumed run may change."""
+    without the settings a resumed run may change (`RESUMABLE_KEYS`)."""
 
     def strip(value):
         if dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in sorted(value.items()) if k not in CADENCE_KEYS}
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in RESUMABLE_KEYS}
         if isinstance(value, (list, tuple)):
             return [strip(v) for v in value]
         return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
@@ -217,6 +221,10 @@ class CheckpointManager:
             _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         )
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # The restored optimizer holds the rate the saved schedule set; a resumed run may run another
+        # schedule or length, so its first step already takes the rate its own schedule gives.
+        for group, base_lr, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
         if ema is not None:
             if "ema" not in state:
                 raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")

@@ -62,7 +62,8 @@ class OptimizerConfig:
     batch_size: int = 256
     max_steps: int = 50_000
     warmup_steps: int = 1_000
-    lr_schedule: str = "linear"  # linear | cosine | constant
+    lr_schedule: str = "linear"  # linear | cosine | constant | warmup_stable_decay
+    decay_steps: int = 0  # warmup_stable_decay: the last steps, over which the rate falls linearly to zero
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
@@ -236,6 +237,12 @@ class RunConfig:
                     raise ValueError(f"{name}.optimizer.{key} must be positive, got {getattr(opt, key)!r}.")
             if opt.warmup_steps < 0:
                 raise ValueError(f"{name}.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}.")
+            if opt.lr_schedule == "warmup_stable_decay" and not 0 < opt.decay_steps <= opt.max_steps - opt.warmup_steps:
+                raise ValueError(
+                    f"{name}.optimizer.decay_steps is {opt.decay_steps}, but lr_schedule 'warmup_stable_decay' needs "
+                    f"0 < decay_steps <= max_steps - warmup_steps ({opt.max_steps - opt.warmup_steps}): set the "
+                    "number of final steps over which the learning rate decays to zero."
+                )
             if stage.time_budget_minutes is not None and not stage.time_budget_minutes > 0:
                 raise ValueError(
                     f"{name}.time_budget_minutes must be positive (or null for no limit), got {stage.time_budget_minutes}."

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import get_scheduler
+from transformers import get_scheduler, get_wsd_schedule
 
 if TYPE_CHECKING:
     from latentlm.config import OptimizerConfig
@@ -14,7 +14,12 @@ if TYPE_CHECKING:
 __all__ = ["LR_SCHEDULES", "make_lr_scheduler", "make_optimizer"]
 
 #: ``optimizer.lr_schedule`` values -> transformers scheduler names.
-LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+LR_SCHEDULES = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant_with_warmup",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -32,7 +37,20 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: O
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup for ``warmup_steps``, then linear/cosine decay to zero at ``max_steps`` (or constant)."""
+    """Linear warmup for ``warmup_steps``, then linear/cosine decay to zero at ``max_steps`` (or constant).
+
+    ``warmup_stable_decay`` holds the peak rate after the warmup and decays it linearly to zero over
+    the last ``decay_steps``. Until the decay starts it is the ``constant`` schedule, so a checkpoint
+    of a constant-rate run can be resumed under it to branch off a decay (the schedule and
+    ``max_steps`` may change on resume, see `latentlm.checkpoints.RESUMABLE_KEYS`)."""
+    if cfg.lr_schedule == "warmup_stable_decay":
+        return get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_decay_steps=cfg.decay_steps,
+            num_training_steps=cfg.max_steps,
+            decay_type="linear",
+        )
     return get_scheduler(
         LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )

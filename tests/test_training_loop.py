@@ -105,6 +105,34 @@ def test_a_killed_stage_resumes_to_the_same_weights(tmp_path):
     assert [h["mse"] for h in history_a["history"]] == [h["mse"] for h in history_b["history"]]
 
 
+def test_a_constant_rate_checkpoint_branches_into_a_warmup_stable_decay_run(tmp_path):
+    """Warmup-stable-decay is the constant schedule until its decay: resuming a constant-rate run's
+    checkpoint under it gives the same weights and rates as running it from the start."""
+
+    def wsd(root):
+        stage = _stage(root)
+        stage.cfg.optimizer.lr_schedule, stage.cfg.optimizer.decay_steps = "warmup_stable_decay", 8
+        return stage
+
+    wsd_recorder = Recorder()
+    run_stage(wsd(tmp_path / "a"), tracker=wsd_recorder)
+    constant = _stage(tmp_path / "b")
+    constant.cfg.optimizer.lr_schedule, constant.cfg.optimizer.max_steps = "constant", 12
+    run_stage(constant, tracker=Recorder())  # a checkpoint at step 12, where the decay starts
+    branch_recorder = Recorder()
+    run_stage(wsd(tmp_path / "b"), tracker=branch_recorder, resume=True)
+
+    a = load_file(str(tmp_path / "a" / "run" / "regression" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "regression" / "model.safetensors"))
+    torch.testing.assert_close(a["weight"], b["weight"], atol=0, rtol=0)
+    rates = {step: metrics["lr"] for step, metrics in wsd_recorder.metrics if "lr" in metrics}
+    assert rates[12] == pytest.approx(0.05) and rates[16] == pytest.approx(0.025) and rates[20] == 0.0
+    assert {s: m["lr"] for s, m in branch_recorder.metrics if "lr" in m} == {s: rates[s] for s in range(13, 21)}
+    # the decay must fit after the warmup
+    with pytest.raises(ValueError, match="decay_steps"):
+        load_config(None, ["diffusion.optimizer.lr_schedule=warmup_stable_decay"])
+
+
 def test_time_budget_stops_early_with_a_checkpoint_and_final_save(tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 10))  # every perf_counter() call advances 10 s
     monkeypatch.setattr(training_loop.time, "perf_counter", lambda: next(clock))

@@ -1,6 +1,7 @@
 """Shared training utilities: config loading, step-addressed batches, atomic safetensors checkpoints."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -141,6 +142,21 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     for a, b in zip(ema.shadow_params, ema3.shadow_params):
         assert torch.equal(a, b)
     assert scheduler.get_last_lr() == scheduler3.get_last_lr()
+
+
+def test_a_checkpoint_resumed_under_another_schedule_steps_at_that_schedules_rate(tmp_path):
+    model, optimizer, scheduler, ema = _setup()  # linear decay to zero at step 10
+    _train(model, optimizer, scheduler, ema, 6)
+    path = CheckpointManager(tmp_path).save(6, {"model": model}, optimizer, scheduler, ema=ema)
+    longer = OptimizerConfig(learning_rate=1e-2, max_steps=20, warmup_steps=2, lr_schedule="cosine")
+    model2, _, _, ema2 = _setup()
+    optimizer2 = make_optimizer([p for p in model2.parameters() if p.requires_grad], longer)
+    scheduler2 = make_lr_scheduler(optimizer2, longer)
+    CheckpointManager(tmp_path).load(path, {"model": model2}, optimizer2, scheduler2, ema=ema2)
+    # step 7 runs at the cosine rate of step 6 of 20, not the linear one the checkpoint saved
+    expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * 4 / 18))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 4 / 8)
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):

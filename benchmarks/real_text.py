@@ -74,6 +74,22 @@ def main(argv=None) -> int:
     parser.add_argument("--reconstruction-texts", type=int, default=500, help="0: skip the stage-1 evaluation")
     parser.add_argument("--samples-per-class", type=int, default=250)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="guide only at noise levels t/T in [LOW, HIGH] (the pipeline's guidance_interval)",
+    )
+    parser.add_argument(
+        "--per-class-guidance",
+        nargs="+",
+        default=None,
+        metavar="CLASS=SCALE",
+        help="also report the row that samples each class at its own scale (each one of --guidance)",
+    )
+    parser.add_argument("--classes", nargs="+", default=None, help="evaluate these classes only (default: all)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="dpm++")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,6 +105,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_text.json"))
     args = parser.parse_args(argv)
+    per_class_guidance = {}
+    for item in args.per_class_guidance or []:
+        name, _, scale = item.partition("=")
+        if not scale or float(scale) not in args.guidance:
+            parser.error(
+                f"--per-class-guidance {item!r}: use CLASS=SCALE with SCALE one of --guidance {args.guidance}."
+            )
+        per_class_guidance[name] = float(scale)
+    interval = (
+        "" if tuple(args.guidance_interval) == (0.0, 1.0) else ", interval {:g}-{:g}".format(*args.guidance_interval)
+    )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -185,10 +212,19 @@ def main(argv=None) -> int:
     rows: dict[str, list[dict]] = {"references": []}
     if not args.skip_reconstruction_row:
         rows["reconstructions"] = []
-    rows.update({f"model, guidance {g:g}": [] for g in args.guidance})
+    rows.update({f"model, guidance {g:g}{interval}": [] for g in args.guidance})
+    if per_class_guidance:
+        rows[f"model, per-class guidance{interval}"] = []
+    classes = args.classes or pipe.class_names
+    if set(classes) - set(pipe.class_names):
+        parser.error(f"--classes {sorted(set(classes) - set(pipe.class_names))}: this pipeline has {pipe.class_names}.")
+    if per_class_guidance and set(per_class_guidance) != set(classes):
+        parser.error(f"--per-class-guidance must give one scale for each evaluated class: {classes}.")
     per_class: dict = {}
     timings = {}
     for k, name in enumerate(pipe.class_names):
+        if name not in classes:
+            continue
         refs = [t for t, label in zip(val_texts, val_labels) if label == name]
         n = min(args.samples_per_class, len(refs))
         refs = refs[:n]
@@ -208,6 +244,7 @@ def main(argv=None) -> int:
                     class_name=name,
                     num_samples=n,
                     guidance_scale=g,
+                    guidance_interval=tuple(args.guidance_interval),
                     num_inference_steps=args.steps,
                     scheduler=args.scheduler,
                     seed=args.seed + 1000 * k,
@@ -216,10 +253,14 @@ def main(argv=None) -> int:
                 )
             ]
             timings.setdefault(f"{g:g}", []).append((time.perf_counter() - tick) / n)
-            key = f"model, guidance {g:g}"
+            key = f"model, guidance {g:g}{interval}"
             entry[key] = score_texts(samples, refs, train_texts, judges, name, args.seed)
             entry[key]["examples"] = samples[:4]
             rows[key].append(entry[key])
+        if per_class_guidance:  # the same samples as that scale's row: the seed depends on the class only
+            rows[f"model, per-class guidance{interval}"].append(
+                entry[f"model, guidance {per_class_guidance[name]:g}{interval}"]
+            )
         rows["references"].append(entry["references"])
         if not args.skip_reconstruction_row:
             rows["reconstructions"].append(entry["reconstructions"])
@@ -236,6 +277,8 @@ def main(argv=None) -> int:
         "samples_per_class": args.samples_per_class,
         "steps": args.steps,
         "scheduler": args.scheduler,
+        "guidance_interval": list(args.guidance_interval),
+        "per_class_guidance": per_class_guidance or None,
         "judges": {"features": features.name, "perplexity": perplexity.name},
     }
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

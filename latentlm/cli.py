@@ -56,6 +56,7 @@ def _add_sample_parser(commands) -> None:
     p.add_argument("--mbr", type=int, default=1, help="MBR decoding: candidates per text (1 = off)")
     p.add_argument("--mbr-metric", default="bleu", help="bleu | rouge_l")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    _add_guidance_interval_argument(p)
     p.add_argument("--steps", type=int, default=50, help="number of inference steps")
     p.add_argument("--scheduler", default="dpm++", help="ddpm | ddim | dpm++ | unipc | euler (default: dpm++)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,6 +69,17 @@ def _add_sample_parser(commands) -> None:
         help="classifier guidance by the pipeline's classifier NAME towards VALUE (a class, or a number), repeatable",
     )
     p.add_argument("--control-scale", type=float, default=1.0, help="weight of the controls (default 1)")
+
+
+def _add_guidance_interval_argument(p) -> None:
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="guide only the steps with noise level t/T in [LOW, HIGH] (default: 0 1, every step)",
+    )
 
 
 def _add_evaluate_parser(commands) -> None:
@@ -87,6 +99,7 @@ def _add_evaluate_parser(commands) -> None:
         "--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)"
     )
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    _add_guidance_interval_argument(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")
@@ -207,6 +220,7 @@ def _sample(args) -> None:
         class_name=args.class_name,
         num_samples=args.num_samples if args.num_samples is not None else (1 if source_texts else 16),
         guidance_scale=args.guidance,
+        guidance_interval=tuple(args.guidance_interval),
         num_inference_steps=args.steps,
         scheduler=args.scheduler,
         seed=args.seed,
@@ -236,6 +250,7 @@ def _evaluate(args) -> None:
             mbr_candidates=args.mbr,
             mbr_metric=args.mbr_metric,
             guidance_scale=args.guidance,
+            guidance_interval=tuple(args.guidance_interval),
             num_inference_steps=args.steps,
             scheduler=args.scheduler,
             seed=args.seeds[0],
@@ -256,6 +271,7 @@ def _evaluate(args) -> None:
         num_inference_steps=args.steps,
         scheduler=args.scheduler,
         guidance_scale=args.guidance,
+        guidance_interval=tuple(args.guidance_interval),
         batch_size=args.batch_size,
         text_column=args.text_column,
         label_column=args.label_column,

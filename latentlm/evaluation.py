@@ -244,6 +244,7 @@ def evaluate(
     num_inference_steps: int | None = None,
     scheduler: str | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 64,
     decode_kwargs: dict | None = None,
     feature_model: str | FeatureModel | None = "auto",
@@ -266,6 +267,7 @@ def evaluate(
             (default ``<pipeline_dir>/evaluation``; nothing is written for a pipeline object without it).
         num_inference_steps: ``None``: the pipeline's default.
         scheduler: a name from `sampling.SCHEDULERS`; ``None``: the pipeline's own.
+        guidance_scale, guidance_interval: classifier-free guidance, as in the pipeline's ``__call__``.
         feature_model, perplexity_model: judge names (see `latentlm.judges`), loaded models, or ``None`` to skip.
         tracking: a ``TrackingConfig``; ``None`` uses the default one (``MLFLOW_TRACKING_URI`` or MLflow's
             local default store); ``TrackingConfig(enabled=False)`` logs nothing.
@@ -298,6 +300,7 @@ def evaluate(
         num_samples=num_samples,
         class_name=class_id,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
         num_inference_steps=num_inference_steps,
         scheduler=scheduler,
         batch_size=batch_size,
@@ -313,6 +316,7 @@ def evaluate(
         num_inference_steps,
         scheduler,
         guidance_scale,
+        guidance_interval,
         judges.names,
         rows,
         timings,

@@ -31,6 +31,7 @@ def build_result(
     num_inference_steps,
     scheduler,
     guidance_scale,
+    guidance_interval,
     judge_names: tuple[str | None, str | None],
     rows,
     timings,
@@ -47,6 +48,7 @@ def build_result(
         "num_inference_steps": num_inference_steps,
         "scheduler": type(scheduler).__name__,
         "guidance_scale": guidance_scale,
+        "guidance_interval": list(guidance_interval),
         "feature_model": judge_names[0],
         "perplexity_model": judge_names[1],
         "sampling_seconds": _summary(timings),
@@ -133,6 +135,7 @@ def log_to_mlflow(result: dict[str, Any], samples: dict[int, list[str]], trackin
             "num_inference_steps",
             "scheduler",
             "guidance_scale",
+            "guidance_interval",
             "feature_model",
             "perplexity_model",
         )

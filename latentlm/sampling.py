@@ -69,6 +69,7 @@ def sample_texts(
     *,
     class_name=None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     num_inference_steps: int = 50,
     scheduler=None,
     seed: int = 0,
@@ -84,6 +85,7 @@ def sample_texts(
     source_texts: text-to-text pipelines: ``num_samples`` texts for each source, rows gain ``"source"``
     (``index`` counts the samples of one source); mbr_candidates / mbr_metric: MBR decoding, as in the
     pipeline's ``__call__``;
+    guidance_interval: the noise levels ``t / T`` that guidance applies to, as in the pipeline's ``__call__``;
     controls / control_scale: classifier guidance, as in the pipeline's ``__call__`` (one target per control);
     scheduler: None (pipeline's own), a name from SCHEDULERS, or a scheduler instance (used for this call only via pipe(..., scheduler=...));
     class_name: None (unconditional), a class name, an int id, or a digit string that is not a class name.
@@ -97,6 +99,7 @@ def sample_texts(
     call_kwargs: dict[str, Any] = {
         "class_labels": label,
         "guidance_scale": guidance_scale,
+        "guidance_interval": tuple(guidance_interval),
         "decode_kwargs": decode_kwargs,
         "scheduler": scheduler,
     }
@@ -180,6 +183,7 @@ def sample(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 50,
     scheduler: str | None = "dpm++",
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
     out: str | Path | None = None,
     *,
@@ -200,6 +204,7 @@ def sample(
         class_name: a class name or id (a string of digits is read as an id when it is not a
             class name); ``None`` samples unconditionally.
         guidance_scale: classifier-free guidance (1.0 = none).
+        guidance_interval: ``(low, high)``: guide only at noise levels ``t / T`` in this range.
         scheduler: ``ddpm | ddim | dpm++ | unipc | euler``, or ``None`` for the pipeline's own.
         seed: batch ``k`` uses ``torch.Generator().manual_seed(seed + k)``: the same call gives the same texts.
         batch_size: samples per pipeline call.
@@ -218,6 +223,7 @@ def sample(
         num_samples,
         class_name=class_name,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
         num_inference_steps=num_inference_steps,
         scheduler=scheduler,
         seed=seed,

@@ -10,7 +10,7 @@ import torch
 from latentlm.autoencoder.text_codec import check_texts
 from latentlm.pipelines.mbr import MBR_METRICS
 
-__all__ = ["check_call_arguments", "class_label_ids", "check_source_texts", "count_outputs"]
+__all__ = ["check_call_arguments", "check_guidance_interval", "class_label_ids", "check_source_texts", "count_outputs"]
 
 
 def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> torch.Tensor | None:
@@ -89,6 +89,20 @@ def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, 
             "num_samples_per_source; set num_samples_per_source instead."
         )
     return len(sources) * num_samples_per_source
+
+
+def check_guidance_interval(guidance_interval) -> None:
+    """``(low, high)`` with ``0 <= low <= high <= 1``: the noise levels ``t / T`` that guidance applies to."""
+    pair = tuple(guidance_interval) if isinstance(guidance_interval, (tuple, list)) else ()
+    if (
+        len(pair) != 2
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
+        or not 0 <= pair[0] <= pair[1] <= 1
+    ):
+        raise ValueError(
+            f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, the noise levels t / T to guide "
+            f"(default (0, 1): every step), got {guidance_interval!r}."
+        )
 
 
 def check_call_arguments(

@@ -38,7 +38,13 @@ from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
 from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-from latentlm.pipelines.conditioning import check_call_arguments, check_source_texts, class_label_ids, count_outputs
+from latentlm.pipelines.conditioning import (
+    check_call_arguments,
+    check_guidance_interval,
+    check_source_texts,
+    class_label_ids,
+    count_outputs,
+)
 from latentlm.pipelines.interpolation import slerp
 from latentlm.pipelines.mbr import mbr_select
 from latentlm.pipelines.pipeline_folder import (
@@ -157,6 +163,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         num_samples: int | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_inference_steps: int = 50,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -181,6 +188,9 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
             class_labels: ``None``, one label for all samples or ``B`` labels (names or ids).
             guidance_scale: classifier-free guidance ``uncond + w * (cond - uncond)`` on the class and
                 the source; 1.0 = off (one forward pass per step).
+            guidance_interval: ``(low, high)``: guide only the steps whose noise level ``t / T`` lies in
+                this range, the others take the conditional prediction alone (Kynkäänniemi et al., 2024:
+                guidance at the highest noise levels costs diversity, at the lowest it does little).
             num_inference_steps: scheduler steps.
             generator, latents: the initial noise ``[B, num_latents, latent_dim]`` (scaled by the
                 scheduler's ``init_noise_sigma``) and stochastic steps, as in diffusers.
@@ -211,6 +221,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         self.check_inputs(
             num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
         )
+        check_guidance_interval(guidance_interval)
         # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         self.check_scheduler(scheduler)
@@ -234,6 +245,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
             labels=labels,
             context=context,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             controls=controls,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -265,6 +277,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         labels,
         context,
         guidance_scale: float,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         controls,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
@@ -281,11 +294,14 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         prediction_type = self.config.prediction_type
         use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
         pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
+        low, high = guidance_interval
+        num_train_timesteps = scheduler.config.num_train_timesteps
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
             model_input = scheduler.scale_model_input(latents, t)
             self_cond = pred_original_sample if use_self_cond else None
-            model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale, context)
+            guide = low <= float(t) / num_train_timesteps <= high
+            model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale, context, guide)
             if controls:
                 gradient = control_gradient(controls, model_input, t)
                 model_output = guide_model_output(
@@ -371,12 +387,17 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         return latents * scheduler.init_noise_sigma
 
     def guided_model_output(
-        self, model_input, t, self_cond, labels, guidance_scale: float, context=None
+        self, model_input, t, self_cond, labels, guidance_scale: float, context=None, guide: bool = True
     ) -> torch.Tensor:
         """The denoiser's prediction at ``t``; with guidance (``labels`` holding the null class first,
         then the classes; ``context`` = (source states, mask) with the no-source half first),
-        ``uncond + w * (cond - uncond)`` from one batched forward pass."""
+        ``uncond + w * (cond - uncond)`` from one batched forward pass. ``guide=False`` (a step outside
+        the guidance interval) takes the conditional half alone."""
         do_guidance = guidance_scale != 1.0
+        if do_guidance and not guide:
+            labels = None if labels is None else labels.chunk(2)[1]
+            context = None if context is None else tuple(part.chunk(2)[1] for part in context)
+            do_guidance = False
         x, sc = model_input, self_cond
         if do_guidance:
             x = torch.cat([x, x])

@@ -143,6 +143,8 @@ def test_sample_bad_input(trained_run):
         sample(pipeline, class_name="three", num_samples=1, num_inference_steps=2)
     with pytest.raises(ValueError, match="needs class_labels"):
         sample(pipeline, num_samples=1, guidance_scale=3.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        sample(pipeline, class_name="odd", num_samples=1, guidance_scale=3.0, guidance_interval=(0.7, 0.2))
     with pytest.raises(FileNotFoundError):
         sample(trained_run[0] / "nothing-here", num_samples=1)
 

@@ -168,6 +168,9 @@ def test_cli_evaluate_unconditional_without_train(
             "2",
             "--scheduler",
             "ddim",
+            "--guidance-interval",
+            "0.2",
+            "0.8",
             "--feature-model",
             "none",
             "--perplexity-model",
@@ -179,6 +182,7 @@ def test_cli_evaluate_unconditional_without_train(
     assert code == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["scheduler"] == "DDIMScheduler" and saved["num_inference_steps"] == 2
+    assert saved["guidance_interval"] == [0.2, 0.8]
     assert saved["model"]["memorization"] is None and saved["model"]["class_accuracy"] is None
     assert saved["model"]["mauve"] is None and saved["feature_model"] is None
     assert saved["model"]["perplexity"] is not None and saved["model"]["diversity"] is not None

@@ -184,6 +184,33 @@ def test_guidance_formula_and_single_batched_pass(tiny_text_autoencoder, name):
     assert oracle.calls[0]["labels"].tolist() == [2, 2, 1, 0]
 
 
+def test_guidance_interval_guides_only_its_noise_levels(tiny_text_autoencoder):
+    oracle = OracleDenoiser(class_names=CLASSES)
+    pipe = make_pipeline(tiny_text_autoencoder, denoiser=oracle)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    steps = []
+    out = run(
+        pipe,
+        num_samples=2,
+        class_labels=[1, 0],
+        guidance_scale=3.0,
+        guidance_interval=(0.5, 1.0),
+        num_inference_steps=8,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: steps.append(float(t)) or {},
+    )
+    high = [t / pipe.scheduler.config.num_train_timesteps >= 0.5 for t in steps]
+    assert 0 < sum(high) < len(steps)
+    # guided steps: the doubled batch, null half first; the others: the conditional half alone
+    assert [call["batch"] for call in oracle.calls] == [4 if h else 2 for h in high]
+    assert oracle.calls[-1]["labels"].tolist() == [1, 0]
+    # the last step (low noise) is unguided: the sample is the classes' own targets
+    torch.testing.assert_close(out.latents, oracle.targets[torch.tensor([1, 0])], atol=2e-3, rtol=2e-3)
+    for bad in [(0.6, 0.4), (0.0, 1.5), (0.5,), "low"]:
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            run(pipe, num_samples=1, class_labels=0, guidance_scale=2.0, guidance_interval=bad)
+
+
 def test_self_conditioning_feeds_back_previous_estimate(tiny_text_autoencoder):
     oracle = OracleDenoiser(class_names=CLASSES)
     pipe = make_pipeline(tiny_text_autoencoder, denoiser=oracle)

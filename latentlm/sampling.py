@@ -99,7 +99,7 @@ def sample_texts(
     call_kwargs: dict[str, Any] = {
         "class_labels": label,
         "guidance_scale": guidance_scale,
-        "guidance_interval": tuple(guidance_interval),
+        "guidance_interval": guidance_interval,
         "decode_kwargs": decode_kwargs,
         "scheduler": scheduler,
     }
@@ -183,10 +183,10 @@ def sample(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 50,
     scheduler: str | None = "dpm++",
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
     out: str | Path | None = None,
     *,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 64,
     decode_kwargs: dict[str, Any] | None = None,
     pipe=None,

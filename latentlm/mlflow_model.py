@@ -27,7 +27,13 @@ __all__ = ["PipelinePyfunc", "save_pipeline_model", "log_pipeline_model", "MODEL
 
 MODEL_ARTIFACT_PATH = "model"
 LOCAL_MODEL_DIR = "mlflow_model"
-PARAM_DEFAULTS: dict[str, Any] = {"guidance_scale": 1.0, "num_inference_steps": 50, "seed": 0, "scheduler": "dpm++"}
+PARAM_DEFAULTS: dict[str, Any] = {
+    "guidance_scale": 1.0,
+    "guidance_interval": [0.0, 1.0],
+    "num_inference_steps": 50,
+    "seed": 0,
+    "scheduler": "dpm++",
+}
 
 
 class InvalidRequestError(MlflowException, ValueError):
@@ -93,6 +99,7 @@ class PipelinePyfunc:
                 count,
                 class_name=label,
                 guidance_scale=float(params["guidance_scale"]) if label is not None or source is not None else 1.0,
+                guidance_interval=tuple(params["guidance_interval"]),
                 num_inference_steps=int(params["num_inference_steps"]),
                 scheduler=scheduler,
                 seed=int(params["seed"]) + index,
@@ -136,6 +143,7 @@ def _signature():
         params=ParamSchema(
             [
                 ParamSpec("guidance_scale", "double", PARAM_DEFAULTS["guidance_scale"]),
+                ParamSpec("guidance_interval", "double", PARAM_DEFAULTS["guidance_interval"], shape=(-1,)),
                 ParamSpec("num_inference_steps", "long", PARAM_DEFAULTS["num_inference_steps"]),
                 ParamSpec("seed", "long", PARAM_DEFAULTS["seed"]),
                 ParamSpec("scheduler", "string", PARAM_DEFAULTS["scheduler"]),

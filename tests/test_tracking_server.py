@@ -126,8 +126,11 @@ def test_nested_runs_metrics_and_pyfunc_through_a_server(mlflow_server, tmp_path
         model = mlflow.pyfunc.load_model(f"runs:/{parent.run_id}/model")
     finally:
         mlflow.set_tracking_uri(None)
-    result = model.predict(pd.DataFrame({"class": ["even"], "num_samples": [2]}), params={"num_inference_steps": 2})
+    params = {"num_inference_steps": 2, "guidance_scale": 2.0, "guidance_interval": [0.5, 1.0]}
+    result = model.predict(pd.DataFrame({"class": ["even"], "num_samples": [2]}), params=params)
     assert result["class"].tolist() == ["even", "even"]
+    with pytest.raises(Exception, match="guidance_interval must be"):
+        model.predict(pd.DataFrame({"class": ["even"]}), params={**params, "guidance_interval": [0.9, 0.1]})
 
 
 def test_unreachable_server_buffers_and_nothing_is_lost(tmp_path):

@@ -108,11 +108,15 @@ def main(argv=None) -> int:
     per_class_guidance = {}
     for item in args.per_class_guidance or []:
         name, _, scale = item.partition("=")
-        if not scale or float(scale) not in args.guidance:
+        try:
+            scale = float(scale)
+        except ValueError:
+            scale = None
+        if scale not in args.guidance:
             parser.error(
                 f"--per-class-guidance {item!r}: use CLASS=SCALE with SCALE one of --guidance {args.guidance}."
             )
-        per_class_guidance[name] = float(scale)
+        per_class_guidance[name] = scale
     interval = (
         "" if tuple(args.guidance_interval) == (0.0, 1.0) else ", interval {:g}-{:g}".format(*args.guidance_interval)
     )

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import get_scheduler, get_wsd_schedule
+from transformers import get_scheduler
 
 if TYPE_CHECKING:
     from latentlm.config import OptimizerConfig
@@ -43,14 +43,11 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) ->
     the last ``decay_steps``. Until the decay starts it is the ``constant`` schedule, so a checkpoint
     of a constant-rate run can be resumed under it to branch off a decay (the schedule and
     ``max_steps`` may change on resume, see `latentlm.checkpoints.RESUMABLE_KEYS`)."""
-    if cfg.lr_schedule == "warmup_stable_decay":
-        return get_wsd_schedule(
-            optimizer,
-            num_warmup_steps=cfg.warmup_steps,
-            num_decay_steps=cfg.decay_steps,
-            num_training_steps=cfg.max_steps,
-            decay_type="linear",
-        )
+    wsd = cfg.lr_schedule == "warmup_stable_decay"
     return get_scheduler(
-        LR_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+        LR_SCHEDULES[cfg.lr_schedule],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+        scheduler_specific_kwargs={"num_decay_steps": cfg.decay_steps, "decay_type": "linear"} if wsd else None,
     )

@@ -260,9 +260,12 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         for layer in self.compression_layers:
             latents = layer(latents, context, mask)
         z = self.to_latent(self.compression_norm(latents))
-        if self.config.normalize_latents:
-            z = F.normalize(z.float(), dim=-1).to(z.dtype) * math.sqrt(self.config.latent_dim)
-        return z
+        return self.project(z) if self.config.normalize_latents else z
+
+    def project(self, latents: torch.Tensor) -> torch.Tensor:
+        """Each latent vector scaled to norm ``sqrt(latent_dim)``: the sphere `compress` writes to when
+        ``normalize_latents`` is set."""
+        return F.normalize(latents.float(), dim=-1).to(latents.dtype) * math.sqrt(self.config.latent_dim)
 
     def _strided_context(self, context: torch.Tensor) -> torch.Tensor:
         """[B, L, d] (zero at padding) -> [B, N, s * d]: positions j*s .. j*s+s-1 side by side for query j."""

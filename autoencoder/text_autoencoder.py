@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder import LatentAutoencoder
 from latentlm.autoencoder.adapters import configure_trainable
 from latentlm.autoencoder.backbones import (
@@ -76,6 +77,7 @@ class TextAutoencoder(nn.Module):
         decoder: str = "frozen",
         lora: dict | None = None,
         alignment_weight: float = 0.0,
+        latent_noise_std: float = 0.0,
     ):
         super().__init__()
         if max_length < 2:
@@ -106,11 +108,14 @@ class TextAutoencoder(nn.Module):
                 "alignment_weight pulls soft-prompt slots towards token embeddings, but this autoencoder writes a "
                 "key/value prefix (causal_memory='key_value_prefix'): set alignment_weight to 0."
             )
+        if latent_noise_std < 0:
+            raise ValueError(f"latent_noise_std must be >= 0, got {latent_noise_std}.")
         self.tokenizer = tokenizer
         self.language_model = language_model
         self.autoencoder = autoencoder
         self.max_length = int(max_length)
         self.alignment_weight = float(alignment_weight)
+        self.latent_noise_std = float(latent_noise_std)
         self.backbone = backbone
         self.decoder_mode = decoder
         self.lora = dict(lora or {})
@@ -145,6 +150,7 @@ class TextAutoencoder(nn.Module):
         prompt_template: str | None = None,
         alignment_weight: float = 0.0,
         causal_memory: str = "soft_prompt",
+        latent_noise_std: float = 0.0,
     ) -> TextAutoencoder:
         """A new (untrained) autoencoder over a backbone (see `latentlm.autoencoder.backbones.load_backbone`).
 
@@ -158,6 +164,10 @@ class TextAutoencoder(nn.Module):
         ``causal_memory="key_value_prefix"`` as keys and values in every layer. ``alignment_weight`` > 0
         pulls soft-prompt slot j towards the embedding of the text's token j: the prompt then reads
         like the text itself, which the LM already knows how to repeat.
+
+        ``latent_noise_std`` > 0: in training the decoder reads ``latents + latent_noise_std * ε``
+        (projected back onto the latent sphere when latents are normalized), so it learns to write
+        fluent text from the imperfect latents a denoiser samples, not only from exact encodings.
         """
         if causal_memory not in CAUSAL_MEMORY:
             raise ValueError(f"causal_memory={causal_memory!r}: use one of {list(CAUSAL_MEMORY)}.")
@@ -213,6 +223,7 @@ class TextAutoencoder(nn.Module):
             decoder=decoder,
             lora=lora,
             alignment_weight=alignment_weight,
+            latent_noise_std=latent_noise_std,
         )
 
     # ------------------------------------------------------------------ properties
@@ -286,14 +297,17 @@ class TextAutoencoder(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         reconstruction: bool = True,
+        generator: torch.Generator | None = None,
     ):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
         hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
         Decoder-only backbones add ``alignment_weight`` x `losses.alignment_loss`; ``reconstruction=False``
         gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt).
+        ``generator`` draws the latent noise (``latent_noise_std``), so a resumed run draws the same.
         """
-        memory = self.autoencoder(hidden_states, attention_mask)
+        latents = self.autoencoder.compress(hidden_states, attention_mask)
+        memory = self.autoencoder.reconstruct(self.perturb(latents, generator))
         if not self.causal:
             return seq2seq_reconstruction_loss(self.tokenizer, self.language_model, memory, labels)
         input_ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
@@ -309,6 +323,15 @@ class TextAutoencoder(nn.Module):
             alignment = alignment_loss(self.tokenizer, self.language_model, memory, input_ids, text_mask)
             loss = loss + self.alignment_weight * alignment
         return loss
+
+    def perturb(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """In training, ``latents + latent_noise_std * ε`` (on the latent sphere when latents are
+        normalized); the latents themselves otherwise."""
+        if not (self.training and self.latent_noise_std):
+            return latents
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noisy = latents + self.latent_noise_std * noise
+        return self.autoencoder.project(noisy) if self.autoencoder.config.normalize_latents else noisy
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """{"autoencoder": [...], "language_model": [...]} (only requires_grad)."""
@@ -343,6 +366,7 @@ class TextAutoencoder(nn.Module):
             "max_length": self.max_length,
             "lora": self.lora,
             "alignment_weight": self.alignment_weight,
+            "latent_noise_std": self.latent_noise_std,
         }
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return out
@@ -394,6 +418,7 @@ class TextAutoencoder(nn.Module):
             decoder=meta["decoder"],
             lora=lora,
             alignment_weight=meta.get("alignment_weight", 0.0),
+            latent_noise_std=meta.get("latent_noise_std", 0.0),
         )
         if not trainable:
             model.requires_grad_(False)

@@ -127,6 +127,8 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     alignment_weight: float = 0.0
     # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
     alignment_warmup_steps: int = 0
+    # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
+    latent_noise_std: float = 0.0
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)

@@ -183,7 +183,9 @@ class AutoencoderStage(TrainingStage):
         hidden, mask, ids = self.cache.batch(indices, accelerator.device)
         labels = self.model.make_labels(ids, mask)
         with accelerator.autocast(), attention_kernel(accelerator.device):
-            return self.train_model(hidden, mask, labels, reconstruction=step >= cfg.alignment_warmup_steps)
+            return self.train_model(
+                hidden, mask, labels, reconstruction=step >= cfg.alignment_warmup_steps, generator=generator
+            )
 
     @property
     def eval_every(self) -> int:

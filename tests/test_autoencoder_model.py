@@ -339,3 +339,35 @@ def test_lora_autoencoder_over_a_relative_backbone_folder_loads_from_anywhere(ti
     shutil.rmtree(work / "assets")
     with pytest.raises(FileNotFoundError, match="trained on the backbone folder"):
         TextAutoencoder.from_pretrained(work / "out" / "ae")
+
+
+def test_latent_noise_perturbs_what_the_decoder_reads_in_training_only(tiny_bart_dir, tmp_path, monkeypatch):
+    model = make_tiny_text_autoencoder(tiny_bart_dir, latent_noise_std=0.5)
+    batch = model.tokenize(SENTENCES[:4])
+    h = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    z = model.autoencoder.compress(h, batch["attention_mask"])
+    read, reconstruct = [], model.autoencoder.reconstruct
+    monkeypatch.setattr(model.autoencoder, "reconstruct", lambda latents: read.append(latents) or reconstruct(latents))
+
+    model.train()
+    noisy = model.perturb(z, torch.Generator().manual_seed(3))
+    # On the latent sphere, as far from z as noise of std 0.5 in 8 dims puts it, and drawn from the generator.
+    torch.testing.assert_close(noisy.norm(dim=-1), torch.full(z.shape[:2], 8**0.5))
+    assert 0.1 < (noisy - z).pow(2).mean().sqrt() < 1.0
+    torch.testing.assert_close(model.perturb(z, torch.Generator().manual_seed(3)), noisy, atol=0, rtol=0)
+    loss = model(h, batch["attention_mask"], labels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(read[-1], noisy, atol=0, rtol=0)
+    assert torch.isfinite(loss)
+
+    model.eval()
+    assert model.perturb(z) is z
+    model(h, batch["attention_mask"], labels)
+    torch.testing.assert_close(read[-1], z, atol=0, rtol=0)
+
+    model.save_pretrained(tmp_path / "ae")
+    assert TextAutoencoder.from_pretrained(tmp_path / "ae").latent_noise_std == 0.5
+    quiet = make_tiny_text_autoencoder(tiny_bart_dir).train()
+    assert quiet.perturb(z) is z
+    with pytest.raises(ValueError, match="latent_noise_std must be >= 0"):
+        make_tiny_text_autoencoder(tiny_bart_dir, latent_noise_std=-0.1)

@@ -103,9 +103,15 @@ class KillingTracker:
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, snippets_jsonl, tiny_bert2bert_dir):
     # LoRA BERT2BERT: trainable cross-attention, adapters and optimizer state must all be restored;
-    # length-grouped batches are addressed by step like random ones.
+    # length-grouped batches and the latent noise are drawn by step like random ones.
     kwargs = dict(
-        decoder="lora", lora_r=4, save_every=5, log_every=1, group_by_length=True, optimizer=dict(max_steps=12)
+        decoder="lora",
+        lora_r=4,
+        save_every=5,
+        log_every=1,
+        group_by_length=True,
+        latent_noise_std=0.3,
+        optimizer=dict(max_steps=12),
     )
     full = tiny_config(tmp_path / "a", snippets_jsonl, tiny_bert2bert_dir, **kwargs)
     train_autoencoder(full)
@@ -135,6 +141,7 @@ def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
         decoder="lora",
         lora_r=2,
         context_positions=-1,
+        latent_noise_std=0.5,  # unnormalized latents: the noise is added, not projected
         optimizer=dict(max_steps=3),
     )
     model = TextAutoencoder.from_pretrained(train_autoencoder(config))

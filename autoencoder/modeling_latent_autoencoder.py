@@ -262,6 +262,17 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         z = self.to_latent(self.compression_norm(latents))
         return self.project(z) if self.config.normalize_latents else z
 
+    def compression_parameters(self) -> list[nn.Parameter]:
+        """The parameters `compress` reads: with them frozen, every text keeps the latents it has, so
+        denoisers and latent caches built on them stay valid while the reconstruction side trains."""
+        modules = [self.compression_layers, self.compression_norm, self.to_latent]
+        if self.query_from_context is not None:
+            modules.append(self.query_from_context)
+        params = [self.latent_queries, *(p for module in modules for p in module.parameters())]
+        if self.context_position_embeddings is not None:
+            params.append(self.context_position_embeddings)
+        return params
+
     def project(self, latents: torch.Tensor) -> torch.Tensor:
         """Each latent vector scaled to norm ``sqrt(latent_dim)``: the sphere `compress` writes to when
         ``normalize_latents`` is set."""

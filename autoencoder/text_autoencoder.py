@@ -373,12 +373,19 @@ class TextAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, trainable: bool = False, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike,
+        *,
+        trainable: bool = False,
+        device: str | torch.device | None = None,
+        latent_noise_std: float | None = None,
+        alignment_weight: float | None = None,
     ) -> TextAutoencoder:
         """Load a folder written by `save_pretrained`.
 
         ``trainable=True`` restores the decoder's training mode (LoRA/new modules require grad);
-        by default everything is frozen and in eval mode (inference).
+        by default everything is frozen and in eval mode (inference). ``latent_noise_std`` and
+        ``alignment_weight``, if given, replace the saved training settings (to train on).
         """
         root = Path(directory)
         meta_path = root / CONFIG_NAME
@@ -417,8 +424,8 @@ class TextAutoencoder(nn.Module):
             backbone=meta.get("backbone"),
             decoder=meta["decoder"],
             lora=lora,
-            alignment_weight=meta.get("alignment_weight", 0.0),
-            latent_noise_std=meta.get("latent_noise_std", 0.0),
+            alignment_weight=meta.get("alignment_weight", 0.0) if alignment_weight is None else alignment_weight,
+            latent_noise_std=meta.get("latent_noise_std", 0.0) if latent_noise_std is None else latent_noise_std,
         )
         if not trainable:
             model.requires_grad_(False)

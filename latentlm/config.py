@@ -129,6 +129,12 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     alignment_warmup_steps: int = 0
     # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
     latent_noise_std: float = 0.0
+    # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
+    # a new one over `backbone`; the model keys above must match it
+    init_from: str | None = None
+    # keep the compression network (and so every text's latents) as it is: only the reconstruction
+    # side trains, and denoisers trained on the latents of `init_from` stay valid (needs init_from)
+    freeze_compression: bool = False
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)
@@ -255,6 +261,11 @@ class RunConfig:
             raise ValueError(
                 f"autoencoder.alignment_warmup_steps={self.autoencoder.alignment_warmup_steps} trains only the alignment "
                 "loss, but autoencoder.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
+            )
+        if self.autoencoder.freeze_compression and not self.autoencoder.init_from:
+            raise ValueError(
+                "autoencoder.freeze_compression keeps the latents of a trained autoencoder, but autoencoder.init_from "
+                "is not set: set it to that autoencoder's folder (e.g. <output_dir>/autoencoder of its run)."
             )
         if self.autoencoder.context_positions < -1:
             raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,14 @@ from latentlm.training import TrainingStage, attention_kernel, run_stage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_autoencoder", "AutoencoderStage", "EncoderCache", "build_encoder_cache", "model_kwargs"]
+__all__ = [
+    "train_autoencoder",
+    "AutoencoderStage",
+    "EncoderCache",
+    "build_encoder_cache",
+    "model_kwargs",
+    "load_initial_autoencoder",
+]
 
 FINAL_DIR = "autoencoder"
 CHECKPOINT_DIR = "autoencoder_training"
@@ -46,6 +54,68 @@ MODEL_ARGS = tuple(
 def model_kwargs(cfg: AutoencoderTrainingConfig) -> dict[str, Any]:
     """The ``autoencoder:`` config fields that are `TextAutoencoder.from_backbone` arguments."""
     return {name: getattr(cfg, name) for name in MODEL_ARGS}
+
+
+def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
+    """The model stage 1 starts from: a new one over ``cfg.backbone``, or the trained folder
+    ``cfg.init_from`` (checked against the config's model keys, trainable, with the config's
+    training settings), its compression network frozen when ``cfg.freeze_compression``."""
+    if not cfg.init_from:
+        return TextAutoencoder.from_backbone(cfg.backbone, **model_kwargs(cfg))
+    model = TextAutoencoder.from_pretrained(
+        cfg.init_from, trainable=True, latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight
+    )
+    saved = model.autoencoder.config
+    built = {
+        "backbone": os.path.abspath(cfg.backbone) if os.path.isdir(cfg.backbone) else cfg.backbone,
+        "decoder": cfg.decoder,
+        "max_length": cfg.max_length,
+        "causal_memory": cfg.causal_memory,
+        "context_positions": cfg.max_length if cfg.context_positions == -1 else cfg.context_positions,
+        **{
+            key: getattr(cfg, key)
+            for key in (
+                "num_latents",
+                "latent_dim",
+                "num_compression_layers",
+                "num_reconstruction_layers",
+                "head_dim",
+                "ff_mult",
+                "dropout",
+                "query_init_std",
+                "memory_tokens_per_latent",
+                "tokens_per_query",
+                "context_layers",
+            )
+        },
+    }
+    have = {
+        "backbone": model.backbone,
+        "decoder": model.decoder_mode,
+        "max_length": model.max_length,
+        "causal_memory": "key_value_prefix" if saved.key_value_layers else "soft_prompt",
+        **{key: saved[key] for key in built if key in saved},
+    }
+    if model.decoder_mode == "lora":
+        built.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+        have.update(lora_r=model.lora.get("r"), lora_alpha=model.lora.get("alpha"))
+    for key in ("normalize_latents", "prompt_template"):  # None in the config: the backbone's default
+        if getattr(cfg, key) is not None:
+            built[key], have[key] = getattr(cfg, key), saved[key]
+    differ = [key for key in built if built[key] != have[key]]
+    if differ:
+        raise ValueError(
+            f"autoencoder.init_from={cfg.init_from!r} was built with "
+            + ", ".join(f"{key}={have[key]!r}" for key in differ)
+            + ", but the config asks for "
+            + ", ".join(f"{key}={built[key]!r}" for key in differ)
+            + ". A trained autoencoder keeps its architecture: set these config values to the folder's "
+            "(or leave init_from unset to build a new autoencoder)."
+        )
+    if cfg.freeze_compression:
+        for p in model.autoencoder.compression_parameters():
+            p.requires_grad_(False)
+    return model
 
 
 @dataclass
@@ -138,7 +208,7 @@ class AutoencoderStage(TrainingStage):
                 len(self.train_texts),
             )
 
-        self.model = model = TextAutoencoder.from_backbone(cfg.backbone, **model_kwargs(cfg))
+        self.model = model = load_initial_autoencoder(cfg)
         model.to(accelerator.device)
         lengths = model.token_ids(self.train_texts, truncation=False)
         self.num_truncated = sum(len(ids) > cfg.max_length for ids in lengths)

@@ -150,6 +150,53 @@ def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
     assert model.autoencoder.config.context_positions == 16  # -1: one position per token of max_length
 
 
+def test_init_from_with_frozen_compression_keeps_every_latent(tmp_path, snippets_jsonl, tiny_bart_dir):
+    # Fine-tune the decoder side of a trained autoencoder (here on noisy latents) without moving its
+    # latents, so a denoiser trained on them still fits the new decoder.
+    kwargs = dict(decoder="lora", lora_r=4, optimizer=dict(max_steps=6))
+    first = train_autoencoder(tiny_config(tmp_path / "a", snippets_jsonl, tiny_bart_dir, **kwargs))
+    frozen = train_autoencoder(
+        tiny_config(
+            tmp_path / "b",
+            snippets_jsonl,
+            tiny_bart_dir,
+            init_from=str(first),
+            freeze_compression=True,
+            latent_noise_std=0.5,
+            **kwargs,
+        )
+    )
+    free = train_autoencoder(tiny_config(tmp_path / "c", snippets_jsonl, tiny_bart_dir, init_from=str(first), **kwargs))
+
+    models = {name: TextAutoencoder.from_pretrained(path) for name, path in (("a", first), ("b", frozen), ("c", free))}
+    assert models["b"].latent_noise_std == 0.5 and models["c"].latent_noise_std == 0.0
+    latents = {name: model.encode(SENTENCES[:4]) for name, model in models.items()}
+    torch.testing.assert_close(latents["b"], latents["a"], atol=0, rtol=0)
+    assert not torch.allclose(latents["c"], latents["a"])  # without freezing, compression trains on
+
+    weights = {
+        name: load_file(str(path / "autoencoder" / "diffusion_pytorch_model.safetensors"))
+        for name, path in (("a", first), ("b", frozen))
+    }
+    frozen_ids = {id(p) for p in models["a"].autoencoder.compression_parameters()}
+    compression = {name for name, p in models["a"].autoencoder.named_parameters() if id(p) in frozen_ids}
+    assert compression and len(compression) < len(weights["a"])
+    for key in weights["a"]:
+        same = torch.equal(weights["a"][key], weights["b"][key])
+        assert same == (key in compression), key  # the reconstruction side trained on from first's weights
+    adapters = [load_file(str(path / "language_model" / "adapter_model.safetensors")) for path in (first, frozen)]
+    assert any(not torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+
+
+def test_init_from_refuses_another_architecture_and_freezing_needs_it(tmp_path, snippets_jsonl, tiny_bart_dir):
+    first = train_autoencoder(tiny_config(tmp_path / "a", snippets_jsonl, tiny_bart_dir, optimizer=dict(max_steps=1)))
+    wider = tiny_config(tmp_path / "b", snippets_jsonl, tiny_bart_dir, init_from=str(first), latent_dim=16)
+    with pytest.raises(ValueError, match=r"was built with latent_dim=8, but the config asks for latent_dim=16"):
+        train_autoencoder(wider)
+    with pytest.raises(ValueError, match="freeze_compression keeps the latents of a trained autoencoder"):
+        tiny_config(tmp_path / "c", snippets_jsonl, tiny_bart_dir, freeze_compression=True)
+
+
 def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart_dir):
     config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=2))
     train_autoencoder(config)

@@ -19,12 +19,16 @@ CLASSIFIER_TASKS = ("classification", "regression")
 
 
 def latent_fingerprint(autoencoder: nn.Module) -> str:
-    """sha256 (16 hex) of a `LatentAutoencoder`'s weights in float32: which latent space a classifier
-    was trained on (the same weights in another dtype give the same fingerprint)."""
+    """sha256 (16 hex) of the weights a `LatentAutoencoder` compresses with (its
+    ``compression_parameters``) in float32: which latent space a classifier was trained on. The same
+    weights in another dtype, or a reconstruction side trained on since (``freeze_compression``),
+    give the same fingerprint."""
+    compression = {id(p) for p in autoencoder.compression_parameters()}
     digest = hashlib.sha256()
-    for name, tensor in sorted(autoencoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, tensor in sorted(autoencoder.named_parameters()):
+        if id(tensor) in compression:
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -206,6 +206,13 @@ def test_a_classifier_of_another_latent_space_is_refused(pipe):
     )
     with pytest.raises(ValueError, match="latents of another autoencoder"):
         pipe.add_classifier("x", other)
+    # The fingerprint names the latent space: a reconstruction side trained on keeps it, compression does not.
+    before = latent_fingerprint(pipe.autoencoder)
+    with torch.no_grad():
+        pipe.autoencoder.from_latent.weight.add_(1.0)
+        assert latent_fingerprint(pipe.autoencoder) == before
+        pipe.autoencoder.to_latent.weight.add_(1.0)
+        assert latent_fingerprint(pipe.autoencoder) != before
     with pytest.raises(TypeError, match="must be a LatentClassifier"):
         pipe.add_classifier("x", torch.nn.Linear(2, 2))
 

@@ -446,6 +446,27 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert again.scheduler.config.prediction_type == "v_prediction" and not again.scheduler.config.clip_sample
 
 
+def test_a_fine_tuned_decoder_swaps_in_as_components(pipe, tiny_bart_dir, tmp_path, tiny_sentences):
+    # The route after stage 1 with freeze_compression: the saved pipeline loaded with the new autoencoder's
+    # parts; the latents (and so the denoiser's samples) stay, the decoder is the new one, merged.
+    from peft import PeftModel
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    tuned = make_tiny_text_autoencoder(tiny_bart_dir, decoder="lora", lora_r=2).eval()
+    tuned.autoencoder.load_state_dict(pipe.autoencoder.state_dict())
+    with torch.no_grad():
+        tuned.autoencoder.from_latent.weight.mul_(-1.0)
+    swapped = LatentTextDiffusionPipeline.from_pretrained(
+        tmp_path / "pipe", tokenizer=tuned.tokenizer, language_model=tuned.language_model, autoencoder=tuned.autoencoder
+    )
+    assert swapped.autoencoder is tuned.autoencoder and not isinstance(swapped.language_model, PeftModel)
+    torch.testing.assert_close(swapped.encode(tiny_sentences), pipe.encode(tiny_sentences), atol=0, rtol=0)
+    a = pipe(num_samples=2, class_labels="even", generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+    b = swapped(num_samples=2, class_labels="even", generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+    torch.testing.assert_close(b.latents, a.latents, atol=0, rtol=0)
+    assert b.texts == tuned.decode(b.latents, **swapped.config.decode_kwargs)
+
+
 def test_generic_diffusers_loader_in_a_fresh_process(pipe, tmp_path):
     """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` with nothing of latentlm imported."""
     pipe.save_pretrained(tmp_path / "pipe")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from latentlm.autoencoder.adapters import set_dropout
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.config import AutoencoderTrainingConfig, RunConfig
 from latentlm.data import load_texts
@@ -97,8 +98,8 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
         **{key: saved[key] for key in built if key in saved},
     }
     if model.decoder_mode == "lora":
-        built.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-        have.update(lora_r=model.lora.get("r"), lora_alpha=model.lora.get("alpha"))
+        for key in ("r", "alpha", "dropout", "target_modules"):
+            built[f"lora_{key}"], have[f"lora_{key}"] = getattr(cfg, f"lora_{key}"), model.lora.get(key)
     for key in ("normalize_latents", "prompt_template"):  # None in the config: the backbone's default
         if getattr(cfg, key) is not None:
             built[key], have[key] = getattr(cfg, key), saved[key]
@@ -112,6 +113,8 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
             + ". A trained autoencoder keeps its architecture: set these config values to the folder's "
             "(or leave init_from unset to build a new autoencoder)."
         )
+    if cfg.plm_dropout is not None:
+        set_dropout(model.language_model, cfg.plm_dropout)
     if cfg.freeze_compression:
         for p in model.autoencoder.compression_parameters():
             p.requires_grad_(False)

@@ -212,19 +212,23 @@ class TextAutoencoder(nn.Module):
         )
         if family == "causal" and not key_value_shape:
             _start_soft_prompt_at_embedding_scale(autoencoder, language_model)
-        # A local folder is stored as an absolute path: the saved model then loads from any directory.
-        backbone = os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
         return cls(
             tokenizer,
             language_model,
             autoencoder,
             max_length=max_length,
-            backbone=backbone,
+            backbone=cls.stored_backbone(backbone),
             decoder=decoder,
             lora=lora,
             alignment_weight=alignment_weight,
             latent_noise_std=latent_noise_std,
         )
+
+    @staticmethod
+    def stored_backbone(backbone: str) -> str:
+        """How a backbone is recorded with the model: a local folder as an absolute path (the saved
+        model then loads from any directory), a name or hub id as given."""
+        return os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
 
     # ------------------------------------------------------------------ properties
     @property

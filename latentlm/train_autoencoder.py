@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
     )
     saved = model.autoencoder.config
     built = {
-        "backbone": os.path.abspath(cfg.backbone) if os.path.isdir(cfg.backbone) else cfg.backbone,
+        "backbone": TextAutoencoder.stored_backbone(cfg.backbone),
         "decoder": cfg.decoder,
         "max_length": cfg.max_length,
         "causal_memory": cfg.causal_memory,

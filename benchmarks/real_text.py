@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     for stage, name in (
         ("backbone", None),
         ("autoencoder", "autoencoder_history.json"),
+        ("decoder_tuning", "decoder_history.json"),
         ("diffusion", "diffusion_history.json"),
     ):
         if name and (run / name).is_file():
@@ -177,11 +178,12 @@ def main(argv=None) -> int:
     val_texts, val_labels = read_texts(data / "validation.jsonl", "text", args.label_column)
     train_texts, train_labels = read_texts(data / "train.jsonl", "text", args.label_column)
     tick = time.perf_counter()
+    decoder = run / "decoder" if (run / "decoder").is_dir() else run / "autoencoder"  # what the pipeline decodes with
     recon = (
         None
         if args.reconstruction_texts == 0
         else evaluate_autoencoder(
-            str(run / "autoencoder"),
+            str(decoder),
             data / "validation.jsonl",
             num_samples=args.reconstruction_texts,
             decode_kwargs=dict(num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0),
@@ -191,8 +193,18 @@ def main(argv=None) -> int:
     )
     if recon is not None:
         result["reconstruction"] = {
-            k: recon[k]
-            for k in ("num_samples", "bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text", "texts_per_second")
+            "autoencoder": str(decoder),
+            **{
+                k: recon[k]
+                for k in (
+                    "num_samples",
+                    "bleu",
+                    "exact_match",
+                    "bleu_raw_text",
+                    "exact_match_raw_text",
+                    "texts_per_second",
+                )
+            },
         }
         result["reconstruction"]["examples"] = recon["examples"][:8]
         result["reconstruction"]["seconds"] = round(time.perf_counter() - tick, 1)

@@ -152,6 +152,24 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
 
 
 @dataclass
+class DecoderTuningConfig(TrainingLoopConfig):
+    """Between the stages of `latentlm train`, when ``enabled``: stage 1's autoencoder trains on for a
+    while with its compression network frozen and noisier latents, so that its decoder writes well
+    from a denoiser's samples (as Stable Diffusion's VAE decoder was fine-tuned). Every text keeps
+    its latents, so stage 2 is unchanged; the pipeline gets the tuned decoder. The model keys and
+    the other training keys are stage 1's (``autoencoder:``); the result is ``<output_dir>/decoder``."""
+
+    enabled: bool = False
+    latent_noise_std: float = 1.0
+    eval_every: int = 1_000
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            learning_rate=5e-4, batch_size=64, max_steps=1_000, warmup_steps=20, lr_schedule="cosine"
+        )
+    )
+
+
+@dataclass
 class DiffusionTrainingConfig(TrainingLoopConfig):
     """Stage 2: the latent denoiser (LD4LG recipe: v-prediction, cosine, self-conditioning, CFG dropout)."""
 
@@ -212,6 +230,7 @@ class RunConfig:
     output_dir: str = "outputs/latentlm"
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
+    decoder_tuning: DecoderTuningConfig = field(default_factory=DecoderTuningConfig)
     diffusion: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     classifier: ClassifierTrainingConfig = field(default_factory=ClassifierTrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -234,6 +253,7 @@ class RunConfig:
 
         for name, stage in (
             ("autoencoder", self.autoencoder),
+            ("decoder_tuning", self.decoder_tuning),
             ("diffusion", self.diffusion),
             ("classifier", self.classifier),
         ):
@@ -267,6 +287,12 @@ class RunConfig:
                 "autoencoder.freeze_compression keeps the latents of a trained autoencoder, but autoencoder.init_from "
                 "is not set: set it to that autoencoder's folder (e.g. <output_dir>/autoencoder of its run)."
             )
+        for name, std in (
+            ("autoencoder", self.autoencoder.latent_noise_std),
+            ("decoder_tuning", self.decoder_tuning.latent_noise_std),
+        ):
+            if std < 0:
+                raise ValueError(f"{name}.latent_noise_std must be >= 0 (0: no noise), got {std}.")
         if self.autoencoder.context_positions < -1:
             raise ValueError(
                 f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "

@@ -7,10 +7,13 @@ Steps (each one skipped on ``resume=True`` when its result is already complete):
    backbone: ``autoencoder.backbone: scratch:<preset>`` builds a small BART with a word-level
    tokenizer trained on the corpus and pre-trains it fully as a denoising seq2seq model (its own
    short stage) into ``<output_dir>/backbone``; a named backbone, folder or hub id is used as it is.
-1. stage 1: `latentlm.train_autoencoder.train_autoencoder` -> ``<output_dir>/autoencoder``.
-2. stage 2: `latentlm.train_diffusion.train_diffusion` (latent cache + denoiser) -> ``<output_dir>/diffusion``.
-3. the pipeline (PEFT adapters merged) -> ``<output_dir>/pipeline``; a few samples per class ->
-   ``<output_dir>/samples.jsonl`` (and printed).
+1. stage 1: `latentlm.train_autoencoder.train_autoencoder` -> ``<output_dir>/autoencoder``;
+   with ``decoder_tuning.enabled``, `latentlm.train_autoencoder.tune_decoder` then trains its decoder
+   side on noisier latents, the latents unchanged -> ``<output_dir>/decoder``.
+2. stage 2: `latentlm.train_diffusion.train_diffusion` (latent cache + denoiser) on the latents of
+   ``<output_dir>/autoencoder`` -> ``<output_dir>/diffusion``.
+3. the pipeline (the tuned decoder if any, PEFT adapters merged) -> ``<output_dir>/pipeline``; a few
+   samples per class -> ``<output_dir>/samples.jsonl`` (and printed).
 
 MLflow: one parent run with a nested run per stage; the pipeline folder is logged as an artifact
 and as an MLflow pyfunc model (`latentlm.mlflow_model`).
@@ -177,7 +180,8 @@ def write_pipeline(
 def train(
     config: RunConfig, resume: bool = False, *, sample_guidance_scale: float = 2.0, overwrite: bool = False
 ) -> Path:
-    """Train stage 1 and stage 2 end to end; returns ``<output_dir>/pipeline``.
+    """Train stage 1 (and tune its decoder, if configured) and stage 2 end to end; returns
+    ``<output_dir>/pipeline``.
 
     Args:
         config: the run config (`latentlm.config.load_config`).
@@ -187,9 +191,9 @@ def train(
             (``diffusion.num_samples_per_class`` per class, ``diffusion.sample_inference_steps`` steps).
     """
     from latentlm.mlflow_model import log_pipeline_model
+    from latentlm.train_autoencoder import DECODER_DIR, DECODER_HISTORY_FILE, train_autoencoder, tune_decoder
     from latentlm.train_autoencoder import FINAL_DIR as AE_DIR
     from latentlm.train_autoencoder import HISTORY_FILE as AE_HISTORY
-    from latentlm.train_autoencoder import train_autoencoder
     from latentlm.train_diffusion import FINAL_DIR as DIFFUSION_DIR
     from latentlm.train_diffusion import HISTORY_FILE as DIFFUSION_HISTORY
     from latentlm.train_diffusion import train_diffusion
@@ -207,8 +211,8 @@ def train(
             """One stage in a nested MLflow run, timed; skipped when ``resume`` finds it finished."""
             tick = time.perf_counter()
             if resume and _stage_done(history_file, final_dir, max_steps):
-                number = 1 if name == "autoencoder" else 2
-                logger.warning("Stage %d already finished in %s; skipping it.", number, final_dir)
+                label = {"autoencoder": "Stage 1", "decoder_tuning": "Decoder tuning", "diffusion": "Stage 2"}[name]
+                logger.warning("%s already finished in %s; skipping it.", label, final_dir)
             else:
                 with Tracker(tracking, run_name=name, parent=parent, fallback_dir=output_dir, resume=resume) as child:
                     final_dir = run(child)
@@ -228,6 +232,17 @@ def train(
             config.autoencoder.optimizer.max_steps,
             lambda tracker: train_autoencoder(config, resume=resume, tracker=tracker, overwrite=overwrite),
         )
+        decoder_path = autoencoder_path
+        if config.decoder_tuning.enabled:
+            decoder_path = run_step(
+                "decoder_tuning",
+                output_dir / DECODER_HISTORY_FILE,
+                output_dir / DECODER_DIR,
+                config.decoder_tuning.optimizer.max_steps,
+                lambda tracker: tune_decoder(
+                    config, autoencoder_path, resume=resume, tracker=tracker, overwrite=overwrite
+                ),
+            )
         diffusion_path = run_step(
             "diffusion",
             output_dir / DIFFUSION_HISTORY,
@@ -240,7 +255,7 @@ def train(
 
         tick = time.perf_counter()
         pipeline_dir = output_dir / PIPELINE_DIR
-        rows = write_pipeline(config, autoencoder_path, diffusion_path, pipeline_dir, sample_guidance_scale)
+        rows = write_pipeline(config, decoder_path, diffusion_path, pipeline_dir, sample_guidance_scale)
         timings["pipeline_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
         parent.log_table(rows, "samples.json")

@@ -9,6 +9,7 @@ the shared loop (`latentlm.training.run_stage`): reconstruction BLEU / exact mat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from latentlm.autoencoder.adapters import set_dropout
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
-from latentlm.config import AutoencoderTrainingConfig, RunConfig
+from latentlm.config import AutoencoderTrainingConfig, RunConfig, TrainingLoopConfig
 from latentlm.data import load_texts
 from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.reconstruction import evaluate_reconstruction
@@ -37,11 +38,17 @@ __all__ = [
     "build_encoder_cache",
     "model_kwargs",
     "load_initial_autoencoder",
+    "tune_decoder",
+    "DecoderTuningStage",
+    "decoder_tuning_config",
 ]
 
 FINAL_DIR = "autoencoder"
 CHECKPOINT_DIR = "autoencoder_training"
 HISTORY_FILE = "autoencoder_history.json"
+DECODER_DIR = "decoder"
+DECODER_CHECKPOINT_DIR = "decoder_training"
+DECODER_HISTORY_FILE = "decoder_history.json"
 
 #: the keyword arguments of `TextAutoencoder.from_backbone`: config fields of the same names feed them
 MODEL_ARGS = tuple(
@@ -194,8 +201,8 @@ class AutoencoderStage(TrainingStage):
     name = "autoencoder"
     final_dir, checkpoint_dir, history_file = FINAL_DIR, CHECKPOINT_DIR, HISTORY_FILE
 
-    def __init__(self, config: RunConfig):
-        super().__init__(config, config.autoencoder)
+    def __init__(self, config: RunConfig, stage_config: AutoencoderTrainingConfig | None = None):
+        super().__init__(config, stage_config or config.autoencoder)
 
     def setup(self, accelerator) -> None:
         cfg, opt, data = self.cfg, self.cfg.optimizer, self.config.data
@@ -309,4 +316,54 @@ def train_autoencoder(
     """
     return run_stage(
         AutoencoderStage(config), resume=resume, tracker=tracker, time_budget_s=time_budget_s, overwrite=overwrite
+    )
+
+
+def decoder_tuning_config(config: RunConfig, autoencoder_path: str | Path) -> AutoencoderTrainingConfig:
+    """Stage 1's settings, continued from its trained folder ``autoencoder_path`` with the compression
+    frozen, the noise and training loop of ``decoder_tuning:`` and no alignment warm-up."""
+    tuning = config.decoder_tuning
+    loop = {f.name: getattr(tuning, f.name) for f in dataclasses.fields(TrainingLoopConfig)}
+    return dataclasses.replace(
+        config.autoencoder,
+        **loop,
+        init_from=str(autoencoder_path),
+        freeze_compression=True,
+        latent_noise_std=tuning.latent_noise_std,
+        alignment_warmup_steps=0,
+        eval_every=tuning.eval_every,
+    )
+
+
+class DecoderTuningStage(AutoencoderStage):
+    """Between the stages: stage 1's decoder side trained on noisier latents, the latents unchanged
+    (`latentlm.config.DecoderTuningConfig`)."""
+
+    name = "decoder_tuning"
+    final_dir, checkpoint_dir, history_file = DECODER_DIR, DECODER_CHECKPOINT_DIR, DECODER_HISTORY_FILE
+
+    def __init__(self, config: RunConfig, autoencoder_path: str | Path):
+        super().__init__(config, decoder_tuning_config(config, autoencoder_path))
+
+
+def tune_decoder(
+    config: RunConfig,
+    autoencoder_path: str | Path,
+    resume: bool = False,
+    tracker: Tracker | None = None,
+    *,
+    time_budget_s: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Tune the decoder of the trained autoencoder ``autoencoder_path`` as ``config.decoder_tuning``
+    says; returns ``<output_dir>/decoder``, a `TextAutoencoder` folder with the same latents.
+
+    ``resume``, ``overwrite``, ``tracker`` and ``time_budget_s`` as in `latentlm.training.run_stage`.
+    """
+    return run_stage(
+        DecoderTuningStage(config, autoencoder_path),
+        resume=resume,
+        tracker=tracker,
+        time_budget_s=time_budget_s,
+        overwrite=overwrite,
     )

@@ -227,6 +227,57 @@ def test_train_resume_skips_finished_stages(trained_run, caplog):
     assert (output_dir / "autoencoder" / "autoencoder").stat().st_mtime_ns == before
 
 
+def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog):
+    # decoder_tuning added to a finished run: stages 1 and 2 are kept, stage 1's decoder side trains
+    # on with the latents unchanged, and the pipeline is rebuilt with it.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from latentlm import LatentTextDiffusionPipeline, TextAutoencoder
+
+    run_dir, _, config_path = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    sets = [
+        f"output_dir={run}",
+        "tracking.enabled=false",
+        "decoder_tuning.enabled=true",
+        "decoder_tuning.latent_noise_std=1.0",
+        "decoder_tuning.optimizer.max_steps=3",
+        "decoder_tuning.optimizer.batch_size=4",
+        "decoder_tuning.save_every=2",
+    ]
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--config", str(config_path), "--resume", *[x for s in sets for x in ("--set", s)]]) == 0
+    assert "Stage 1 already finished" in caplog.text and "Stage 2 already finished" in caplog.text
+    assert json.loads((run / "decoder_history.json").read_text())["final_step"] == 3
+    stage1, tuned = (
+        TextAutoencoder.from_pretrained(run / "autoencoder"),
+        TextAutoencoder.from_pretrained(run / "decoder"),
+    )
+    assert tuned.latent_noise_std == 1.0 and stage1.latent_noise_std == 0.0
+
+    weights = {
+        name: load_file(str(folder / "autoencoder" / "diffusion_pytorch_model.safetensors"))
+        for name, folder in (("stage1", run / "autoencoder"), ("tuned", run / "decoder"), ("pipe", run / "pipeline"))
+    }
+    frozen_ids = {id(p) for p in stage1.autoencoder.compression_parameters()}
+    compression = {name for name, p in stage1.autoencoder.named_parameters() if id(p) in frozen_ids}
+    assert compression and len(compression) < len(weights["stage1"])
+    for key in weights["stage1"]:
+        assert torch.equal(weights["stage1"][key], weights["tuned"][key]) == (key in compression), key
+        assert torch.equal(weights["pipe"][key], weights["tuned"][key]), key  # the pipeline has the tuned decoder
+    pipe = LatentTextDiffusionPipeline.from_pretrained(run / "pipeline")
+    texts = ["the cat sat on the mat", "a dog ran in the park"]
+    torch.testing.assert_close(pipe.encode(texts), stage1.encode(texts), atol=0, rtol=0)  # stage 2's latents
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        main(["train", "--config", str(config_path), "--resume", *[x for s in sets for x in ("--set", s)]])
+    assert "Decoder tuning already finished" in caplog.text
+
+
 def test_cli_rejects_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("output_dir: x\nautoencoder: {backbon: minilm}\n")

@@ -35,6 +35,8 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
         ({"diffusion": {"optimizer": {"batch_size": 0}}}, "batch_size must be positive"),
         ({"diffusion": {"label_dropout_prob": 1.5}}, "label_dropout_prob"),
         ({"autoencoder": {"context_positions": -2}}, "context_positions"),
+        ({"decoder_tuning": {"latent_noise_std": -1}}, "decoder_tuning.latent_noise_std must be >= 0"),
+        ({"decoder_tuning": {"optimizer": {"max_steps": 0}}}, "decoder_tuning.optimizer.max_steps must be positive"),
     ],
 )
 def test_config_rejects_bad_values_with_the_key_named(raw, message):

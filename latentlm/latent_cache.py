@@ -6,8 +6,9 @@ code does) is wasted work. The latents are written once to ``<cache_dir>/<key>/l
 opened memory-mapped (``np.load(mmap_mode="r")``), so a dataset larger than RAM costs nothing to
 open and every later run with the same autoencoder and data reuses it.
 
-The key hashes everything the latents depend on: the encoder and compression weights, the
-tokenizer's vocabulary, ``max_length``, the precision the texts were encoded in, the texts and the
+The key hashes everything the latents depend on: the encoder and compression weights (not the
+reconstruction side, so a decoder tuned on with its compression frozen reuses the cache), the
+autoencoder's config, the tokenizer's vocabulary, ``max_length``, the precision the texts were encoded in, the texts and the
 labels. A different autoencoder or dataset gets a different folder; a stale cache can never be
 picked up.
 
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from latentlm.diffusion import latent_fingerprint
 from latentlm.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LatentCache", "build_latent_cache", "latent_cache_key"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 META_FILE = "meta.json"
 #: ``mixed_precision`` (accelerate's names) -> the autocast dtype the texts are encoded in.
 ENCODING_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,7 +71,10 @@ def latent_cache_key(
     digest.update(f"latentlm-latent-cache-v{CACHE_VERSION}".encode())
     if mixed_precision != "no":  # fp32 keys stay those of caches written before precision was a choice
         digest.update(f"mixed_precision={mixed_precision}".encode())
-    _hash_module(digest, text_autoencoder.autoencoder)
+    autoencoder = text_autoencoder.autoencoder
+    digest.update(latent_fingerprint(autoencoder).encode())
+    digest.update(str(sorted({p.dtype for p in autoencoder.compression_parameters()}, key=str)).encode())
+    digest.update(json.dumps(dict(autoencoder.config), sort_keys=True, default=str).encode())
     for module in text_autoencoder.encoder_modules():
         _hash_module(digest, module)
     vocab = text_autoencoder.tokenizer.get_vocab()

@@ -90,9 +90,20 @@ def test_latent_cache_matches_encoder_and_is_reused(tmp_path, tiny_bart_dir, mon
     model.max_length = 8
     assert latent_cache_key(model, texts, labels) != key
     model.max_length = 16
+    # The reconstruction side does not change a text's latents (a decoder tuned on reuses the cache) ...
+    compression = {id(p) for p in model.autoencoder.compression_parameters()}
+    reconstruction = [p for p in model.autoencoder.parameters() if id(p) not in compression]
     with torch.no_grad():
-        model.autoencoder.parameters().__next__().add_(1e-3)
+        reconstruction[0].add_(1e-3)
+    assert latent_cache_key(model, texts, labels) == key
+    # ... the compression weights and the weights' dtype do.
+    with torch.no_grad():
+        model.autoencoder.compression_parameters()[0].add_(1e-3)
     assert latent_cache_key(model, texts, labels) != key
+    changed = latent_cache_key(model, texts, labels)
+    model.autoencoder.to(torch.bfloat16)
+    assert latent_cache_key(model, texts, labels) != changed
+    model.autoencoder.to(torch.float32)
     assert LatentCache.open(cache.path).latents.shape == (10, 4, 8)
 
 

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-__all__ = ["seed_step", "batch_indices", "LENGTH_GROUP_BATCHES"]
+__all__ = ["seed_step", "batch_indices", "class_balanced_order", "LENGTH_GROUP_BATCHES"]
 
 
 def seed_step(seed: int, step: int, process_index: int = 0) -> torch.Generator:
@@ -83,3 +83,22 @@ def batch_indices(
         indices.extend(order[offset : offset + take])
         position += take
     return indices
+
+
+def class_balanced_order(labels, seed: int) -> list[int]:
+    """Example indices in which every class occurs as often as the largest one, for drawing batches
+    with `batch_indices` over its positions: a class of ``n`` examples is repeated whole
+    ``largest // n`` times, plus ``largest % n`` of its examples chosen at random (from ``seed``).
+    Each epoch over this order then sees every class equally often."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty 1-D sequence of class ids, got shape {tuple(labels.shape)}.")
+    generator = torch.Generator().manual_seed(seed * 100_003 + 17)
+    members = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
+    largest = max(len(m) for m in members)
+    order = []
+    for m in members:
+        repeats, rest = divmod(largest, len(m))
+        order.append(m.repeat(repeats))
+        order.append(m[torch.randperm(len(m), generator=generator)[:rest]])
+    return torch.cat(order).tolist()

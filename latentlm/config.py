@@ -184,6 +184,9 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
     source_dropout_prob: float = 0.1
     loss_type: str = "l2"  # l2 | l1
     timestep_sampling: str = "uniform"  # uniform | importance
+    # draw every class equally often (smaller classes repeat within an epoch): for corpora whose
+    # classes are uneven when the samples of each class should be equally good
+    balance_classes: bool = False
     ema_decay: float = 0.9999
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(

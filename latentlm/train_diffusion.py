@@ -24,6 +24,7 @@ from diffusers.training_utils import EMAModel
 
 from latentlm.autoencoder.text_autoencoder import CONFIG_NAME as AUTOENCODER_CONFIG_NAME
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+from latentlm.batching import class_balanced_order
 from latentlm.checkpoints import run_fingerprint
 from latentlm.config import RunConfig
 from latentlm.data import load_text_dataset
@@ -166,6 +167,10 @@ class DiffusionStage(TrainingStage):
         # data and classes, validated before anything expensive
         texts, raw_labels, self.sources = _load_training_data(self.config)
         labels, self.class_names = resolve_class_labels(raw_labels, cfg.denoiser.get("class_names"))
+        if cfg.balance_classes and labels is None:
+            raise ValueError(
+                "diffusion.balance_classes=true needs class labels: set data.label_column, or turn it off."
+            )
 
         # latents, encoded once (main process), then memory-mapped by every process
         self.text_autoencoder = TextAutoencoder.from_pretrained(self.autoencoder_path)
@@ -185,6 +190,8 @@ class DiffusionStage(TrainingStage):
             mixed_precision=cfg.mixed_precision,
         )
         self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
+        # positions of batches -> examples; None: every example once per epoch
+        self.example_order = class_balanced_order(self.cache.labels, cfg.seed) if cfg.balance_classes else None
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()
         else:
@@ -217,7 +224,10 @@ class DiffusionStage(TrainingStage):
 
     def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
         cfg, accelerator = self.cfg, self.accelerator
-        indices = self.batch_indices(step, len(self.cache))
+        if self.example_order is None:
+            indices = self.batch_indices(step, len(self.cache))
+        else:
+            indices = [self.example_order[i] for i in self.batch_indices(step, len(self.example_order))]
         latents, labels = self.cache.batch(indices, accelerator.device)
         states = mask = None
         if self.sources is not None:

@@ -205,6 +205,36 @@ def test_unconditional_run_and_cache_reuse(tmp_path, snippets_jsonl, autoencoder
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+def test_balance_classes_draws_every_class_equally_often(tmp_path, autoencoder_dir, monkeypatch):
+    folder = tmp_path / "uneven"
+    folder.mkdir()
+    rows = [{"text": text, "label": "many" if i < 24 else "few"} for i, text in enumerate(SENTENCES[:32])]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    drawn = []
+    real_batch = LatentCache.batch
+
+    def recording_batch(self, indices, device=None):
+        latents, labels = real_batch(self, indices, device)
+        drawn.append(labels.tolist())
+        return latents, labels
+
+    monkeypatch.setattr(LatentCache, "batch", recording_batch)
+    # 48 balanced draws per epoch (24 + 8 repeated to 24): 6 steps of 8
+    train_diffusion(
+        tiny_config(tmp_path / "balanced", folder, balance_classes=True, optimizer=dict(max_steps=6)), autoencoder_dir
+    )
+    classes = torch.tensor([label for batch in drawn for label in batch])
+    assert torch.bincount(classes).tolist() == [24, 24]
+    drawn.clear()
+    train_diffusion(tiny_config(tmp_path / "plain", folder, optimizer=dict(max_steps=4)), autoencoder_dir)
+    classes = torch.tensor([label for batch in drawn for label in batch])
+    assert sorted(torch.bincount(classes).tolist()) == [8, 24]  # one epoch, as the data are
+    with pytest.raises(ValueError, match="balance_classes=true needs class labels"):
+        train_diffusion(
+            tiny_config(tmp_path / "none", folder, label_column=None, balance_classes=True), autoencoder_dir
+        )
+
+
 def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoencoder_dir, monkeypatch):
     # Everything random is on: dropout, self-conditioning coin, label dropout, importance sampling.
     kwargs = dict(

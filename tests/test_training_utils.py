@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from latentlm.batching import batch_indices, seed_step
+from latentlm.batching import batch_indices, class_balanced_order, seed_step
 from latentlm.checkpoints import CheckpointManager, CheckpointMismatchError
 from latentlm.config import OptimizerConfig, load_config
 from latentlm.files import atomic_directory
@@ -85,6 +85,20 @@ def test_length_grouped_batches_cover_each_epoch_with_similar_lengths():
     assert split == epoch[57]
     with pytest.raises(ValueError, match="one per example"):
         batch_indices(1000, batch, 0, seed=2, lengths=lengths[:10])
+
+
+def test_class_balanced_order_repeats_smaller_classes_to_the_largest():
+    labels = [0] * 10 + [1] * 4 + [2] * 3
+    order = class_balanced_order(labels, seed=5)
+    counts = torch.bincount(torch.tensor([labels[i] for i in order]))
+    assert counts.tolist() == [10, 10, 10]
+    assert set(order) == set(range(len(labels)))  # nobody dropped
+    # class 1 (4 examples, 10 draws): every example twice, two of them a third time
+    assert sorted(torch.bincount(torch.tensor([i for i in order if labels[i] == 1])).tolist()[10:14]) == [2, 2, 3, 3]
+    assert class_balanced_order(labels, seed=5) == order  # a function of the seed: resuming draws the same
+    assert class_balanced_order(labels, seed=6) != order
+    with pytest.raises(ValueError, match="non-empty"):
+        class_balanced_order([], seed=0)
 
 
 def test_seed_step_makes_random_draws_a_function_of_the_step():

@@ -4,7 +4,6 @@ same requests alone, and bad requests get HTTP 400 with a message naming the pro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -13,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_tracking_server import free_port, stop_server, wait_healthy
+from test_tracking_server import free_port, server_env, stop_server, wait_healthy
 
 SERVER_START_TIMEOUT_S = 180
 
 
 def start_model_server(model_dir: Path, port: int, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / "serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = server_env(HF_HUB_OFFLINE="1")
     return subprocess.Popen(
         [
             sys.executable,

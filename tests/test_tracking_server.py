@@ -20,6 +20,13 @@ from latentlm.tracking import Tracker
 SERVER_START_TIMEOUT_S = 180
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment for an mlflow server process: this interpreter's scripts (uvicorn, which mlflow
+    starts by name) first on PATH, so the tests pass without an activated virtual environment."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +75,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         cwd=root,
         start_new_session=True,
+        env=server_env(),
     )
 
 

@@ -8,9 +8,9 @@ open and every later run with the same autoencoder and data reuses it.
 
 The key hashes everything the latents depend on: the encoder and compression weights (not the
 reconstruction side, so a decoder tuned on with its compression frozen reuses the cache), the
-autoencoder's config, the tokenizer's vocabulary, ``max_length``, the precision the texts were encoded in, the texts and the
-labels. A different autoencoder or dataset gets a different folder; a stale cache can never be
-picked up.
+autoencoder's config, the tokenizer's vocabulary, ``max_length``, the precision the texts were
+encoded in, the texts and the labels. A different autoencoder or dataset gets a different folder; a
+stale cache can never be picked up.
 
 Folder layout::
 

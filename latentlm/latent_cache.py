@@ -74,7 +74,10 @@ def latent_cache_key(
     autoencoder = text_autoencoder.autoencoder
     digest.update(latent_fingerprint(autoencoder).encode())
     digest.update(str(sorted({p.dtype for p in autoencoder.compression_parameters()}, key=str)).encode())
-    digest.update(json.dumps(dict(autoencoder.config), sort_keys=True, default=str).encode())
+    # Not the private entries (``_name_or_path``, ``_diffusers_version``): where it was loaded from
+    # does not change what it encodes.
+    config = {k: v for k, v in autoencoder.config.items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for module in text_autoencoder.encoder_modules():
         _hash_module(digest, module)
     vocab = text_autoencoder.tokenizer.get_vocab()

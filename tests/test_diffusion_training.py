@@ -107,6 +107,19 @@ def test_latent_cache_matches_encoder_and_is_reused(tmp_path, tiny_bart_dir, mon
     assert LatentCache.open(cache.path).latents.shape == (10, 4, 8)
 
 
+def test_latent_cache_key_does_not_depend_on_the_folder_loaded_from(tmp_path, tiny_bart_dir):
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
+    model = make_tiny_text_autoencoder(tiny_bart_dir)
+    model.save_pretrained(tmp_path / "autoencoder")
+    model.save_pretrained(tmp_path / "decoder")
+    texts = SENTENCES[:4]
+    keys = {
+        latent_cache_key(TextAutoencoder.from_pretrained(tmp_path / name), texts) for name in ("autoencoder", "decoder")
+    }
+    assert len(keys) == 1
+
+
 def test_latent_cache_in_bf16_is_its_own_cache(tmp_path, tiny_bart_dir):
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     texts = SENTENCES[:6]

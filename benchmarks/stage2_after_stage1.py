@@ -3,7 +3,9 @@
 `latentlm train` runs stage 1, the decoder tuning and stage 2 in one process; its stage 2 was seen
 to run 1.7 times slower than the same stage 2 started on its own. Each mode runs in a new
 interpreter, does its preliminary work, then trains 200 stage-2 steps of the config on the given
-autoencoder's latents and reports seconds per step and the process's RSS:
+autoencoder's latents and reports seconds per step and the process's RSS. Just before stage 2 it
+also times two allocator-bound operations (``torch.empty`` of 1 MiB, and ``x * 2`` writing a new
+4 MiB tensor) with the page faults they cause, which show what an earlier stage left behind:
 
 - ``fresh``: stage 2 only;
 - ``load_decode``: load the autoencoder and decode 8 texts with its language model first;
@@ -30,6 +32,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fresh", "load_decode", "after_training")
+
+
+def allocation_probe() -> dict:
+    """Microseconds per call (and minor page faults per call) of two ops whose cost is the heap's."""
+    import resource
+
+    import torch
+
+    x = torch.randn(64, 32, 512)  # 4 MiB, a stage-2 activation
+    result = {}
+    for name, op, calls in (("empty_1mib", lambda: torch.empty(256 * 1024), 2000), ("mul_4mib", lambda: x * 2.0, 200)):
+        for _ in range(50):
+            op()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tick = time.perf_counter()
+        for _ in range(calls):
+            op()
+        seconds = time.perf_counter() - tick
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        result[name] = {
+            "us_per_call": round(seconds / calls * 1e6, 1),
+            "page_faults_per_call": round(faults / calls, 1),
+        }
+    return result
 
 
 def run_mode(mode: str, config_path: str, autoencoder: str, data: str, steps: int, out_dir: Path) -> dict:
@@ -66,6 +92,7 @@ def run_mode(mode: str, config_path: str, autoencoder: str, data: str, steps: in
     elif mode == "after_training":
         tune_decoder(config, train_autoencoder(config))
     rss_before = psutil.Process().memory_info().rss / 2**20
+    probe = allocation_probe()
     train_diffusion(config, autoencoder)
     history = json.loads((out_dir / "diffusion_history.json").read_text())
     return {
@@ -73,6 +100,7 @@ def run_mode(mode: str, config_path: str, autoencoder: str, data: str, steps: in
         "steps": history["final_step"],
         "seconds_per_step": round(history["train_time_s"] / history["final_step"], 3),
         "rss_mib_before_stage2": round(rss_before),
+        "allocation_probe_before_stage2": probe,
         "loss_curve": [(c["step"], c["train_time_s"]) for c in history["loss_curve"]],
     }
 
@@ -105,8 +133,11 @@ def main(argv=None) -> int:
             row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
             row["wall_s"] = round(time.perf_counter() - tick, 1)
             rows.append(row)
+            probe = row["allocation_probe_before_stage2"]
             print(
-                f"{mode:<15} {row['seconds_per_step']:.3f} s/step  RSS {row['rss_mib_before_stage2']} MiB", flush=True
+                f"{mode:<15} {row['seconds_per_step']:.3f} s/step  RSS {row['rss_mib_before_stage2']} MiB  "
+                f"empty(1 MiB) {probe['empty_1mib']['us_per_call']} us  x*2 (4 MiB) {probe['mul_4mib']['us_per_call']} us",
+                flush=True,
             )
     result = {
         "benchmark": "stage2_after_stage1",

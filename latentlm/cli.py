@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
     _add_config_arguments(p)
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every stage in this process (by default each training stage gets a new one, so a stage "
+        "does not run slower on the memory an earlier stage fragmented)",
+    )
 
     _add_sample_parser(commands)
     _add_evaluate_parser(commands)
@@ -197,7 +203,7 @@ def _train(args) -> None:
     else:
         from .train import train
 
-        path = train(config, resume=args.resume, overwrite=args.overwrite)
+        path = train(config, resume=args.resume, overwrite=args.overwrite, isolate_stages=not args.in_process)
     print(f"Saved to {path}")
 
 

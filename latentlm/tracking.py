@@ -78,6 +78,11 @@ class Tracker:
         self._last_attempt = 0.0
         self._warned = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable, for a stage run in its own process: the MLflow client is left behind (a copy
+        serves as a nested run's ``parent``, which needs only its name and run id)."""
+        return {**self.__dict__, "_client": None}
+
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> Tracker:
         self.start()

@@ -227,14 +227,96 @@ def test_train_resume_skips_finished_stages(trained_run, caplog):
     assert (output_dir / "autoencoder" / "autoencoder").stat().st_mtime_ns == before
 
 
-def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog):
+def test_run_in_new_process_returns_the_result_or_raises_the_error():
+    import os
+
+    from latentlm.train import run_in_new_process
+
+    assert run_in_new_process(os.getpid) != os.getpid()
+    assert run_in_new_process(divmod, 7, 2) == (3, 1)
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_in_new_process(int, "seven")
+    with pytest.raises(RuntimeError, match="ended without a result .* `--resume`"):
+        run_in_new_process(os._exit, 3)
+
+
+def test_a_stage_process_ends_with_the_process_that_started_it(tmp_path):
+    # A killed `latentlm train` leaves no orphaned stage training on beside the run resumed after it.
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\nfrom latentlm.train import run_in_new_process\n"
+        "if __name__ == '__main__':\n    run_in_new_process(time.sleep, 300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while not workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = psutil.Process(parent.pid).children()
+            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert workers, "the new process did not start"
+        time.sleep(1.0)  # let it reach time.sleep
+        parent.kill()
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "the new process outlived the one that started it"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_train_command_isolates_stages_unless_asked_to_stay_in_process(trained_run, monkeypatch):
+    import latentlm.train
+
+    _, _, config_path = trained_run
+    calls = []
+    monkeypatch.setattr(latentlm.train, "train", lambda config, **kwargs: calls.append(kwargs) or Path("x"))
+    assert main(["train", "--config", str(config_path)]) == 0
+    assert main(["train", "--config", str(config_path), "--in-process"]) == 0
+    assert [kwargs["isolate_stages"] for kwargs in calls] == [True, False]
+
+
+def test_a_tracker_pickles_without_its_client_and_still_serves_as_parent(tmp_path):
+    import pickle
+
+    from latentlm.config import TrackingConfig
+    from latentlm.tracking import Tracker
+
+    parent = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), run_name="train")
+    with parent:
+        copy = pickle.loads(pickle.dumps(parent))
+        assert copy._client is None and (copy.run_id, copy.run_name) == (parent.run_id, "train")
+        with Tracker(parent.cfg, run_name="stage", parent=copy, fallback_dir=tmp_path) as child:
+            child.log_metrics({"loss": 1.0}, 0)
+    import mlflow
+
+    run = mlflow.MlflowClient(parent.cfg.tracking_uri).get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.metrics["loss"] == 1.0
+
+
+def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog, monkeypatch):
     # decoder_tuning added to a finished run: stages 1 and 2 are kept, stage 1's decoder side trains
     # on with the latents unchanged, and the pipeline is rebuilt with it.
     import shutil
 
     from safetensors.torch import load_file
 
+    import latentlm.train
     from latentlm import LatentTextDiffusionPipeline, TextAutoencoder
+
+    stages_in_new_processes = []
+
+    def spy(function, *args, name):  # `latentlm train` runs each stage in a new process
+        stages_in_new_processes.append((name, args[1].__name__))
+        return run_in_new_process(function, *args, name=name)
+
+    run_in_new_process = latentlm.train.run_in_new_process
+    monkeypatch.setattr(latentlm.train, "run_in_new_process", spy)
 
     run_dir, _, config_path = trained_run
     run = tmp_path / "run"
@@ -251,6 +333,7 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
     with caplog.at_level("WARNING"):
         assert main(["train", "--config", str(config_path), "--resume", *[x for s in sets for x in ("--set", s)]]) == 0
     assert "Stage 1 already finished" in caplog.text and "Stage 2 already finished" in caplog.text
+    assert stages_in_new_processes == [("Decoder tuning", "tune_decoder")]
     assert json.loads((run / "decoder_history.json").read_text())["final_step"] == 3
     stage1, tuned = (
         TextAutoencoder.from_pretrained(run / "autoencoder"),

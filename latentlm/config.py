@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+# accelerate's names, and "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on an
+# older GPU); see `latentlm.training.resolve_mixed_precision`
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
 @dataclass

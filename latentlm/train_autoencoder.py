@@ -235,7 +235,7 @@ class AutoencoderStage(TrainingStage):
             self.train_texts,
             show_progress=is_main,
             autocast=accelerator.autocast,
-            dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32,
+            dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32,
         )
         self.cache_seconds = time.perf_counter() - tick
         self.lengths = tuple(len(ids) for ids in self.cache.input_ids) if cfg.group_by_length else None

@@ -29,7 +29,7 @@ from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR
 from latentlm.tracking import Tracker
 from latentlm.train_diffusion import CACHE_DIR, check_autoencoder_path, resolve_class_labels
-from latentlm.training import TrainingStage, run_stage
+from latentlm.training import TrainingStage, resolve_mixed_precision, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ class ClassifierStage(TrainingStage):
         labels, names = None, None
         if data.label_column and data.label_column in ds.column_names:
             labels, names = resolve_class_labels(list(ds[data.label_column]), diffusion.denoiser.get("class_names"))
-        cache_kwargs = dict(labels=labels, class_names=names, mixed_precision=diffusion.mixed_precision)
+        # stage 2's precision as stage 2 resolved it on this machine, so its cache is found
+        precision = resolve_mixed_precision(diffusion.mixed_precision, accelerator.device)
+        cache_kwargs = dict(labels=labels, class_names=names, mixed_precision=precision)
         if accelerator.is_main_process:  # the main process writes the cache, the others find it by its key
             self.cache = build_latent_cache(text_autoencoder, texts, self.cache_root, **cache_kwargs)
         accelerator.wait_for_everyone()

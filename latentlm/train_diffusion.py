@@ -187,7 +187,7 @@ class DiffusionStage(TrainingStage):
             class_names=self.class_names,
             show_progress=accelerator.is_main_process,
             sources=self.sources,
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=accelerator.mixed_precision,
         )
         self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
         # positions of batches -> examples; None: every example once per epoch

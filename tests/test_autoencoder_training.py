@@ -150,6 +150,19 @@ def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
     assert model.autoencoder.config.context_positions == 16  # -1: one position per token of max_length
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_trains_in_bf16_only_where_it_is_native(
+    tmp_path, snippets_jsonl, tiny_t5_dir, monkeypatch, native
+):
+    from latentlm import training
+
+    monkeypatch.setattr(training, "has_native_bf16", lambda device: native)
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_t5_dir, mixed_precision="auto", optimizer=dict(max_steps=2))
+    train_autoencoder(config)
+    history = json.loads((tmp_path / "run" / "autoencoder_history.json").read_text())
+    assert history["mixed_precision"] == ("bf16" if native else "no")
+
+
 def test_init_from_with_frozen_compression_keeps_every_latent(tmp_path, snippets_jsonl, tiny_bart_dir):
     # Fine-tune the decoder side of a trained autoencoder (here on noisy latents) without moving its
     # latents, so a denoiser trained on them still fits the new decoder.

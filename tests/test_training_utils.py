@@ -1,6 +1,7 @@
 """Shared training utilities: config loading, step-addressed batches, atomic safetensors checkpoints."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -209,3 +210,59 @@ def test_two_stages_in_one_process_may_use_different_mixed_precision():
 
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch, native):
+    from latentlm import training
+
+    monkeypatch.setattr(training, "has_native_bf16", lambda device: native)
+    assert training.resolve_mixed_precision("auto", "cpu") == ("bf16" if native else "no")
+    assert training.make_accelerator("auto").mixed_precision == ("bf16" if native else "no")
+    assert training.resolve_mixed_precision("no", "cpu") == "no"
+
+
+def test_bf16_without_native_support_warns_and_names_the_fix(monkeypatch, caplog):
+    from latentlm import training
+
+    monkeypatch.setattr(training, "has_native_bf16", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="latentlm.training"):
+        assert training.resolve_mixed_precision("bf16", "cpu") == "bf16"  # kept: the user asked for it
+    assert "without native bfloat16" in caplog.text and "'auto'" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(training, "has_native_bf16", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger="latentlm.training"):
+        assert training.resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert not caplog.text
+    with pytest.raises(ValueError, match="fp16' needs a GPU"):
+        training.resolve_mixed_precision("fp16", "cpu")
+
+
+def test_has_native_bf16_reads_the_cpu_features(monkeypatch, tmp_path):
+    from latentlm import training
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    for flag in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda flag=flag: flag, raising=False)
+        monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+        assert training.has_native_bf16("cpu") is flag
+    # Arm: the BF16 extension as Linux lists it
+    monkeypatch.setattr(training.platform, "machine", lambda: "aarch64")
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(training, "CPUINFO", cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert training.has_native_bf16("cpu")
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve i8mm\n")
+    assert not training.has_native_bf16("cpu")
+    cpuinfo.unlink()
+    assert not training.has_native_bf16("cpu")
+    assert not training.has_native_bf16("meta")
+
+
+def test_config_accepts_auto_mixed_precision_and_names_the_choices(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("diffusion:\n  mixed_precision: auto\n")
+    assert load_config(path).diffusion.mixed_precision == "auto"
+    path.write_text("diffusion:\n  mixed_precision: bfloat16\n")
+    with pytest.raises(ValueError, match=r"diffusion.mixed_precision='bfloat16': use one of .*'auto'"):
+        load_config(path)

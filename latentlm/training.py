@@ -10,6 +10,7 @@ run step for step.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import platform
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from latentlm.batching import batch_indices, seed_step
 from latentlm.checkpoints import CheckpointManager, run_fingerprint
 from latentlm.files import atomic_directory, write_json_atomic
+from latentlm.optimization import decay_between
 
 if TYPE_CHECKING:
     from latentlm.config import RunConfig
@@ -235,6 +237,18 @@ class _RunState:
         )
         self.step, self.history, self.loss_curve, self.train_time = 0, [], [], 0.0
         self.out_of_time = False  # the time budget ended the run before max_steps
+        # (start, end) of a warmup-stable-decay run's decay, moved forward to end inside the time budget
+        self.budget_decay: tuple[int, int] | None = None
+
+    @property
+    def end_step(self) -> int:
+        """The step the run ends at: ``max_steps``, or the end of a decay fitted to the time budget."""
+        return self.budget_decay[1] if self.budget_decay else self.stage.cfg.optimizer.max_steps
+
+    def fit_decay(self, start: int, end: int) -> None:
+        """Decay the learning rate to zero from step ``start`` to ``end`` (`decay_between`), and end there."""
+        decay_between(self.stage.lr_scheduler, start, end)
+        self.budget_decay = (start, end)
 
     def restore(self, resume: bool, overwrite: bool) -> None:
         """Check the checkpoint folder (see `CheckpointManager.prepare`) and, on resume, load the latest."""
@@ -253,6 +267,9 @@ class _RunState:
         extra = state["extra_state"]
         self.step, self.history, self.loss_curve = state["step"], extra.pop("history", []), extra.pop("loss_curve", [])
         self.train_time = float(extra.pop("train_time_s", 0.0))
+        budget_decay = extra.pop("budget_decay", None)
+        if budget_decay is not None:
+            self.fit_decay(*budget_decay)
         stage.load_extra_state(extra)
         if self.is_main:
             logger.warning("Resumed from %s (step %d).", latest, self.step)
@@ -264,6 +281,7 @@ class _RunState:
                 "history": self.history,
                 "loss_curve": self.loss_curve,
                 "train_time_s": self.train_time,
+                "budget_decay": self.budget_decay,
                 **stage.extra_state(),
             }
             self.checkpoints.save(
@@ -296,23 +314,78 @@ def _optimizer_step(stage: TrainingStage, accelerator: Accelerator, step: int, t
     return global_loss.item()
 
 
+#: steps over which the pace (seconds per step) is measured when a decay is fitted to the time budget
+PACE_WINDOW = 20
+
+
+def budget_decay_end(
+    step: int, train_time_s: float, seconds_per_step: float, time_budget_s: float, max_steps: int, decay_steps: int
+) -> int | None:
+    """Where a warmup-stable-decay run should end if its decay started now, or None to keep its schedule.
+
+    The decay takes the same share of the time budget as of the steps (``decay_steps / max_steps``):
+    once ``train_time_s`` reaches the rest of the budget before step ``max_steps - decay_steps``, the
+    decay starts at ``step`` and ends where the budget will, at the current pace. A machine too slow
+    for ``max_steps`` in the budget so still ends with the rate at zero instead of being cut off at
+    the peak rate.
+    """
+    share = decay_steps / max_steps
+    if step >= max_steps - decay_steps or train_time_s < (1.0 - share) * time_budget_s:
+        return None
+    end = step + max(1, round((time_budget_s - train_time_s) / seconds_per_step))
+    return end if end < max_steps else None
+
+
+def _step_seconds(accelerator: Accelerator, seconds: float) -> float:
+    """The slowest process's time for the step, so that every process makes the same time-budget calls."""
+    if accelerator.num_processes == 1:
+        return seconds
+    return accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()
+
+
 def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) -> None:
-    """Steps from ``run.step`` to ``max_steps`` (or the time budget), logging, evaluating and saving."""
+    """Steps from ``run.step`` to ``max_steps`` (or the time budget), logging, evaluating and saving.
+
+    With a time budget, a ``warmup_stable_decay`` schedule's decay starts early enough to end inside
+    it (`budget_decay_end`)."""
     stage, accelerator = run.stage, run.accelerator
-    cfg, max_steps, start = stage.cfg, stage.cfg.optimizer.max_steps, run.step
+    cfg, opt, start = stage.cfg, stage.cfg.optimizer, run.step
     trainable = [p for group in stage.optimizer.param_groups for p in group["params"]]
-    progress = tqdm(
-        range(start, max_steps), initial=start, total=max_steps, desc=f"train-{stage.name}", disable=not run.is_main
-    )
+    fit_decay = time_budget_s is not None and opt.lr_schedule == "warmup_stable_decay"
+    progress = tqdm(initial=start, total=run.end_step, desc=f"train-{stage.name}", disable=not run.is_main)
     stage.train_model.train()
     running: list[float] = []
-    for step in progress:
+    pace: collections.deque[float] = collections.deque(maxlen=PACE_WINDOW)
+    step, out_of_time = start, False
+    while step < run.end_step:
         tick = time.perf_counter()
         running.append(_optimizer_step(stage, accelerator, step, trainable))
         extra_metrics = stage.after_step(step)
-        run.train_time += time.perf_counter() - tick
+        seconds = _step_seconds(accelerator, time.perf_counter() - tick)
+        run.train_time += seconds
+        pace.append(seconds)
         run.step = done = step + 1
-        if done % cfg.log_every == 0 or done == max_steps:
+        progress.update(1)
+        if fit_decay and run.budget_decay is None and len(pace) == PACE_WINDOW:
+            end = budget_decay_end(
+                done, run.train_time, sum(pace) / len(pace), time_budget_s, opt.max_steps, opt.decay_steps
+            )
+            if end is not None:
+                run.fit_decay(done, end)
+                progress.total = end
+                if run.is_main:
+                    logger.warning(
+                        "Time budget: the learning rate decays to zero from step %d to step %d (%.0f s left at "
+                        "%.2f s/step) instead of over the last %d of %d steps.",
+                        done,
+                        end,
+                        time_budget_s - run.train_time,
+                        sum(pace) / len(pace),
+                        opt.decay_steps,
+                        opt.max_steps,
+                    )
+        last = done == run.end_step
+        if done % cfg.log_every == 0 or last:
             mean_loss = sum(running) / len(running)
             running = []
             lrs = {f"lr/{g['name']}" if "name" in g else "lr": g["lr"] for g in stage.optimizer.param_groups}
@@ -328,15 +401,17 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
             run.loss_curve.append({"step": done, "loss": mean_loss, "train_time_s": round(run.train_time, 1)})
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         out_of_time = time_budget_s is not None and run.train_time >= time_budget_s
-        if stage.eval_every and done % stage.eval_every == 0 and done != max_steps and not out_of_time:
+        if stage.eval_every and done % stage.eval_every == 0 and not last and not out_of_time:
             run.evaluate(tracker)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == max_steps or out_of_time):
+        if cfg.save_every and (done % cfg.save_every == 0 or last or out_of_time):
             run.save_checkpoint()
         if out_of_time:
-            run.out_of_time = True
             if run.is_main:
                 logger.warning("Time budget of %.0f s reached after %d steps.", time_budget_s, done)
             break
+        step = done
+    # the time budget ended the run before max_steps: cut short, or by a decay fitted to it
+    run.out_of_time = run.step < opt.max_steps and (out_of_time or run.budget_decay is not None)
     progress.close()
 
 
@@ -355,6 +430,7 @@ def _save_final(run: _RunState, tracker: Tracker) -> Path:
                 "train_time_s": round(run.train_time, 1),
                 "time_budget_reached": run.out_of_time,
                 "mixed_precision": run.accelerator.mixed_precision,  # as resolved on this machine
+                "budget_decay": list(run.budget_decay) if run.budget_decay else None,
                 **stage.summary(),
                 "history": run.history,
                 "loss_curve": run.loss_curve,

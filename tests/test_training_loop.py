@@ -161,6 +161,68 @@ def test_time_budget_from_the_config_and_train_counts_the_stage_as_done(tmp_path
         load_config(None, ["diffusion.time_budget_minutes=0"])
 
 
+def test_budget_decay_end_gives_the_decay_its_share_of_the_time_budget():
+    from latentlm.training import budget_decay_end
+
+    # 100 s for 20 steps, the last 8 (40 %) decaying: the decay gets the last 40 s of the budget
+    assert budget_decay_end(5, 50.0, 10.0, 100.0, max_steps=20, decay_steps=8) is None  # 60 s of steps left
+    assert budget_decay_end(6, 60.0, 10.0, 100.0, max_steps=20, decay_steps=8) == 10  # 40 s left: 4 steps
+    assert budget_decay_end(6, 60.0, 2.0, 100.0, max_steps=20, decay_steps=8) is None  # 20 more steps fit
+    assert budget_decay_end(12, 90.0, 10.0, 100.0, max_steps=20, decay_steps=8) is None  # its decay has begun
+    assert budget_decay_end(6, 99.9, 10.0, 100.0, max_steps=20, decay_steps=8) == 7  # at least one step
+
+
+def _fake_clock(monkeypatch, seconds_per_call=10):
+    clock = iter(range(0, 1_000_000, seconds_per_call))  # every perf_counter() call advances 10 s: 10 s a step
+    monkeypatch.setattr(training_loop.time, "perf_counter", lambda: next(clock))
+
+
+def _budget_stage(root):
+    stage = _stage(root)
+    opt = stage.cfg.optimizer
+    opt.max_steps, opt.lr_schedule, opt.decay_steps = 100, "warmup_stable_decay", 40
+    return stage
+
+
+def test_a_warmup_stable_decay_run_decays_to_zero_inside_its_time_budget(tmp_path, monkeypatch):
+    # 100 steps of 10 s do not fit in 500 s: the decay (40 % of the steps) starts when 40 % of the
+    # budget is left, at step 30, and the rate reaches zero at step 50, where the budget ends.
+    _fake_clock(monkeypatch)
+    recorder = Recorder()
+    run_stage(_budget_stage(tmp_path), tracker=recorder, time_budget_s=500)
+    rates = {step: metrics["lr"] for step, metrics in recorder.metrics if "lr" in metrics}
+    assert rates[29] == rates[30] == pytest.approx(0.05)
+    assert rates[40] == pytest.approx(0.025) and rates[50] == 0.0 and max(rates) == 50
+    history = json.loads((tmp_path / "run" / "regression_history.json").read_text())
+    assert history["final_step"] == 50 and history["budget_decay"] == [30, 50]
+    assert history["time_budget_reached"] is True  # `latentlm train --resume` counts the stage as done
+
+    # without a budget (or with one it fits in) the schedule is the configured one
+    _fake_clock(monkeypatch)
+    recorder = Recorder()
+    run_stage(_budget_stage(tmp_path / "free"), tracker=recorder, time_budget_s=2_000)
+    rates = {step: metrics["lr"] for step, metrics in recorder.metrics if "lr" in metrics}
+    assert rates[60] == pytest.approx(0.05) and rates[80] == pytest.approx(0.025) and rates[100] == 0.0
+    assert json.loads((tmp_path / "free" / "run" / "regression_history.json").read_text())["budget_decay"] is None
+
+
+def test_a_decay_fitted_to_the_budget_resumes_exactly(tmp_path, monkeypatch):
+    _fake_clock(monkeypatch)
+    run_stage(_budget_stage(tmp_path / "a"), tracker=Recorder(), time_budget_s=500)
+    _fake_clock(monkeypatch)
+    with pytest.raises(KilledAt):  # last checkpoint: step 40, in the fitted decay
+        run_stage(_budget_stage(tmp_path / "b"), tracker=Recorder(kill_step=42), time_budget_s=500)
+    _fake_clock(monkeypatch, seconds_per_call=1)  # a faster machine on resume keeps the decided decay
+    recorder = Recorder()
+    run_stage(_budget_stage(tmp_path / "b"), tracker=recorder, time_budget_s=500, resume=True)
+    steps = [step for step, _ in recorder.metrics]
+    assert min(steps) == 41 and max(steps) == 50
+    a = load_file(str(tmp_path / "a" / "run" / "regression" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "regression" / "model.safetensors"))
+    torch.testing.assert_close(a["weight"], b["weight"], atol=0, rtol=0)
+    assert json.loads((tmp_path / "b" / "run" / "regression_history.json").read_text())["budget_decay"] == [30, 50]
+
+
 def test_autoencoder_config_mirrors_the_constructor():
     """Every keyword of `TextAutoencoder.from_backbone` is a config field of the same name (and default)."""
     params = {

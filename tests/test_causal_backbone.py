@@ -124,7 +124,9 @@ def test_causal_lm_is_its_own_encoder_and_lora_spares_the_encoder_layers(tiny_ll
 def test_causal_autoencoder_learns_to_reconstruct(tiny_llama_dir):
     model = make_causal_autoencoder(tiny_llama_dir, decoder="full")
     texts = SENTENCES[:4]
-    first, last = train_to_reconstruct(model, texts)
+    # 300 steps take the loss to about 0.06; after 150 (about 0.4) greedy decoding still missed one
+    # text on one of this project's CPUs and not on another
+    first, last = train_to_reconstruct(model, texts, steps=300)
     assert last < 0.1 * first
     model.eval()
     assert model.decode(model.encode(texts), num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0) == texts

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from latentlm.train_autoencoder import build_encoder_cache  # noqa: E402
+from latentlm.encoder_cache import build_encoder_cache  # noqa: E402
 from latentlm.training import batch_indices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,9 @@ def main() -> None:
         texts = [json.loads(line)["text"] for line in f][: args.num_texts]
     model = TextAutoencoder.from_backbone("minilm", decoder="full", plm_dropout=0.0, max_length=64)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    cache = build_encoder_cache(model, texts, dtype=torch.bfloat16, show_progress=False, autocast=bf16)
-    lengths = tuple(len(ids) for ids in cache.input_ids)
+    cache_dir = tempfile.TemporaryDirectory()  # removed at exit
+    cache = build_encoder_cache(model, texts, cache_dir.name, mixed_precision="bf16", show_progress=False)
+    lengths = cache.lengths
     params = [p for group in model.trainable_parameters().values() for p in group]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     model.train()

@@ -4,7 +4,8 @@ Stage 2 only needs z0 = autoencoder.encode(text) for every training text, and th
 frozen, so re-running the PLM encoder and the compression network every step (what the reference
 code does) is wasted work. The latents are written once to ``<cache_dir>/<key>/latents.npy`` and
 opened memory-mapped (``np.load(mmap_mode="r")``), so a dataset larger than RAM costs nothing to
-open and every later run with the same autoencoder and data reuses it.
+open and every later run with the same autoencoder and data reuses it. When stage 1 left these texts'
+encoder states on disk (`latentlm.encoder_cache`), only the compression network runs.
 
 The key hashes everything the latents depend on: the encoder and compression weights (not the
 reconstruction side, so a decoder tuned on with its compression frozen reuses the cache), the
@@ -38,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentlm.diffusion import latent_fingerprint
+from latentlm.encoder_cache import ENCODING_DTYPES, EncoderCache, find_encoder_cache, hash_module
 from latentlm.files import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -46,16 +48,6 @@ __all__ = ["LatentCache", "build_latent_cache", "latent_cache_key"]
 
 CACHE_VERSION = 2
 META_FILE = "meta.json"
-#: ``mixed_precision`` (accelerate's names) -> the autocast dtype the texts are encoded in.
-ENCODING_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _hash_module(digest, module: torch.nn.Module) -> None:
-    # Named tensors in a fixed order; raw bytes (any dtype) so the key is exact, not a summary.
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def latent_cache_key(
@@ -79,7 +71,7 @@ def latent_cache_key(
     config = {k: v for k, v in autoencoder.config.items() if not k.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for module in text_autoencoder.encoder_modules():
-        _hash_module(digest, module)
+        hash_module(digest, module)
     vocab = text_autoencoder.tokenizer.get_vocab()
     digest.update(json.dumps(sorted(vocab.items())).encode())
     digest.update(f"max_length={text_autoencoder.max_length}".encode())
@@ -185,6 +177,7 @@ def build_latent_cache(
     show_progress: bool = True,
     sources: Sequence[str] | None = None,
     mixed_precision: str = "no",
+    encoder_cache_dir: str | Path | None = None,
 ) -> LatentCache:
     """Encode `texts` once (or reuse an existing cache with the same key) and open it memory-mapped.
 
@@ -197,6 +190,9 @@ def build_latent_cache(
         sources: optional source texts, one per text (text-to-text): their encoder states are cached too.
         mixed_precision: ``"bf16"`` / ``"fp16"`` encode under that autocast (as a stage 1 trained in it
             ran; faster on CPU too), ``"no"`` in the weights' dtype. Part of the key.
+        encoder_cache_dir: where stage 1 wrote its encoder states (`latentlm.encoder_cache`); when it
+            holds these texts' states, in this precision, under this autoencoder's encoder, only the
+            compression network runs.
     """
     if mixed_precision not in ENCODING_DTYPES:
         raise ValueError(f"mixed_precision={mixed_precision!r}: use one of {list(ENCODING_DTYPES)}.")
@@ -222,7 +218,12 @@ def build_latent_cache(
     dtype = ENCODING_DTYPES[mixed_precision]
     try:
         with atomic_directory(final) as tmp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _encode_texts(text_autoencoder, texts, tmp, batch_size, show_progress)
+            encoder_cache = (
+                find_encoder_cache(text_autoencoder, texts, encoder_cache_dir, mixed_precision)
+                if encoder_cache_dir is not None
+                else None
+            )
+            _encode_texts(text_autoencoder, texts, tmp, batch_size, show_progress, encoder_cache)
             if labels is not None:
                 np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
             if sources is not None:
@@ -245,10 +246,22 @@ def build_latent_cache(
     return LatentCache.open(final)
 
 
-def _encode_texts(text_autoencoder, texts: list[str], folder: Path, batch_size: int, show_progress: bool) -> None:
+def _encode_texts(
+    text_autoencoder,
+    texts: list[str],
+    folder: Path,
+    batch_size: int,
+    show_progress: bool,
+    encoder_cache: EncoderCache | None = None,
+) -> None:
     """Write the texts' latents (float32) into ``folder``, encoded in order of token length: batches
-    of similar length waste little padding."""
-    lengths = [len(ids) for ids in text_autoencoder.token_ids(texts)]
+    of similar length waste little padding. With ``encoder_cache`` (these texts' encoder states) only
+    the compression runs."""
+    if encoder_cache is not None:
+        logger.info("Compressing the encoder states of %s", encoder_cache.path)
+        lengths = encoder_cache.lengths
+    else:
+        lengths = [len(ids) for ids in text_autoencoder.token_ids(texts)]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     shape = (len(texts), text_autoencoder.num_latents, text_autoencoder.latent_dim)
     out = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float32, shape=shape)
@@ -256,7 +269,12 @@ def _encode_texts(text_autoencoder, texts: list[str], folder: Path, batch_size: 
         range(0, len(order), batch_size), desc="encoding latents", disable=not show_progress, leave=False
     ):
         chunk = order[start : start + batch_size]
-        z = text_autoencoder.encode([texts[i] for i in chunk]).float().cpu().numpy()
+        if encoder_cache is None:
+            z = text_autoencoder.encode([texts[i] for i in chunk])
+        else:
+            hidden, mask, _ = encoder_cache.batch(chunk, text_autoencoder.device)
+            z = text_autoencoder.autoencoder.compress(hidden, mask)
+        z = z.float().cpu().numpy()
         if not np.isfinite(z).all():
             raise ValueError(
                 "The autoencoder produced non-finite latents; check that the autoencoder at this path "

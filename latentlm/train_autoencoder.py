@@ -8,22 +8,20 @@ the shared loop (`latentlm.training.run_stage`): reconstruction BLEU / exact mat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from latentlm.autoencoder.adapters import set_dropout
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.config import AutoencoderTrainingConfig, RunConfig, TrainingLoopConfig
 from latentlm.data import load_texts
+from latentlm.encoder_cache import ENCODER_CACHE_DIR, build_encoder_cache
 from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.reconstruction import evaluate_reconstruction
 from latentlm.tracking import Tracker
@@ -34,8 +32,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "train_autoencoder",
     "AutoencoderStage",
-    "EncoderCache",
-    "build_encoder_cache",
     "model_kwargs",
     "load_initial_autoencoder",
     "tune_decoder",
@@ -127,74 +123,6 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
     return model
 
 
-@dataclass
-class EncoderCache:
-    """Frozen-encoder states of a whole dataset, computed once.
-
-    Stored unpadded per example (``states[i]`` is [L_i, d_model]) so a batch is padded only to its
-    own longest text; ``input_ids[i]`` are the (truncated) token ids, the reconstruction targets.
-    """
-
-    states: list[torch.Tensor]
-    input_ids: list[torch.Tensor]
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def batch(self, indices: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> hidden_states [B, L, d], attention_mask [B, L], input_ids [B, L] (pad id 0 where masked)."""
-        length = max(self.states[i].shape[0] for i in indices)
-        d = self.states[indices[0]].shape[1]
-        hidden = torch.zeros(len(indices), length, d, dtype=self.states[indices[0]].dtype)
-        mask = torch.zeros(len(indices), length, dtype=torch.long)
-        ids = torch.zeros(len(indices), length, dtype=torch.long)
-        for row, i in enumerate(indices):
-            n = self.states[i].shape[0]
-            hidden[row, :n] = self.states[i]
-            mask[row, :n] = 1
-            ids[row, :n] = self.input_ids[i]
-        return hidden.to(device), mask.to(device), ids.to(device)
-
-
-@torch.no_grad()
-def build_encoder_cache(
-    model: TextAutoencoder,
-    texts: list[str],
-    batch_size: int = 64,
-    dtype: torch.dtype = torch.float32,
-    show_progress: bool = True,
-    autocast=None,
-) -> EncoderCache:
-    """Run the frozen encoder once over `texts` (batched by length, in a fixed order).
-
-    `autocast` is an optional context-manager factory (e.g. ``accelerator.autocast``) so that a
-    bf16 run also encodes in bf16.
-    """
-    encodings = model.token_ids(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encodings[i]))
-    states: list[torch.Tensor | None] = [None] * len(texts)
-    pad = model.tokenizer.pad_token_id
-    was_training = model.language_model.training
-    model.language_model.eval()
-    for start in tqdm(
-        range(0, len(order), batch_size), desc="caching encoder states", disable=not show_progress, leave=False
-    ):
-        chunk = order[start : start + batch_size]
-        length = max(len(encodings[i]) for i in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, : len(encodings[i])] = torch.tensor(encodings[i])
-            mask[row, : len(encodings[i])] = 1
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            hidden = model.encoder_states(ids.to(model.device), mask.to(model.device))
-        hidden = hidden.to("cpu", dtype)
-        for row, i in enumerate(chunk):
-            states[i] = hidden[row, : len(encodings[i])].clone()
-    model.language_model.train(was_training)
-    return EncoderCache(states=states, input_ids=[torch.tensor(e) for e in encodings])
-
-
 class AutoencoderStage(TrainingStage):
     """Stage 1: the reconstruction loss of a `TextAutoencoder` over cached frozen-encoder states."""
 
@@ -229,16 +157,22 @@ class AutoencoderStage(TrainingStage):
                 100 * self.num_truncated / len(self.train_texts),
                 cfg.max_length,
             )
+        # the encoder states, computed once (main process) and memory-mapped by every process; the
+        # decoder tuning and stage 2's latent cache find them under the same output_dir
+        if not is_main:
+            accelerator.wait_for_everyone()
         tick = time.perf_counter()
         self.cache = build_encoder_cache(
             model,
             self.train_texts,
+            Path(self.config.output_dir) / ENCODER_CACHE_DIR,
+            mixed_precision=accelerator.mixed_precision,
             show_progress=is_main,
-            autocast=accelerator.autocast,
-            dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32,
         )
-        self.cache_seconds = time.perf_counter() - tick
-        self.lengths = tuple(len(ids) for ids in self.cache.input_ids) if cfg.group_by_length else None
+        self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
+        if is_main:
+            accelerator.wait_for_everyone()
+        self.lengths = self.cache.lengths if cfg.group_by_length else None
 
         params = model.trainable_parameters()
         groups = [{"params": params["autoencoder"], "lr": opt.learning_rate, "name": "autoencoder"}]

@@ -23,6 +23,7 @@ from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.config import RunConfig
 from latentlm.data import load_text_dataset
 from latentlm.diffusion import LatentClassifier, latent_fingerprint, make_noise_scheduler
+from latentlm.encoder_cache import ENCODER_CACHE_DIR
 from latentlm.files import atomic_directory
 from latentlm.latent_cache import build_latent_cache
 from latentlm.optimization import make_lr_scheduler, make_optimizer
@@ -88,7 +89,12 @@ class ClassifierStage(TrainingStage):
             labels, names = resolve_class_labels(list(ds[data.label_column]), diffusion.denoiser.get("class_names"))
         # stage 2's precision as stage 2 resolved it on this machine, so its cache is found
         precision = resolve_mixed_precision(diffusion.mixed_precision, accelerator.device)
-        cache_kwargs = dict(labels=labels, class_names=names, mixed_precision=precision)
+        cache_kwargs = dict(
+            labels=labels,
+            class_names=names,
+            mixed_precision=precision,
+            encoder_cache_dir=Path(self.config.output_dir) / ENCODER_CACHE_DIR,
+        )
         if accelerator.is_main_process:  # the main process writes the cache, the others find it by its key
             self.cache = build_latent_cache(text_autoencoder, texts, self.cache_root, **cache_kwargs)
         accelerator.wait_for_everyone()

@@ -35,6 +35,7 @@ from latentlm.diffusion import (
     diffusion_loss,
     make_noise_scheduler,
 )
+from latentlm.encoder_cache import ENCODER_CACHE_DIR
 from latentlm.latent_cache import build_latent_cache
 from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.tracking import Tracker
@@ -188,6 +189,7 @@ class DiffusionStage(TrainingStage):
             show_progress=accelerator.is_main_process,
             sources=self.sources,
             mixed_precision=accelerator.mixed_precision,
+            encoder_cache_dir=Path(self.config.output_dir) / ENCODER_CACHE_DIR,
         )
         self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
         # positions of batches -> examples; None: every example once per epoch

@@ -79,6 +79,8 @@ def test_train_writes_pipeline_and_samples(trained_run, capsys):
     assert all(isinstance(row["text"], str) for row in samples)
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["pipeline"] == str(pipeline) and summary["mlflow_run_id"]
+    # stage 1 encoded the corpus once, into the folder stage 2's latent cache compressed from
+    assert len(list((output_dir / "encoder_cache").iterdir())) == 1
 
 
 def test_sample_command(trained_run, tmp_path, capsys):
@@ -335,6 +337,7 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
     assert "Stage 1 already finished" in caplog.text and "Stage 2 already finished" in caplog.text
     assert stages_in_new_processes == [("Decoder tuning", "tune_decoder")]
     assert json.loads((run / "decoder_history.json").read_text())["final_step"] == 3
+    assert len(list((run / "encoder_cache").iterdir())) == 1  # the tuning read stage 1's encoder states
     stage1, tuned = (
         TextAutoencoder.from_pretrained(run / "autoencoder"),
         TextAutoencoder.from_pretrained(run / "decoder"),

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentlm.files import atomic_directory
+from latentlm.optimization import apply_scheduled_lr
 
 __all__ = [
     "CheckpointManager",
@@ -223,8 +224,7 @@ class CheckpointManager:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         # The restored optimizer holds the rate the saved schedule set; a resumed run may run another
         # schedule or length, so its first step already takes the rate its own schedule gives.
-        for group, base_lr, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
+        apply_scheduled_lr(lr_scheduler)
         if ema is not None:
             if "ema" not in state:
                 raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no EMA weights but the run uses EMA.")

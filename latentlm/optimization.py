@@ -12,7 +12,7 @@ from transformers import get_scheduler
 if TYPE_CHECKING:
     from latentlm.config import OptimizerConfig
 
-__all__ = ["LR_SCHEDULES", "decay_between", "make_lr_scheduler", "make_optimizer"]
+__all__ = ["LR_SCHEDULES", "apply_scheduled_lr", "decay_between", "make_lr_scheduler", "make_optimizer"]
 
 #: ``optimizer.lr_schedule`` values -> transformers scheduler names.
 LR_SCHEDULES = {
@@ -79,6 +79,14 @@ def decay_between(lr_scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, e
             raise ValueError("decay_between needs a warmup_stable_decay schedule (from make_lr_scheduler).")
         factors.append(functools.partial(factor, decay_start=start, decay_end=end))
     lr_scheduler.lr_lambdas = factors
+    apply_scheduled_lr(lr_scheduler)
+
+
+def apply_scheduled_lr(lr_scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Give the optimizer the rate its schedule sets at the current step (after the schedule or its
+    state changed), so that the next step already takes it."""
     step = lr_scheduler.last_epoch
-    for group, base_lr, factor in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, factors):
+    for group, base_lr, factor in zip(
+        lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas
+    ):
         group["lr"] = base_lr * factor(step)

@@ -59,6 +59,13 @@ def hash_module(digest, module: torch.nn.Module) -> None:
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def hash_texts(digest, texts: Sequence[str], name: str = "texts") -> None:
+    """Feed a list of texts (its length, then each text NUL-terminated) into a hashlib digest."""
+    digest.update(f"num_{name}={len(texts)}".encode())
+    for text in texts:
+        digest.update(text.encode() + b"\x00")
+
+
 def encoder_cache_key(text_autoencoder, texts: Sequence[str], mixed_precision: str = "no") -> str:
     """sha256 (hex, 24 chars) of what determines the encoder states: encoder weights, LM layers read,
     tokenizer, max_length, precision, texts."""
@@ -71,9 +78,7 @@ def encoder_cache_key(text_autoencoder, texts: Sequence[str], mixed_precision: s
         hash_module(digest, module)
     digest.update(json.dumps(sorted(text_autoencoder.tokenizer.get_vocab().items())).encode())
     digest.update(f"max_length={text_autoencoder.max_length}".encode())
-    digest.update(f"num_texts={len(texts)}".encode())
-    for text in texts:
-        digest.update(text.encode() + b"\x00")
+    hash_texts(digest, texts)
     return digest.hexdigest()[:24]
 
 

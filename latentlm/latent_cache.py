@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentlm.diffusion import latent_fingerprint
-from latentlm.encoder_cache import ENCODING_DTYPES, EncoderCache, find_encoder_cache, hash_module
+from latentlm.encoder_cache import ENCODING_DTYPES, EncoderCache, find_encoder_cache, hash_module, hash_texts
 from latentlm.files import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -75,15 +75,11 @@ def latent_cache_key(
     vocab = text_autoencoder.tokenizer.get_vocab()
     digest.update(json.dumps(sorted(vocab.items())).encode())
     digest.update(f"max_length={text_autoencoder.max_length}".encode())
-    digest.update(f"num_texts={len(texts)}".encode())
-    for text in texts:
-        digest.update(text.encode() + b"\x00")
+    hash_texts(digest, texts)
     if labels is not None:
         digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     if sources is not None:
-        digest.update(f"num_sources={len(sources)}".encode())
-        for source in sources:
-            digest.update(source.encode() + b"\x00")
+        hash_texts(digest, sources, "sources")
     return digest.hexdigest()[:24]
 
 

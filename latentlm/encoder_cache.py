@@ -160,10 +160,10 @@ def build_encoder_cache(
     texts = list(texts)
     if not texts:
         raise ValueError("No texts to encode: the encoder cache needs at least one training text.")
-    cached = find_encoder_cache(text_autoencoder, texts, cache_dir, mixed_precision)
-    if cached is not None:
-        logger.info("Reusing encoder cache %s", cached.path)
-        return cached
+    final = Path(cache_dir) / encoder_cache_key(text_autoencoder, texts, mixed_precision)
+    if (final / META_FILE).is_file():
+        logger.info("Reusing encoder cache %s", final)
+        return EncoderCache.open(final)
 
     model = text_autoencoder
     encodings = model.token_ids(texts)
@@ -173,7 +173,6 @@ def build_encoder_cache(
     pad = model.tokenizer.pad_token_id
     width = model.autoencoder.config.d_model
     dtype = ENCODING_DTYPES[mixed_precision]
-    final = Path(cache_dir) / encoder_cache_key(model, texts, mixed_precision)
     was_training = model.language_model.training
     model.language_model.eval()
     try:

@@ -13,6 +13,7 @@ __all__ = [
     "CLASSIFIERS_DIR",
     "mark_custom_pipeline",
     "check_pipeline_folder",
+    "COMPONENT_LIBRARIES",
     "load_classifiers",
     "save_classifiers",
 ]
@@ -46,9 +47,19 @@ def mark_custom_pipeline(folder: Path, index_name: str, class_name: str) -> None
     (folder / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_STUB)
 
 
-def check_pipeline_folder(folder: Path, index_name: str) -> bool:
-    """Check that ``folder`` is a complete saved pipeline; returns whether diffusers will import its
-    entry-point stub (allowed only when the file is byte-for-byte the one latentlm writes)."""
+#: the libraries a component of a saved pipeline may name in ``model_index.json``: importing any other
+#: module (a file planted in the folder or on ``sys.path``) would run code the folder chose
+COMPONENT_LIBRARIES = ("transformers", "diffusers", "latentlm")
+_CODE_KEYS = ("auto_map", "custom_pipeline")
+
+
+def check_pipeline_folder(folder: Path, index_name: str, class_name: str) -> None:
+    """Check that ``folder`` is a complete saved pipeline of ``class_name`` whose loading runs no code
+    of the folder's own choosing: ``_class_name`` names the installed class (and, where it is a
+    ["module", "Class"] pair, the entry-point stub, byte for byte the one latentlm writes), every
+    component comes from transformers, diffusers or latentlm, and no component config names code
+    (``auto_map``). `LatentTextDiffusionPipeline.from_pretrained` then loads it without ever asking
+    diffusers or transformers to import code from the folder."""
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{str(folder)!r} is not a pipeline folder. latentlm loads local folders written by "
@@ -64,15 +75,41 @@ def check_pipeline_folder(folder: Path, index_name: str) -> bool:
             f"pipeline folder {str(folder)!r} is missing the component(s) {missing} "
             f"(expected sub-folders {list(COMPONENTS)} listed in {index_name}); save it again with save_pretrained."
         )
-    if not isinstance(index.get("_class_name"), list):
-        return False
-    stub = folder / f"{CUSTOM_PIPELINE_MODULE}.py"
-    if not stub.is_file() or stub.read_text() != CUSTOM_PIPELINE_STUB:
+    refuse = f"{str(index_path)!r}: refusing to run code from the folder"
+    named = index.get("_class_name")
+    if named not in (class_name, [CUSTOM_PIPELINE_MODULE, class_name]):
         raise ValueError(
-            f"{str(stub)!r} differs from the file latentlm writes; refusing to run code from the folder. "
-            "Load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust it."
+            f"{refuse}: _class_name is {named!r}, not {class_name!r} (or [{CUSTOM_PIPELINE_MODULE!r}, {class_name!r}])."
         )
-    return True
+    if isinstance(named, list):
+        stub = folder / f"{CUSTOM_PIPELINE_MODULE}.py"
+        if not stub.is_file() or stub.read_text() != CUSTOM_PIPELINE_STUB:
+            raise ValueError(
+                f"{str(stub)!r} differs from the file latentlm writes; refusing to run code from the folder. "
+                "Load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust it."
+            )
+    for key in _CODE_KEYS:
+        if key in index:
+            raise ValueError(f"{refuse}: it sets {key!r}.")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        library = str(entry[0])
+        if library.split(".")[0] not in COMPONENT_LIBRARIES:
+            raise ValueError(
+                f"{refuse}: component {name!r} names the library {library!r}; a latentlm pipeline's components "
+                f"come from {list(COMPONENT_LIBRARIES)}."
+            )
+    for path in sorted(folder.glob("*/*.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a malformed config is the loader's error to report
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ValueError(
+                f"{str(path)!r} sets 'auto_map' (code of its own for transformers to import); refusing to run "
+                "code from the folder. Remove the entry if the component is a standard transformers class."
+            )
 
 
 def save_classifiers(classifiers: dict, folder: Path) -> None:

@@ -433,12 +433,29 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         save_classifiers(self.classifiers, save_directory)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, with ``_class_name`` set to this class: diffusers then builds this
+        installed class instead of importing the module a ["module", "Class"] entry names."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, dict) and "_class_name" in config:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Load a folder written by `save_pretrained` (offline; extra kwargs go to diffusers,
-        e.g. ``torch_dtype``)."""
+        e.g. ``torch_dtype``). No code from the folder runs: the class is this installed one, and
+        `check_pipeline_folder` refuses folders whose index or component configs name other code."""
+        for key in ("trust_remote_code", "custom_pipeline"):
+            if kwargs.get(key):
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained loads no code from a folder; drop {key}= (the generic "
+                    "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) is the way to run a folder's code)."
+                )
+            kwargs.pop(key, None)
         folder = Path(pretrained_model_name_or_path)
-        if check_pipeline_folder(folder, cls.config_name):
-            kwargs.setdefault("trust_remote_code", True)
+        check_pipeline_folder(folder, cls.config_name, cls.__name__)
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(str(folder), **kwargs)

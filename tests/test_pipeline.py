@@ -516,6 +516,93 @@ def test_tampered_pipeline_file_is_not_run(pipe, tmp_path):
         LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe")
 
 
+EVIL_MODULE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from latentlm.pipelines import LatentTextDiffusionPipeline
+from latentlm.diffusion import LatentDenoiser
+"""
+
+
+def _plant_evil_module(folder, marker) -> None:
+    (folder / "evil_module.py").write_text(EVIL_MODULE.format(marker=str(marker)))
+
+
+def _edit_json(path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _loaders(folder):
+    """Every way latentlm loads a pipeline folder: the class, `latentlm sample`'s loader and the MLflow model."""
+    from latentlm.mlflow_model import _load_pyfunc
+    from latentlm.sampling import load_pipeline
+
+    return {
+        "from_pretrained": lambda: LatentTextDiffusionPipeline.from_pretrained(folder),
+        "latentlm sample": lambda: load_pipeline(folder),
+        "mlflow pyfunc": lambda: _load_pyfunc(str(folder)),
+    }
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["class_name_module", "component_library", "tokenizer_auto_map", "language_model_auto_map", "custom_pipeline_key"],
+)
+def test_a_pipeline_folder_runs_no_code_of_its_own(pipe, tmp_path, monkeypatch, attack):
+    """A folder from the internet is as safe to load as a diffusers pipeline without trust_remote_code:
+    no variant of planting code in it gets that code run (issue: a folder could run arbitrary code)."""
+    folder, marker = tmp_path / "pipe", tmp_path / "marker"
+    pipe.save_pretrained(folder)
+    _plant_evil_module(folder, marker)
+    monkeypatch.syspath_prepend(str(folder))  # even where the folder is importable (a REPL started in it)
+    monkeypatch.chdir(folder)
+    index = folder / "model_index.json"
+    if attack == "class_name_module":
+        _edit_json(index, _class_name=["evil_module", "LatentTextDiffusionPipeline"])
+        match = "_class_name"
+    elif attack == "component_library":
+        _edit_json(index, denoiser=["evil_module", "LatentDenoiser"])
+        match = "evil_module"
+    elif attack == "custom_pipeline_key":
+        _edit_json(index, custom_pipeline="evil_module")
+        match = "custom_pipeline"
+    else:
+        sub = "tokenizer/tokenizer_config.json" if attack == "tokenizer_auto_map" else "language_model/config.json"
+        _edit_json(
+            folder / sub, auto_map={"AutoTokenizer": ["evil_module.Evil", None], "AutoModel": "evil_module.Evil"}
+        )
+        match = "auto_map"
+    for name, load in _loaders(folder).items():
+        with pytest.raises(ValueError, match=match):
+            load()
+        assert not marker.exists(), f"{name} ran the folder's code"
+    assert "evil_module" not in sys.modules
+
+
+def test_from_pretrained_refuses_trust_remote_code(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    for key in ("trust_remote_code", "custom_pipeline"):
+        with pytest.raises(ValueError, match=f"drop {key}"):
+            LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe", **{key: True})
+
+
+def test_a_saved_folder_loads_without_importing_its_stub(pipe, tmp_path, monkeypatch):
+    # The entry-point stub is for diffusers' generic loader only: latentlm's own loader never imports it.
+    import importlib
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    loaded = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded) is LatentTextDiffusionPipeline
+    assert not any(
+        "pipeline_latent_text_diffusion" == name.split(".")[-1] and "latentlm" not in name for name in imported
+    )
+
+
 def test_pickle_serialization_is_refused(pipe, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False)

@@ -12,8 +12,14 @@ Reports, to benchmarks/results/real_text.json:
   against training minutes, and the time of each stage (from the run's history files);
 - stage 2: per domain, 250 samples, MAUVE / perplexity / diversity / memorization / class accuracy
   without and with classifier-free guidance, beside the references' own row and the autoencoder's
-  reconstructions of the references (an upper reference row). Offline judges: MiniLM features,
-  SmolLM2-135M perplexity.
+  reconstructions of the references (an upper reference row). Offline judges: SmolLM2-135M
+  last-token features for MAUVE (the default of `latentlm evaluate`) and perplexity, MiniLM sentence
+  features for the topic MAUVE column and the class-accuracy probe; perplexity ratio = samples' over
+  the human row's.
+
+``--summary-out`` also writes the mean over classes of the references and of one guidance row
+(``--summary-guidance``) as ``{"mean_over_classes": {"references": ..., "model": ...}, "command", "cpu"}``
+(benchmarks/results/fluent_text.json).
 """
 
 from __future__ import annotations
@@ -28,23 +34,39 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import sampling_common as common  # noqa: E402
+
+METRICS = ("mauve", "mauve_topic", "perplexity", "perplexity_ratio", "diversity", "memorization", "class_accuracy")
+# the names of the issue's summary file (benchmarks/results/fluent_text.json) for the same metrics
+SUMMARY_KEYS = {
+    "mauve": "mauve_lm",
+    "mauve_topic": "mauve_minilm",
+    "perplexity": "perplexity",
+    "perplexity_ratio": "perplexity_ratio",
+    "class_accuracy": "class_accuracy",
+    "diversity": "diversity",
+    "memorization": "memorization",
+}
 
 
 def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
-    """The LD4LG metrics of `texts` against `refs` (same class), as `latentlm evaluate` computes them."""
+    """The metrics of `texts` against `refs` (same class), as `latentlm evaluate` computes them: MAUVE
+    on the LM judge's features (word order) and on the topic judge's (MiniLM), the class probe on the
+    topic features."""
     from latentlm import metrics
 
-    features, perplexity, classifier = judges
-    q = features(texts)
-    p = features(refs)
+    features, topic, perplexity, classifier = judges
+    q_topic = topic(texts)
     scores = [v for v in perplexity.per_text(texts) if v == v]
     return {
-        "mauve": metrics.mauve_score(p, q, seed=seed),
+        "mauve": metrics.mauve_score(features(refs), features(texts), seed=seed),
+        "mauve_topic": metrics.mauve_score(topic(refs), q_topic, seed=seed),
         "perplexity": sum(scores) / len(scores) if scores else None,
         "diversity": metrics.diversity(texts),
         "memorization": metrics.memorization(texts, train_texts),
-        "class_accuracy": metrics.class_accuracy(classifier, q, class_name),
+        "class_accuracy": metrics.class_accuracy(classifier, q_topic, class_name),
     }
 
 
@@ -103,8 +125,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--skip-reconstruction-row", action="store_true", help="leave out the autoencoder's reconstructions row"
     )
+    parser.add_argument(
+        "--decode",
+        default=None,
+        help='decoding settings of the samples as JSON, e.g. \'{"do_sample": true, "top_p": 0.9}\' (default: the pipeline\'s)',
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_text.json"))
+    parser.add_argument("--summary-out", default=None, help="also write the fluent_text.json summary here")
+    parser.add_argument(
+        "--summary-guidance", type=float, default=None, help="the summary's model row (default: the last --guidance)"
+    )
     args = parser.parse_args(argv)
+    decode_kwargs = json.loads(args.decode) if args.decode else None
     per_class_guidance = {}
     for item in args.per_class_guidance or []:
         name, _, scale = item.partition("=")
@@ -134,6 +166,7 @@ def main(argv=None) -> int:
     from latentlm.judges import load_feature_model, load_perplexity_model
     from latentlm.reconstruction import reconstruct
     from latentlm.sampling import sample
+    from latentlm.training import has_native_bf16
 
     run, data = Path(args.run), Path(args.data)
     result: dict = {
@@ -219,12 +252,13 @@ def main(argv=None) -> int:
     if args.denoiser_checkpoint:
         load_ema_weights(pipe.denoiser, Path(args.denoiser_checkpoint))
         result["denoiser_checkpoint"] = args.denoiser_checkpoint
-    features = load_feature_model("minilm")
+    features = load_feature_model("smollm2")
+    topic = load_feature_model("minilm")
     perplexity = load_perplexity_model("smollm2")
     rng = random.Random(args.seed)
     pool = rng.sample(list(zip(train_texts, train_labels)), min(5000, len(train_texts)))
-    classifier = metrics.train_text_classifier(features([t for t, _ in pool]), [label for _, label in pool])
-    judges = (features, perplexity, classifier)
+    classifier = metrics.train_text_classifier(topic([t for t, _ in pool]), [label for _, label in pool])
+    judges = (features, topic, perplexity, classifier)
     rows: dict[str, list[dict]] = {"references": []}
     if not args.skip_reconstruction_row:
         rows["reconstructions"] = []
@@ -251,6 +285,7 @@ def main(argv=None) -> int:
         if not args.skip_reconstruction_row:
             recon_texts = reconstruct(pipe, refs, batch_size=64)
             entry["reconstructions"] = score_texts(recon_texts, refs, train_texts, judges, name, args.seed)
+            entry["reconstructions"]["examples"] = recon_texts[:4]
         for g in args.guidance:
             tick = time.perf_counter()
             samples = [
@@ -265,18 +300,22 @@ def main(argv=None) -> int:
                     scheduler=args.scheduler,
                     seed=args.seed + 1000 * k,
                     batch_size=64,
+                    decode_kwargs=decode_kwargs,
                     pipe=pipe,
                 )
             ]
             timings.setdefault(f"{g:g}", []).append((time.perf_counter() - tick) / n)
             key = f"model, guidance {g:g}{interval}"
             entry[key] = score_texts(samples, refs, train_texts, judges, name, args.seed)
-            entry[key]["examples"] = samples[:4]
+            entry[key]["examples"] = samples[:8]
             rows[key].append(entry[key])
         if per_class_guidance:  # the same samples as that scale's row: the seed depends on the class only
             rows[f"model, per-class guidance{interval}"].append(
                 entry[f"model, guidance {per_class_guidance[name]:g}{interval}"]
             )
+        for key, row in entry.items():
+            if isinstance(row, dict) and key != "references" and row.get("perplexity"):
+                row["perplexity_ratio"] = row["perplexity"] / entry["references"]["perplexity"]
         rows["references"].append(entry["references"])
         if not args.skip_reconstruction_row:
             rows["reconstructions"].append(entry["reconstructions"])
@@ -295,10 +334,30 @@ def main(argv=None) -> int:
         "scheduler": args.scheduler,
         "guidance_interval": list(args.guidance_interval),
         "per_class_guidance": per_class_guidance or None,
-        "judges": {"features": features.name, "perplexity": perplexity.name},
+        "judges": {"features": features.name, "topic": topic.name, "perplexity": perplexity.name},
+        "decode_kwargs": decode_kwargs,
     }
+    result["machine"]["native_bf16"] = has_native_bf16()
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(result["mean_over_classes"], indent=1))
+    if args.summary_out:
+        g = args.summary_guidance if args.summary_guidance is not None else args.guidance[-1]
+        model_row = result["mean_over_classes"][f"model, guidance {g:g}{interval}"]
+        summary = {
+            "mean_over_classes": {
+                "references": {SUMMARY_KEYS[m]: v for m, v in result["mean_over_classes"]["references"].items()},
+                "model": {SUMMARY_KEYS[m]: v for m, v in model_row.items()}
+                | {"texts_per_second": 1 / result["seconds_per_sample"][f"{g:g}"]},
+            },
+            "guidance": g,
+            "decode_kwargs": decode_kwargs,
+            "run": str(run),
+            "details": args.out,
+            "command": result["command"],
+            "cpu": ("AVX512-BF16" if has_native_bf16() else "AVX2-only")
+            + f" ({common.environment(torch.device('cpu'))['cpu']})",
+        }
+        Path(args.summary_out).write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 

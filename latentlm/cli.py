@@ -103,8 +103,18 @@ def _add_evaluate_parser(commands) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")
-    p.add_argument("--feature-model", default="auto", help="MAUVE features: auto | minilm | gpt2-large | folder | none")
+    p.add_argument(
+        "--feature-model",
+        default="auto",
+        help="MAUVE features, a causal LM's last-token states by default: auto (gpt2-large, offline smollm2) | "
+        "smollm2 | gpt2-large | minilm | folder | none",
+    )
     p.add_argument("--perplexity-model", default="auto", help="auto | smollm2 | gpt2-large | folder | none")
+    p.add_argument(
+        "--topic-model",
+        default="minilm",
+        help="sentence features of the topic MAUVE column and the class-accuracy probe: minilm | folder | none",
+    )
     p.add_argument("--source-column", default="source", help="text-to-text pipelines: column of the sources")
     p.add_argument(
         "--target-column", default=None, help="text-to-text pipelines: column of the targets (--text-column)"
@@ -283,6 +293,7 @@ def _evaluate(args) -> None:
         label_column=args.label_column,
         feature_model=args.feature_model,
         perplexity_model=args.perplexity_model,
+        topic_model=args.topic_model,
     )
     print(result["markdown"])
 

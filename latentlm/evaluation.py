@@ -32,7 +32,7 @@ import torch
 from . import metrics
 from .data import find_label_column, read_texts
 from .evaluation_report import METRIC_NAMES, build_result, format_markdown, log_to_mlflow, write_results
-from .judges import FeatureModel, PerplexityModel, load_feature_model, load_perplexity_model
+from .judges import TOPIC_JUDGE_MODEL, FeatureModel, PerplexityModel, load_feature_model, load_perplexity_model
 from .reconstruction import evaluate_autoencoder
 from .sampling import load_pipeline, make_scheduler, sample_texts
 
@@ -112,36 +112,46 @@ def _read_evaluation_texts(
 class _Judges:
     features: FeatureModel | None
     perplexity: PerplexityModel | None
+    topic: FeatureModel | None = None
     classifier: Any = None
     class_name: str | None = None
 
     @property
-    def names(self) -> tuple[str | None, str | None]:
-        """The names of the feature and perplexity models (``None`` where skipped)."""
-        return (getattr(self.features, "name", None), getattr(self.perplexity, "name", None))
+    def names(self) -> tuple[str | None, str | None, str | None]:
+        """The names of the feature, perplexity and topic models (``None`` where skipped)."""
+        return tuple(getattr(judge, "name", None) for judge in (self.features, self.perplexity, self.topic))
+
+    @property
+    def classifier_features(self) -> FeatureModel | None:
+        """What the class-accuracy probe reads: the topic judge, or without one the MAUVE judge."""
+        return self.topic if self.topic is not None else self.features
+
+
+def _load_judge(judge, loader, device):
+    """A judge name -> its model (``None`` / ``"none"``: skipped); a loaded model is kept."""
+    if judge is None or (isinstance(judge, str) and judge.lower() == "none"):
+        return None
+    return loader(judge, device=device) if isinstance(judge, str) else judge
 
 
 def _load_judges(
-    feature_model, perplexity_model, texts: _Texts, class_name, max_classifier_examples, device
+    feature_model, perplexity_model, topic_model, texts: _Texts, class_name, max_classifier_examples, device
 ) -> _Judges:
-    """Judge names -> models (``None`` / ``"none"``: skip), and the class-accuracy classifier."""
-    if isinstance(feature_model, str) and feature_model.lower() == "none":
-        feature_model = None
-    if isinstance(perplexity_model, str) and perplexity_model.lower() == "none":
-        perplexity_model = None
-    if isinstance(feature_model, str):
-        feature_model = load_feature_model(feature_model, device=device)
-    if isinstance(perplexity_model, str):
-        perplexity_model = load_perplexity_model(perplexity_model, device=device)
-    judges = _Judges(feature_model, perplexity_model, class_name=class_name)
+    """Judge names -> models, and the class-accuracy classifier."""
+    judges = _Judges(
+        _load_judge(feature_model, load_feature_model, device),
+        _load_judge(perplexity_model, load_perplexity_model, device),
+        _load_judge(topic_model, load_feature_model, device),
+        class_name=class_name,
+    )
     if class_name is not None:
-        if feature_model is None:
-            raise ValueError("class accuracy needs a feature model; pass feature_model.")
+        if judges.classifier_features is None:
+            raise ValueError("class accuracy needs a feature model; pass topic_model or feature_model.")
         indices = list(range(len(texts.train)))
         random.Random(0).shuffle(indices)
         indices = indices[:max_classifier_examples]
         judges.classifier = metrics.train_text_classifier(
-            feature_model([texts.train[i] for i in indices]), [texts.train_labels[i] for i in indices]
+            judges.classifier_features([texts.train[i] for i in indices]), [texts.train_labels[i] for i in indices]
         )
     return judges
 
@@ -161,12 +171,12 @@ def _seed_splits(seeds: Sequence[int], texts: _Texts, num_samples: int) -> dict[
     return splits
 
 
-def _reference_features(judges: _Judges, texts: _Texts, splits) -> torch.Tensor | None:
+def _reference_features(model: FeatureModel | None, texts: _Texts, splits) -> torch.Tensor | None:
     """Features of the references some seed uses (a reference file can be much larger than num_samples)."""
-    if judges.features is None:
+    if model is None:
         return None
     used = sorted({i for p_idx, _ in splits.values() for i in p_idx})
-    embedded = judges.features([texts.references[i] for i in used])
+    embedded = model([texts.references[i] for i in used])
     features = torch.zeros(len(texts.references), embedded.shape[1])
     features[used] = embedded
     return features
@@ -175,19 +185,24 @@ def _reference_features(judges: _Judges, texts: _Texts, splits) -> torch.Tensor 
 # ------------------------------------------------------------------------------------ evaluate
 
 
+def _mauve(ref_features, p_idx: list[int], q_features, seed: int) -> float | None:
+    if len(p_idx) < 2 or len(q_features) < 2:
+        return None
+    return metrics.mauve_score(ref_features[p_idx], q_features, seed=seed)
+
+
 def _score_row(
-    row: str, q_texts: list[str], p_idx: list[int], seed: int, texts: _Texts, judges: _Judges, ref_features
+    row: str, q_texts: list[str], p_idx: list[int], seed: int, texts: _Texts, judges: _Judges, ref_features: dict
 ) -> dict[str, float | None]:
-    """One row's metrics for one seed: ``row`` is ``"model"`` (samples) or ``"references"`` (human)."""
+    """One row's metrics for one seed: ``row`` is ``"model"`` (samples) or ``"references"`` (human).
+    ``ref_features`` holds the references' features by judge (``"features"``, ``"topic"``)."""
     values: dict[str, float | None] = {}
-    q_features = None
-    if judges.features is not None:
-        q_features = judges.features(q_texts)
-        values["mauve"] = (
-            metrics.mauve_score(ref_features[p_idx], q_features, seed=seed)
-            if len(p_idx) >= 2 and len(q_texts) >= 2
-            else None
-        )
+    q_features = {}
+    for key, metric in (("features", "mauve"), ("topic", "mauve_topic")):
+        model = getattr(judges, key)
+        if model is not None:
+            q_features[key] = model(q_texts)
+            values[metric] = _mauve(ref_features[key], p_idx, q_features[key], seed)
     if judges.perplexity is not None:
         scores = [v for v in judges.perplexity.per_text(q_texts) if v == v]  # v != v: nan, empty text
         if not scores:
@@ -199,10 +214,13 @@ def _score_row(
         mem_texts = q_texts if row == "model" else [texts.references[i] for i in p_idx]
         values["memorization"] = metrics.memorization(mem_texts, texts.train)
     if judges.classifier is not None:
+        key = "topic" if judges.topic is not None else "features"
         if row == "model":
-            values["class_accuracy"] = metrics.class_accuracy(judges.classifier, q_features, judges.class_name)
+            values["class_accuracy"] = metrics.class_accuracy(judges.classifier, q_features[key], judges.class_name)
         elif texts.reference_labels:
-            values["class_accuracy"] = metrics.class_accuracy(judges.classifier, ref_features[p_idx], judges.class_name)
+            values["class_accuracy"] = metrics.class_accuracy(
+                judges.classifier, ref_features[key][p_idx], judges.class_name
+            )
         else:
             values["class_accuracy"] = None
     return values
@@ -224,8 +242,15 @@ def _sample_and_score(
         samples[seed] = [row["text"] for row in sample_texts(pipeline, num_samples, seed=seed, **sampling)]
         timings.append(time.perf_counter() - start)
         logger.info("seed %d: sampled %d texts in %.1f s", seed, len(samples[seed]), timings[-1])
-        for row, q_texts in (("model", samples[seed]), ("references", human)):
-            for name, value in _score_row(row, q_texts, p_idx, seed, texts, judges, ref_features).items():
+        scored = {
+            row: _score_row(row, q_texts, p_idx, seed, texts, judges, ref_features)
+            for row, q_texts in (("model", samples[seed]), ("references", human))
+        }
+        if scored["model"].get("perplexity") and scored["references"].get("perplexity"):
+            # How much less likely the samples are than human text, under the same judge.
+            scored["model"]["perplexity_ratio"] = scored["model"]["perplexity"] / scored["references"]["perplexity"]
+        for row, values in scored.items():
+            for name, value in values.items():
                 rows[row].setdefault(name, []).append(value)
     return rows, samples, timings
 
@@ -249,6 +274,7 @@ def evaluate(
     decode_kwargs: dict | None = None,
     feature_model: str | FeatureModel | None = "auto",
     perplexity_model: str | PerplexityModel | None = "auto",
+    topic_model: str | FeatureModel | None = TOPIC_JUDGE_MODEL,
     max_classifier_examples: int = 5000,
     tracking=None,
     device: str | torch.device | None = None,
@@ -269,6 +295,11 @@ def evaluate(
         scheduler: a name from `sampling.SCHEDULERS`; ``None``: the pipeline's own.
         guidance_scale, guidance_interval: classifier-free guidance, as in the pipeline's ``__call__``.
         feature_model, perplexity_model: judge names (see `latentlm.judges`), loaded models, or ``None`` to skip.
+            The default MAUVE features are a causal LM's (``"auto"``: gpt2-large, offline SmolLM2), which
+            see word order; ``perplexity_ratio`` is the samples' perplexity over the human row's.
+        topic_model: the sentence-embedding judge of topic (default MiniLM): the ``mauve_topic`` column and
+            the features of the class-accuracy probe; ``None`` skips it (the probe then reads
+            ``feature_model``'s features).
         tracking: a ``TrackingConfig``; ``None`` uses the default one (``MLFLOW_TRACKING_URI`` or MLflow's
             local default store); ``TrackingConfig(enabled=False)`` logs nothing.
 
@@ -286,9 +317,11 @@ def evaluate(
     scheduler = make_scheduler(pipeline, scheduler)
     class_id = _class_id(pipeline, class_name) if class_name is not None else None
     texts = _read_evaluation_texts(pipeline, references_file, train_file, class_name, text_column, label_column)
-    judges = _load_judges(feature_model, perplexity_model, texts, class_name, max_classifier_examples, device)
+    judges = _load_judges(
+        feature_model, perplexity_model, topic_model, texts, class_name, max_classifier_examples, device
+    )
     splits = _seed_splits(seeds, texts, num_samples)
-    ref_features = _reference_features(judges, texts, splits)
+    ref_features = {key: _reference_features(getattr(judges, key), texts, splits) for key in ("features", "topic")}
 
     rows, samples, timings = _sample_and_score(
         pipeline,

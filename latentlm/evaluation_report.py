@@ -11,10 +11,12 @@ from latentlm import metrics
 
 __all__ = ["METRIC_NAMES", "build_result", "format_markdown", "write_results", "log_to_mlflow"]
 
-METRIC_NAMES = ("mauve", "perplexity", "diversity", "memorization", "class_accuracy")
+METRIC_NAMES = ("mauve", "mauve_topic", "perplexity", "perplexity_ratio", "diversity", "memorization", "class_accuracy")
 _METRIC_HEADERS = {
     "mauve": "MAUVE ↑",
+    "mauve_topic": "MAUVE, topic ↑",
     "perplexity": "Perplexity ↓",
+    "perplexity_ratio": "Perplexity ÷ human ↓",
     "diversity": "Diversity ↑",
     "memorization": "Memorization ↓",
     "class_accuracy": "Class accuracy ↑",
@@ -32,12 +34,12 @@ def build_result(
     scheduler,
     guidance_scale,
     guidance_interval,
-    judge_names: tuple[str | None, str | None],
+    judge_names: tuple[str | None, str | None, str | None],
     rows,
     timings,
 ) -> dict[str, Any]:
     """The settings of an evaluation and its ``model`` / ``references`` rows as mean ± std over seeds;
-    ``judge_names``: the names of the feature and perplexity models (None where not used)."""
+    ``judge_names``: the names of the feature, perplexity and topic models (None where not used)."""
     result: dict[str, Any] = {
         "pipeline": str(pipeline_dir) if isinstance(pipeline_dir, (str, Path)) else type(pipeline_dir).__name__,
         "references_file": str(references_file),
@@ -51,6 +53,7 @@ def build_result(
         "guidance_interval": list(guidance_interval),
         "feature_model": judge_names[0],
         "perplexity_model": judge_names[1],
+        "topic_model": judge_names[2],
         "sampling_seconds": _summary(timings),
         "texts_per_second": num_samples * len(seeds) / sum(timings),
     }
@@ -78,11 +81,11 @@ def format_markdown(result: dict[str, Any]) -> str:
             entry = row.get(m)
             if entry is None:
                 cells.append("–")
-            elif m != "perplexity" and 0 < abs(entry["mean"]) < 0.01:
+            elif m not in ("perplexity", "perplexity_ratio") and 0 < abs(entry["mean"]) < 0.01:
                 # Tiny values (diversity of a small grammar) would print as 0.000.
                 cells.append(f"{entry['mean']:.2e} ± {entry['std']:.1e}")
             else:
-                digits = 1 if m == "perplexity" else 3
+                digits = {"perplexity": 1, "perplexity_ratio": 2}.get(m, 3)
                 cells.append(f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}")
         lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
     seeds = result.get("seeds", [])
@@ -90,6 +93,8 @@ def format_markdown(result: dict[str, Any]) -> str:
     notes = [f"{result.get('num_samples')} samples × {len(seeds)} seeds"]
     if result.get("feature_model"):
         notes.append(f"MAUVE features: {result['feature_model']}")
+    if result.get("topic_model"):
+        notes.append(f"topic MAUVE and class accuracy features: {result['topic_model']}")
     if result.get("perplexity_model"):
         notes.append(f"perplexity judge: {result['perplexity_model']}")
     lines.append("; ".join(notes) + ".")
@@ -138,6 +143,7 @@ def log_to_mlflow(result: dict[str, Any], samples: dict[int, list[str]], trackin
             "guidance_interval",
             "feature_model",
             "perplexity_model",
+            "topic_model",
         )
     }
     with Tracker(cfg, run_name=cfg.run_name or "evaluate", fallback_dir=output_dir) as tracker:

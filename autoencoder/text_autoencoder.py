@@ -302,15 +302,19 @@ class TextAutoencoder(nn.Module):
         labels: torch.Tensor,
         reconstruction: bool = True,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
     ):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
         hidden_states [B, L, d_model], attention_mask [B, L], labels [B, L'] (-100 ignored).
+        ``latents`` [B, N, D], if given, are decoded instead of the compressed ``hidden_states`` (a
+        decoder tuned on a denoiser's predictions of these texts' latents).
         Decoder-only backbones add ``alignment_weight`` x `losses.alignment_loss`; ``reconstruction=False``
         gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt).
         ``generator`` draws the latent noise (``latent_noise_std``), so a resumed run draws the same.
         """
-        latents = self.autoencoder.compress(hidden_states, attention_mask)
+        if latents is None:
+            latents = self.autoencoder.compress(hidden_states, attention_mask)
         memory = self.autoencoder.reconstruct(self.perturb(latents, generator))
         if not self.causal:
             return seq2seq_reconstruction_loss(self.tokenizer, self.language_model, memory, labels)

@@ -2,7 +2,14 @@
 
 from .modeling_latent_classifier import CLASSIFIER_TASKS, LatentClassifier, latent_fingerprint
 from .modeling_latent_denoiser import DENOISER_SIZES, LatentDenoiser, LatentDenoiserOutput
-from .objective import LOSS_TYPES, TIMESTEP_SAMPLING, TimestepImportanceSampler, diffusion_loss, diffusion_target
+from .objective import (
+    LOSS_TYPES,
+    TIMESTEP_SAMPLING,
+    TimestepImportanceSampler,
+    denoised_latents,
+    diffusion_loss,
+    diffusion_target,
+)
 from .schedules import PREDICTION_TYPES, SCHEDULES, guide_model_output, make_noise_scheduler, predict_original_sample
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "LatentDenoiser",
     "LatentDenoiserOutput",
     "TimestepImportanceSampler",
+    "denoised_latents",
     "diffusion_loss",
     "diffusion_target",
     "make_noise_scheduler",

@@ -244,4 +244,33 @@ def diffusion_loss(
     return per_example.mean() if reduction == "mean" else per_example
 
 
-__all__ = ["LOSS_TYPES", "TimestepImportanceSampler", "diffusion_loss", "diffusion_target"]
+@torch.no_grad()
+def denoised_latents(
+    denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    noise_levels: tuple[float, float] = (0.0, 1.0),
+    class_labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The denoiser's ẑ0 for ``latents`` noised to a level t/T drawn per example from ``noise_levels``:
+    a first pass, then a second one self-conditioned on it, as the sampler's steps are. These are the
+    latents a decoder tuned after stage 2 learns to write from (the kind of error samples carry)."""
+    low, high = noise_levels
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"noise_levels must satisfy 0 <= low <= high <= 1, got {noise_levels}.")
+    batch, device = latents.shape[0], latents.device
+    T = scheduler.config.num_train_timesteps
+    fractions = low + (high - low) * _rand((batch,), generator, device)
+    timesteps = (fractions * (T - 1)).round().long()
+    noise = _rand(latents.shape, generator, device, kind="randn").to(latents.dtype)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    self_cond = None
+    model = denoiser.module if hasattr(denoiser, "module") else denoiser
+    for _ in range(2 if model.config.get("self_conditioning", True) else 1):
+        output = denoiser(noisy, timesteps, self_cond=self_cond, class_labels=class_labels).sample
+        self_cond = predict_original_sample(scheduler, output.float(), noisy, timesteps)
+    return self_cond.to(latents.dtype)
+
+
+__all__ = ["LOSS_TYPES", "TimestepImportanceSampler", "denoised_latents", "diffusion_loss", "diffusion_target"]

@@ -26,6 +26,8 @@ import yaml
 # accelerate's names, and "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on an
 # older GPU); see `latentlm.training.resolve_mixed_precision`
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+#: what the decoder tuning feeds the decoder (`DecoderTuningConfig.latent_source`)
+DECODER_LATENT_SOURCES = ("noise", "denoiser")
 
 
 @dataclass
@@ -163,6 +165,13 @@ class DecoderTuningConfig(TrainingLoopConfig):
 
     enabled: bool = False
     latent_noise_std: float = 1.0
+    # what the decoder reads: "noise" (the latents + latent_noise_std x Gaussian noise; runs before
+    # stage 2) or "denoiser" (stage 2's denoiser's ẑ0 from the latents noised to a level t/T drawn
+    # from denoiser_noise_levels, plus latent_noise_std noise if set; runs after stage 2), so that
+    # the decoder learns to write real text from the denoiser's own kind of error, as cascaded
+    # diffusion stages train on the outputs of the stage before
+    latent_source: str = "noise"
+    denoiser_noise_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])
     eval_every: int = 1_000
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -298,6 +307,14 @@ class RunConfig:
         ):
             if std < 0:
                 raise ValueError(f"{name}.latent_noise_std must be >= 0 (0: no noise), got {std}.")
+        tuning = self.decoder_tuning
+        one_of("decoder_tuning.latent_source", tuning.latent_source, DECODER_LATENT_SOURCES)
+        levels = list(tuning.denoiser_noise_levels)
+        if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:
+            raise ValueError(
+                f"decoder_tuning.denoiser_noise_levels={levels}: give [low, high] with 0 <= low <= high <= 1 "
+                "(noise levels t / num_train_timesteps)."
+            )
         if self.autoencoder.context_positions < -1:
             raise ValueError(
                 f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "

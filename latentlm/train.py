@@ -305,16 +305,23 @@ def train(
             config.autoencoder.optimizer.max_steps,
             train_autoencoder,
         )
-        decoder_path = autoencoder_path
-        if config.decoder_tuning.enabled:
-            decoder_path = run_step(
+
+        def tuned_decoder(*diffusion_path) -> Path:
+            return run_step(
                 "decoder_tuning",
                 output_dir / DECODER_HISTORY_FILE,
                 output_dir / DECODER_DIR,
                 config.decoder_tuning.optimizer.max_steps,
                 tune_decoder,
                 autoencoder_path,
+                *diffusion_path,
             )
+
+        # The decoder tuning runs between the stages on noisier latents, or after stage 2 on its denoiser's.
+        tuning = config.decoder_tuning
+        decoder_path = autoencoder_path
+        if tuning.enabled and tuning.latent_source == "noise":
+            decoder_path = tuned_decoder()
         diffusion_path = run_step(
             "diffusion",
             output_dir / DIFFUSION_HISTORY,
@@ -323,6 +330,8 @@ def train(
             train_diffusion,
             autoencoder_path,
         )
+        if tuning.enabled and tuning.latent_source == "denoiser":
+            decoder_path = tuned_decoder(diffusion_path)
 
         tick = time.perf_counter()
         pipeline_dir = output_dir / PIPELINE_DIR

@@ -270,19 +270,70 @@ def decoder_tuning_config(config: RunConfig, autoencoder_path: str | Path) -> Au
 
 
 class DecoderTuningStage(AutoencoderStage):
-    """Between the stages: stage 1's decoder side trained on noisier latents, the latents unchanged
-    (`latentlm.config.DecoderTuningConfig`)."""
+    """Stage 1's decoder side trained on with the latents unchanged (`latentlm.config.DecoderTuningConfig`):
+    on noisier latents between the stages, or, after stage 2 (``latent_source: denoiser``), on what
+    stage 2's denoiser makes of each training text's noised latents."""
 
     name = "decoder_tuning"
     final_dir, checkpoint_dir, history_file = DECODER_DIR, DECODER_CHECKPOINT_DIR, DECODER_HISTORY_FILE
 
-    def __init__(self, config: RunConfig, autoencoder_path: str | Path):
+    def __init__(self, config: RunConfig, autoencoder_path: str | Path, diffusion_path: str | Path | None = None):
         super().__init__(config, decoder_tuning_config(config, autoencoder_path))
+        tuning = config.decoder_tuning
+        if tuning.latent_source == "denoiser" and diffusion_path is None:
+            raise ValueError(
+                "decoder_tuning.latent_source is 'denoiser', which tunes the decoder on stage 2's denoiser: pass "
+                "diffusion_path (the <output_dir>/diffusion folder of a trained stage 2)."
+            )
+        self.diffusion_path = Path(diffusion_path) if tuning.latent_source == "denoiser" else None
+
+    def setup(self, accelerator) -> None:
+        super().setup(accelerator)
+        self.denoiser = None
+        if self.diffusion_path is None:
+            return
+        from diffusers import DDPMScheduler
+
+        from latentlm.diffusion import LatentDenoiser
+        from latentlm.train_diffusion import _load_training_data, resolve_class_labels
+
+        self.denoiser = LatentDenoiser.from_pretrained(self.diffusion_path / "denoiser").eval().requires_grad_(False)
+        self.denoiser.to(accelerator.device)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.diffusion_path / "scheduler")
+        self.class_labels = None
+        if self.denoiser.config.num_classes and self.config.data.label_column:
+            _, raw_labels, _ = _load_training_data(self.config)
+            labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)
+            self.class_labels = torch.tensor(labels)
+
+    def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        if self.denoiser is None:
+            return super().training_step(step, generator)
+        from latentlm.diffusion import denoised_latents
+
+        accelerator, model = self.accelerator, self.model
+        indices = self.batch_indices(step, len(self.cache), self.lengths)
+        hidden, mask, ids = self.cache.batch(indices, accelerator.device)
+        labels = model.make_labels(ids, mask)
+        classes = None if self.class_labels is None else self.class_labels[indices].to(accelerator.device)
+        with accelerator.autocast(), attention_kernel(accelerator.device):
+            with torch.no_grad():
+                latents = model.autoencoder.compress(hidden, mask)
+                latents = denoised_latents(
+                    self.denoiser,
+                    self.noise_scheduler,
+                    latents,
+                    tuple(self.config.decoder_tuning.denoiser_noise_levels),
+                    class_labels=classes,
+                    generator=generator,
+                )
+            return self.train_model(hidden, mask, labels, generator=generator, latents=latents)
 
 
 def tune_decoder(
     config: RunConfig,
     autoencoder_path: str | Path,
+    diffusion_path: str | Path | None = None,
     resume: bool = False,
     tracker: Tracker | None = None,
     *,
@@ -290,12 +341,13 @@ def tune_decoder(
     overwrite: bool = False,
 ) -> Path:
     """Tune the decoder of the trained autoencoder ``autoencoder_path`` as ``config.decoder_tuning``
-    says; returns ``<output_dir>/decoder``, a `TextAutoencoder` folder with the same latents.
+    says (``latent_source: denoiser`` reads stage 2's ``diffusion_path``); returns
+    ``<output_dir>/decoder``, a `TextAutoencoder` folder with the same latents.
 
     ``resume``, ``overwrite``, ``tracker`` and ``time_budget_s`` as in `latentlm.training.run_stage`.
     """
     return run_stage(
-        DecoderTuningStage(config, autoencoder_path),
+        DecoderTuningStage(config, autoencoder_path, diffusion_path),
         resume=resume,
         tracker=tracker,
         time_budget_s=time_budget_s,

@@ -364,6 +364,77 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
     assert "Decoder tuning already finished" in caplog.text
 
 
+def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trained_run, tmp_path, monkeypatch):
+    # latent_source: denoiser: the tuning runs after stage 2 and its decoder reads what stage 2's denoiser
+    # makes of each text's noised latents (the class of the text given), not the latents themselves.
+    import shutil
+
+    import latentlm.diffusion
+
+    from latentlm import LatentTextDiffusionPipeline, TextAutoencoder
+
+    calls = []
+    real = latentlm.diffusion.denoised_latents
+
+    def spy(denoiser, scheduler, latents, noise_levels, class_labels=None, generator=None):
+        calls.append((type(denoiser).__name__, tuple(noise_levels), class_labels))
+        out = real(denoiser, scheduler, latents, noise_levels, class_labels=class_labels, generator=generator)
+        assert not torch.allclose(out, latents)
+        return out
+
+    monkeypatch.setattr(latentlm.diffusion, "denoised_latents", spy)
+    run_dir, _, config_path = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    sets = [
+        f"output_dir={run}",
+        "tracking.enabled=false",
+        "decoder_tuning.enabled=true",
+        "decoder_tuning.latent_source=denoiser",
+        "decoder_tuning.denoiser_noise_levels=[0.2, 0.6]",
+        "decoder_tuning.latent_noise_std=0",
+        "decoder_tuning.optimizer.max_steps=3",
+        "decoder_tuning.optimizer.batch_size=4",
+    ]
+    argv = ["train", "--config", str(config_path), "--resume", "--in-process"]
+    assert main([*argv, *[x for s in sets for x in ("--set", s)]]) == 0
+    assert len(calls) == 3 and {c[:2] for c in calls} == {("LatentDenoiser", (0.2, 0.6))}
+    assert all(c[2] is not None and c[2].shape == (4,) for c in calls)  # each text's class
+    assert json.loads((run / "decoder_history.json").read_text())["final_step"] == 3
+    stage1, tuned = (
+        TextAutoencoder.from_pretrained(run / "autoencoder"),
+        TextAutoencoder.from_pretrained(run / "decoder"),
+    )
+    texts = ["the cat sat on the mat", "a dog ran in the park"]
+    torch.testing.assert_close(tuned.encode(texts), stage1.encode(texts), atol=0, rtol=0)  # stage 2's latents
+    changed = [
+        name
+        for (name, a), b in zip(stage1.autoencoder.named_parameters(), tuned.autoencoder.parameters())
+        if not torch.equal(a, b)
+    ]
+    assert changed and all(name.startswith("reconstruction") or "latent" in name for name in changed), changed
+    pipe = LatentTextDiffusionPipeline.from_pretrained(run / "pipeline")
+    torch.testing.assert_close(
+        pipe.autoencoder.from_latent.weight, tuned.autoencoder.from_latent.weight, atol=0, rtol=0
+    )  # the pipeline decodes with the tuned decoder
+
+
+def test_denoiser_decoder_tuning_needs_stage_2(trained_run):
+    from latentlm.config import load_config
+    from latentlm.train_autoencoder import DecoderTuningStage
+
+    run_dir, _, config_path = trained_run
+    config = load_config(config_path, ["decoder_tuning.latent_source=denoiser"])
+    with pytest.raises(ValueError, match="pass diffusion_path"):
+        DecoderTuningStage(config, run_dir / "autoencoder")
+    for bad, match in (
+        ("latent_source=clean", "latent_source='clean'"),
+        ("denoiser_noise_levels=[0.5, 0.2]", "low <= high"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            load_config(config_path, [f"decoder_tuning.{bad}"]).validate()
+
+
 def test_cli_rejects_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("output_dir: x\nautoencoder: {backbon: minilm}\n")

@@ -364,3 +364,28 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, snippets_jsonl, autoenco
     history = json.loads((tmp_path / "run" / "diffusion_history.json").read_text())
     assert history["final_step"] == 6
     assert (tmp_path / "run" / "diffusion_training" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_denoised_latents_follow_the_noise_level_and_self_condition():
+    # What a decoder tuned after stage 2 reads: the denoiser's ẑ0 of noised latents, from a first pass
+    # and a second one self-conditioned on it (as in sampling).
+    from latentlm.diffusion import LatentDenoiser, denoised_latents, make_noise_scheduler
+
+    torch.manual_seed(0)
+    denoiser = LatentDenoiser.from_size("tiny", num_latents=4, latent_dim=8, num_classes=2).eval()
+    scheduler = make_noise_scheduler(num_train_timesteps=1000)
+    latents = torch.randn(3, 4, 8)
+    self_conds = []
+    forward = denoiser.forward
+    denoiser.forward = lambda *a, **k: self_conds.append(k.get("self_cond")) or forward(*a, **k)
+    # The output projection starts at zero (v = 0): ẑ0 = sqrt(ᾱ_t) z_t, the latents at t = 0, 0 at t = T.
+    clean = denoised_latents(denoiser, scheduler, latents, (0.0, 0.0), class_labels=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(clean, latents, atol=0.02, rtol=0)
+    assert self_conds[0] is None and self_conds[1] is not None and len(self_conds) == 2
+    assert denoised_latents(denoiser, scheduler, latents, (1.0, 1.0)).abs().max() < 0.05
+    mid = [denoised_latents(denoiser, scheduler, latents, (0.3, 0.6), generator=torch.Generator().manual_seed(1))]
+    mid.append(denoised_latents(denoiser, scheduler, latents, (0.3, 0.6), generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(mid[0], mid[1], atol=0, rtol=0)  # drawn from the generator
+    assert not torch.allclose(mid[0], latents, atol=0.05)
+    with pytest.raises(ValueError, match="noise_levels"):
+        denoised_latents(denoiser, scheduler, latents, (0.6, 0.3))

@@ -40,7 +40,7 @@ def run_stage1(config_path: Path, output_dir: Path, steps: int, eval_samples: in
             f"output_dir={output_dir}",
             f"autoencoder.optimizer.max_steps={steps}",
             "autoencoder.eval_every=0",
-            "autoencoder.save_every=0",
+            "autoencoder.save_every=100000",
             f"data.max_eval_samples={eval_samples}",
             "tracking.enabled=false",
         ],

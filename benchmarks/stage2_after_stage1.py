@@ -75,13 +75,13 @@ def run_mode(mode: str, config_path: str, autoencoder: str, data: str, steps: in
         "autoencoder.optimizer.max_steps=40",
         "autoencoder.alignment_warmup_steps=0",
         "autoencoder.eval_every=1000",
-        "autoencoder.save_every=0",
+        "autoencoder.save_every=100000",
         "decoder_tuning.enabled=true",
         "decoder_tuning.optimizer.max_steps=10",
-        "decoder_tuning.save_every=0",
+        "decoder_tuning.save_every=100000",
         f"diffusion.optimizer.max_steps={steps}",
         "diffusion.sample_every=0",
-        "diffusion.save_every=0",
+        "diffusion.save_every=100000",
         "diffusion.log_every=50",
     ]
     config = load_config(config_path, sets)

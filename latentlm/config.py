@@ -285,6 +285,21 @@ class RunConfig:
                     f"0 < decay_steps <= max_steps - warmup_steps ({opt.max_steps - opt.warmup_steps}): set the "
                     "number of final steps over which the learning rate decays to zero."
                 )
+            for key, what in (
+                ("log_every", "steps between logged losses"),
+                ("save_every", "steps between checkpoints; without checkpoints a stopped run cannot resume"),
+                ("keep_last_checkpoints", "checkpoints kept"),
+            ):
+                if getattr(stage, key) < 1:
+                    raise ValueError(f"{name}.{key} must be >= 1 ({what}), got {getattr(stage, key)!r}.")
+            if getattr(stage, "eval_every", 0) < 0:
+                raise ValueError(
+                    f"{name}.eval_every must be >= 0 (0: no evaluation during training), got {stage.eval_every}."
+                )
+            if opt.max_grad_norm < 0:
+                raise ValueError(
+                    f"{name}.optimizer.max_grad_norm must be >= 0 (0: no gradient clipping), got {opt.max_grad_norm}."
+                )
             if stage.time_budget_minutes is not None and not stage.time_budget_minutes > 0:
                 raise ValueError(
                     f"{name}.time_budget_minutes must be positive (or null for no limit), got {stage.time_budget_minutes}."
@@ -319,6 +334,19 @@ class RunConfig:
             raise ValueError(
                 f"autoencoder.context_positions={self.autoencoder.context_positions}: use 0 (none), -1 (one per "
                 f"token of max_length) or a positive number of positions."
+            )
+        if self.autoencoder.head_dim < 1:
+            raise ValueError(f"autoencoder.head_dim must be a positive integer, got {self.autoencoder.head_dim}.")
+        if not 0.0 <= self.diffusion.ema_decay < 1.0:
+            raise ValueError(f"diffusion.ema_decay must lie in [0, 1) (e.g. 0.9999), got {self.diffusion.ema_decay}.")
+        if self.autoencoder.tokens_per_query and self.autoencoder.num_latents * self.autoencoder.tokens_per_query < (
+            self.autoencoder.max_length
+        ):
+            a = self.autoencoder
+            raise ValueError(
+                f"autoencoder.num_latents x tokens_per_query = {a.num_latents} x {a.tokens_per_query} = "
+                f"{a.num_latents * a.tokens_per_query} token positions, fewer than max_length={a.max_length}: the "
+                "latents cannot hold the texts. Raise num_latents or tokens_per_query, or lower max_length."
             )
         one_of("diffusion.schedule", self.diffusion.schedule, SCHEDULES)
         one_of("diffusion.prediction_type", self.diffusion.prediction_type, PREDICTION_TYPES)

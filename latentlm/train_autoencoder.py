@@ -19,6 +19,7 @@ import torch
 
 from latentlm.autoencoder.adapters import set_dropout
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+from latentlm.autoencoder.text_codec import source_length_limit
 from latentlm.config import AutoencoderTrainingConfig, RunConfig, TrainingLoopConfig
 from latentlm.data import load_texts
 from latentlm.encoder_cache import ENCODER_CACHE_DIR, build_encoder_cache
@@ -147,15 +148,25 @@ class AutoencoderStage(TrainingStage):
 
         self.model = model = load_initial_autoencoder(cfg)
         model.to(accelerator.device)
-        lengths = model.token_ids(self.train_texts, truncation=False)
-        self.num_truncated = sum(len(ids) > cfg.max_length for ids in lengths)
+        limit = source_length_limit(model.tokenizer, model.language_model)
+        if limit is not None and cfg.max_length > limit:
+            raise ValueError(
+                f"autoencoder.max_length={cfg.max_length} exceeds the {limit} positions the backbone "
+                f"{cfg.backbone!r} reads; set max_length to at most {limit}."
+            )
+        lengths = [len(ids) for ids in model.token_ids(self.train_texts, truncation=False)]
+        self.num_truncated = sum(n > cfg.max_length for n in lengths)
         if is_main:
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
             logger.warning(
-                "%d of %d training texts (%.1f%%) are longer than max_length=%d tokens and are truncated.",
+                "%d of %d training texts (%.1f%%) are longer than max_length=%d tokens and are truncated "
+                "(the longest, %d tokens: %r).",
                 self.num_truncated,
                 len(self.train_texts),
                 100 * self.num_truncated / len(self.train_texts),
                 cfg.max_length,
+                lengths[longest],
+                self.train_texts[longest][:80],
             )
         # the encoder states, computed once (main process) and memory-mapped by every process; the
         # decoder tuning and stage 2's latent cache find them under the same output_dir

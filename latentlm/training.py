@@ -403,7 +403,7 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
         out_of_time = time_budget_s is not None and run.train_time >= time_budget_s
         if stage.eval_every and done % stage.eval_every == 0 and not last and not out_of_time:
             run.evaluate(tracker)
-        if cfg.save_every and (done % cfg.save_every == 0 or last or out_of_time):
+        if done % cfg.save_every == 0 or last or out_of_time:
             run.save_checkpoint()
         if out_of_time:
             if run.is_main:

@@ -289,6 +289,11 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         "fixed_large" would otherwise add noise of std sqrt(1 - ᾱ_t) on its final jump to t=0;
         deterministic schedulers end at (or next to) this estimate anyway.
         """
+        if num_inference_steps > scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} exceeds the {scheduler.config.num_train_timesteps} "
+                "timesteps the denoiser was trained on (num_train_timesteps); use at most that many steps."
+            )
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
         step_kwargs = extra_step_kwargs(scheduler, generator)
         prediction_type = self.config.prediction_type

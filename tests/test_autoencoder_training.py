@@ -28,7 +28,7 @@ def tiny_config(tmp_path, data_path, backbone, **autoencoder):
         num_reconstruction_layers=1,
         head_dim=16,
         eval_every=0,
-        save_every=0,
+        save_every=1000,
         log_every=5,
         eval_num_beams=1,
         num_eval_examples=4,

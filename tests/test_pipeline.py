@@ -613,6 +613,11 @@ def test_pickle_serialization_is_refused(pipe, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_more_inference_steps_than_train_timesteps_is_refused(pipe):
+    with pytest.raises(ValueError, match="num_inference_steps=1001 exceeds the 1000 timesteps"):
+        pipe(num_samples=1, num_inference_steps=1001)
+
+
 def test_unknown_class_name_or_id(pipe):
     with pytest.raises(ValueError, match="unknown class name 'three'.*even"):
         run(pipe, num_samples=1, class_labels="three")

@@ -258,7 +258,7 @@ def _config(tmp_path, data_path, **data):
             "diffusion": dict(
                 denoiser_size="tiny",
                 sample_every=10,
-                save_every=0,
+                save_every=1000,
                 num_samples_per_class=2,
                 sample_inference_steps=2,
                 source_dropout_prob=0.2,

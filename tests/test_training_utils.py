@@ -38,6 +38,17 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
         ({"autoencoder": {"context_positions": -2}}, "context_positions"),
         ({"decoder_tuning": {"latent_noise_std": -1}}, "decoder_tuning.latent_noise_std must be >= 0"),
         ({"decoder_tuning": {"optimizer": {"max_steps": 0}}}, "decoder_tuning.optimizer.max_steps must be positive"),
+        ({"autoencoder": {"head_dim": 0}}, "autoencoder.head_dim must be a positive integer, got 0"),
+        ({"autoencoder": {"log_every": 0}}, r"autoencoder.log_every must be >= 1 \(steps between logged losses\)"),
+        ({"diffusion": {"save_every": 0}}, r"diffusion.save_every must be >= 1 .*cannot resume\), got 0"),
+        ({"diffusion": {"ema_decay": 2}}, r"diffusion.ema_decay must lie in \[0, 1\)"),
+        ({"autoencoder": {"eval_every": -1}}, "autoencoder.eval_every must be >= 0"),
+        ({"classifier": {"optimizer": {"max_grad_norm": -1}}}, "classifier.optimizer.max_grad_norm must be >= 0"),
+        (
+            {"autoencoder": {"num_latents": 8, "tokens_per_query": 4, "max_length": 64}},
+            "8 x 4 = 32 token positions, fewer than max_length=64",
+        ),
+        ({"decoder_tuning": {"latent_source": "clean"}}, "decoder_tuning.latent_source='clean'"),
     ],
 )
 def test_config_rejects_bad_values_with_the_key_named(raw, message):

@@ -23,7 +23,15 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-__all__ = ["PipelinePyfunc", "save_pipeline_model", "log_pipeline_model", "MODEL_ARTIFACT_PATH", "PARAM_DEFAULTS"]
+__all__ = [
+    "PipelinePyfunc",
+    "save_pipeline_model",
+    "log_pipeline_model",
+    "request_limits",
+    "MODEL_ARTIFACT_PATH",
+    "PARAM_DEFAULTS",
+    "REQUEST_LIMITS",
+]
 
 MODEL_ARTIFACT_PATH = "model"
 LOCAL_MODEL_DIR = "mlflow_model"
@@ -34,6 +42,30 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "scheduler": "dpm++",
 }
+#: What one request may ask of a served model, so that no request can take the server down (memory
+#: grows with the samples, time with samples x steps). A deployment sets its own through these
+#: environment variables of the serving process; a request above one is refused (HTTP 400).
+REQUEST_LIMITS: dict[str, tuple[str, int]] = {
+    "max_samples": ("LATENTLM_SERVE_MAX_SAMPLES", 256),  # texts in one request, over all rows
+    "max_sample_steps": ("LATENTLM_SERVE_MAX_SAMPLE_STEPS", 256 * 50),  # texts x num_inference_steps
+    "max_source_chars": ("LATENTLM_SERVE_MAX_SOURCE_CHARS", 4000),  # characters of one source text
+}
+
+
+def request_limits() -> dict[str, int]:
+    """`REQUEST_LIMITS` as this process's environment sets them."""
+    import os
+
+    limits = {}
+    for name, (variable, default) in REQUEST_LIMITS.items():
+        raw = os.environ.get(variable)
+        try:
+            limits[name] = default if raw is None else int(raw)
+        except ValueError as err:
+            raise ValueError(f"{variable}={raw!r} must be a positive integer.") from err
+        if limits[name] < 1:
+            raise ValueError(f"{variable}={raw!r} must be a positive integer.")
+    return limits
 
 
 class InvalidRequestError(MlflowException, ValueError):
@@ -46,6 +78,7 @@ class PipelinePyfunc:
     def __init__(self, pipeline_dir: str | Path):
         from latentlm.sampling import load_pipeline
 
+        self.limits = request_limits()
         self.pipe = load_pipeline(pipeline_dir)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -67,6 +100,9 @@ class PipelinePyfunc:
 
         from latentlm.sampling import make_scheduler, sample_texts
 
+        unknown_params = sorted(set(params or {}) - set(PARAM_DEFAULTS))
+        if unknown_params:
+            raise ValueError(f"unknown params {unknown_params}; use {sorted(PARAM_DEFAULTS)}.")
         params = {**PARAM_DEFAULTS, **(params or {})}
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
@@ -79,26 +115,29 @@ class PipelinePyfunc:
         if unknown:
             raise ValueError(f"unknown input columns {unknown}; use 'class', 'num_samples' and 'source'.")
         with_sources = "source" in model_input.columns
+        requests = [
+            self._read_row(index, record, with_sources) for index, record in enumerate(model_input.to_dict("records"))
+        ]
+        self._check_limits(requests, int(params["num_inference_steps"]))
+        seed = params["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - len(requests):
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63 - number of rows).")
         # A scheduler for this request only: concurrent requests never touch shared state.
         scheduler = make_scheduler(self.pipe, params["scheduler"])
         rows = []
-        for index, record in enumerate(model_input.to_dict(orient="records")):
-            label = record.get("class")
-            if label is not None and not isinstance(label, str) and pd.isna(label):
-                label = None
-            if isinstance(label, float) and label.is_integer():
-                label = int(label)
-            count = record.get("num_samples", 1)
-            count = 1 if count is None or pd.isna(count) else int(count)
-            source = record.get("source") if with_sources else None
-            if source is not None and not isinstance(source, str) and pd.isna(source):
-                source = None
+        guidance = float(params["guidance_scale"])
+        if guidance != 1.0 and any(label is None and source is None for label, _, source in requests):
+            raise ValueError(
+                f"guidance_scale={guidance:g} needs a class (or a source) in every row: classifier-free guidance "
+                "steers towards one; leave guidance_scale at 1 for unconditional rows."
+            )
+        for index, (label, count, source) in enumerate(requests):
             # One pipeline call per input row, seeded with seed + row.
             texts = sample_texts(
                 self.pipe,
                 count,
                 class_name=label,
-                guidance_scale=float(params["guidance_scale"]) if label is not None or source is not None else 1.0,
+                guidance_scale=guidance,
                 guidance_interval=tuple(params["guidance_interval"]),
                 num_inference_steps=int(params["num_inference_steps"]),
                 scheduler=scheduler,
@@ -117,6 +156,54 @@ class PipelinePyfunc:
             )
         columns = ["class", "text", "row"] + (["source"] if with_sources else [])
         return pd.DataFrame(rows, columns=columns)
+
+    @staticmethod
+    def _read_row(index: int, record: dict, with_sources: bool) -> tuple[Any, int, str | None]:
+        """One input row -> (class or None, num_samples, source or None), each value checked."""
+        import pandas as pd
+
+        def missing(value) -> bool:
+            return value is None or (isinstance(value, float) and pd.isna(value))
+
+        label = record.get("class")
+        if missing(label):
+            label = None
+        elif isinstance(label, float) and label.is_integer():
+            label = int(label)
+        elif not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise ValueError(f"row {index}: class={label!r} must be one class name or id (or missing).")
+        count = record.get("num_samples", 1)
+        if missing(count):
+            count = 1
+        elif isinstance(count, float) and count.is_integer():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"row {index}: num_samples={count!r} must be a positive integer.")
+        source = record.get("source") if with_sources else None
+        if missing(source):
+            source = None
+        elif not isinstance(source, str):
+            raise ValueError(f"row {index}: source={source!r} must be a text.")
+        return label, count, source
+
+    def _check_limits(self, requests: list[tuple[Any, int, str | None]], num_inference_steps: int) -> None:
+        limits, total = self.limits, sum(count for _, count, _ in requests)
+        checks = [
+            ("max_samples", total, f"{total} texts asked for"),
+            ("max_sample_steps", total * num_inference_steps, f"{total} texts x {num_inference_steps} steps"),
+            *(
+                ("max_source_chars", len(source), f"a source of {len(source)} characters")
+                for _, _, source in requests
+                if source is not None
+            ),
+        ]
+        for name, value, what in checks:
+            if value > limits[name]:
+                variable = REQUEST_LIMITS[name][0]
+                raise ValueError(
+                    f"{what}: over this server's limit {name}={limits[name]} (set by {variable}); send a smaller "
+                    "request, or raise the limit where the model is served."
+                )
 
 
 def _load_pyfunc(data_path: str) -> PipelinePyfunc:

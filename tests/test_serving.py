@@ -19,7 +19,8 @@ SERVER_START_TIMEOUT_S = 180
 
 def start_model_server(model_dir: Path, port: int, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / "serve.log", "w")
-    env = server_env(HF_HUB_OFFLINE="1")
+    # limits of this deployment (latentlm.mlflow_model.REQUEST_LIMITS), low enough to test cheaply
+    env = server_env(HF_HUB_OFFLINE="1", LATENTLM_SERVE_MAX_SAMPLES="8", LATENTLM_SERVE_MAX_SAMPLE_STEPS="100")
     return subprocess.Popen(
         [
             sys.executable,
@@ -104,9 +105,35 @@ def test_served_pipeline_answers_concurrent_requests_like_single_ones(served_mod
         ([{"klass": "even", "num_samples": 1}], {}, "unknown input columns ['klass']"),
         ([{"class": "nope", "num_samples": 1}], {}, "unknown class name 'nope'"),
         ([{"class": "even", "num_samples": 1}], {"scheduler": "heun-ish"}, "Unknown scheduler 'heun-ish'"),
+        # one request cannot take the server down: the deployment's limits are named
+        (
+            [{"class": "even", "num_samples": 1000000}],
+            {"num_inference_steps": 2},
+            "1000000 texts asked for: over this server's limit max_samples=8 (set by LATENTLM_SERVE_MAX_SAMPLES)",
+        ),
+        ([{"class": "even", "num_samples": 5}] * 2, {"num_inference_steps": 2}, "max_samples=8"),
+        ([{"class": "even", "num_samples": 6}], {"num_inference_steps": 20}, "6 texts x 20 steps: over this server's"),
+        ([{"class": "even", "num_samples": 2.7}], {}, "row 0: num_samples=2.7 must be a positive integer"),
+        ([{"class": ["even"], "num_samples": 1}], {}, "row 0: class=['even'] must be one class name or id"),
+        ([{"num_samples": 1}], {"guidance_scale": 2.0}, "guidance_scale=2 needs a class"),
     ],
 )
 def test_bad_requests_get_400_with_the_reason(served_model, records, params, message):
     status, body = invoke(served_model, records, params)
     assert status == 400
     assert message in body["message"]
+
+
+def test_requests_are_checked_before_any_sampling(monkeypatch):
+    # Unknown params (which the server's schema may drop before predict) and a bad limit setting.
+    import latentlm.mlflow_model as served
+
+    model = served.PipelinePyfunc.__new__(served.PipelinePyfunc)
+    model.limits = served.request_limits()
+    with pytest.raises(ValueError, match=r"unknown params \['guidance'\]"):
+        model.predict({"class": ["even"]}, params={"guidance": 2.0})
+    with pytest.raises(ValueError, match="seed=-1 must be an integer"):
+        model.predict({"class": ["even"]}, params={"seed": -1})
+    monkeypatch.setenv("LATENTLM_SERVE_MAX_SAMPLES", "0")
+    with pytest.raises(ValueError, match="LATENTLM_SERVE_MAX_SAMPLES='0' must be a positive integer"):
+        served.request_limits()

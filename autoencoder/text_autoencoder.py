@@ -46,6 +46,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
+from latentlm.files import refuse_pickled_weights
+
 __all__ = ["TextAutoencoder"]
 
 CONFIG_NAME = "text_autoencoder.json"
@@ -402,6 +404,7 @@ class TextAutoencoder(nn.Module):
                 f"{root} is not a TextAutoencoder folder: {CONFIG_NAME} is missing (expected the output of "
                 f"TextAutoencoder.save_pretrained or of train-autoencoder)."
             )
+        refuse_pickled_weights(root)
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         autoencoder = LatentAutoencoder.from_pretrained(root / "autoencoder")

@@ -1,5 +1,7 @@
 """Files written so that a reader never sees half of them: a folder or a JSON file appears whole, in one
-rename, or not at all (checkpoints, final models, latent caches, the history files ``--resume`` reads)."""
+rename, or not at all (checkpoints, final models, latent caches, the history files ``--resume`` reads);
+the leftovers of a killed write are removed; and model folders are read only when they hold no pickled
+weights."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "write_json_atomic"]
+__all__ = ["atomic_directory", "remove_leftovers", "refuse_pickled_weights", "write_json_atomic", "PICKLE_SUFFIXES"]
+
+#: weight files that are Python pickles: loading one can run code, so latentlm never reads them
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @contextlib.contextmanager
@@ -59,3 +64,26 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_leftovers(final: str | Path) -> None:
+    """Remove the ``.tmp-*`` / ``.old-*`` siblings that a killed `atomic_directory` write of ``final`` left."""
+    final = Path(final)
+    for prefix in (".tmp", ".old"):
+        for leftover in final.parent.glob(f"{prefix}-{final.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def refuse_pickled_weights(folder: str | Path) -> None:
+    """Raise if ``folder`` (searched recursively) holds a pickled weight file: latentlm reads safetensors
+    only, and unpickling a file from elsewhere can run code."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    found = sorted(path for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES and path.is_file())
+    if found:
+        raise ValueError(
+            f"{str(found[0])!r} is a pickled weight file; latentlm loads safetensors only and never unpickles "
+            f"(loading a pickle can run code). Remove {'it' if len(found) == 1 else f'these {len(found)} files'} "
+            "or convert the weights to safetensors."
+        )

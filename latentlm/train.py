@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlm.config import RunConfig
-from latentlm.files import atomic_directory, write_json_atomic
+from latentlm.files import atomic_directory, remove_leftovers, write_json_atomic
 from latentlm.tracking import Tracker
 from latentlm.train_backbone import SCRATCH_PREFIX, prepare_backbone
 
@@ -335,6 +335,7 @@ def train(
 
         tick = time.perf_counter()
         pipeline_dir = output_dir / PIPELINE_DIR
+        remove_leftovers(pipeline_dir)  # of a run killed while writing the pipeline
         rows = write_pipeline(config, decoder_path, diffusion_path, pipeline_dir, sample_guidance_scale)
         timings["pipeline_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started

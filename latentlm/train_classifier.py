@@ -24,7 +24,7 @@ from latentlm.config import RunConfig
 from latentlm.data import load_text_dataset
 from latentlm.diffusion import LatentClassifier, latent_fingerprint, make_noise_scheduler
 from latentlm.encoder_cache import ENCODER_CACHE_DIR
-from latentlm.files import atomic_directory
+from latentlm.files import atomic_directory, refuse_pickled_weights
 from latentlm.latent_cache import build_latent_cache
 from latentlm.optimization import make_lr_scheduler, make_optimizer
 from latentlm.pipelines.pipeline_folder import CLASSIFIERS_DIR
@@ -256,6 +256,7 @@ def attach_classifier(pipeline_dir: str | Path, classifier_dir: str | Path, name
     from latentlm.pipelines.classifier_guidance import check_classifier
 
     pipeline_dir, classifier_dir = Path(pipeline_dir), Path(classifier_dir)
+    refuse_pickled_weights(classifier_dir)
     classifier = LatentClassifier.from_pretrained(classifier_dir)
     autoencoder = LatentAutoencoder.from_pretrained(pipeline_dir / "autoencoder")
     name = name or classifier_dir.name

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from latentlm.files import refuse_pickled_weights
+
 __all__ = [
     "CUSTOM_PIPELINE_MODULE",
     "CUSTOM_PIPELINE_STUB",
@@ -75,6 +77,7 @@ def check_pipeline_folder(folder: Path, index_name: str, class_name: str) -> Non
             f"pipeline folder {str(folder)!r} is missing the component(s) {missing} "
             f"(expected sub-folders {list(COMPONENTS)} listed in {index_name}); save it again with save_pretrained."
         )
+    refuse_pickled_weights(folder)
     refuse = f"{str(index_path)!r}: refusing to run code from the folder"
     named = index.get("_class_name")
     if named not in (class_name, [CUSTOM_PIPELINE_MODULE, class_name]):
@@ -123,5 +126,6 @@ def load_classifiers(folder: Path) -> dict:
     from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 
     root = Path(folder) / CLASSIFIERS_DIR
+    refuse_pickled_weights(root)
     paths = sorted(root.iterdir()) if root.is_dir() else []
     return {path.name: LatentClassifier.from_pretrained(path) for path in paths if (path / "config.json").is_file()}

@@ -396,8 +396,10 @@ def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trai
         "decoder_tuning.optimizer.max_steps=3",
         "decoder_tuning.optimizer.batch_size=4",
     ]
+    (run / ".tmp-pipeline-deadbeef").mkdir()  # left by a run killed while writing its pipeline
     argv = ["train", "--config", str(config_path), "--resume", "--in-process"]
     assert main([*argv, *[x for s in sets for x in ("--set", s)]]) == 0
+    assert not list(run.glob(".tmp-pipeline-*"))
     assert len(calls) == 3 and {c[:2] for c in calls} == {("LatentDenoiser", (0.2, 0.6))}
     assert all(c[2] is not None and c[2].shape == (4,) for c in calls)  # each text's class
     assert json.loads((run / "decoder_history.json").read_text())["final_step"] == 3

@@ -603,6 +603,25 @@ def test_a_saved_folder_loads_without_importing_its_stub(pipe, tmp_path, monkeyp
     )
 
 
+@pytest.mark.parametrize("where", ["classifiers/length/pytorch_model.bin", "denoiser/diffusion_pytorch_model.bin"])
+def test_pickled_weights_anywhere_in_a_folder_are_refused(pipe, tmp_path, where):
+    pipe.save_pretrained(tmp_path / "pipe")
+    planted = tmp_path / "pipe" / where
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"weight": torch.zeros(1)}, planted)
+    with pytest.raises(ValueError, match="pickled weight file; latentlm loads safetensors only"):
+        LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+
+
+def test_pickled_weights_in_an_autoencoder_folder_are_refused(tiny_bart_dir, tmp_path):
+    from latentlm import TextAutoencoder
+
+    make_tiny_text_autoencoder(tiny_bart_dir).save_pretrained(tmp_path / "ae")
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "ae" / "autoencoder" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.bin' is a pickled weight file"):
+        TextAutoencoder.from_pretrained(tmp_path / "ae")
+
+
 def test_pickle_serialization_is_refused(pipe, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False)

@@ -1,12 +1,15 @@
 """Training checkpoints: atomic, safetensors-only folders ``<root>/checkpoints/step_XXXXXXXX`` holding
 the trainable weights, the optimizer and lr-scheduler state, the EMA weights and a JSON trainer state,
-stamped with a fingerprint of the run's config so that a run never resumes another run's weights."""
+stamped with a fingerprint of the run's config so that a run never resumes another run's weights,
+and a sha256 of every file (``checksums.json``) so that a damaged checkpoint is found before it is
+read: resume then takes the newest intact one."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,9 +21,15 @@ from safetensors.torch import load_file, save_file
 from latentlm.files import atomic_directory
 from latentlm.optimization import apply_scheduled_lr
 
+logger = logging.getLogger(__name__)
+
+CHECKSUMS_FILE = "checksums.json"
+
 __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
+    "DamagedCheckpointError",
+    "verify_checkpoint",
     "RESUMABLE_KEYS",
     "StaleCheckpointsError",
     "read_ema_shadow",
@@ -34,6 +43,46 @@ class CheckpointMismatchError(ValueError):
 
 class StaleCheckpointsError(RuntimeError):
     """The checkpoint folder holds checkpoints of another run (another config or seed)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint's files are not the ones written (truncated, changed or missing)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=2))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise `DamagedCheckpointError` naming the first file of checkpoint ``path`` whose sha256 differs
+    from the one recorded when it was written (or that is missing). Checkpoints written before
+    checksums were recorded are only checked for a readable trainer state."""
+    path = Path(path)
+    sums_file = path / CHECKSUMS_FILE
+    try:
+        sums = json.loads(sums_file.read_text()) if sums_file.is_file() else None
+        if sums is None:
+            json.loads((path / "trainer_state.json").read_text())
+            return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpointError(f"{str(path)!r}: unreadable ({err}).") from err
+    for name, expected in sums.items():
+        file = path / name
+        if not file.is_file():
+            raise DamagedCheckpointError(f"{str(file)!r} is missing.")
+        if _sha256(file) != expected:
+            raise DamagedCheckpointError(
+                f"{str(file)!r} is not the file written at this checkpoint (its sha256 differs)."
+            )
 
 
 # Settings that may change between a run and its resumption: the cadence of logs, evaluations and
@@ -123,7 +172,7 @@ class CheckpointManager:
                 f"{str(self.root)!r} already holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
                 f"continue it, --overwrite to delete them and start over, or choose another output_dir."
             )
-        latest = found[-1]
+        latest = self._newest_intact(found)
         saved = json.loads((latest / "trainer_state.json").read_text()).get("fingerprint")
         if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
             raise StaleCheckpointsError(
@@ -133,14 +182,35 @@ class CheckpointManager:
             )
         return latest
 
+    @staticmethod
+    def _newest_intact(found: list[Path]) -> Path:
+        """The newest checkpoint whose files verify; a damaged one is named in a warning and skipped."""
+        damaged = []
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except DamagedCheckpointError as err:
+                logger.warning("Skipping damaged checkpoint %s: %s", path.name, err)
+                damaged.append(str(err))
+                continue
+            if damaged:
+                logger.warning("Resuming from %s, the newest intact checkpoint.", path.name)
+            return path
+        raise DamagedCheckpointError(
+            f"Every checkpoint in {str(found[0].parent)!r} is damaged: "
+            + "; ".join(damaged)
+            + " Pass --overwrite to start over."
+        )
+
     def checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
 
     def latest(self) -> Path | None:
+        """The newest intact checkpoint (None without any)."""
         found = self.checkpoints()
-        return found[-1] if found else None
+        return self._newest_intact(found) if found else None
 
     def save(
         self,
@@ -173,6 +243,7 @@ class CheckpointManager:
                 save_file(shadow, str(tmp / "ema.safetensors"))
                 state["ema"] = {k: v for k, v in ema_state.items() if k not in ("shadow_params", "collected_params")}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _write_checksums(tmp)
         # Oldest first; a kill during this clean-up leaves whole checkpoints only (each is one folder,
         # removed by renaming it away first), so resume still finds the newest.
         for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,6 +128,9 @@ def _add_evaluate_parser(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentlm", description="Latent diffusion language models.")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (default: its message only)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train-autoencoder", help="stage 1: train the latent text autoencoder")
@@ -322,5 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: what a user can cause and fix (a bad value, a missing file or package): the message is the help
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``latentlm`` command: `main`, with a user error printed as its message (exit status 2)
+    instead of a traceback; ``--debug`` (or ``LATENTLM_DEBUG=1``) shows the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv or os.environ.get("LATENTLM_DEBUG", "").strip() in ("1", "true", "yes"):
+        return main(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        message = str(err).strip().strip("'\"") or type(err).__name__
+        print(f"latentlm: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -437,11 +437,19 @@ def test_denoiser_decoder_tuning_needs_stage_2(trained_run):
             load_config(config_path, [f"decoder_tuning.{bad}"]).validate()
 
 
-def test_cli_rejects_bad_config(tmp_path):
+def test_cli_rejects_bad_config(tmp_path, capsys):
+    from latentlm.cli import run
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("output_dir: x\nautoencoder: {backbon: minilm}\n")
     with pytest.raises(ValueError, match="backbon"):
         main(["train", "--config", str(bad)])
+    # the command prints the message, not a traceback (--debug shows it)
+    assert run(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentlm: error: Unknown config key 'autoencoder.backbon'") and "Traceback" not in err
+    with pytest.raises(ValueError, match="backbon"):
+        run(["--debug", "train", "--config", str(bad)])
 
 
 def test_time_budget_stops_a_stage_early(trained_run, tmp_path):

@@ -38,7 +38,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sampling_common as common  # noqa: E402
 
-METRICS = ("mauve", "mauve_topic", "perplexity", "perplexity_ratio", "diversity", "memorization", "class_accuracy")
+from latentlm.evaluation_report import METRIC_NAMES  # noqa: E402
+
+# the metrics of `latentlm evaluate`, in its order
+METRICS = METRIC_NAMES
 # the names of the summary file (benchmarks/results/fluent_text.json) for the same metrics
 SUMMARY_KEYS = {
     "mauve": "mauve_lm",

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "judge_sanity",
         "command": "python benchmarks/judge_sanity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": common.environment(torch.device("cpu")) | {"native_bf16": has_native_bf16()},
+        "environment": common.environment(torch.device("cpu")) | {"native_bf16": has_native_bf16("cpu")},
         "data": str(data),
         "num_texts": args.num_texts,
         "examples": {name: side[:3] for name, side in q_sides.items()},

@@ -340,7 +340,7 @@ def main(argv=None) -> int:
         "judges": {"features": features.name, "topic": topic.name, "perplexity": perplexity.name},
         "decode_kwargs": decode_kwargs,
     }
-    result["machine"]["native_bf16"] = has_native_bf16()
+    result["machine"]["native_bf16"] = has_native_bf16("cpu")
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(result["mean_over_classes"], indent=1))
     if args.summary_out:
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
             "run": str(run),
             "details": args.out,
             "command": result["command"],
-            "cpu": ("AVX512-BF16" if has_native_bf16() else "AVX2-only")
+            "cpu": ("AVX512-BF16" if has_native_bf16("cpu") else "AVX2-only")
             + f" ({common.environment(torch.device('cpu'))['cpu']})",
         }
         Path(args.summary_out).write_text(json.dumps(summary, indent=1) + "\n")

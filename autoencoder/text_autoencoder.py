@@ -46,7 +46,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
-from latentlm.files import refuse_pickled_weights
+from latentlm.files import read_json, refuse_pickled_weights
 
 __all__ = ["TextAutoencoder"]
 
@@ -405,7 +405,9 @@ class TextAutoencoder(nn.Module):
                 f"TextAutoencoder.save_pretrained or of train-autoencoder)."
             )
         refuse_pickled_weights(root)
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
+        for path in sorted(root.glob("*/*.json")):
+            read_json(path)  # a damaged tokenizer.json or config.json is named here, not deep in a loader
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         autoencoder = LatentAutoencoder.from_pretrained(root / "autoencoder")
         lora = meta.get("lora") or {}

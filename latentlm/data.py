@@ -55,6 +55,15 @@ def check_text_file(path: Path) -> None:
                 raise ValueError(f"{str(path)!r}, line {number}: not valid JSON ({err.msg}): {line[:80]!r}.") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{str(path)!r}, line {number}: expected a JSON object per line, got {line[:80]!r}.")
+            for key, value in row.items():
+                if isinstance(value, str):
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError as err:
+                        raise ValueError(
+                            f"{str(path)!r}, line {number}: {key!r} holds a lone surrogate {value[err.start]!r} at "
+                            f"character {err.start} (half of a UTF-16 pair: no text can hold it). Fix or remove it."
+                        ) from None
 
 
 def _load_split(path: str, split: str) -> datasets.Dataset:

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "remove_leftovers", "refuse_pickled_weights", "write_json_atomic", "PICKLE_SUFFIXES"]
+__all__ = [
+    "atomic_directory",
+    "read_json",
+    "remove_leftovers",
+    "refuse_pickled_weights",
+    "write_json_atomic",
+    "PICKLE_SUFFIXES",
+]
 
 #: weight files that are Python pickles: loading one can run code, so latentlm never reads them
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -87,3 +94,14 @@ def refuse_pickled_weights(folder: str | Path) -> None:
             f"(loading a pickle can run code). Remove {'it' if len(found) == 1 else f'these {len(found)} files'} "
             "or convert the weights to safetensors."
         )
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; a damaged file is a ValueError that names it (not a bare JSONDecodeError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({err}); restore the file or save the model again."
+        ) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from latentlm.files import refuse_pickled_weights
+from latentlm.files import read_json, refuse_pickled_weights
 
 __all__ = [
     "CUSTOM_PIPELINE_MODULE",
@@ -70,7 +70,7 @@ def check_pipeline_folder(folder: Path, index_name: str, class_name: str) -> Non
     index_path = folder / index_name
     if not index_path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {index_name}: it is not a saved pipeline folder.")
-    index = json.loads(index_path.read_text())
+    index = read_json(index_path)
     missing = [name for name in COMPONENTS if name not in index or not (folder / name).is_dir()]
     if missing:
         raise ValueError(
@@ -104,10 +104,7 @@ def check_pipeline_folder(folder: Path, index_name: str, class_name: str) -> Non
                 f"come from {list(COMPONENT_LIBRARIES)}."
             )
     for path in sorted(folder.glob("*/*.json")):
-        try:
-            config = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a malformed config is the loader's error to report
+        config = read_json(path)  # a damaged tokenizer.json or config.json is named here
         if isinstance(config, dict) and "auto_map" in config:
             raise ValueError(
                 f"{str(path)!r} sets 'auto_map' (code of its own for transformers to import); refusing to run "

@@ -123,6 +123,7 @@ def test_bad_arguments_get_clear_errors(pipe):
         (b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON"),
         (b'{"text": "caf\xe9"}\n', "is not UTF-8 \\(line 1"),
         (b'{"text": "a"}\n["b"]\n', "line 2: expected a JSON object"),
+        (b'{"text": "fine"}\n{"text": "half \\ud800 a pair"}\n', "line 2: 'text' holds a lone surrogate"),
     ],
 )
 def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
@@ -180,3 +181,23 @@ def test_read_texts_says_how_many_empty_rows_it_leaves_out(tmp_path, caplog):
         texts, labels = read_texts(path, label_column="label")
     assert texts == ["one", "three"] and labels == ["a", "a"]
     assert "2 of 4 rows have an empty 'text' and are left out" in caplog.text
+
+
+@pytest.mark.parametrize("damaged", ["model_index.json", "tokenizer/tokenizer.json", "denoiser/config.json"])
+def test_a_damaged_json_file_in_a_pipeline_folder_is_named(pipe, tmp_path, damaged):
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    path = tmp_path / "pipe" / damaged
+    assert path.is_file()
+    path.write_text('{"truncated": ')
+    with pytest.raises(ValueError, match=f"{damaged}' is not valid JSON"):
+        LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+
+
+def test_one_class_is_refused_for_a_class_conditional_model():
+    from latentlm.train_diffusion import resolve_class_labels
+
+    with pytest.raises(ValueError, match="Every training example has the label 'movie'.*at least two classes"):
+        resolve_class_labels(["movie"] * 5)
+    assert resolve_class_labels(["b", "a", "b"]) == ([1, 0, 1], ["a", "b"])

@@ -5,7 +5,8 @@ through ``MlflowClient`` with explicit run ids, so a parent run and its per-stag
 open at once. When the tracking server cannot be reached, training goes on: the tracker warns once,
 keeps every call in order in a queue, retries it later, and at the end writes whatever is still
 unsent to ``<fallback_dir>/mlflow_unsent.jsonl``, so no metric is lost; the next tracker of the
-same run name there sends them first and removes them from the file.
+same run name there sends them first and removes them from the file (`latentlm train --resume` opens
+one for every finished stage with calls waiting, so they reach the stage's own run).
 
 Run ids are kept in ``<fallback_dir>/mlflow_runs.json``: a resumed training run (``resume=True``)
 continues the same MLflow run instead of opening a new one, and a fresh start marks a run that
@@ -246,6 +247,21 @@ class Tracker:
         registry = self._registry()
         registry[self._registry_key] = {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
         write_json_atomic(self._registry_path(), registry)
+
+    @staticmethod
+    def unsent_run_names(fallback_dir: str | Path) -> set[str]:
+        """The run names with calls waiting in ``<fallback_dir>/mlflow_unsent.jsonl`` (refused ones aside):
+        a run whose stage is finished opens a tracker for them only so that they reach it."""
+        path = Path(fallback_dir) / "mlflow_unsent.jsonl"
+        if not path.is_file():
+            return set()
+        names = set()
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                if "error" not in entry and entry.get("op") not in ("create_run", "terminate"):
+                    names.add(entry.get("run_name"))
+        return names
 
     def _take_unsent(self) -> list[tuple[str, dict[str, Any]]]:
         """Calls of this run name left in ``mlflow_unsent.jsonl`` by an earlier process (refused ones stay)."""

@@ -278,6 +278,10 @@ def train(
             label = {"autoencoder": "Stage 1", "decoder_tuning": "Decoder tuning", "diffusion": "Stage 2"}[name]
             if resume and _stage_done(history_file, final_dir, max_steps):
                 logger.warning("%s already finished in %s; skipping it.", label, final_dir)
+                if name in Tracker.unsent_run_names(output_dir):
+                    # its calls queued while the tracking store was down go to the stage's own run now
+                    with Tracker(tracking, run_name=name, parent=parent, fallback_dir=output_dir, resume=True):
+                        pass
             else:
                 call = (
                     stage,

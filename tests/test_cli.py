@@ -437,6 +437,32 @@ def test_denoiser_decoder_tuning_needs_stage_2(trained_run):
             load_config(config_path, [f"decoder_tuning.{bad}"]).validate()
 
 
+def test_resume_sends_the_queued_calls_of_finished_stages_to_their_runs(trained_run, tmp_path):
+    # Calls queued while the tracking server was down (mlflow_unsent.jsonl) reach the run of the stage that
+    # made them, although a resumed run skips that finished stage.
+    import shutil
+
+    from mlflow import MlflowClient
+
+    run_dir, tracking_uri, config_path = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    queued = [
+        {"run_name": "diffusion", "op": "log_metrics", "metrics": {"queued/loss": 0.25}, "step": 7, "timestamp": 1},
+        {"run_name": "autoencoder", "op": "log_params", "params": [["queued.param", "1"]]},
+    ]
+    (run / "mlflow_unsent.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queued))
+    assert main(["train", "--config", str(config_path), "--resume", "--in-process", "--set", f"output_dir={run}"]) == 0
+    runs = json.loads((run / "mlflow_runs.json").read_text())
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(runs["train/diffusion"]["run_id"]).data.metrics["queued/loss"] == 0.25
+    assert client.get_run(runs["train/autoencoder"]["run_id"]).data.params["queued.param"] == "1"
+    unsent = run / "mlflow_unsent.jsonl"
+    left = [json.loads(line) for line in unsent.read_text().splitlines()] if unsent.exists() else []
+    # only calls MLflow refused stay on disk (here: the parent's params, changed by the new output_dir)
+    assert all("error" in row and row["run_name"] == "train" for row in left), left
+
+
 def test_cli_rejects_bad_config(tmp_path, capsys):
     from latentlm.cli import run
 

@@ -158,6 +158,25 @@ def _load_training_data(config: RunConfig) -> tuple[list[str], list[Any] | None,
     return texts, labels, sources
 
 
+def _warn_unseen_validation_classes(config: RunConfig, class_names: list[str]) -> None:
+    """Warn when the validation split holds labels the model has no class for: it cannot sample them."""
+    data = config.data
+    if not (class_names and data.label_column and data.validation_split):
+        return
+    try:
+        ds = load_text_dataset(data, data.validation_split, data.max_eval_samples)
+    except (ValueError, FileNotFoundError):
+        return  # no usable validation split: stage 2 does not need one
+    unseen = sorted({str(label) for label in ds[data.label_column]} - set(class_names))
+    if unseen:
+        logger.warning(
+            "The validation split has labels %s that no training example has; the model knows only %s and cannot "
+            "sample them.",
+            unseen[:10],
+            class_names,
+        )
+
+
 class DiffusionStage(TrainingStage):
     """Stage 2: the LD4LG diffusion loss of a `LatentDenoiser` over cached latents, with EMA weights."""
 
@@ -178,6 +197,7 @@ class DiffusionStage(TrainingStage):
             raise ValueError(
                 "diffusion.balance_classes=true needs class labels: set data.label_column, or turn it off."
             )
+        _warn_unseen_validation_classes(self.config, self.class_names)
 
         # latents, encoded once (main process), then memory-mapped by every process
         self.text_autoencoder = TextAutoencoder.from_pretrained(self.autoencoder_path)

@@ -389,3 +389,20 @@ def test_denoised_latents_follow_the_noise_level_and_self_condition():
     assert not torch.allclose(mid[0], latents, atol=0.05)
     with pytest.raises(ValueError, match="noise_levels"):
         denoised_latents(denoiser, scheduler, latents, (0.6, 0.3))
+
+
+def test_validation_labels_without_a_class_are_warned_about(tmp_path, caplog):
+    from latentlm.config import load_config
+    from latentlm.train_diffusion import _warn_unseen_validation_classes
+
+    for split, labels in (("train", ["a", "b"]), ("validation", ["a", "c"])):
+        rows = [json.dumps({"text": f"text {i}", "label": label}) for i, label in enumerate(labels)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    config = load_config({"data": {"path": str(tmp_path), "label_column": "label"}})
+    with caplog.at_level("WARNING"):
+        _warn_unseen_validation_classes(config, ["a", "b"])
+    assert "labels ['c'] that no training example has" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _warn_unseen_validation_classes(config, ["a", "b", "c"])
+    assert not caplog.text

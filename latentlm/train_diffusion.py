@@ -87,7 +87,7 @@ def resolve_class_labels(
     if missing:
         raise ValueError(f"{len(missing)} training examples have no label (first rows: {missing[:5]}).")
     as_str = [str(label) for label in raw_labels]
-    if len(set(as_str)) < 2:
+    if len(set(as_str)) < 2 and (class_names is None or len(set(class_names)) < 2):
         raise ValueError(
             f"Every training example has the label {as_str[0]!r}: a class-conditional model needs at least two "
             "classes to tell apart. Set data.label_column to a column with several classes, or to null for an "

@@ -332,6 +332,13 @@ def test_training_rejects_bad_data_before_building_model(tmp_path, snippets_json
         train_autoencoder(config)
 
 
+def test_max_length_above_the_backbones_positions_is_refused(tmp_path, snippets_jsonl, tiny_bart_dir):
+    # before: a bare IndexError while caching the encoder states
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_length=4096)
+    with pytest.raises(ValueError, match=r"max_length=4096 exceeds the \d+ positions the backbone .* at most"):
+        train_autoencoder(config)
+
+
 def test_training_unknown_backbone(tmp_path, snippets_jsonl):
     config = tiny_config(tmp_path, snippets_jsonl, "my-favourite-lm")
     with pytest.raises(ValueError, match="Unknown backbone 'my-favourite-lm'.*Named backbones"):

@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(name, result["mauve"][name], flush=True)
         del judge
     perplexity = load_perplexity_model(args.perplexity_model)
-    base = perplexity(held_apart)
+    means = {v: perplexity(q) for v, q in q_sides.items()}
+    base = means[VARIANTS[0]]
     result["perplexity"] = {
         "judge": perplexity.name,
-        **{v: {"perplexity": perplexity(q), "ratio": perplexity(q) / base} for v, q in q_sides.items()},
+        **{v: {"perplexity": mean, "ratio": mean / base} for v, mean in means.items()},
     }
     print("perplexity", result["perplexity"], flush=True)
     common.write_results("judge_sanity", result, args.out)

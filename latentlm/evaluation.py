@@ -122,9 +122,13 @@ class _Judges:
         return tuple(getattr(judge, "name", None) for judge in (self.features, self.perplexity, self.topic))
 
     @property
+    def classifier_key(self) -> str:
+        """Which judge's features the class-accuracy probe reads: the topic judge, or without one the MAUVE judge."""
+        return "topic" if self.topic is not None else "features"
+
+    @property
     def classifier_features(self) -> FeatureModel | None:
-        """What the class-accuracy probe reads: the topic judge, or without one the MAUVE judge."""
-        return self.topic if self.topic is not None else self.features
+        return getattr(self, self.classifier_key)
 
 
 def _load_judge(judge, loader, device):
@@ -214,7 +218,7 @@ def _score_row(
         mem_texts = q_texts if row == "model" else [texts.references[i] for i in p_idx]
         values["memorization"] = metrics.memorization(mem_texts, texts.train)
     if judges.classifier is not None:
-        key = "topic" if judges.topic is not None else "features"
+        key = judges.classifier_key
         if row == "model":
             values["class_accuracy"] = metrics.class_accuracy(judges.classifier, q_features[key], judges.class_name)
         elif texts.reference_labels:

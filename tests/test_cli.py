@@ -301,10 +301,30 @@ def test_a_tracker_pickles_without_its_client_and_still_serves_as_parent(tmp_pat
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.metrics["loss"] == 1.0
 
 
+def _copy_of_the_run(trained_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the module's trained run to change (its output_dir) and its config file."""
+    import shutil
+
+    run_dir, _, config_path = trained_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run", config_path
+
+
+def _decoder_tuning_sets(run: Path, *extra: str) -> list[str]:
+    """``--set`` values that add a 3-step decoder tuning (batch 4) to the copied run, untracked."""
+    return [
+        f"output_dir={run}",
+        "tracking.enabled=false",
+        "decoder_tuning.enabled=true",
+        "decoder_tuning.optimizer.max_steps=3",
+        "decoder_tuning.optimizer.batch_size=4",
+        *extra,
+    ]
+
+
 def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog, monkeypatch):
     # decoder_tuning added to a finished run: stages 1 and 2 are kept, stage 1's decoder side trains
     # on with the latents unchanged, and the pipeline is rebuilt with it.
-    import shutil
 
     from safetensors.torch import load_file
 
@@ -320,18 +340,8 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
     run_in_new_process = latentlm.train.run_in_new_process
     monkeypatch.setattr(latentlm.train, "run_in_new_process", spy)
 
-    run_dir, _, config_path = trained_run
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    sets = [
-        f"output_dir={run}",
-        "tracking.enabled=false",
-        "decoder_tuning.enabled=true",
-        "decoder_tuning.latent_noise_std=1.0",
-        "decoder_tuning.optimizer.max_steps=3",
-        "decoder_tuning.optimizer.batch_size=4",
-        "decoder_tuning.save_every=2",
-    ]
+    run, config_path = _copy_of_the_run(trained_run, tmp_path)
+    sets = _decoder_tuning_sets(run, "decoder_tuning.latent_noise_std=1.0", "decoder_tuning.save_every=2")
     with caplog.at_level("WARNING"):
         assert main(["train", "--config", str(config_path), "--resume", *[x for s in sets for x in ("--set", s)]]) == 0
     assert "Stage 1 already finished" in caplog.text and "Stage 2 already finished" in caplog.text
@@ -367,7 +377,6 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
 def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trained_run, tmp_path, monkeypatch):
     # latent_source: denoiser: the tuning runs after stage 2 and its decoder reads what stage 2's denoiser
     # makes of each text's noised latents (the class of the text given), not the latents themselves.
-    import shutil
 
     import latentlm.diffusion
 
@@ -383,19 +392,13 @@ def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trai
         return out
 
     monkeypatch.setattr(latentlm.diffusion, "denoised_latents", spy)
-    run_dir, _, config_path = trained_run
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    sets = [
-        f"output_dir={run}",
-        "tracking.enabled=false",
-        "decoder_tuning.enabled=true",
+    run, config_path = _copy_of_the_run(trained_run, tmp_path)
+    sets = _decoder_tuning_sets(
+        run,
         "decoder_tuning.latent_source=denoiser",
         "decoder_tuning.denoiser_noise_levels=[0.2, 0.6]",
         "decoder_tuning.latent_noise_std=0",
-        "decoder_tuning.optimizer.max_steps=3",
-        "decoder_tuning.optimizer.batch_size=4",
-    ]
+    )
     (run / ".tmp-pipeline-deadbeef").mkdir()  # left by a run killed while writing its pipeline
     argv = ["train", "--config", str(config_path), "--resume", "--in-process"]
     assert main([*argv, *[x for s in sets for x in ("--set", s)]]) == 0

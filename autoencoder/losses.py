@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from latentlm.autoencoder.families.base import unwrap_peft
 from latentlm.autoencoder.text_codec import (
     causal_body,
     key_value_prefix_inputs,
     soft_prompt_inputs,
-    unwrap_peft,
     uses_key_value_prefix,
 )
 from transformers.modeling_outputs import BaseModelOutput

@@ -1,56 +1,42 @@
 """TextAutoencoder: tokenizer + pretrained LM (seq2seq or decoder-only, + PEFT) + LatentAutoencoder.
 
-Folder layout written by `save_pretrained`::
-
-    text_autoencoder.json   backbone, decoder mode, max_length, LoRA settings
-    tokenizer/              tokenizer.save_pretrained
-    autoencoder/            LatentAutoencoder (config.json + safetensors)
-    language_model/         decoder "lora": a PEFT adapter (load with peft.PeftModel.from_pretrained)
-                            otherwise (or merge_adapters=True): the full transformers model
+Its folder (`save_pretrained` / `from_pretrained`) is described in
+`latentlm.autoencoder.text_autoencoder_folder`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder import LatentAutoencoder
-from latentlm.autoencoder.adapters import configure_trainable
 from latentlm.autoencoder.backbones import (
     CAUSAL_MEMORY,
     attention_shape,
-    backbone_family,
-    decoder_layers,
     encoder_hidden_size,
     load_backbone,
-    load_language_model,
     prompt_template_for,
 )
+from latentlm.autoencoder.families import family_of, is_causal_lm
+from latentlm.autoencoder.families.base import unwrap_peft
+from latentlm.autoencoder.families.causal_lm import decoder_layers
 from latentlm.autoencoder.losses import alignment_loss, causal_reconstruction_loss, seq2seq_reconstruction_loss
+from latentlm.autoencoder.text_autoencoder_folder import load_text_autoencoder_parts, save_text_autoencoder
 from latentlm.autoencoder.text_codec import (
     decode_latents,
     encode_sources,
     encode_texts,
     encoder_hidden_states,
-    is_causal_lm,
     merge_peft,
     tokenize_texts,
-    unwrap_peft,
     uses_key_value_prefix,
 )
-from peft import PeftModel
 from torch import nn
-from transformers import AutoTokenizer
-
-from latentlm.files import read_json, refuse_pickled_weights
 
 __all__ = ["TextAutoencoder"]
-
-CONFIG_NAME = "text_autoencoder.json"
 
 
 def _start_soft_prompt_at_embedding_scale(autoencoder: LatentAutoencoder, language_model) -> None:
@@ -60,6 +46,50 @@ def _start_soft_prompt_at_embedding_scale(autoencoder: LatentAutoencoder, langua
         autoencoder.reconstruction_norm.weight.fill_(
             float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5
         )
+
+
+#: the arguments of `TextAutoencoder.from_backbone` that shape its `LatentAutoencoder`
+_AUTOENCODER_SETTINGS = (
+    "max_length",
+    "normalize_latents",
+    "context_positions",
+    "memory_tokens_per_latent",
+    "query_init_std",
+    "context_layers",
+    "tokens_per_query",
+    "num_latents",
+    "latent_dim",
+    "head_dim",
+    "ff_mult",
+    "dropout",
+    "num_compression_layers",
+    "num_reconstruction_layers",
+)
+
+
+def _latent_autoencoder_for(
+    family,
+    language_model,
+    *,
+    max_length: int,
+    causal_memory: str,
+    normalize_latents,
+    context_positions: int,
+    **settings,
+) -> LatentAutoencoder:
+    """A new compression/reconstruction network for a backbone of ``family`` (the other ``settings`` are
+    `LatentAutoencoder` arguments)."""
+    key_value_shape = attention_shape(language_model) if causal_memory == "key_value_prefix" else {}
+    autoencoder = LatentAutoencoder(
+        d_model=family.encoder_hidden_size(language_model),
+        normalize_latents=family.normalize_latents if normalize_latents is None else normalize_latents,
+        context_positions=max_length if context_positions == -1 else context_positions,
+        **settings,
+        **key_value_shape,
+    )
+    if family.is_causal and not key_value_shape:
+        _start_soft_prompt_at_embedding_scale(autoencoder, language_model)
+    return autoencoder
 
 
 class TextAutoencoder(nn.Module):
@@ -156,64 +186,37 @@ class TextAutoencoder(nn.Module):
     ) -> TextAutoencoder:
         """A new (untrained) autoencoder over a backbone (see `latentlm.autoencoder.backbones.load_backbone`).
 
-        ``normalize_latents=None``: off for T5, on otherwise (LD4LG). ``context_positions=-1``: one
-        learned position embedding per token of ``max_length`` (see `LatentAutoencoder`).
-
-        Decoder-only backbones (``"smollm2"``, ``"gpt2"``, any causal LM folder): the LM's states after
-        ``context_layers`` layers are compressed; the latents come back as a soft prompt of
-        ``num_latents * memory_tokens_per_latent`` input embeddings in ``prompt_template`` (default: the
-        backbone's, else its chat template asking to repeat the text), or with
-        ``causal_memory="key_value_prefix"`` as keys and values in every layer. ``alignment_weight`` > 0
-        pulls soft-prompt slot j towards the embedding of the text's token j: the prompt then reads
-        like the text itself, which the LM already knows how to repeat.
-
-        ``latent_noise_std`` > 0: in training the decoder reads ``latents + latent_noise_std * ε``
-        (projected back onto the latent sphere when latents are normalized), so it learns to write
-        fluent text from the imperfect latents a denoiser samples, not only from exact encodings.
+        ``normalize_latents=None``: the family's default (off for T5, on otherwise: LD4LG).
+        ``context_positions=-1``: one learned position embedding per token of ``max_length`` (see
+        `LatentAutoencoder`). Decoder-only backbones read the latents as a soft prompt in
+        ``prompt_template`` or a key/value prefix (``causal_memory``), with the LM's first
+        ``context_layers`` layers as the encoder (`latentlm.autoencoder.families.causal_lm`);
+        ``alignment_weight`` > 0 pulls soft-prompt slot j towards the embedding of token j.
+        ``latent_noise_std`` > 0: in training the decoder reads ``latents + latent_noise_std * ε``, so
+        it learns to write fluent text from the imperfect latents a denoiser samples.
         """
+        settings = {name: value for name, value in locals().items() if name in _AUTOENCODER_SETTINGS}
         if causal_memory not in CAUSAL_MEMORY:
             raise ValueError(f"causal_memory={causal_memory!r}: use one of {list(CAUSAL_MEMORY)}.")
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
         tokenizer, language_model = load_backbone(
             backbone,
             decoder=decoder,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_target_modules=lora_target_modules,
+            **{f"lora_{key}": value for key, value in lora.items()},
             cross_attention_init=cross_attention_init,
             plm_dropout=plm_dropout,
             context_layers=context_layers,
         )
-        family = backbone_family(language_model)
-        if family == "causal":
-            prompt_template = prompt_template_for(backbone, tokenizer) if prompt_template is None else prompt_template
-        elif prompt_template is not None or context_layers or tokens_per_query or causal_memory != "soft_prompt":
-            raise ValueError(
-                "prompt_template, context_layers, tokens_per_query and causal_memory are for decoder-only "
-                f"backbones; {backbone!r} is a {family} encoder-decoder."
-            )
-        key_value_shape = attention_shape(language_model) if causal_memory == "key_value_prefix" else {}
-        autoencoder = LatentAutoencoder(
-            d_model=encoder_hidden_size(language_model),
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            num_compression_layers=num_compression_layers,
-            num_reconstruction_layers=num_reconstruction_layers,
-            head_dim=head_dim,
-            ff_mult=ff_mult,
-            normalize_latents=family != "t5" if normalize_latents is None else normalize_latents,
-            dropout=dropout,
-            context_positions=max_length if context_positions == -1 else context_positions,
-            query_init_std=query_init_std,
-            memory_tokens_per_latent=memory_tokens_per_latent,
-            tokens_per_query=tokens_per_query,
-            context_layers=context_layers,
-            prompt_template=prompt_template,
-            **key_value_shape,
+        family = family_of(language_model)
+        causal_only = dict(context_layers=context_layers, tokens_per_query=tokens_per_query)
+        family.check_settings(
+            backbone, prompt_template=prompt_template, causal_memory=causal_memory != "soft_prompt", **causal_only
         )
-        if family == "causal" and not key_value_shape:
-            _start_soft_prompt_at_embedding_scale(autoencoder, language_model)
+        if family.is_causal and prompt_template is None:
+            prompt_template = prompt_template_for(backbone, tokenizer)
+        autoencoder = _latent_autoencoder_for(
+            family, language_model, causal_memory=causal_memory, prompt_template=prompt_template, **settings
+        )
         return cls(
             tokenizer,
             language_model,
@@ -358,28 +361,7 @@ class TextAutoencoder(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, merge_adapters: bool = False) -> Path:
         """Write the folder layout described in the module docstring (safetensors only)."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(out / "tokenizer")
-        self.autoencoder.save_pretrained(out / "autoencoder", safe_serialization=True)
-        is_adapter = isinstance(self.language_model, PeftModel) and not merge_adapters
-        if is_adapter:
-            self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
-        elif isinstance(self.language_model, PeftModel):
-            self.merged_language_model().save_pretrained(out / "language_model", safe_serialization=True)
-        else:
-            self.language_model.save_pretrained(out / "language_model", safe_serialization=True)
-        meta = {
-            "backbone": self.backbone,
-            "decoder": self.decoder_mode,
-            "language_model_format": "peft_adapter" if is_adapter else "transformers",
-            "max_length": self.max_length,
-            "lora": self.lora,
-            "alignment_weight": self.alignment_weight,
-            "latent_noise_std": self.latent_noise_std,
-        }
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        return out
+        return save_text_autoencoder(self, save_directory, merge_adapters)
 
     @classmethod
     def from_pretrained(
@@ -397,38 +379,7 @@ class TextAutoencoder(nn.Module):
         by default everything is frozen and in eval mode (inference). ``latent_noise_std`` and
         ``alignment_weight``, if given, replace the saved training settings (to train on).
         """
-        root = Path(directory)
-        meta_path = root / CONFIG_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{root} is not a TextAutoencoder folder: {CONFIG_NAME} is missing (expected the output of "
-                f"TextAutoencoder.save_pretrained or of train-autoencoder)."
-            )
-        refuse_pickled_weights(root)
-        meta = read_json(meta_path)
-        for path in sorted(root.glob("*/*.json")):
-            read_json(path)  # a damaged tokenizer.json or config.json is named here, not deep in a loader
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        autoencoder = LatentAutoencoder.from_pretrained(root / "autoencoder")
-        lora = meta.get("lora") or {}
-        if meta["language_model_format"] == "peft_adapter":
-            backbone = meta.get("backbone")
-            if not backbone:
-                raise ValueError(f"{meta_path} has no 'backbone' to load the LoRA adapter's base model from.")
-            if not os.path.isdir(backbone) and os.path.isdir(root / backbone):
-                backbone = str(root / backbone)  # a folder given relative to the model folder
-            if backbone.startswith((".", "/")) and not os.path.isdir(backbone):
-                raise FileNotFoundError(
-                    f"The LoRA adapters in {root / 'language_model'} were trained on the backbone folder {backbone!r}, "
-                    f"which does not exist (from {os.getcwd()!r}). Restore that folder, or edit 'backbone' in "
-                    f"{meta_path} to where it is now."
-                )
-            _, base = load_backbone(backbone, decoder="frozen")
-            language_model = PeftModel.from_pretrained(base, root / "language_model", is_trainable=trainable)
-        else:
-            language_model = load_language_model(str(root / "language_model"))
-            mode = meta["decoder"] if trainable and meta["decoder"] != "lora" else "frozen"
-            language_model = configure_trainable(language_model, mode, context_layers=autoencoder.config.context_layers)
+        tokenizer, language_model, autoencoder, meta = load_text_autoencoder_parts(directory, trainable)
         model = cls(
             tokenizer,
             language_model,
@@ -436,7 +387,7 @@ class TextAutoencoder(nn.Module):
             max_length=meta["max_length"],
             backbone=meta.get("backbone"),
             decoder=meta["decoder"],
-            lora=lora,
+            lora=meta.get("lora") or {},
             alignment_weight=meta.get("alignment_weight", 0.0) if alignment_weight is None else alignment_weight,
             latent_noise_std=meta.get("latent_noise_std", 0.0) if latent_noise_std is None else latent_noise_std,
         )

@@ -19,6 +19,7 @@ import warnings
 from typing import Any
 
 import torch
+from latentlm.autoencoder.families.base import decoder_stack_name, is_causal_lm, unwrap_peft
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = [
@@ -31,12 +32,10 @@ __all__ = [
     "encode_sources",
     "source_length_limit",
     "decode_latents",
-    "is_causal_lm",
     "soft_prompt_inputs",
     "key_value_prefix_inputs",
     "uses_key_value_prefix",
     "MEMORY_PLACEHOLDER",
-    "unwrap_peft",
     "merge_peft",
 ]
 
@@ -71,12 +70,6 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def is_causal_lm(language_model) -> bool:
-    """True for a decoder-only LM (or a PeftModel wrapping one)."""
-    config = language_model.config
-    return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
-
-
 def tokenize_texts(
     tokenizer, texts: list[str], max_length: int, device=None, *, add_special_tokens: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -104,21 +97,6 @@ def tokenize_texts(
         add_special_tokens=add_special_tokens,
     )
     return {k: batch[k].to(device) if device is not None else batch[k] for k in ("input_ids", "attention_mask")}
-
-
-def decoder_stack_name(body) -> str:
-    """Attribute of a causal LM's body holding its blocks: ``layers`` (Llama-likes), ``h`` (GPT-2), ``blocks``."""
-    for name in ("layers", "h", "blocks"):
-        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
-            return name
-    raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
-
-
-def unwrap_peft(language_model):
-    """The transformers model under an optional `peft.PeftModel` wrapper (the same object, not a copy)."""
-    from peft import PeftModel
-
-    return language_model.get_base_model() if isinstance(language_model, PeftModel) else language_model
 
 
 def merge_peft(language_model):

@@ -5,7 +5,7 @@ states cached as `train_autoencoder` does. Compares the two CPU speed-ups of the
 
 - length-grouped batches (`autoencoder.group_by_length`) against random batches: a batch is padded
   to its longest text, so random batches of short texts spend much of a step on padding;
-- SDPA's math kernel (`latentlm.training.attention_kernel`, used on CPU) against the flash kernel.
+- SDPA's math kernel (`latentlm.training.loop.attention_kernel`, used on CPU) against the flash kernel.
 
 Settings are interleaved round by round so that load from other jobs hits all of them alike.
 
@@ -28,12 +28,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
 import torch  # noqa: E402
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from latentlm.encoder_cache import build_encoder_cache  # noqa: E402
-from latentlm.training import batch_indices  # noqa: E402
+from latentlm.training.encoder_cache import build_encoder_cache  # noqa: E402
+from latentlm.training.loop import batch_indices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def main() -> None:
             f"padding {r['padding_fraction']:.0%}"
         )
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(report, indent=2))
+    common.write_results("", report, args.result)
     print(f"wrote {args.result}")
 
 

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from latentlm import corpus
+    from latentlm.data import restaurants as corpus
     from latentlm.sampling import load_pipeline, make_scheduler, sample_texts
 
     pipe = load_pipeline(args.pipeline)
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
             num_inference_steps=args.steps,
             output_type="latent",
             class_labels=foods[0],
-            scheduler=make_scheduler(pipe, "dpm++"),
+            scheduler=make_scheduler(pipe.scheduler, "dpm++"),
             generator=torch.Generator().manual_seed(0),
             controls=controls,
             control_scale=best["control_scale"] or 1.0,
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(result["seconds_per_step_batch_64"]), flush=True)
 
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_results("", result, args.out)
     try:
         import matplotlib
 

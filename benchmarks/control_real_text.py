@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,9 +44,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from latentlm import metrics
-    from latentlm.data import read_texts
-    from latentlm.judges import load_feature_model
+    from latentlm.data.loading import read_texts
+    from latentlm.evaluation import metrics
+    from latentlm.evaluation.judges import load_feature_model
     from latentlm.sampling import load_pipeline, sample_texts
 
     pipe = load_pipeline(args.pipeline)
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in sentiments}), flush=True)
     result["rows"] = rows
-    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    common.write_results("", result, args.out)
     return 0
 
 

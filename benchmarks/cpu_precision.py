@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
 import torch
 from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 
-from latentlm.training import has_native_bf16, resolve_mixed_precision
+from latentlm.training.precision import has_native_bf16, resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         "raw": {"matmul_s": matmul, "denoiser_step_s": denoiser},
     }
     print(json.dumps(result, indent=1))
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_results("", result, args.out)
     return 0
 
 

@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
 import torch
 
-from latentlm.corpus import generate_examples, parse, slots_match
+from latentlm.data.restaurants import generate_examples, parse, slots_match
 from latentlm.sampling import load_pipeline, sample_texts
 
-# builtin:restaurants (latentlm.train.prepare_data -> corpus.write_corpus) with seed 0
+# builtin:restaurants (latentlm.training.run.prepare_data -> corpus.write_corpus) with seed 0
 TRAIN_SEED, VALIDATION_SEED, NUM_TRAIN = 0, 1_000_003, 20_000
 
 CONDITIONS = (("no guidance", 1.0, 1), ("guidance 2.0", 2.0, 1), ("MBR-5", 1.0, 5), ("guidance 2.0 + MBR-5", 2.0, 5))
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         "examples": examples,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    common.write_results("", out, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,15 +1,14 @@
 """Denoiser training throughput at the `small` size: cached latents vs re-encoding texts every step.
 
-The comparison point: the LD4LG implementation at 384 wide, 6 layers, 6 heads, 32x64
-latents, batch 64, v-prediction, self-conditioning p=0.5, 4 classes, 3 long skips measured
-0.55 training steps/s and 0.73 s per guided sampling step (batch 64) on this machine in fp32.
-LD4LG re-encodes the batch's texts with the frozen PLM encoder + compression network at every
-step; latentlm encodes them once into a memory-mapped cache (`latentlm.latent_cache`).
+The comparison point is the LD4LG implementation at the same size (384 wide, 6 layers, 6 heads,
+32x64 latents, batch 64, v-prediction, self-conditioning p=0.5, 4 classes, 3 long skips); its
+figures on this project's machine are in benchmarks/README.md. LD4LG re-encodes the batch's texts with the frozen PLM encoder + compression network at every
+step; latentlm encodes them once into a memory-mapped cache (`latentlm.training.latent_cache`).
 
 Both data paths run side by side in one process, in fp32 and bf16 autocast, with the same
-training step as `latentlm.train_diffusion` (diffusion_loss, AdamW, clipping, lr schedule, EMA):
+training step as `latentlm.training.stages.diffusion` (diffusion_loss, AdamW, clipping, lr schedule, EMA):
 
-    python benchmarks/denoiser_throughput.py            # ~10 min on 2 busy cores
+    python benchmarks/denoiser_throughput.py
     python benchmarks/denoiser_throughput.py --steps 3 --sample-steps 2 --num-texts 256   # smoke run
 
 Texts: /work/shared/data/snippets (4 domains = 4 classes). Autoencoder: the offline MiniLM
@@ -35,13 +34,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 
 from latentlm.config import OptimizerConfig
-from latentlm.optimization import make_lr_scheduler, make_optimizer
+from latentlm.training.optimization import make_lr_scheduler, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "snippets" / "train.jsonl"
@@ -92,7 +92,7 @@ def autocast(precision: str):
 
 
 class TrainStep:
-    """The training step of `latentlm.train_diffusion` for one data path and precision.
+    """The training step of `latentlm.training.stages.diffusion` for one data path and precision.
 
     `mode` is 'cached' (latents read from the memory-mapped cache) or 'reencode' (the batch's texts
     go through the frozen encoder + compression network first, as in the LD4LG code).
@@ -115,7 +115,7 @@ class TrainStep:
         self.encode_walls: list[float] = []
 
     def __call__(self, i: int, record: bool = True) -> None:
-        from latentlm.training import batch_indices
+        from latentlm.training.loop import batch_indices
 
         tick, cpu_tick = time.perf_counter(), time.process_time()
         idx = batch_indices(len(self.texts), self.batch_size, i, seed=0)
@@ -226,7 +226,7 @@ def main() -> None:
 
     from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-    from latentlm.latent_cache import build_latent_cache
+    from latentlm.training.latent_cache import build_latent_cache
 
     torch.set_num_threads(args.threads)
     load_at_start = list(os.getloadavg())
@@ -309,7 +309,7 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2))
+    common.write_results("", summary, args.out)
     print(json.dumps(summary, indent=2))
 
 

@@ -5,7 +5,7 @@
 
 On the first ``--num-texts`` training texts, in one precision, each round times (in temporary folders,
 so nothing from an earlier round is reused):
-- writing the encoder cache (`latentlm.encoder_cache.build_encoder_cache`: what stage 1 does once);
+- writing the encoder cache (`latentlm.training.encoder_cache.build_encoder_cache`: what stage 1 does once);
 - opening it again by its key (what the decoder tuning and a resumed stage 1 do instead of encoding);
 - the latent cache from the texts (`build_latent_cache` without an encoder cache: the encoder runs);
 - the latent cache from the encoder cache (only the compression network runs).
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common  # benchmarks/common.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +48,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-    from latentlm.data import read_texts
-    from latentlm.encoder_cache import build_encoder_cache
-    from latentlm.latent_cache import build_latent_cache
-    from latentlm.training import resolve_mixed_precision
+    from latentlm.data.loading import read_texts
+    from latentlm.training.encoder_cache import build_encoder_cache
+    from latentlm.training.latent_cache import build_latent_cache
+    from latentlm.training.precision import resolve_mixed_precision
 
     precision = resolve_mixed_precision(args.mixed_precision, torch.device("cpu"))
     texts, _ = read_texts(Path(args.data) / "train.jsonl", "text")
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         "latent_max_abs_difference": difference,
     }
     print(json.dumps(result, indent=1))
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_results("", result, args.out)
     return 0
 
 

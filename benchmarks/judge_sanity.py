@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sampling_common as common  # noqa: E402
+import common  # noqa: E402
 
 VARIANTS = ("held-apart references", "words shuffled", "30% of words replaced")
 
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--num-texts", type=int, default=500, help="texts on each side of MAUVE")
     parser.add_argument(
-        "--feature-models", nargs="+", default=["smollm2", "minilm"], help="judges of MAUVE (latentlm.judges names)"
+        "--feature-models",
+        nargs="+",
+        default=["smollm2", "minilm"],
+        help="judges of MAUVE (latentlm.evaluation.judges names)",
     )
     parser.add_argument("--perplexity-model", default="smollm2")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from latentlm import metrics
-    from latentlm.data import read_texts
-    from latentlm.judges import load_feature_model, load_perplexity_model
-    from latentlm.training import has_native_bf16
+    from latentlm.data.loading import read_texts
+    from latentlm.evaluation import metrics
+    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
+    from latentlm.training.precision import has_native_bf16
 
     data = Path(args.data)
     texts, _ = read_texts(data / "validation.jsonl", args.text_column)

@@ -4,7 +4,7 @@ latents are.
     python benchmarks/latent_cache_speed.py --autoencoder outputs/stage1-long/autoencoder \
         --data ../shared/data/snippets --num-texts 1024
 
-Encodes the first ``--num-texts`` training texts with `latentlm.latent_cache.build_latent_cache`
+Encodes the first ``--num-texts`` training texts with `latentlm.training.latent_cache.build_latent_cache`
 (into a temporary folder, so nothing is reused), alternating the two precisions for ``--repeats``
 rounds so that both see the same machine load, and writes texts/s for each, their ratio and the
 relative RMS difference of the latents to ``benchmarks/results/latent_cache_speed.json``.
@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common  # benchmarks/common.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-    from latentlm.data import read_texts
-    from latentlm.latent_cache import build_latent_cache
+    from latentlm.data.loading import read_texts
+    from latentlm.training.latent_cache import build_latent_cache
 
     texts, _ = read_texts(Path(args.data) / "train.jsonl", "text")
     texts = texts[: args.num_texts]
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         "relative_rms_difference": float(np.sqrt(((half - full) ** 2).mean() / (full**2).mean())),
     }
     print(json.dumps(result, indent=1))
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_results("", result, args.out)
     return 0
 
 

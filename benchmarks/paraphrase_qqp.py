@@ -1,6 +1,6 @@
 """Paraphrase generation on QQP with the project's best real-text autoencoder (SmolLM2, stage 1 of
 ``configs/smollm2-snippets.yaml``): a text-to-text stage 2 trained here within a time budget, then
-scored by `latentlm.seq2seq_evaluation` (BLEU, ROUGE-L, BERTScore, self-BLEU) against the
+scored by `latentlm.evaluation.text_to_text` (BLEU, ROUGE-L, BERTScore, self-BLEU) against the
 copy-the-source baseline and the autoencoder's reconstruction of the gold target (the upper bound).
 
     python benchmarks/paraphrase_qqp.py --data ../shared/data/qqp \
@@ -24,9 +24,9 @@ from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
 import latentlm.sampling  # noqa: F401
 from latentlm.config import load_config
-from latentlm.seq2seq_evaluation import evaluate_text_to_text
-from latentlm.train import build_pipeline
-from latentlm.train_diffusion import train_diffusion
+from latentlm.evaluation.text_to_text import evaluate_text_to_text
+from latentlm.training.run import build_pipeline
+from latentlm.training.stages.diffusion import train_diffusion
 
 GREEDY = {"num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0, "max_length": 64}
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    common.write_results("", out, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """Quickstart quality: grammar share and class share of samples, with and without guidance.
 
 Samples from the quickstart pipeline are checked exactly with the corpus grammar
-(`latentlm.corpus.parse`): *grammar share* = accepted by the grammar, *class share* = accepted and
+(`latentlm.data.restaurants.parse`): *grammar share* = accepted by the grammar, *class share* = accepted and
 carrying the requested food type. Targets for 256 samples: >= 90 % grammatical and,
 with guidance, >= 90 % of the requested class.
 
@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def cpu_seconds() -> float:
 def evaluate(
     pipe, num_samples: int, guidance_scale: float, steps: int, scheduler: str, seed: int, batch_size: int = 64
 ) -> dict:
-    from latentlm.corpus import classify, parse
+    from latentlm.data.restaurants import classify, parse
     from latentlm.sampling import sample
 
     class_names = pipe.class_names
@@ -71,7 +73,7 @@ def evaluate(
 
 
 def evaluate_unconditional(pipe, num_samples: int, steps: int, scheduler: str, seed: int) -> dict:
-    from latentlm.corpus import parse
+    from latentlm.data.restaurants import parse
     from latentlm.sampling import sample
 
     rows = sample(
@@ -93,8 +95,8 @@ def evaluate_unconditional(pipe, num_samples: int, steps: int, scheduler: str, s
 def reconstruction(pipe, corpus_dir: Path, n: int = 256) -> dict | None:
     """Exact match and BLEU of the pipeline's reconstructions (its own decoding settings) of the
     first ``n`` validation texts, against the texts as its tokenizer represents them."""
-    from latentlm.data import read_texts
-    from latentlm.reconstruction import evaluate_reconstruction
+    from latentlm.data.loading import read_texts
+    from latentlm.evaluation.reconstruction import evaluate_reconstruction
 
     path = corpus_dir / "validation.jsonl"
     if not path.is_file():
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         },
     }
     if args.train:
-        from latentlm.train import train
+        from latentlm.training.run import train
 
         wall, cpu = time.perf_counter(), cpu_seconds()
         pipeline_dir = train(config)
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_results("", report, out)
     summary = {
         "unconditional_grammar": report["unconditional"]["grammar_share"],
         "no_guidance": {k: report["conditional_no_guidance"][k] for k in ("grammar_share", "class_share")},

@@ -36,9 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import sampling_common as common  # noqa: E402
+import common  # noqa: E402
 
-from latentlm.evaluation_report import METRIC_NAMES  # noqa: E402
+from latentlm.evaluation.report import METRIC_NAMES  # noqa: E402
 
 # the metrics of `latentlm evaluate`, in its order
 METRICS = METRIC_NAMES
@@ -58,7 +58,7 @@ def score_texts(texts, refs, train_texts, judges, class_name, seed) -> dict:
     """The metrics of `texts` against `refs` (same class), as `latentlm evaluate` computes them: MAUVE
     on the LM judge's features (word order) and on the topic judge's (MiniLM), the class probe on the
     topic features."""
-    from latentlm import metrics
+    from latentlm.evaluation import metrics
 
     features, topic, perplexity, classifier = judges
     q_topic = topic(texts)
@@ -77,7 +77,7 @@ def load_ema_weights(denoiser, checkpoint: Path) -> None:
     """Put a stage-2 checkpoint's EMA weights into ``denoiser`` (every parameter is trained and averaged)."""
     import torch
 
-    from latentlm.checkpoints import read_ema_shadow
+    from latentlm.training.checkpoints import read_ema_shadow
 
     shadow, params = read_ema_shadow(checkpoint), list(denoiser.parameters())
     if len(shadow) != len(params):
@@ -162,14 +162,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
-    from latentlm import metrics
     from latentlm.config import TrackingConfig
-    from latentlm.data import read_texts
-    from latentlm.evaluation import evaluate_autoencoder
-    from latentlm.judges import load_feature_model, load_perplexity_model
-    from latentlm.reconstruction import reconstruct
+    from latentlm.data.loading import read_texts
+    from latentlm.evaluation import metrics
+    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
+    from latentlm.evaluation.protocol import evaluate_autoencoder
+    from latentlm.evaluation.reconstruction import reconstruct
     from latentlm.sampling import sample
-    from latentlm.training import has_native_bf16
+    from latentlm.training.precision import has_native_bf16
 
     run, data = Path(args.run), Path(args.data)
     result: dict = {
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         result["reconstruction"]["seconds"] = round(time.perf_counter() - tick, 1)
         print(json.dumps(result["reconstruction"], indent=1)[:1500], flush=True)
     if args.skip_stage2:
-        Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        common.write_results("", result, args.out)
         return 0
 
     # ---- stage 2: LD4LG metrics per class
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
         "decode_kwargs": decode_kwargs,
     }
     result["machine"]["native_bf16"] = has_native_bf16("cpu")
-    Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    common.write_results("", result, args.out)
     print(json.dumps(result["mean_over_classes"], indent=1))
     if args.summary_out:
         g = args.summary_guidance if args.summary_guidance is not None else args.guidance[-1]
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
             "cpu": ("AVX512-BF16" if has_native_bf16("cpu") else "AVX2-only")
             + f" ({common.environment(torch.device('cpu'))['cpu']})",
         }
-        Path(args.summary_out).write_text(json.dumps(summary, indent=1) + "\n")
+        common.write_results("", summary, args.summary_out)
     return 0
 
 

@@ -1,11 +1,11 @@
 """Sample quality against the number of inference steps, for DDPM, DDIM and DPM-Solver++: which
-step count is enough. Each point is a full `latentlm.evaluation.evaluate` run (MAUVE, perplexity,
+step count is enough. Each point is a full `latentlm.evaluation.protocol.evaluate` run (MAUVE, perplexity,
 diversity, memorization, class accuracy, mean ± std over seeds).
 
     python benchmarks/sampling_quality.py [PIPELINE_DIR] [--references FILE --train FILE] [--class NAME] [--quick]
 
-Without --references the quickstart restaurant corpus (`latentlm.corpus`) is written and used; for
-texts of that grammar the exact acceptor `latentlm.corpus.parse` also gives the share of
+Without --references the quickstart restaurant corpus (`latentlm.data.restaurants`) is written and used; for
+texts of that grammar the exact acceptor `latentlm.data.restaurants.parse` also gives the share of
 grammatical samples. Writes benchmarks/results/sampling_quality.json; the PNG and each grid point's
 samples go under outputs/benchmarks/. Logs to MLflow.
 """
@@ -16,12 +16,13 @@ import json
 import time
 from pathlib import Path
 
-import sampling_common as common
+import common
 
-from latentlm import evaluation, judges
 from latentlm.config import TrackingConfig
-from latentlm.corpus import classify, parse
-from latentlm.data import read_texts
+from latentlm.data.loading import read_texts
+from latentlm.data.restaurants import classify, parse
+from latentlm.evaluation import judges
+from latentlm.evaluation import protocol as evaluation
 
 FULL_GRID = {"ddpm": [50, 100, 250], "ddim": [10, 25, 50, 100], "dpm++": [10, 25, 50]}
 QUICK_GRID = {"ddpm": [250], "ddim": [50], "dpm++": [25]}
@@ -101,7 +102,7 @@ def main() -> None:
     results_dir = common.OUTPUTS_DIR / (Path(args.out).stem if args.out else "sampling_quality")
     for scheduler, step_list in grid.items():
         for steps in step_list:
-            pipe.scheduler = common.make_scheduler(pipe, scheduler)
+            pipe.scheduler = common.make_scheduler(pipe.scheduler, scheduler)
             start = time.perf_counter()
             result = evaluation.evaluate(
                 pipe,

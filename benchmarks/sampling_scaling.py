@@ -12,7 +12,7 @@ both to MLflow.
 
 from __future__ import annotations
 
-import sampling_common as common
+import common
 import torch
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
-    pipe.scheduler = common.make_scheduler(pipe, args.scheduler)
+    pipe.scheduler = common.make_scheduler(pipe.scheduler, args.scheduler)
     class_label = pipe.class_names[0] if pipe.class_names else None
     counts = args.num_samples or [2**i for i in range(7 if args.quick else 9)]
     max_positions = getattr(pipe.language_model.config, "max_position_embeddings", None) or 512

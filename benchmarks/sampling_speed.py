@@ -10,14 +10,14 @@ to MLflow.
 
 from __future__ import annotations
 
-import sampling_common as common
+import common
 import torch
 
 CONFIGS = [("ddpm", 250), ("dpm++", 25), ("ddim", 50)]
 
 
 def measure(pipe, device, scheduler: str, steps: int, batch: int, repeats: int, class_label, decode_kwargs) -> dict:
-    pipe.scheduler = common.make_scheduler(pipe, scheduler)
+    pipe.scheduler = common.make_scheduler(pipe.scheduler, scheduler)
     denoise, decode, lengths = [], [], []
     for r in range(repeats):
         generator = torch.Generator("cpu").manual_seed(r)

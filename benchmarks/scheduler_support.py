@@ -20,6 +20,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import common  # benchmarks/common.py: the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,7 @@ def main() -> int:
         "num_samples": args.num_samples,
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    common.write_results("", payload, args.out)
     return 0
 
 

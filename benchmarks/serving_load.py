@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import sampling_common as common
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ class MemoryHighWater(threading.Thread):
 
 
 def over_limit_requests(url: str) -> list[dict]:
-    """Requests above `latentlm.mlflow_model.REQUEST_LIMITS`: each must be refused (400) quickly."""
+    """Requests above `latentlm.mlflow.pyfunc.REQUEST_LIMITS`: each must be refused (400) quickly."""
     cases = {
         "1,000,000 samples": {"dataframe_records": [{"num_samples": 1000000}], "params": {"num_inference_steps": 2}},
         "3,000 samples x 1,000 steps": {
@@ -159,12 +159,12 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from latentlm.mlflow_model import save_pipeline_model
+    from latentlm.mlflow.pyfunc import save_pipeline_model
 
     work = Path(tempfile.mkdtemp(prefix="serving_load_"))
     if args.pipeline is None:
         pipeline = common.build_tiny_pipeline(work / "pipeline", common.tiny_corpus_dir())
-        description = "tiny untrained pipeline (benchmarks/sampling_common.build_tiny_pipeline)"
+        description = "tiny untrained pipeline (benchmarks/common.build_tiny_pipeline)"
     else:
         pipeline, description = Path(args.pipeline), str(args.pipeline)
     save_pipeline_model(pipeline, work / "model")

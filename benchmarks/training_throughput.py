@@ -17,12 +17,12 @@ import contextlib
 import random
 import time
 
-import sampling_common as common
+import common
 import torch
 
 from latentlm.config import OptimizerConfig
-from latentlm.data import read_texts
-from latentlm.optimization import make_optimizer
+from latentlm.data.loading import read_texts
+from latentlm.training.optimization import make_optimizer
 
 
 def autocast(device: torch.device, mixed_precision: str):

@@ -21,14 +21,14 @@ _EXPORTS = {
     "load_backbone": "latentlm.autoencoder.backbones",
     "RunConfig": "latentlm.config",
     "load_config": "latentlm.config",
-    "Tracker": "latentlm.tracking",
-    "train_autoencoder": "latentlm.train_autoencoder",
-    "train_diffusion": "latentlm.train_diffusion",
-    "train_classifier": "latentlm.train_classifier",
-    "train": "latentlm.train",
+    "Tracker": "latentlm.mlflow.tracking",
+    "train_autoencoder": "latentlm.training.stages.autoencoder",
+    "train_diffusion": "latentlm.training.stages.diffusion",
+    "train_classifier": "latentlm.training.stages.classifier",
+    "train": "latentlm.training.run",
     "sample": "latentlm.sampling",
-    "evaluate": "latentlm.evaluation",
-    "evaluate_autoencoder": "latentlm.reconstruction",
+    "evaluate": "latentlm.evaluation.protocol",
+    "evaluate_autoencoder": "latentlm.evaluation.reconstruction",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from latentlm.pipelines.sampling_options import SamplingOptions
+
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -54,12 +56,7 @@ def _add_sample_parser(commands) -> None:
         "--sources", default=None, help="text-to-text: a txt (one per line) or jsonl/csv file of sources"
     )
     p.add_argument("--source-column", default="source", help="column of --sources in a jsonl/csv file")
-    p.add_argument("--mbr", type=int, default=1, help="MBR decoding: candidates per text (1 = off)")
-    p.add_argument("--mbr-metric", default="bleu", help="bleu | rouge_l")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    _add_guidance_interval_argument(p)
-    p.add_argument("--steps", type=int, default=50, help="number of inference steps")
-    p.add_argument("--scheduler", default="dpm++", help="ddpm | ddim | dpm++ | unipc | euler (default: dpm++)")
+    SamplingOptions.add_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the samples as jsonl here")
     p.add_argument(
@@ -68,18 +65,6 @@ def _add_sample_parser(commands) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="classifier guidance by the pipeline's classifier NAME towards VALUE (a class, or a number), repeatable",
-    )
-    p.add_argument("--control-scale", type=float, default=1.0, help="weight of the controls (default 1)")
-
-
-def _add_guidance_interval_argument(p) -> None:
-    p.add_argument(
-        "--guidance-interval",
-        type=float,
-        nargs=2,
-        default=(0.0, 1.0),
-        metavar=("LOW", "HIGH"),
-        help="guide only the steps with noise level t/T in [LOW, HIGH] (default: 0 1, every step)",
     )
 
 
@@ -95,12 +80,7 @@ def _add_evaluate_parser(commands) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's)")
-    p.add_argument(
-        "--scheduler", default=None, help="ddpm | ddim | dpm++ | unipc | euler (default: the pipeline's own)"
-    )
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    _add_guidance_interval_argument(p)
+    SamplingOptions.add_arguments(p, exclude=("control_scale",))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")
@@ -121,9 +101,19 @@ def _add_evaluate_parser(commands) -> None:
         "--target-column", default=None, help="text-to-text pipelines: column of the targets (--text-column)"
     )
     p.add_argument("--samples-per-source", type=int, default=1, help="text-to-text: samples per source (self-BLEU)")
-    p.add_argument("--mbr", type=int, default=1, help="text-to-text: MBR candidates per sample (1 = off)")
-    p.add_argument("--mbr-metric", default="bleu", help="bleu | rouge_l")
     p.add_argument("--bert-model", default="minilm", help="text-to-text BERTScore model: minilm | hub name | none")
+
+
+def _add_classifier_arguments(p) -> None:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--label-column", default=None, help="data column to classify (classifier.label_column)")
+    target.add_argument("--target", default=None, help="derived number to predict: length (classifier.target)")
+    p.add_argument("--name", default=None, help="the control's name (default: the column or target)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="pipeline folder to add the classifier to (default: <output_dir>/pipeline if it exists; 'none' to skip)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,32 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train-autoencoder", help="stage 1: train the latent text autoencoder")
-    _add_config_arguments(p)
-    _add_time_budget(p)
+    from latentlm.config import RunConfig
+    from latentlm.training.stages import STAGES
 
-    p = commands.add_parser("train-diffusion", help="stage 2: train the latent denoiser on a trained autoencoder")
-    _add_config_arguments(p)
-    _add_time_budget(p)
-    p.add_argument(
-        "--autoencoder",
-        default=None,
-        help="trained autoencoder folder (default: <output_dir>/autoencoder from the config)",
-    )
-
-    p = commands.add_parser("train-classifier", help="a latent classifier for classifier guidance (a control)")
-    _add_config_arguments(p)
-    _add_time_budget(p)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--label-column", default=None, help="data column to classify (classifier.label_column)")
-    target.add_argument("--target", default=None, help="derived number to predict: length (classifier.target)")
-    p.add_argument("--name", default=None, help="the control's name (default: the column or target)")
-    p.add_argument("--autoencoder", default=None, help="trained autoencoder folder (default: <output_dir>/autoencoder)")
-    p.add_argument(
-        "--pipeline",
-        default=None,
-        help="pipeline folder to add the classifier to (default: <output_dir>/pipeline if it exists; 'none' to skip)",
-    )
+    for spec in STAGES.values():
+        if spec.command is None:
+            continue
+        p = commands.add_parser(spec.command, help=spec.help)
+        _add_config_arguments(p)
+        _add_time_budget(p)
+        for name in spec.reads(RunConfig()):  # the folders of earlier stages it trains on
+            p.add_argument(
+                f"--{name}", default=None, help=f"trained {name} folder (default: <output_dir>/{name} from the config)"
+            )
+        if spec.name == "classifier":
+            _add_classifier_arguments(p)
 
     p = commands.add_parser("train", help="both stages end to end; writes a LatentTextDiffusionPipeline folder")
     _add_config_arguments(p)
@@ -185,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> None:
     """The training commands: load the config (with the command line's overrides) and run the stage."""
-    from .config import load_config
+    from latentlm.config import load_config
 
     overrides = list(args.overrides)
     for key in ("label_column", "target", "name"):
@@ -193,36 +172,32 @@ def _train(args) -> None:
             overrides.append(f"classifier.{key}={getattr(args, key)}")
     config = load_config(args.config, overrides)
     if args.command != "train":  # `train` prepares its data itself, inside its MLflow run
-        from .train import prepare_data
+        from latentlm.training.run import prepare_data
 
         config = prepare_data(config)
-    budget = None if getattr(args, "time_budget", None) is None else 60.0 * args.time_budget
-    if args.command == "train-autoencoder":
-        from .train_autoencoder import train_autoencoder
+    if args.command == "train":
+        from latentlm.training.run import train
 
-        path = train_autoencoder(config, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
-    elif args.command == "train-diffusion":
-        from .train_diffusion import train_diffusion
+        path = train(config, resume=args.resume, overwrite=args.overwrite, isolate_stages=not args.in_process)
+        print(f"Saved to {path}")
+        return
+    from latentlm.training.stages import STAGES
 
-        autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-        path = train_diffusion(config, autoencoder, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
-    elif args.command == "train-classifier":
-        from .train_classifier import attach_classifier, train_classifier
+    spec = next(spec for spec in STAGES.values() if spec.command == args.command)
+    folders = [getattr(args, name) or str(Path(config.output_dir) / name) for name in spec.reads(config)]
+    budget = None if args.time_budget is None else 60.0 * args.time_budget
+    path = spec.function(config, *folders, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
+    if spec.name == "classifier":
+        from latentlm.training.stages.classifier import attach_classifier
 
-        autoencoder = args.autoencoder or str(Path(config.output_dir) / "autoencoder")
-        path = train_classifier(config, autoencoder, resume=args.resume, overwrite=args.overwrite, time_budget_s=budget)
         pipeline = args.pipeline or str(Path(config.output_dir) / "pipeline")
         if args.pipeline != "none" and (args.pipeline is not None or (Path(pipeline) / "model_index.json").is_file()):
             print(f"Added to the pipeline as {attach_classifier(pipeline, path)}")
-    else:
-        from .train import train
-
-        path = train(config, resume=args.resume, overwrite=args.overwrite, isolate_stages=not args.in_process)
     print(f"Saved to {path}")
 
 
 def _sample(args) -> None:
-    from .sampling import sample
+    from latentlm.sampling import sample
 
     controls = {}
     for item in args.control:
@@ -232,32 +207,26 @@ def _sample(args) -> None:
         controls[name] = yaml.safe_load(value) if value.strip() else value
     source_texts = args.source
     if args.sources is not None:
-        from .data import read_texts
+        from latentlm.data.loading import read_texts
 
         source_texts, _ = read_texts(args.sources, text_column=args.source_column)
     rows = sample(
         args.pipeline,
         class_name=args.class_name,
         num_samples=args.num_samples if args.num_samples is not None else (1 if source_texts else 16),
-        guidance_scale=args.guidance,
-        guidance_interval=args.guidance_interval,
-        num_inference_steps=args.steps,
-        scheduler=args.scheduler,
         seed=args.seed,
         out=args.out,
         controls=controls or None,
-        control_scale=args.control_scale,
         source_texts=source_texts,
-        mbr_candidates=args.mbr,
-        mbr_metric=args.mbr_metric,
+        options=SamplingOptions.from_arguments(args),
     )
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
 
 
 def _evaluate(args) -> None:
-    from .evaluation import evaluate
-    from .seq2seq_evaluation import evaluate_text_to_text, is_text_to_text
+    from latentlm.evaluation.protocol import evaluate
+    from latentlm.evaluation.text_to_text import evaluate_text_to_text, is_text_to_text
 
     if is_text_to_text(args.pipeline):
         result = evaluate_text_to_text(
@@ -267,16 +236,11 @@ def _evaluate(args) -> None:
             target_column=args.target_column or args.text_column,
             num_sources=args.num_samples,
             num_samples_per_source=args.samples_per_source,
-            mbr_candidates=args.mbr,
-            mbr_metric=args.mbr_metric,
-            guidance_scale=args.guidance,
-            guidance_interval=args.guidance_interval,
-            num_inference_steps=args.steps,
-            scheduler=args.scheduler,
             seed=args.seeds[0],
             batch_size=args.batch_size,
             bert_model=None if args.bert_model == "none" else args.bert_model,
             output_dir=args.out,
+            options=SamplingOptions.from_arguments(args),
         )
         print(result["markdown"])
         return
@@ -288,10 +252,7 @@ def _evaluate(args) -> None:
         num_samples=args.num_samples,
         seeds=tuple(args.seeds),
         output_dir=args.out,
-        num_inference_steps=args.steps,
-        scheduler=args.scheduler,
-        guidance_scale=args.guidance,
-        guidance_interval=args.guidance_interval,
+        options=SamplingOptions.from_arguments(args),
         batch_size=args.batch_size,
         text_column=args.text_column,
         label_column=args.label_column,
@@ -304,14 +265,14 @@ def _evaluate(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train-autoencoder", "train-diffusion", "train-classifier", "train"):
+    if args.command.startswith("train"):
         _train(args)
     elif args.command == "sample":
         _sample(args)
     elif args.command == "evaluate":
         _evaluate(args)
     elif args.command == "evaluate-autoencoder":
-        from .evaluation import evaluate_autoencoder
+        from latentlm.evaluation.protocol import evaluate_autoencoder
 
         result = evaluate_autoencoder(
             args.model,

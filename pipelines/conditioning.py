@@ -3,26 +3,42 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from latentlm.autoencoder.text_codec import check_texts
-from latentlm.pipelines.mbr import MBR_METRICS
 
-__all__ = ["check_call_arguments", "check_guidance_interval", "class_label_ids", "check_source_texts", "count_outputs"]
+__all__ = ["check_call_arguments", "class_label_id", "class_label_ids", "check_source_texts", "count_outputs"]
+
+
+def class_label_id(class_names: list[str], label) -> int:
+    """One class label -> its id: a class name, an id, or a string of digits that is not a class name
+    (read as an id). The one place class labels are resolved (the pipeline, `latentlm.sample`,
+    `latentlm.evaluate` and the MLflow model all call it)."""
+    names = list(class_names)
+    if not names:
+        raise ValueError(
+            f"class_labels={label!r} given, but the denoiser is unconditional (num_classes=0): "
+            "sample without class_labels."
+        )
+    if isinstance(label, str):
+        if label in names:
+            return names.index(label)
+        if not label.lstrip("-").isdigit():
+            raise ValueError(f"unknown class name {label!r}; this model knows {names}.")
+        label = int(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if not 0 <= int(label) < len(names):
+            raise ValueError(f"class id {label} is out of range: use 0..{len(names) - 1} ({names}).")
+        return int(label)
+    raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
 
 
 def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> torch.Tensor | None:
     """Class names / ids -> ``LongTensor [num_samples]`` (or ``None`` for unconditional)."""
     if class_labels is None:
         return None
-    names = class_names
-    if not names:
-        raise ValueError(
-            f"class_labels={class_labels!r} given, but the denoiser is unconditional (num_classes=0): "
-            "sample without class_labels."
-        )
+    if not class_names:
+        class_label_id(class_names, class_labels)  # the unconditional model's error
     if torch.is_tensor(class_labels):
         class_labels = class_labels.reshape(-1).tolist()
     if isinstance(class_labels, (str, int, np.integer)):
@@ -35,19 +51,7 @@ def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> t
             f"got {len(class_labels)} class labels for num_samples={num_samples}: pass one label, "
             "or exactly num_samples labels."
         )
-    ids = []
-    for label in class_labels:
-        if isinstance(label, str):
-            if label not in names:
-                raise ValueError(f"unknown class name {label!r}; this model knows {names}.")
-            ids.append(names.index(label))
-        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if not 0 <= int(label) < len(names):
-                raise ValueError(f"class id {label} is out of range: use 0..{len(names) - 1} ({names}).")
-            ids.append(int(label))
-        else:
-            raise ValueError(f"class label {label!r} must be a class name (str) or an id (int).")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([class_label_id(class_names, label) for label in class_labels], dtype=torch.long)
 
 
 def check_source_texts(source_texts, cross_attention_dim: int | None) -> list[str] | None:
@@ -70,13 +74,15 @@ def check_source_texts(source_texts, cross_attention_dim: int | None) -> list[st
     return check_texts(source_texts, "source_texts")
 
 
-def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, mbr_metric, output_type) -> int:
-    """The number of texts a call returns; checks the text-to-text and MBR arguments."""
-    for name, value in (("num_samples_per_source", num_samples_per_source), ("mbr_candidates", mbr_candidates)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if mbr_metric not in MBR_METRICS:
-        raise ValueError(f"mbr_metric={mbr_metric!r}: use one of {MBR_METRICS}.")
+def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, output_type) -> int:
+    """The number of texts a call returns; checks the text-to-text arguments and that MBR has texts to
+    compare (the options themselves are checked by `SamplingOptions`)."""
+    if (
+        not isinstance(num_samples_per_source, int)
+        or isinstance(num_samples_per_source, bool)
+        or num_samples_per_source < 1
+    ):
+        raise ValueError(f"num_samples_per_source must be a positive integer, got {num_samples_per_source!r}.")
     if mbr_candidates > 1 and output_type != "text":
         raise ValueError("MBR decoding compares decoded texts: use output_type='text' with mbr_candidates > 1.")
     if sources is None:
@@ -91,42 +97,10 @@ def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, 
     return len(sources) * num_samples_per_source
 
 
-def check_guidance_interval(guidance_interval) -> None:
-    """``(low, high)`` with ``0 <= low <= high <= 1``: the noise levels ``t / T`` that guidance applies to."""
-    pair = tuple(guidance_interval) if isinstance(guidance_interval, (tuple, list)) else ()
-    if (
-        len(pair) != 2
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
-        or not 0 <= pair[0] <= pair[1] <= 1
-    ):
-        raise ValueError(
-            f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, the noise levels t / T to guide "
-            f"(default (0, 1): every step), got {guidance_interval!r}."
-        )
-
-
-def check_call_arguments(
-    num_samples,
-    num_inference_steps,
-    guidance_scale,
-    output_type,
-    callback_on_step_end_tensor_inputs,
-    allowed_tensor_inputs,
-) -> None:
-    """The plain arguments of a pipeline call: counts, guidance, output type and callback tensors."""
+def check_call_arguments(num_samples, output_type, callback_on_step_end_tensor_inputs, allowed_tensor_inputs) -> None:
+    """The plain arguments of a pipeline call: the count, the output type and the callback's tensors."""
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(
-            f"guidance_scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale!r}."
-        )
     if output_type not in ("text", "latent"):
         raise ValueError(f"output_type={output_type!r}: use 'text' or 'latent'.")
     for name in callback_on_step_end_tensor_inputs:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import sacrebleu
-
 __all__ = ["MBR_METRICS", "rouge_l", "similarity", "mbr_select"]
 
 #: similarity measures accepted by ``mbr_metric``
@@ -32,6 +30,8 @@ def rouge_l(hypothesis: str, reference: str) -> float:
 def similarity(hypothesis: str, reference: str, metric: str) -> float:
     """Sentence BLEU (sacrebleu, exponential smoothing) or ROUGE-L F1 of one pair, 0-100."""
     if metric == "bleu":
+        import sacrebleu  # here, so that reading MBR_METRICS stays cheap
+
         return sacrebleu.sentence_bleu(hypothesis, [reference]).score
     if metric == "rouge_l":
         return rouge_l(hypothesis, reference)

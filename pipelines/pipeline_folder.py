@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from latentlm.files import read_json, refuse_pickled_weights
@@ -18,6 +19,7 @@ __all__ = [
     "COMPONENT_LIBRARIES",
     "load_classifiers",
     "save_classifiers",
+    "PipelineFolderMixin",
 ]
 
 # File written next to model_index.json so that diffusers' generic loader,
@@ -126,3 +128,50 @@ def load_classifiers(folder: Path) -> dict:
     refuse_pickled_weights(root)
     paths = sorted(root.iterdir()) if root.is_dir() else []
     return {path.name: LatentClassifier.from_pretrained(path) for path in paths if (path / "config.json").is_file()}
+
+
+class PipelineFolderMixin:
+    """`save_pretrained` / `from_pretrained` of a pipeline with classifiers: safetensors only, the
+    Hub-style entry point, and no code from a loaded folder ever runs. Put before
+    ``DiffusionPipeline`` in the bases."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
+        """Save ``model_index.json`` + one folder per component (safetensors), loadable by this class
+        and by ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``."""
+        if not safe_serialization:
+            raise ValueError("latentlm saves safetensors only; drop safe_serialization=False.")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        save_directory = Path(save_directory)
+        mark_custom_pipeline(save_directory, self.config_name, type(self).__name__)
+        save_classifiers(self.classifiers, save_directory)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, with ``_class_name`` set to this class: diffusers then builds this
+        installed class instead of importing the module a ["module", "Class"] entry names."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, dict) and "_class_name" in config:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a folder written by `save_pretrained` (offline; extra kwargs go to diffusers,
+        e.g. ``torch_dtype``). No code from the folder runs: the class is this installed one, and
+        `check_pipeline_folder` refuses folders whose index or component configs name other code."""
+        for key in ("trust_remote_code", "custom_pipeline"):
+            if kwargs.get(key):
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained loads no code from a folder; drop {key}= (the generic "
+                    "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) is the way to run a folder's code)."
+                )
+            kwargs.pop(key, None)
+        folder = Path(pretrained_model_name_or_path)
+        check_pipeline_folder(folder, cls.config_name, cls.__name__)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", True)
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        for name, classifier in load_classifiers(folder).items():
+            pipe.add_classifier(name, classifier.to(pipe.device))
+        return pipe

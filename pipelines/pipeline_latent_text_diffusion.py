@@ -6,12 +6,15 @@ network maps the clean latents to a memory ``[B, N, d_model]`` that the language
 cross-attends to while it writes the text.
 
 ```python
-from latentlm.pipelines import LatentTextDiffusionPipeline
+from latentlm.pipelines import LatentTextDiffusionPipeline, SamplingOptions
 from diffusers import DPMSolverMultistepScheduler
 
 pipe = LatentTextDiffusionPipeline.from_pretrained("outputs/quickstart/pipeline")
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 texts = pipe(num_samples=4, class_labels="Italian", guidance_scale=2.0, num_inference_steps=25).texts
+# the same settings as one object, which `latentlm.sample`, `latentlm.evaluate` and the MLflow model take
+options = SamplingOptions(num_inference_steps=25, guidance_scale=2.0)
+texts = pipe(num_samples=4, class_labels="Italian", options=options).texts
 ```
 
 A text-to-text pipeline (its denoiser cross-attends to a source text's encoder states) generates
@@ -22,15 +25,11 @@ list of texts per source.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
 from latentlm.autoencoder.text_codec import merge_peft
@@ -38,21 +37,12 @@ from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
 from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-from latentlm.pipelines.conditioning import (
-    check_call_arguments,
-    check_guidance_interval,
-    check_source_texts,
-    class_label_ids,
-    count_outputs,
-)
+from latentlm.pipelines.conditioning import check_call_arguments, check_source_texts, class_label_ids, count_outputs
 from latentlm.pipelines.interpolation import slerp
 from latentlm.pipelines.mbr import mbr_select
-from latentlm.pipelines.pipeline_folder import (
-    check_pipeline_folder,
-    load_classifiers,
-    mark_custom_pipeline,
-    save_classifiers,
-)
+from latentlm.pipelines.pipeline_folder import PipelineFolderMixin
+from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
+from latentlm.pipelines.sampling_options import SamplingOptions, make_scheduler
 from latentlm.pipelines.schedulers import (
     SUPPORTED_SCHEDULERS,
     UNSUPPORTED_SCHEDULERS,
@@ -70,22 +60,7 @@ __all__ = [
 ]
 
 
-@dataclass
-class LatentTextDiffusionPipelineOutput(BaseOutput):
-    """Output of `LatentTextDiffusionPipeline.__call__`.
-
-    Args:
-        texts: the decoded samples (``None`` when ``output_type="latent"``); with ``source_texts``, one
-            list of ``num_samples_per_source`` texts per source.
-        latents: the clean latents ``[batch, num_latents, latent_dim]`` (float32; with sources, source
-            by source).
-    """
-
-    texts: list[str] | list[list[str]] | None
-    latents: torch.Tensor
-
-
-class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
+class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLatentsMixin):
     r"""Text generation by latent diffusion (LD4LG).
 
     Components:
@@ -162,23 +137,18 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         self,
         num_samples: int | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
-        num_inference_steps: int = 50,
+        *,
+        options: SamplingOptions | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "text",
-        decode_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         return_dict: bool = True,
-        scheduler=None,
         controls: dict[str, Any] | None = None,
-        control_scale: float | dict[str, float] = 1.0,
         source_texts: str | list[str] | None = None,
         num_samples_per_source: int = 1,
-        mbr_candidates: int = 1,
-        mbr_metric: str = "bleu",
+        **option_changes,
     ) -> LatentTextDiffusionPipelineOutput | tuple:
         r"""Sample texts.
 
@@ -186,77 +156,54 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
             num_samples: batch size ``B`` (default 1); with sources ``B = len(source_texts) *
                 num_samples_per_source`` (leave it unset).
             class_labels: ``None``, one label for all samples or ``B`` labels (names or ids).
-            guidance_scale: classifier-free guidance ``uncond + w * (cond - uncond)`` on the class and
-                the source; 1.0 = off (one forward pass per step).
-            guidance_interval: ``(low, high)``: guide only the steps whose noise level ``t / T`` lies in
-                this range, the others take the conditional prediction alone (Kynkäänniemi et al., 2024:
-                guidance at the highest noise levels costs diversity, at the lowest it does little).
-            num_inference_steps: scheduler steps.
+            options: how to sample (`SamplingOptions`: steps, scheduler, classifier-free guidance and
+                its interval, control scale, decoding, MBR); any of its fields may also be given as a
+                keyword, e.g. ``guidance_scale=2.0``, and replaces the one in ``options``. Every call
+                steps a copy of the scheduler, so threads never share scheduler state.
             generator, latents: the initial noise ``[B, num_latents, latent_dim]`` (scaled by the
                 scheduler's ``init_noise_sigma``) and stochastic steps, as in diffusers.
             output_type: ``"text"`` or ``"latent"`` (no decoding; ``texts`` is ``None``).
-            decode_kwargs: generation arguments over the pipeline's ``config.decode_kwargs``.
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; a
                 returned ``"latents"`` (next ``z_t``) or ``"pred_original_sample"`` (ẑ0, the output after
                 the last step) replaces the current one. ``callback_on_step_end_tensor_inputs``: the
                 names it receives.
             return_dict: a `LatentTextDiffusionPipelineOutput` instead of a tuple.
-            scheduler: a scheduler for this call (default ``self.scheduler``); every call steps a copy,
-                so threads never share scheduler state.
-            controls, control_scale: classifier guidance ``{name: target}`` (a class or a number, one or
-                ``B``) and its weight (a number or ``{name: number}``).
+            controls: classifier guidance ``{name: target}`` (a class or a number, one or ``B``),
+                weighted by ``options.control_scale``.
             source_texts, num_samples_per_source: text-to-text: the sources, and texts per source.
-            mbr_candidates, mbr_metric: MBR decoding: candidates per returned text, which is the one
-                most similar to the others by ``"bleu"`` or ``"rouge_l"`` (1 = off).
 
         Returns:
             `LatentTextDiffusionPipelineOutput` (``texts``, ``latents``: the last clean estimate ẑ0
             ``[B, N, D]``) or ``(texts, latents)``.
         """
+        options = SamplingOptions.of(options, **option_changes)
         # 0. Check inputs.
         sources = check_source_texts(source_texts, self.denoiser.config.get("cross_attention_dim"))
-        num_samples = count_outputs(
-            sources, num_samples, num_samples_per_source, mbr_candidates, mbr_metric, output_type
-        )
-        self.check_inputs(
-            num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
-        )
-        check_guidance_interval(guidance_interval)
+        num_samples = count_outputs(sources, num_samples, num_samples_per_source, options.mbr_candidates, output_type)
+        self.check_inputs(num_samples, output_type, callback_on_step_end_tensor_inputs)
         # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
-        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
+        scheduler = copy.deepcopy(make_scheduler(self.scheduler, options.scheduler))
         self.check_scheduler(scheduler)
-        controls = prepare_controls(self.classifiers, controls, control_scale, num_samples)
+        controls = prepare_controls(self.classifiers, controls, options.control_scale, num_samples)
         for control in controls:  # every returned text has mbr_candidates candidates, drawn side by side
-            control.target = control.target.repeat_interleave(mbr_candidates)
+            control.target = control.target.repeat_interleave(options.mbr_candidates)
         # 1. Conditions, with the unconditional half first when guiding (one batched forward pass).
         labels, context = self.prepare_conditions(
-            class_labels, sources, num_samples, num_samples_per_source, mbr_candidates, guidance_scale
+            class_labels, sources, num_samples, num_samples_per_source, options.mbr_candidates, options.guidance_scale
         )
         # 2. Initial noise.
-        shape = (num_samples * mbr_candidates, self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
+        config = self.denoiser.config
+        shape = (num_samples * options.mbr_candidates, config.num_latents, config.latent_dim)
         latents = self.prepare_latents(shape, generator, self._execution_device, latents, scheduler)
 
         # 3. Denoising loop.
-        latents = self.denoise(
-            latents,
-            scheduler,
-            num_inference_steps,
-            generator,
-            labels=labels,
-            context=context,
-            guidance_scale=guidance_scale,
-            guidance_interval=guidance_interval,
-            controls=controls,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self.denoise(latents, scheduler, generator, options, labels, context, controls, callback)
 
         # 4. Decode (and keep each output's MBR choice).
         texts = None
         if output_type == "text":
-            texts, latents = self.decode_outputs(
-                latents, decode_kwargs, mbr_candidates, mbr_metric, num_samples_per_source, sources
-            )
+            texts, latents = self.decode_outputs(latents, options, num_samples_per_source, sources)
         self.maybe_free_model_hooks()
 
         if not return_dict:
@@ -268,27 +215,18 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
     # ------------------------------------------------------------------------------------------
 
     def denoise(
-        self,
-        latents,
-        scheduler,
-        num_inference_steps: int,
-        generator,
-        *,
-        labels,
-        context,
-        guidance_scale: float,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
-        controls,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
+        self, latents, scheduler, generator, options: SamplingOptions, labels, context, controls, callback
     ) -> torch.Tensor:
         """The reverse process from ``z_T`` (labels and context already carry the unconditional half when
-        guiding); returns the last clean estimate ẑ0 ``[B, N, D]``.
+        guiding; ``callback``: ``(callback_on_step_end, its tensor names)``); returns the last clean
+        estimate ẑ0 ``[B, N, D]``.
 
         The sample is that estimate, as in LD4LG: a DDPM step with few inference steps and variance
         "fixed_large" would otherwise add noise of std sqrt(1 - ᾱ_t) on its final jump to t=0;
         deterministic schedulers end at (or next to) this estimate anyway.
         """
+        num_inference_steps, guidance_scale = options.num_inference_steps, options.guidance_scale
+        callback_on_step_end, callback_on_step_end_tensor_inputs = callback
         if num_inference_steps > scheduler.config.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} exceeds the {scheduler.config.num_train_timesteps} "
@@ -299,7 +237,7 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
         prediction_type = self.config.prediction_type
         use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
         pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
-        low, high = guidance_interval
+        low, high = options.guidance_interval
         num_train_timesteps = scheduler.config.num_train_timesteps
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
@@ -353,25 +291,21 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
                 labels = torch.cat([torch.full_like(labels, self.denoiser.config.num_classes), labels])
         return labels, context
 
-    def decode_outputs(self, latents, decode_kwargs, mbr_candidates, mbr_metric, num_samples_per_source, sources):
+    def decode_outputs(self, latents, options: SamplingOptions, num_samples_per_source, sources):
         """Texts of the clean latents; with MBR each output's chosen candidate (texts and latents), with
         sources the texts grouped per source."""
-        texts = self.decode(latents, **(decode_kwargs or {}))
-        if mbr_candidates > 1:
-            chosen = mbr_select(texts, mbr_candidates, mbr_metric)
+        texts = self.decode(latents, **(options.decode_kwargs or {}))
+        if options.mbr_candidates > 1:
+            chosen = mbr_select(texts, options.mbr_candidates, options.mbr_metric)
             texts, latents = [texts[i] for i in chosen], latents[chosen]
         if sources is not None:
             k = num_samples_per_source
             texts = [texts[i : i + k] for i in range(0, len(texts), k)]
         return texts, latents
 
-    def check_inputs(
-        self, num_samples, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs
-    ) -> None:
+    def check_inputs(self, num_samples, output_type, callback_on_step_end_tensor_inputs) -> None:
         check_call_arguments(
             num_samples,
-            num_inference_steps,
-            guidance_scale,
             output_type,
             callback_on_step_end_tensor_inputs,
             allowed_tensor_inputs=self._callback_tensor_inputs,
@@ -422,48 +356,3 @@ class LatentTextDiffusionPipeline(DiffusionPipeline, TextLatentsMixin):
     def check_scheduler(self, scheduler=None) -> None:
         """The scheduler must predict what the denoiser was trained for and work in alphas_cumprod."""
         check_scheduler(scheduler if scheduler is not None else self.scheduler, self.config.prediction_type)
-
-    # ------------------------------------------------------------------------------------------
-    # Saving and loading
-    # ------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        """Save ``model_index.json`` + one folder per component (safetensors), loadable by this class
-        and by ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``."""
-        if not safe_serialization:
-            raise ValueError("latentlm saves safetensors only; drop safe_serialization=False.")
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
-        save_directory = Path(save_directory)
-        mark_custom_pipeline(save_directory, self.config_name, type(self).__name__)
-        save_classifiers(self.classifiers, save_directory)
-
-    @classmethod
-    def load_config(cls, *args, **kwargs):
-        """diffusers' `load_config`, with ``_class_name`` set to this class: diffusers then builds this
-        installed class instead of importing the module a ["module", "Class"] entry names."""
-        loaded = super().load_config(*args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if isinstance(config, dict) and "_class_name" in config:
-            config["_class_name"] = cls.__name__
-        return loaded
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load a folder written by `save_pretrained` (offline; extra kwargs go to diffusers,
-        e.g. ``torch_dtype``). No code from the folder runs: the class is this installed one, and
-        `check_pipeline_folder` refuses folders whose index or component configs name other code."""
-        for key in ("trust_remote_code", "custom_pipeline"):
-            if kwargs.get(key):
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained loads no code from a folder; drop {key}= (the generic "
-                    "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) is the way to run a folder's code)."
-                )
-            kwargs.pop(key, None)
-        folder = Path(pretrained_model_name_or_path)
-        check_pipeline_folder(folder, cls.config_name, cls.__name__)
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", True)
-        pipe = super().from_pretrained(str(folder), **kwargs)
-        for name, classifier in load_classifiers(folder).items():
-            pipe.add_classifier(name, classifier.to(pipe.device))
-        return pipe

@@ -71,8 +71,19 @@ SENTENCES = [
     "the old man smiled",
 ]
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+from latentlm.testing import (  # noqa: E402 - after the offline environment is set
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    build_tiny_bart,
+    build_tiny_bert2bert,
+    build_tiny_t5,
+    save_model,
+    tiny_word_tokenizer,
+)
+
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "build_tiny_bart", "build_tiny_bert2bert", "build_tiny_t5"]
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -98,21 +109,7 @@ def _offline_and_seeded(monkeypatch):
 
 def build_tokenizer(sentences: list[str] = SENTENCES):
     """A word-level `PreTrainedTokenizerFast` with <pad>=0, <s>=1, </s>=2, <unk>=3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-    tok.train_from_iterator(sentences, trainer=trainer)
-    # Like BART: every sequence is wrapped in <s> ... </s>.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
-    )
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **SPECIAL_TOKENS)
-    assert fast.pad_token_id == PAD_ID and fast.bos_token_id == BOS_ID and fast.eos_token_id == EOS_ID
-    return fast
+    return tiny_word_tokenizer(sentences)
 
 
 @pytest.fixture(scope="session")
@@ -120,82 +117,7 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-def _save(model, tokenizer, path: Path) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def build_tiny_bart(vocab_size: int):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    config = BartConfig(
-        vocab_size=vocab_size,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=EOS_ID,
-        forced_bos_token_id=None,
-        forced_eos_token_id=EOS_ID,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        init_std=0.1,
-    )
-    return BartForConditionalGeneration(config)
-
-
-def build_tiny_t5(vocab_size: int):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=PAD_ID,
-    )
-    return T5ForConditionalGeneration(config)
-
-
-def build_tiny_bert2bert(vocab_size: int):
-    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderConfig, EncoderDecoderModel
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=PAD_ID,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.1,
-    )
-    enc_cfg = BertConfig(**common)
-    dec_cfg = BertConfig(**common, is_decoder=True, add_cross_attention=True)
-    config = EncoderDecoderConfig.from_encoder_decoder_configs(enc_cfg, dec_cfg)
-    config.decoder_start_token_id = BOS_ID
-    config.bos_token_id = BOS_ID
-    config.eos_token_id = EOS_ID
-    config.pad_token_id = PAD_ID
-    return EncoderDecoderModel(config=config, encoder=BertModel(enc_cfg), decoder=BertLMHeadModel(dec_cfg))
+_save = save_model
 
 
 @pytest.fixture(scope="session")

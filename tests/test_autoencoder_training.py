@@ -10,11 +10,11 @@ from conftest import SENTENCES
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
-from latentlm.checkpoints import StaleCheckpointsError
 from latentlm.config import DataConfig, load_config
-from latentlm.data import count_truncated, load_text_dataset
-from latentlm.train_autoencoder import train_autoencoder
-from latentlm.training import NonFiniteLossError
+from latentlm.data.loading import count_truncated, load_text_dataset
+from latentlm.training.checkpoints import StaleCheckpointsError
+from latentlm.training.loop import NonFiniteLossError
+from latentlm.training.stages.autoencoder import train_autoencoder
 
 
 def tiny_config(tmp_path, data_path, backbone, **autoencoder):
@@ -154,7 +154,7 @@ def test_bf16_autocast_run(tmp_path, snippets_jsonl, tiny_t5_dir):
 def test_auto_mixed_precision_trains_in_bf16_only_where_it_is_native(
     tmp_path, snippets_jsonl, tiny_t5_dir, monkeypatch, native
 ):
-    from latentlm import training
+    from latentlm.training import precision as training
 
     monkeypatch.setattr(training, "has_native_bf16", lambda device: native)
     config = tiny_config(tmp_path, snippets_jsonl, tiny_t5_dir, mixed_precision="auto", optimizer=dict(max_steps=2))
@@ -347,7 +347,7 @@ def test_training_unknown_backbone(tmp_path, snippets_jsonl):
 
 def test_a_new_run_refuses_an_earlier_runs_checkpoints(tmp_path, snippets_jsonl, tiny_bart_dir):
     """A fresh run never mixes with (or deletes its own checkpoints in favour of) an older run's."""
-    from latentlm.train_autoencoder import CHECKPOINT_DIR
+    from latentlm.training.stages.autoencoder import CHECKPOINT_DIR
 
     config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=4))
     train_autoencoder(config)
@@ -366,8 +366,8 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints(tmp_path, snippets_jsonl,
 
 
 def test_truncated_history_file_does_not_break_resume(tmp_path, snippets_jsonl, tiny_bart_dir):
-    from latentlm.train import _stage_done
-    from latentlm.train_autoencoder import FINAL_DIR, HISTORY_FILE
+    from latentlm.training.run import _stage_done
+    from latentlm.training.stages.autoencoder import FINAL_DIR, HISTORY_FILE
 
     config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, save_every=2, optimizer=dict(max_steps=2))
     train_autoencoder(config)

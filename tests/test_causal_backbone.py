@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS_ID, PAD_ID, SENTENCES, build_tokenizer, seed_everything
+from conftest import EOS_ID, SENTENCES, build_tokenizer, seed_everything
+
+from latentlm.testing import build_tiny_llama
 
 PROMPT = "<s> {memory} </s>"
-
-
-def build_tiny_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=PAD_ID,
-        bos_token_id=1,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=True,
-        initializer_range=0.5,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from latentlm.checkpoints import CheckpointManager, DamagedCheckpointError, verify_checkpoint
+from latentlm.training.checkpoints import CheckpointManager, DamagedCheckpointError, verify_checkpoint
 
 
 def _training_state(seed: int):

@@ -248,7 +248,7 @@ def classifier_config(tmp_path, data, **classifier):
 
 
 def test_train_classifier_and_length_regressor_save_noise_level_metrics(tmp_path, snippets_jsonl, autoencoder_dir):
-    from latentlm.train_classifier import train_classifier
+    from latentlm.training.stages.classifier import train_classifier
 
     final = train_classifier(classifier_config(tmp_path, snippets_jsonl, label_column="label"), autoencoder_dir)
     assert final == tmp_path / "run" / "classifiers" / "label"
@@ -267,7 +267,7 @@ def test_train_classifier_and_length_regressor_save_noise_level_metrics(tmp_path
 
 
 def test_train_classifier_bad_input(tmp_path, snippets_jsonl, autoencoder_dir):
-    from latentlm.train_classifier import train_classifier
+    from latentlm.training.stages.classifier import train_classifier
 
     with pytest.raises(ValueError, match="exactly one of classifier.label_column"):
         train_classifier(classifier_config(tmp_path, snippets_jsonl), autoencoder_dir)
@@ -327,7 +327,7 @@ def test_cli_trains_a_classifier_into_the_pipeline_and_samples_with_it(
 
 @pytest.mark.parametrize("name", ["ddim", "dpm++", "unipc", "euler"])
 def test_controls_work_with_every_scheduler_family(pipe, name):
-    from latentlm.sampling import make_scheduler
+    from latentlm.pipelines import make_scheduler
 
     pipe.add_classifier("sign", sign_classifier(pipe))
     classifier = pipe.classifiers["sign"]
@@ -335,7 +335,7 @@ def test_controls_work_with_every_scheduler_family(pipe, name):
         num_samples=16,
         num_inference_steps=8,
         output_type="latent",
-        scheduler=make_scheduler(pipe, name),
+        scheduler=make_scheduler(pipe.scheduler, name),
         generator=torch.Generator().manual_seed(1),
         controls={"sign": "pos"},
         control_scale=100.0,

@@ -207,7 +207,7 @@ def test_pyfunc_model_round_trip(trained_run):
     unconditional = local.predict(pd.DataFrame({"num_samples": [2]}), params={"num_inference_steps": 2})
     assert len(unconditional) == 2
     # bad input reaching the model (MLflow's own schema check drops unknown columns before)
-    from latentlm.mlflow_model import PipelinePyfunc
+    from latentlm.mlflow.pyfunc import PipelinePyfunc
 
     direct_model = PipelinePyfunc(output_dir / "pipeline")
     with pytest.raises(ValueError, match="unknown input columns \\['prompt'\\]"):
@@ -218,7 +218,7 @@ def test_pyfunc_model_round_trip(trained_run):
 
 def test_train_resume_skips_finished_stages(trained_run, caplog):
     from latentlm.config import load_config
-    from latentlm.train import train
+    from latentlm.training.run import train
 
     output_dir, _, config_path = trained_run
     before = (output_dir / "autoencoder" / "autoencoder").stat().st_mtime_ns
@@ -232,7 +232,7 @@ def test_train_resume_skips_finished_stages(trained_run, caplog):
 def test_run_in_new_process_returns_the_result_or_raises_the_error():
     import os
 
-    from latentlm.train import run_in_new_process
+    from latentlm.training.run import run_in_new_process
 
     assert run_in_new_process(os.getpid) != os.getpid()
     assert run_in_new_process(divmod, 7, 2) == (3, 1)
@@ -252,7 +252,7 @@ def test_a_stage_process_ends_with_the_process_that_started_it(tmp_path):
 
     script = tmp_path / "parent.py"
     script.write_text(
-        "import time\nfrom latentlm.train import run_in_new_process\n"
+        "import time\nfrom latentlm.training.run import run_in_new_process\n"
         "if __name__ == '__main__':\n    run_in_new_process(time.sleep, 300)\n"
     )
     parent = subprocess.Popen([sys.executable, str(script)])
@@ -273,11 +273,11 @@ def test_a_stage_process_ends_with_the_process_that_started_it(tmp_path):
 
 
 def test_train_command_isolates_stages_unless_asked_to_stay_in_process(trained_run, monkeypatch):
-    import latentlm.train
+    import latentlm.training.run
 
     _, _, config_path = trained_run
     calls = []
-    monkeypatch.setattr(latentlm.train, "train", lambda config, **kwargs: calls.append(kwargs) or Path("x"))
+    monkeypatch.setattr(latentlm.training.run, "train", lambda config, **kwargs: calls.append(kwargs) or Path("x"))
     assert main(["train", "--config", str(config_path)]) == 0
     assert main(["train", "--config", str(config_path), "--in-process"]) == 0
     assert [kwargs["isolate_stages"] for kwargs in calls] == [True, False]
@@ -287,7 +287,7 @@ def test_a_tracker_pickles_without_its_client_and_still_serves_as_parent(tmp_pat
     import pickle
 
     from latentlm.config import TrackingConfig
-    from latentlm.tracking import Tracker
+    from latentlm.mlflow.tracking import Tracker
 
     parent = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), run_name="train")
     with parent:
@@ -328,7 +328,7 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
 
     from safetensors.torch import load_file
 
-    import latentlm.train
+    import latentlm.training.run
     from latentlm import LatentTextDiffusionPipeline, TextAutoencoder
 
     stages_in_new_processes = []
@@ -337,8 +337,8 @@ def test_train_tunes_the_decoder_of_a_finished_run(trained_run, tmp_path, caplog
         stages_in_new_processes.append((name, args[1].__name__))
         return run_in_new_process(function, *args, name=name)
 
-    run_in_new_process = latentlm.train.run_in_new_process
-    monkeypatch.setattr(latentlm.train, "run_in_new_process", spy)
+    run_in_new_process = latentlm.training.run.run_in_new_process
+    monkeypatch.setattr(latentlm.training.run, "run_in_new_process", spy)
 
     run, config_path = _copy_of_the_run(trained_run, tmp_path)
     sets = _decoder_tuning_sets(run, "decoder_tuning.latent_noise_std=1.0", "decoder_tuning.save_every=2")
@@ -426,7 +426,7 @@ def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trai
 
 def test_denoiser_decoder_tuning_needs_stage_2(trained_run):
     from latentlm.config import load_config
-    from latentlm.train_autoencoder import DecoderTuningStage
+    from latentlm.training.stages.decoder_tuning import DecoderTuningStage
 
     run_dir, _, config_path = trained_run
     config = load_config(config_path, ["decoder_tuning.latent_source=denoiser"])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from latentlm import corpus
+from latentlm.data import restaurants as corpus
 
 
 def test_generated_examples_are_accepted_with_their_label():
@@ -130,9 +130,9 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
 
     from latentlm.autoencoder.backbones import load_backbone
 
-    from latentlm import train as train_module
-    from latentlm import train_backbone
     from latentlm.config import OptimizerConfig, load_config
+    from latentlm.training import run as train_module
+    from latentlm.training.stages import backbone as train_backbone
 
     monkeypatch.setitem(train_module.BUILTIN_CORPORA, "builtin:restaurants", dict(num_train=300, num_validation=20))
     monkeypatch.setitem(

@@ -17,11 +17,12 @@ from diffusers import DDPMScheduler
 from latentlm.diffusion import LatentDenoiser
 from safetensors.torch import load_file
 
-import latentlm.training as training_loop
+import latentlm.training.loop as training_loop
 from latentlm.config import load_config
-from latentlm.latent_cache import LatentCache, build_latent_cache, latent_cache_key
-from latentlm.train_diffusion import resolve_class_labels, train_diffusion
-from latentlm.training import NonFiniteLossError
+from latentlm.data.labels import resolve_class_labels
+from latentlm.training.latent_cache import LatentCache, build_latent_cache, latent_cache_key
+from latentlm.training.loop import NonFiniteLossError
+from latentlm.training.stages.diffusion import train_diffusion
 
 
 @pytest.fixture
@@ -307,7 +308,7 @@ LAUNCH_SCRIPT = textwrap.dedent(
     """
     import sys
     from latentlm.config import load_config
-    from latentlm.train_diffusion import train_diffusion
+    from latentlm.training.stages.diffusion import train_diffusion
 
     out, data, autoencoder = sys.argv[1:4]
     config = load_config({
@@ -393,16 +394,16 @@ def test_denoised_latents_follow_the_noise_level_and_self_condition():
 
 def test_validation_labels_without_a_class_are_warned_about(tmp_path, caplog):
     from latentlm.config import load_config
-    from latentlm.train_diffusion import _warn_unseen_validation_classes
+    from latentlm.data.labels import warn_unseen_validation_classes
 
     for split, labels in (("train", ["a", "b"]), ("validation", ["a", "c"])):
         rows = [json.dumps({"text": f"text {i}", "label": label}) for i, label in enumerate(labels)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
     config = load_config({"data": {"path": str(tmp_path), "label_column": "label"}})
     with caplog.at_level("WARNING"):
-        _warn_unseen_validation_classes(config, ["a", "b"])
+        warn_unseen_validation_classes(config.data, ["a", "b"])
     assert "labels ['c'] that no training example has" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        _warn_unseen_validation_classes(config, ["a", "b", "c"])
+        warn_unseen_validation_classes(config.data, ["a", "b", "c"])
     assert not caplog.text

@@ -9,8 +9,8 @@ import torch
 from conftest import SENTENCES, make_tiny_text_autoencoder
 from test_causal_backbone import make_causal_autoencoder, tiny_llama_dir  # noqa: F401  (fixture)
 
-from latentlm.encoder_cache import EncoderCache, build_encoder_cache
-from latentlm.latent_cache import build_latent_cache
+from latentlm.training.encoder_cache import EncoderCache, build_encoder_cache
+from latentlm.training.latent_cache import build_latent_cache
 
 TEXTS = SENTENCES[:12]
 

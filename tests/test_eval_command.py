@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import SENTENCES, make_tiny_text_autoencoder
 
-from latentlm import evaluation, judges, metrics
 from latentlm.config import TrackingConfig
-from latentlm.data import read_texts
+from latentlm.data.loading import read_texts
+from latentlm.evaluation import judges, metrics
+from latentlm.evaluation import protocol as evaluation
 from latentlm.sampling import load_pipeline, sample_texts
 
 needs_mauve = pytest.mark.skipif(

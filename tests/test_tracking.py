@@ -4,7 +4,7 @@ import json
 import warnings
 
 from latentlm.config import TrackingConfig
-from latentlm.tracking import Tracker
+from latentlm.mlflow.tracking import Tracker
 
 
 def test_a_refused_tracking_store_is_reported_and_its_calls_written_to_disk(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from latentlm.config import TrackingConfig
-from latentlm.tracking import Tracker
+from latentlm.mlflow.tracking import Tracker
 
 SERVER_START_TIMEOUT_S = 180
 
@@ -109,7 +109,7 @@ def test_nested_runs_metrics_and_pyfunc_through_a_server(mlflow_server, tmp_path
     from mlflow import MlflowClient
     from test_pipeline import make_pipeline
 
-    from latentlm.mlflow_model import log_pipeline_model
+    from latentlm.mlflow.pyfunc import log_pipeline_model
 
     make_pipeline(tiny_text_autoencoder).save_pretrained(tmp_path / "pipeline")
     cfg = TrackingConfig(tracking_uri=mlflow_server, experiment_name="server-test")
@@ -180,7 +180,7 @@ def test_training_goes_on_when_the_server_never_comes(tmp_path, tiny_bart_dir):
     from test_cli import tiny_config
 
     from latentlm.config import load_config
-    from latentlm.train import train
+    from latentlm.training.run import train
 
     data = tmp_path / "data"
     data.mkdir()

@@ -1,4 +1,4 @@
-"""The shared training loop (`latentlm.training.run_stage`): a new stage is a small class, and the loop
+"""The shared training loop (`latentlm.training.loop.run_stage`): a new stage is a small class, and the loop
 gives it resume, checkpoints, cadence, a time budget and the history file."""
 
 import inspect
@@ -9,10 +9,10 @@ import torch
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
-import latentlm.training as training_loop
+import latentlm.training.loop as training_loop
 from latentlm.config import AutoencoderTrainingConfig, TrainingLoopConfig, load_config
-from latentlm.optimization import make_lr_scheduler, make_optimizer
-from latentlm.training import TrainingStage, run_stage
+from latentlm.training.loop import TrainingStage, run_stage
+from latentlm.training.optimization import make_lr_scheduler, make_optimizer
 
 
 class RegressionStage(TrainingStage):
@@ -146,7 +146,7 @@ def test_time_budget_stops_early_with_a_checkpoint_and_final_save(tmp_path, monk
 
 
 def test_time_budget_from_the_config_and_train_counts_the_stage_as_done(tmp_path, monkeypatch):
-    from latentlm.train import _stage_done
+    from latentlm.training.run import _stage_done
 
     clock = iter(range(0, 10_000, 10))
     monkeypatch.setattr(training_loop.time, "perf_counter", lambda: next(clock))
@@ -162,7 +162,7 @@ def test_time_budget_from_the_config_and_train_counts_the_stage_as_done(tmp_path
 
 
 def test_budget_decay_end_gives_the_decay_its_share_of_the_time_budget():
-    from latentlm.training import budget_decay_end
+    from latentlm.training.time_budget import budget_decay_end
 
     # 100 s for 20 steps, the last 8 (40 %) decaying: the decay gets the last 40 s of the budget
     assert budget_decay_end(5, 50.0, 10.0, 100.0, max_steps=20, decay_steps=8) is None  # 60 s of steps left

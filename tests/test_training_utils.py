@@ -8,12 +8,12 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from latentlm.batching import batch_indices, class_balanced_order, seed_step
-from latentlm.checkpoints import CheckpointManager, CheckpointMismatchError
 from latentlm.config import OptimizerConfig, load_config
 from latentlm.files import atomic_directory
-from latentlm.optimization import make_lr_scheduler, make_optimizer
-from latentlm.training import NonFiniteLossError, check_finite
+from latentlm.training.batching import batch_indices, class_balanced_order, seed_step
+from latentlm.training.checkpoints import CheckpointManager, CheckpointMismatchError
+from latentlm.training.loop import NonFiniteLossError, check_finite
+from latentlm.training.optimization import make_lr_scheduler, make_optimizer
 
 
 def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
@@ -217,7 +217,7 @@ def test_yaml_bare_no_reads_as_the_string_no(tmp_path):
 
 
 def test_two_stages_in_one_process_may_use_different_mixed_precision():
-    from latentlm.training import make_accelerator
+    from latentlm.training.loop import make_accelerator
 
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
@@ -225,7 +225,7 @@ def test_two_stages_in_one_process_may_use_different_mixed_precision():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch, native):
-    from latentlm import training
+    from latentlm.training import precision as training
 
     monkeypatch.setattr(training, "has_native_bf16", lambda device: native)
     assert training.resolve_mixed_precision("auto", "cpu") == ("bf16" if native else "no")
@@ -234,15 +234,15 @@ def test_auto_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkey
 
 
 def test_bf16_without_native_support_warns_and_names_the_fix(monkeypatch, caplog):
-    from latentlm import training
+    from latentlm.training import precision as training
 
     monkeypatch.setattr(training, "has_native_bf16", lambda device: False)
-    with caplog.at_level(logging.WARNING, logger="latentlm.training"):
+    with caplog.at_level(logging.WARNING, logger="latentlm.training.precision"):
         assert training.resolve_mixed_precision("bf16", "cpu") == "bf16"  # kept: the user asked for it
     assert "without native bfloat16" in caplog.text and "'auto'" in caplog.text
     caplog.clear()
     monkeypatch.setattr(training, "has_native_bf16", lambda device: True)
-    with caplog.at_level(logging.WARNING, logger="latentlm.training"):
+    with caplog.at_level(logging.WARNING, logger="latentlm.training.precision"):
         assert training.resolve_mixed_precision("bf16", "cpu") == "bf16"
     assert not caplog.text
     with pytest.raises(ValueError, match="fp16' needs a GPU"):
@@ -250,7 +250,7 @@ def test_bf16_without_native_support_warns_and_names_the_fix(monkeypatch, caplog
 
 
 def test_has_native_bf16_reads_the_cpu_features(monkeypatch, tmp_path):
-    from latentlm import training
+    from latentlm.training import precision as training
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     for flag in (True, False):

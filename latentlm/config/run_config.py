@@ -1,0 +1,42 @@
+"""`RunConfig`: one run of `latentlm train`, its sections in the order the stages run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentlm.config.sections import (
+    AutoencoderTrainingConfig,
+    ClassifierTrainingConfig,
+    DataConfig,
+    DecoderTuningConfig,
+    DiffusionTrainingConfig,
+    TrackingConfig,
+)
+
+__all__ = ["RunConfig"]
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/latentlm"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
+    decoder_tuning: DecoderTuningConfig = field(default_factory=DecoderTuningConfig)
+    diffusion: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    classifier: ClassifierTrainingConfig = field(default_factory=ClassifierTrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> None:
+        """Each training section checks its own values; the error names the key."""
+        for name in ("autoencoder", "decoder_tuning", "diffusion", "classifier"):
+            getattr(self, name).validate(name)

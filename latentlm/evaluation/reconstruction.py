@@ -1,0 +1,197 @@
+"""Reconstruction quality of a stage-1 model: texts -> latents -> texts, scored with sacrebleu BLEU and
+exact match against what the tokenizer can represent (`normalized_reference`).
+
+Used by stage-1 training (evaluation every ``eval_every`` steps) and by ``latentlm evaluate-autoencoder``
+(`evaluate_autoencoder`: the scores of a saved model on a file of texts, as JSON, markdown and an MLflow run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS, GREEDY_GENERATE_KWARGS
+from latentlm.evaluation.metrics import exact_match, reconstruction_bleu
+
+__all__ = [
+    "normalized_reference",
+    "reconstruct",
+    "evaluate_reconstruction",
+    "reconstruction_generate_kwargs",
+    "evaluate_autoencoder",
+]
+
+
+def normalized_reference(tokenizer, text: str, max_length: int, add_special_tokens: bool = True) -> str:
+    """What a perfect reconstruction can be: the text after tokenization (case folding, truncation)."""
+    ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+
+
+def reconstruction_generate_kwargs(max_length: int, num_beams: int) -> dict[str, Any]:
+    """Decoding for reconstruction: LD4LG's beam search, or plain greedy for ``num_beams=1`` (the
+    repetition controls are beam-search heuristics and would break exact copies)."""
+    base = GREEDY_GENERATE_KWARGS if num_beams == 1 else DEFAULT_GENERATE_KWARGS
+    return dict(base, max_length=max_length + 8, num_beams=num_beams)
+
+
+@torch.no_grad()
+def reconstruct(codec, texts: Sequence[str], batch_size: int = 64, **generate_kwargs) -> list[str]:
+    """``codec.decode(codec.encode(texts))`` in batches; ``codec`` is a `TextAutoencoder` or a pipeline."""
+    texts = list(texts)
+    out: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        out.extend(codec.decode(codec.encode(texts[start : start + batch_size]), **generate_kwargs))
+    return out
+
+
+def _references(codec, texts: Sequence[str]) -> list[str]:
+    tokenizer = getattr(codec, "tokenizer", None)
+    max_length = getattr(codec, "max_length", None) or getattr(getattr(codec, "config", None), "max_length", None)
+    if tokenizer is None or max_length is None:
+        return list(texts)
+    causal = getattr(codec, "causal", None)
+    if causal is None:  # a pipeline: ask its language model
+        from latentlm.autoencoder.families import is_causal_lm
+
+        causal = is_causal_lm(codec.language_model)
+    return [normalized_reference(tokenizer, t, max_length, add_special_tokens=not causal) for t in texts]
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    codec,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    num_beams: int | None = 4,
+    generate_kwargs: dict[str, Any] | None = None,
+    num_examples: int = 16,
+) -> dict[str, Any]:
+    """BLEU (0-100) and exact-match rate of ``codec``'s reconstructions of ``texts``.
+
+    Scored against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as
+    written (``bleu_raw_text``, ``exact_match_raw_text``). Decoding: ``generate_kwargs`` if given
+    (``{}``: the codec's own defaults), else `reconstruction_generate_kwargs` for ``num_beams``. ``examples`` holds the first
+    ``num_examples`` (input, reference, reconstruction) rows.
+    """
+    texts = list(texts)
+    if generate_kwargs is None:
+        max_length = getattr(codec, "max_length", None) or codec.config.max_length
+        generate_kwargs = reconstruction_generate_kwargs(max_length, num_beams or 1)
+    was_training = getattr(codec, "training", False)
+    if hasattr(codec, "eval"):
+        codec.eval()
+    try:
+        hypotheses = reconstruct(codec, texts, batch_size, **generate_kwargs)
+    finally:
+        if was_training:
+            codec.train()
+    references = _references(codec, texts)
+    return {
+        "num_samples": len(texts),
+        "bleu": reconstruction_bleu(hypotheses, references),
+        "exact_match": exact_match(hypotheses, references),
+        "bleu_raw_text": reconstruction_bleu(hypotheses, texts),
+        "exact_match_raw_text": exact_match(hypotheses, texts),
+        "examples": [
+            {"input": t, "reference": r, "reconstruction": h, "exact": h == r}
+            for t, r, h in list(zip(texts, references, hypotheses))[:num_examples]
+        ],
+    }
+
+
+def _load_codec(model_or_dir, device):
+    """A pipeline or a TextAutoencoder (from a folder or as given): anything with encode/decode."""
+    if isinstance(model_or_dir, (str, Path)):
+        folder = Path(model_or_dir)
+        if (folder / "model_index.json").is_file():
+            from latentlm.sampling import load_pipeline
+
+            return load_pipeline(folder, device)
+        from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
+        model = TextAutoencoder.from_pretrained(str(folder))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+    return model_or_dir
+
+
+def _autoencoder_markdown(result: dict[str, Any]) -> str:
+    return (
+        "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
+        f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
+        f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
+    )
+
+
+def evaluate_autoencoder(
+    model_dir,
+    references_file: str | Path,
+    num_samples: int = 1000,
+    *,
+    text_column: str = "text",
+    batch_size: int = 32,
+    decode_kwargs: dict | None = None,
+    output_dir: str | Path | None = None,
+    tracking=None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Reconstruction BLEU (sacrebleu, 0-100) and exact match of the first ``num_samples`` references,
+    against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as written
+    (``bleu_raw_text``, ``exact_match_raw_text``); scored by `reconstruction.evaluate_reconstruction`.
+
+    ``model_dir`` is a ``TextAutoencoder`` folder, a pipeline folder, or a loaded model with
+    ``encode(texts) -> [B, N, D]`` and ``decode(latents, **kw) -> list[str]``. ``decode_kwargs``
+    override the model's own decoding defaults (``None``: the defaults).
+    """
+    from latentlm.data.loading import read_texts
+
+    codec = _load_codec(model_dir, device)
+    texts, _ = read_texts(references_file, text_column)
+    texts = texts[:num_samples]
+    start = time.perf_counter()
+    scores = evaluate_reconstruction(
+        codec, texts, batch_size=batch_size, generate_kwargs=dict(decode_kwargs or {}), num_examples=len(texts)
+    )
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "model": str(model_dir) if isinstance(model_dir, (str, Path)) else type(model_dir).__name__,
+        "references_file": str(references_file),
+        "num_samples": scores["num_samples"],
+        **{k: scores[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")},
+        "texts_per_second": len(texts) / seconds,
+    }
+    result["markdown"] = _autoencoder_markdown(result)
+    examples = scores["examples"]
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "autoencoder_results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        (folder / "autoencoder_results.md").write_text(result["markdown"])
+    _log_autoencoder_to_mlflow(result, examples, tracking, output_dir)
+    result["examples"] = examples
+    return result
+
+
+def _log_autoencoder_to_mlflow(result: dict[str, Any], examples: list[dict], tracking, output_dir) -> None:
+    from latentlm.config import TrackingConfig
+    from latentlm.mlflow.tracking import Tracker
+
+    cfg = tracking if tracking is not None else TrackingConfig()
+    if not cfg.enabled:
+        return
+    with Tracker(cfg, run_name=cfg.run_name or "evaluate-autoencoder", fallback_dir=output_dir) as tracker:
+        tracker.log_params(
+            {"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}}
+        )
+        tracker.log_metrics(
+            {k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0
+        )
+        tracker.log_table(examples, "reconstructions.json")

@@ -1,0 +1,1 @@
+"""MLflow: tracking runs (`tracking.Tracker`) and the pipeline as a pyfunc model (`pyfunc`)."""

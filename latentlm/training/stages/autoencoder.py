@@ -1,0 +1,253 @@
+"""Stage 1 training: learn the latent autoencoder.
+
+`train_autoencoder(config)` loads the data, caches the frozen encoder's states once, and trains in
+the shared loop (`latentlm.training.loop.run_stage`): reconstruction BLEU / exact match every
+``eval_every`` steps, atomic checkpoints, MLflow; the result is a `TextAutoencoder` folder,
+``<output_dir>/autoencoder``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentlm.autoencoder.adapters import set_dropout
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+from latentlm.autoencoder.text_codec import source_length_limit
+from latentlm.config import AutoencoderTrainingConfig, RunConfig
+from latentlm.data.loading import load_texts
+from latentlm.evaluation.reconstruction import evaluate_reconstruction
+from latentlm.mlflow.tracking import Tracker
+from latentlm.training.encoder_cache import ENCODER_CACHE_DIR, build_encoder_cache
+from latentlm.training.loop import TrainingStage, run_stage
+from latentlm.training.optimization import make_lr_scheduler, make_optimizer
+from latentlm.training.precision import attention_kernel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_autoencoder", "AutoencoderStage", "model_kwargs", "load_initial_autoencoder"]
+
+FINAL_DIR = "autoencoder"
+CHECKPOINT_DIR = "autoencoder_training"
+HISTORY_FILE = "autoencoder_history.json"
+
+#: the keyword arguments of `TextAutoencoder.from_backbone`: config fields of the same names feed them
+MODEL_ARGS = tuple(
+    name
+    for name, p in inspect.signature(TextAutoencoder.from_backbone).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def model_kwargs(cfg: AutoencoderTrainingConfig) -> dict[str, Any]:
+    """The ``autoencoder:`` config fields that are `TextAutoencoder.from_backbone` arguments."""
+    return {name: getattr(cfg, name) for name in MODEL_ARGS}
+
+
+def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
+    """The model stage 1 starts from: a new one over ``cfg.backbone``, or the trained folder
+    ``cfg.init_from`` (checked against the config's model keys, trainable, with the config's
+    training settings), its compression network frozen when ``cfg.freeze_compression``."""
+    if not cfg.init_from:
+        return TextAutoencoder.from_backbone(cfg.backbone, **model_kwargs(cfg))
+    model = TextAutoencoder.from_pretrained(
+        cfg.init_from, trainable=True, latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight
+    )
+    saved = model.autoencoder.config
+    built = {
+        "backbone": TextAutoencoder.stored_backbone(cfg.backbone),
+        "decoder": cfg.decoder,
+        "max_length": cfg.max_length,
+        "causal_memory": cfg.causal_memory,
+        "context_positions": cfg.max_length if cfg.context_positions == -1 else cfg.context_positions,
+        **{
+            key: getattr(cfg, key)
+            for key in (
+                "num_latents",
+                "latent_dim",
+                "num_compression_layers",
+                "num_reconstruction_layers",
+                "head_dim",
+                "ff_mult",
+                "dropout",
+                "query_init_std",
+                "memory_tokens_per_latent",
+                "tokens_per_query",
+                "context_layers",
+            )
+        },
+    }
+    have = {
+        "backbone": model.backbone,
+        "decoder": model.decoder_mode,
+        "max_length": model.max_length,
+        "causal_memory": "key_value_prefix" if saved.key_value_layers else "soft_prompt",
+        **{key: saved[key] for key in built if key in saved},
+    }
+    if model.decoder_mode == "lora":
+        for key in ("r", "alpha", "dropout", "target_modules"):
+            built[f"lora_{key}"], have[f"lora_{key}"] = getattr(cfg, f"lora_{key}"), model.lora.get(key)
+    for key in ("normalize_latents", "prompt_template"):  # None in the config: the backbone's default
+        if getattr(cfg, key) is not None:
+            built[key], have[key] = getattr(cfg, key), saved[key]
+    differ = [key for key in built if built[key] != have[key]]
+    if differ:
+        raise ValueError(
+            f"autoencoder.init_from={cfg.init_from!r} was built with "
+            + ", ".join(f"{key}={have[key]!r}" for key in differ)
+            + ", but the config asks for "
+            + ", ".join(f"{key}={built[key]!r}" for key in differ)
+            + ". A trained autoencoder keeps its architecture: set these config values to the folder's "
+            "(or leave init_from unset to build a new autoencoder)."
+        )
+    if cfg.plm_dropout is not None:
+        set_dropout(model.language_model, cfg.plm_dropout)
+    if cfg.freeze_compression:
+        for p in model.autoencoder.compression_parameters():
+            p.requires_grad_(False)
+    return model
+
+
+class AutoencoderStage(TrainingStage):
+    """Stage 1: the reconstruction loss of a `TextAutoencoder` over cached frozen-encoder states."""
+
+    name = "autoencoder"
+    final_dir, checkpoint_dir, history_file = FINAL_DIR, CHECKPOINT_DIR, HISTORY_FILE
+
+    def __init__(self, config: RunConfig, stage_config: AutoencoderTrainingConfig | None = None):
+        super().__init__(config, stage_config or config.autoencoder)
+
+    def setup(self, accelerator) -> None:
+        cfg, opt, data = self.cfg, self.cfg.optimizer, self.config.data
+        is_main = accelerator.is_main_process
+        # data first, so bad input fails before any model is built
+        self.train_texts = load_texts(data, data.train_split, data.max_train_samples)
+        self.val_texts = load_texts(data, data.validation_split, data.max_eval_samples) if data.validation_split else []
+        if opt.batch_size > len(self.train_texts) and is_main:
+            logger.warning(
+                "batch_size %d exceeds the %d training texts; batches repeat texts.",
+                opt.batch_size,
+                len(self.train_texts),
+            )
+
+        self.model = model = load_initial_autoencoder(cfg)
+        model.to(accelerator.device)
+        limit = source_length_limit(model.tokenizer, model.language_model)
+        if limit is not None and cfg.max_length > limit:
+            raise ValueError(
+                f"autoencoder.max_length={cfg.max_length} exceeds the {limit} positions the backbone "
+                f"{cfg.backbone!r} reads; set max_length to at most {limit}."
+            )
+        lengths = [len(ids) for ids in model.token_ids(self.train_texts, truncation=False)]
+        self.num_truncated = sum(n > cfg.max_length for n in lengths)
+        if is_main:
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            logger.warning(
+                "%d of %d training texts (%.1f%%) are longer than max_length=%d tokens and are truncated "
+                "(the longest, %d tokens: %r).",
+                self.num_truncated,
+                len(self.train_texts),
+                100 * self.num_truncated / len(self.train_texts),
+                cfg.max_length,
+                lengths[longest],
+                self.train_texts[longest][:80],
+            )
+        # the encoder states, computed once (main process) and memory-mapped by every process; the
+        # decoder tuning and stage 2's latent cache find them under the same output_dir
+        if not is_main:
+            accelerator.wait_for_everyone()
+        tick = time.perf_counter()
+        self.cache = build_encoder_cache(
+            model,
+            self.train_texts,
+            Path(self.config.output_dir) / ENCODER_CACHE_DIR,
+            mixed_precision=accelerator.mixed_precision,
+            show_progress=is_main,
+        )
+        self.cache_seconds = time.perf_counter() - tick  # only the key's hashing when a cache was reused
+        if is_main:
+            accelerator.wait_for_everyone()
+        self.lengths = self.cache.lengths if cfg.group_by_length else None
+
+        params = model.trainable_parameters()
+        groups = [{"params": params["autoencoder"], "lr": opt.learning_rate, "name": "autoencoder"}]
+        if params["language_model"]:
+            groups.append(
+                {
+                    "params": params["language_model"],
+                    "lr": opt.learning_rate * cfg.decoder_lr_scale,
+                    "name": "language_model",
+                }
+            )
+        self.optimizer = make_optimizer(groups, opt)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, opt)
+        # The lr scheduler is not prepared: batch_size is the global batch, so it steps once per step.
+        self.train_model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.modules = {"autoencoder": model.autoencoder, "language_model": model.language_model}
+
+    def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        cfg, accelerator = self.cfg, self.accelerator
+        indices = self.batch_indices(step, len(self.cache), self.lengths)
+        hidden, mask, ids = self.cache.batch(indices, accelerator.device)
+        labels = self.model.make_labels(ids, mask)
+        with accelerator.autocast(), attention_kernel(accelerator.device):
+            return self.train_model(
+                hidden, mask, labels, reconstruction=step >= cfg.alignment_warmup_steps, generator=generator
+            )
+
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every if self.val_texts else 0
+
+    @property
+    def evaluate_at_end(self) -> bool:
+        return bool(self.val_texts)
+
+    def evaluate(self, step: int, tracker: Tracker) -> dict[str, Any]:
+        result = evaluate_reconstruction(
+            self.model, self.val_texts, num_beams=self.cfg.eval_num_beams, num_examples=self.cfg.num_eval_examples
+        )
+        tracker.log_metrics({"eval/bleu": result["bleu"], "eval/exact_match": result["exact_match"]}, step)
+        tracker.log_table(result["examples"], f"reconstructions/step_{step:08d}.json")
+        logger.warning(
+            "step %d: reconstruction BLEU %.2f, exact match %.3f", step, result["bleu"], result["exact_match"]
+        )
+        return {"bleu": result["bleu"], "exact_match": result["exact_match"]}
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "autoencoder.num_truncated_train_texts": self.num_truncated,
+            "autoencoder.num_train_texts": len(self.train_texts),
+        }
+
+    def save(self, folder: Path) -> None:
+        self.accelerator.unwrap_model(self.train_model).save_pretrained(folder)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "encoder_cache_s": round(self.cache_seconds, 1),
+            "num_truncated_train_texts": self.num_truncated,
+            "num_train_texts": len(self.train_texts),
+        }
+
+
+def train_autoencoder(
+    config: RunConfig,
+    resume: bool = False,
+    tracker: Tracker | None = None,
+    *,
+    time_budget_s: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train stage 1 as configured; returns ``<output_dir>/autoencoder`` (`TextAutoencoder.from_pretrained`).
+
+    ``resume``, ``overwrite``, ``tracker`` and ``time_budget_s`` as in `latentlm.training.loop.run_stage`.
+    """
+    return run_stage(
+        AutoencoderStage(config), resume=resume, tracker=tracker, time_budget_s=time_budget_s, overwrite=overwrite
+    )

@@ -1,0 +1,128 @@
+"""Decoder tuning: stage 1's decoder side trained on with its latents unchanged (`DecoderTuningConfig`).
+
+Between the stages it reads noisier latents; after stage 2 (``latent_source: denoiser``) it reads
+what stage 2's denoiser makes of each training text's noised latents, so that the decoder learns to
+write real text from the denoiser's own kind of error. The result is ``<output_dir>/decoder``, a
+`TextAutoencoder` folder with the same latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from latentlm.config import AutoencoderTrainingConfig, RunConfig, TrainingLoopConfig
+from latentlm.mlflow.tracking import Tracker
+from latentlm.training.loop import run_stage
+from latentlm.training.precision import attention_kernel
+from latentlm.training.stages.autoencoder import AutoencoderStage
+
+__all__ = ["tune_decoder", "DecoderTuningStage", "decoder_tuning_config"]
+
+DECODER_DIR = "decoder"
+DECODER_CHECKPOINT_DIR = "decoder_training"
+DECODER_HISTORY_FILE = "decoder_history.json"
+
+
+def decoder_tuning_config(config: RunConfig, autoencoder_path: str | Path) -> AutoencoderTrainingConfig:
+    """Stage 1's settings, continued from its trained folder ``autoencoder_path`` with the compression
+    frozen, the noise and training loop of ``decoder_tuning:`` and no alignment warm-up."""
+    tuning = config.decoder_tuning
+    loop = {f.name: getattr(tuning, f.name) for f in dataclasses.fields(TrainingLoopConfig)}
+    return dataclasses.replace(
+        config.autoencoder,
+        **loop,
+        init_from=str(autoencoder_path),
+        freeze_compression=True,
+        latent_noise_std=tuning.latent_noise_std,
+        alignment_warmup_steps=0,
+        eval_every=tuning.eval_every,
+    )
+
+
+class DecoderTuningStage(AutoencoderStage):
+    """Stage 1's decoder side trained on with the latents unchanged (`latentlm.config.DecoderTuningConfig`):
+    on noisier latents between the stages, or, after stage 2 (``latent_source: denoiser``), on what
+    stage 2's denoiser makes of each training text's noised latents."""
+
+    name = "decoder_tuning"
+    final_dir, checkpoint_dir, history_file = DECODER_DIR, DECODER_CHECKPOINT_DIR, DECODER_HISTORY_FILE
+
+    def __init__(self, config: RunConfig, autoencoder_path: str | Path, diffusion_path: str | Path | None = None):
+        super().__init__(config, decoder_tuning_config(config, autoencoder_path))
+        tuning = config.decoder_tuning
+        if tuning.latent_source == "denoiser" and diffusion_path is None:
+            raise ValueError(
+                "decoder_tuning.latent_source is 'denoiser', which tunes the decoder on stage 2's denoiser: pass "
+                "diffusion_path (the <output_dir>/diffusion folder of a trained stage 2)."
+            )
+        self.diffusion_path = Path(diffusion_path) if tuning.latent_source == "denoiser" else None
+
+    def setup(self, accelerator) -> None:
+        super().setup(accelerator)
+        self.denoiser = None
+        if self.diffusion_path is None:
+            return
+        from diffusers import DDPMScheduler
+
+        from latentlm.data.labels import load_training_examples, resolve_class_labels
+        from latentlm.diffusion import LatentDenoiser
+
+        self.denoiser = LatentDenoiser.from_pretrained(self.diffusion_path / "denoiser").eval().requires_grad_(False)
+        self.denoiser.to(accelerator.device)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.diffusion_path / "scheduler")
+        self.class_labels = None
+        if self.denoiser.config.num_classes and self.config.data.label_column:
+            _, raw_labels, _ = load_training_examples(self.config.data)
+            labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)
+            self.class_labels = torch.tensor(labels)
+
+    def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        if self.denoiser is None:
+            return super().training_step(step, generator)
+        from latentlm.diffusion import denoised_latents
+
+        accelerator, model = self.accelerator, self.model
+        indices = self.batch_indices(step, len(self.cache), self.lengths)
+        hidden, mask, ids = self.cache.batch(indices, accelerator.device)
+        labels = model.make_labels(ids, mask)
+        classes = None if self.class_labels is None else self.class_labels[indices].to(accelerator.device)
+        with accelerator.autocast(), attention_kernel(accelerator.device):
+            with torch.no_grad():
+                latents = model.autoencoder.compress(hidden, mask)
+                latents = denoised_latents(
+                    self.denoiser,
+                    self.noise_scheduler,
+                    latents,
+                    tuple(self.config.decoder_tuning.denoiser_noise_levels),
+                    class_labels=classes,
+                    generator=generator,
+                )
+            return self.train_model(hidden, mask, labels, generator=generator, latents=latents)
+
+
+def tune_decoder(
+    config: RunConfig,
+    autoencoder_path: str | Path,
+    diffusion_path: str | Path | None = None,
+    resume: bool = False,
+    tracker: Tracker | None = None,
+    *,
+    time_budget_s: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Tune the decoder of the trained autoencoder ``autoencoder_path`` as ``config.decoder_tuning``
+    says (``latent_source: denoiser`` reads stage 2's ``diffusion_path``); returns
+    ``<output_dir>/decoder``, a `TextAutoencoder` folder with the same latents.
+
+    ``resume``, ``overwrite``, ``tracker`` and ``time_budget_s`` as in `latentlm.training.loop.run_stage`.
+    """
+    return run_stage(
+        DecoderTuningStage(config, autoencoder_path, diffusion_path),
+        resume=resume,
+        tracker=tracker,
+        time_budget_s=time_budget_s,
+        overwrite=overwrite,
+    )

@@ -1,0 +1,25 @@
+"""The output of a `LatentTextDiffusionPipeline` call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+
+__all__ = ["LatentTextDiffusionPipelineOutput"]
+
+
+@dataclass
+class LatentTextDiffusionPipelineOutput(BaseOutput):
+    """Output of `LatentTextDiffusionPipeline.__call__`.
+
+    Args:
+        texts: the decoded samples (``None`` when ``output_type="latent"``); with ``source_texts``, one
+            list of ``num_samples_per_source`` texts per source.
+        latents: the clean latents ``[batch, num_latents, latent_dim]`` (float32; with sources, source
+            by source).
+    """
+
+    texts: list[str] | list[list[str]] | None
+    latents: torch.Tensor

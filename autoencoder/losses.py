@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from latentlm.autoencoder.causal_decoding import key_value_prefix_inputs, soft_prompt_inputs, uses_key_value_prefix
 from latentlm.autoencoder.families.base import unwrap_peft
-from latentlm.autoencoder.text_codec import (
-    causal_body,
-    key_value_prefix_inputs,
-    soft_prompt_inputs,
-    uses_key_value_prefix,
-)
+from latentlm.autoencoder.families.causal_lm import causal_body
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["alignment_loss", "causal_reconstruction_loss", "seq2seq_reconstruction_loss", "shift_right"]

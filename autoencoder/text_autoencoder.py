@@ -20,6 +20,7 @@ from latentlm.autoencoder.backbones import (
     load_backbone,
     prompt_template_for,
 )
+from latentlm.autoencoder.causal_decoding import uses_key_value_prefix
 from latentlm.autoencoder.families import family_of, is_causal_lm
 from latentlm.autoencoder.families.base import unwrap_peft
 from latentlm.autoencoder.families.causal_lm import decoder_layers
@@ -32,7 +33,6 @@ from latentlm.autoencoder.text_codec import (
     encoder_hidden_states,
     merge_peft,
     tokenize_texts,
-    uses_key_value_prefix,
 )
 from torch import nn
 

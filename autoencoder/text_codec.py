@@ -19,7 +19,9 @@ import warnings
 from typing import Any
 
 import torch
+from latentlm.autoencoder.causal_decoding import generate_causal
 from latentlm.autoencoder.families.base import decoder_stack_name, is_causal_lm, unwrap_peft
+from latentlm.autoencoder.families.causal_lm import causal_body
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = [
@@ -32,14 +34,8 @@ __all__ = [
     "encode_sources",
     "source_length_limit",
     "decode_latents",
-    "soft_prompt_inputs",
-    "key_value_prefix_inputs",
-    "uses_key_value_prefix",
-    "MEMORY_PLACEHOLDER",
     "merge_peft",
 ]
-
-MEMORY_PLACEHOLDER = "{memory}"
 
 # LD4LG decoding defaults.
 DEFAULT_GENERATE_KWARGS: dict[str, Any] = dict(
@@ -106,12 +102,6 @@ def merge_peft(language_model):
     if isinstance(language_model, PeftModel):
         return copy.deepcopy(language_model).merge_and_unload()
     return language_model
-
-
-def causal_body(language_model):
-    """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
-    model = unwrap_peft(language_model)
-    return model, model.base_model
 
 
 @torch.no_grad()
@@ -188,77 +178,6 @@ def encode_sources(
     return states, mask
 
 
-def _prompt_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
-    """Token ids before and after ``{memory}`` in the prompt template."""
-    if not template or template.count(MEMORY_PLACEHOLDER) != 1:
-        raise ValueError(
-            f"A causal LM reads the latents through a prompt template with exactly one {MEMORY_PLACEHOLDER!r}, got "
-            f"{template!r}; set the autoencoder's prompt_template."
-        )
-    before, after = template.split(MEMORY_PLACEHOLDER)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
-    return encode(before), encode(after)
-
-
-def soft_prompt_inputs(
-    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Input embeddings [B, T, H] of ``prompt_before + memory + prompt_after (+ text_ids)``."""
-    model, _ = causal_body(language_model)
-    embed = model.get_input_embeddings()
-    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
-    b, device = memory.shape[0], memory.device
-    pieces = []
-    if before:
-        pieces.append(embed(torch.tensor(before, device=device)).expand(b, -1, -1))
-    pieces.append(memory.to(embed.weight.dtype))
-    if after:
-        pieces.append(embed(torch.tensor(after, device=device)).expand(b, -1, -1))
-    if text_ids is not None:
-        pieces.append(embed(text_ids))
-    return torch.cat(pieces, dim=1)
-
-
-def uses_key_value_prefix(autoencoder) -> bool:
-    """Whether a decoder-only LM reads this autoencoder's memory as a key/value prefix (else a soft prompt)."""
-    return bool(autoencoder.config.get("key_value_layers"))
-
-
-def key_value_prefix_inputs(
-    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None, repeats: int = 1
-):
-    """The key/value prefix route: ``(cache, input_ids)``.
-
-    ``cache`` (a transformers ``DynamicCache``) holds the keys and values of the prompt before
-    ``{memory}`` (computed by the LM) followed by the prefix `LatentAutoencoder.key_values` writes,
-    each batch row repeated ``repeats`` times (beams); ``input_ids`` [B, T] (not repeated) is the
-    prompt after ``{memory}`` (+ ``text_ids``), what the LM reads next, at positions after the cache.
-    """
-    from transformers import DynamicCache
-
-    model, body = causal_body(language_model)
-    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
-    if not after:
-        raise ValueError(
-            "A key/value prefix needs at least one prompt token after {memory} (the LM predicts the text's first "
-            f"token from it); prompt_template={autoencoder.config.get('prompt_template')!r}."
-        )
-    b, device = memory.shape[0] * repeats, memory.device
-    cache = DynamicCache(config=model.config)
-    if before:
-        body(input_ids=torch.tensor([before], device=device).expand(b, -1), past_key_values=cache, use_cache=True)
-    # The cache must hold what the attention layers compute: under autocast, its dtype.
-    param = next(model.parameters())
-    dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) else param.dtype
-    for layer, (keys, values) in enumerate(autoencoder.key_values(memory)):
-        keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
-        cache.update(keys.to(dtype), values.to(dtype), layer)
-    input_ids = torch.tensor([after], device=device).expand(memory.shape[0], -1)
-    if text_ids is not None:
-        input_ids = torch.cat([input_ids, text_ids], dim=1)
-    return cache, input_ids
-
-
 @torch.no_grad()
 def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor, **generate_kwargs) -> list[str]:
     """latents [B, num_latents, latent_dim] -> texts, through the PLM decoder's own `generate()`.
@@ -276,7 +195,7 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
     memory = autoencoder.reconstruct(latents)
     kwargs = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
     if is_causal_lm(language_model):
-        return _generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)
+        return generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)
     # Generating past the decoder's learned positions raises an IndexError deep inside generate();
     # stop at the last position instead, and say so.
     decoder_config = getattr(language_model.config, "decoder", None) or language_model.config
@@ -296,57 +215,3 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
     )
     texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
     return [t.strip() for t in texts]
-
-
-def _generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
-    """The LM's ``generate()`` after the latents' prompt, computed once per batch (beams and sampled
-    sequences share it): ``inputs_embeds`` for a soft prompt, ``past_key_values`` for a key/value
-    prefix. ``max_length`` / ``min_length`` count the text's tokens, as for seq2seq decoders."""
-    kwargs = dict(kwargs)
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if not uses_key_value_prefix(autoencoder):
-        inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
-        kwargs = _text_length_kwargs(language_model, kwargs, inputs.shape[1])
-        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
-    else:
-        # generate() repeats its inputs per beam (or per returned sample) but not a cache: repeat it here.
-        repeats = (
-            kwargs.get("num_beams", 1) if kwargs.get("num_beams", 1) > 1 else kwargs.get("num_return_sequences", 1)
-        )
-        cache, after = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory, repeats=repeats)
-        past = cache.get_seq_length()
-        kwargs = _text_length_kwargs(language_model, kwargs, past + after.shape[1])
-        # generate() takes embeddings of the whole sequence and reads those past the cache: the cached
-        # positions get placeholders, so repetition penalties see only the generated text, as with a soft prompt.
-        embeds = causal_body(language_model)[0].get_input_embeddings()(after)
-        inputs = torch.cat([embeds.new_zeros(embeds.shape[0], past, embeds.shape[2]), embeds], dim=1)
-        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, **kwargs)
-    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [t.strip() for t in texts]
-
-
-def _text_length_kwargs(language_model, kwargs: dict, prompt_length: int) -> dict:
-    """``max_length`` / ``min_length`` (text tokens, as for seq2seq decoders) -> ``max_new_tokens`` /
-    ``min_new_tokens``, capped by the LM's positions after a prompt of ``prompt_length``."""
-    if "max_new_tokens" not in kwargs:
-        kwargs["max_new_tokens"] = kwargs.pop("max_length")
-    kwargs.pop("max_length", None)
-    kwargs.setdefault("min_new_tokens", kwargs.pop("min_length", 0))
-    kwargs.pop("min_length", None)
-    max_positions = getattr(language_model.config, "max_position_embeddings", None) or getattr(
-        language_model.config, "n_positions", None
-    )
-    room = None if max_positions is None else max_positions - prompt_length
-    if room is not None and kwargs["max_new_tokens"] > room:
-        if room < 1:
-            raise ValueError(f"The prompt ({prompt_length} positions) leaves no room in the LM's {max_positions}.")
-        warnings.warn(
-            f"max_length={kwargs['max_new_tokens']} does not fit after the {prompt_length}-position prompt "
-            f"in the LM's {max_positions} positions; generating at most {room} tokens.",
-            stacklevel=4,
-        )
-        kwargs["max_new_tokens"] = room
-    return kwargs

@@ -240,7 +240,7 @@ class PeakMemory:
 def machine() -> dict[str, Any]:
     """What a figure was measured on: the CPU, its cores, whether it multiplies bf16 natively (the fast
     path of `mixed_precision: auto`) and torch's threads."""
-    from latentlm.training.precision import has_native_bf16
+    from latentlm.hardware import has_native_bf16
 
     native = has_native_bf16("cpu")
     return {

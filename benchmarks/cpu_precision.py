@@ -25,7 +25,8 @@ import common  # benchmarks/common.py: the script's folder is on sys.path
 import torch
 from latentlm.diffusion import LatentDenoiser, diffusion_loss, make_noise_scheduler
 
-from latentlm.training.precision import has_native_bf16, resolve_mixed_precision
+from latentlm.hardware import has_native_bf16
+from latentlm.training.precision import resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from latentlm.data.loading import read_texts
     from latentlm.evaluation import metrics
     from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
-    from latentlm.training.precision import has_native_bf16
+    from latentlm.hardware import has_native_bf16
 
     data = Path(args.data)
     texts, _ = read_texts(data / "validation.jsonl", args.text_column)

@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
     from latentlm.evaluation.protocol import evaluate_autoencoder
     from latentlm.evaluation.reconstruction import reconstruct
+    from latentlm.hardware import has_native_bf16
     from latentlm.sampling import sample
-    from latentlm.training.precision import has_native_bf16
 
     run, data = Path(args.run), Path(args.data)
     result: dict = {

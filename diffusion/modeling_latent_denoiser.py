@@ -21,6 +21,17 @@ DENOISER_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def check_label_range(class_labels: torch.Tensor, num_classes: int, message) -> None:
+    """Class ids must lie in ``[0, num_classes]`` (``num_classes``: the null class). On a CPU an id out
+    of range raises a ValueError with ``message()``; on an accelerator the check is asynchronous
+    (`torch._assert_async`), so that validating labels never stalls the device queue."""
+    out_of_range = (class_labels < 0) | (class_labels > num_classes)
+    if class_labels.device.type != "cpu":
+        torch._assert_async(~out_of_range.any())
+    elif bool(out_of_range.any()):
+        raise ValueError(message())
+
+
 @dataclass
 class LatentDenoiserOutput(BaseOutput):
     """
@@ -234,11 +245,14 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             class_labels = class_labels.expand(batch)
         if class_labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
-        if bool(((class_labels < 0) | (class_labels > num_classes)).any()):
-            raise ValueError(
+        check_label_range(
+            class_labels,
+            num_classes,
+            lambda: (
                 f"class_labels must lie in [0, {num_classes}] ({num_classes} = null class), "
                 f"got values {sorted(set(class_labels.tolist()))}."
-            )
+            ),
+        )
         return self.class_embedding(class_labels)
 
     def _context(

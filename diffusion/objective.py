@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .modeling_latent_denoiser import check_label_range
 from .schedules import predict_original_sample
 
 LOSS_TYPES = ("l2", "l1")
@@ -106,11 +107,14 @@ def _drop_labels(class_labels, num_classes: int, batch: int, dropout_prob: float
     class_labels = torch.as_tensor(class_labels, device=device).long()
     if class_labels.shape != (batch,):
         raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
-    if bool(((class_labels < 0) | (class_labels > num_classes)).any()):
-        raise ValueError(
+    check_label_range(
+        class_labels,
+        num_classes,
+        lambda: (
             f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = unlabelled), "
             f"got {sorted(set(class_labels.tolist()))}."
-        )
+        ),
+    )
     if dropout_prob > 0:
         drop = _rand((batch,), generator, device) < dropout_prob
         class_labels = torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)

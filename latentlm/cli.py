@@ -57,6 +57,7 @@ def _add_sample_parser(commands) -> None:
     )
     p.add_argument("--source-column", default="source", help="column of --sources in a jsonl/csv file")
     SamplingOptions.add_arguments(p)
+    _add_dtype_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the samples as jsonl here")
     p.add_argument(
@@ -102,6 +103,15 @@ def _add_evaluate_parser(commands) -> None:
     )
     p.add_argument("--samples-per-source", type=int, default=1, help="text-to-text: samples per source (self-BLEU)")
     p.add_argument("--bert-model", default="minilm", help="text-to-text BERTScore model: minilm | hub name | none")
+
+
+def _add_dtype_argument(p) -> None:
+    p.add_argument(
+        "--language-model-dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "auto"],
+        help="precision the language model decodes in (auto: bf16 where the CPU or GPU computes it natively)",
+    )
 
 
 def _add_classifier_arguments(p) -> None:
@@ -218,6 +228,7 @@ def _sample(args) -> None:
         out=args.out,
         controls=controls or None,
         source_texts=source_texts,
+        language_model_dtype=args.language_model_dtype,
         options=SamplingOptions.from_arguments(args),
     )
     for row in rows:
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: what a user can cause and fix (a bad value, a missing file or package): the message is the help
-USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError, MemoryError)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -11,16 +11,33 @@ import torch
 from latentlm.pipelines.conditioning import class_label_id
 from latentlm.pipelines.sampling_options import SamplingOptions, make_scheduler
 
-__all__ = ["load_pipeline", "sample_texts", "sample_per_class", "sample"]
+__all__ = ["LANGUAGE_MODEL_DTYPES", "load_pipeline", "sample_texts", "sample_per_class", "sample"]
 
 
-def load_pipeline(pipeline_dir: str | Path, device: str | torch.device | None = None):
-    """`LatentTextDiffusionPipeline.from_pretrained`, optionally moved to ``device``."""
+#: ``language_model_dtype`` values of `load_pipeline`
+LANGUAGE_MODEL_DTYPES = ("float32", "bfloat16", "auto")
+
+
+def load_pipeline(
+    pipeline_dir: str | Path, device: str | torch.device | None = None, language_model_dtype: str = "float32"
+):
+    """`LatentTextDiffusionPipeline.from_pretrained`, optionally moved to ``device``.
+
+    ``language_model_dtype``: the precision the language model decodes in: ``"float32"`` (as saved),
+    ``"bfloat16"``, or ``"auto"`` (bf16 where the device multiplies it natively, `latentlm.hardware`;
+    decoding is most of a sample's time). The other components stay as saved.
+    """
+    from latentlm.hardware import has_native_bf16
     from latentlm.pipelines import LatentTextDiffusionPipeline
 
+    if language_model_dtype not in LANGUAGE_MODEL_DTYPES:
+        raise ValueError(f"language_model_dtype={language_model_dtype!r}: use one of {LANGUAGE_MODEL_DTYPES}.")
     pipe = LatentTextDiffusionPipeline.from_pretrained(pipeline_dir)
     if device is not None:
         pipe = pipe.to(device)
+    if language_model_dtype == "auto":
+        language_model_dtype = "bfloat16" if has_native_bf16(pipe.device) else "float32"
+    pipe.language_model.to(getattr(torch, language_model_dtype))
     return pipe
 
 
@@ -134,6 +151,7 @@ def sample(
     pipe=None,
     controls: dict[str, Any] | None = None,
     source_texts: list[str] | None = None,
+    language_model_dtype: str = "float32",
     options: SamplingOptions | None = None,
     **option_changes,
 ) -> list[dict[str, Any]]:
@@ -149,13 +167,14 @@ def sample(
         pipe: an already loaded pipeline (then ``pipeline_dir`` is only reported).
         controls: classifier guidance by the pipeline's classifiers, e.g. ``{"price": "cheap"}``.
         source_texts: text-to-text pipelines, as in `sample_texts`.
+        language_model_dtype: the language model's precision, as in `load_pipeline`.
         options, option_changes: how to sample (`SamplingOptions`, and any of its fields as a keyword).
 
     See `sample_texts`, which does the sampling; this loads the pipeline (progress bar off) and writes the file.
     """
     _check_counts(num_samples, batch_size)  # before loading the pipeline
     options = SamplingOptions.of(options, **option_changes)
-    pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
+    pipe = pipe if pipe is not None else load_pipeline(pipeline_dir, language_model_dtype=language_model_dtype)
     pipe.set_progress_bar_config(disable=True)
     rows = sample_texts(
         pipe,

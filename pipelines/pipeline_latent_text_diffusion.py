@@ -24,6 +24,7 @@ list of texts per source.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,22 @@ __all__ = [
     "UNSUPPORTED_SCHEDULERS",
     "slerp",
 ]
+
+
+@contextlib.contextmanager
+def refuse_out_of_memory(batch: int):
+    """An allocation that fails inside a call becomes an error that says what to do; the pipeline holds
+    no state of the call, so it stays usable."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
+            if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
+                raise
+        raise MemoryError(
+            f"A batch of {batch} samples does not fit in memory ({type(err).__name__}: {str(err)[:200]}). Sample "
+            "fewer at a time: a smaller num_samples (or batch_size in latentlm.sample / sample_texts)."
+        ) from err
 
 
 class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLatentsMixin):
@@ -196,14 +213,13 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         shape = (num_samples * options.mbr_candidates, config.num_latents, config.latent_dim)
         latents = self.prepare_latents(shape, generator, self._execution_device, latents, scheduler)
 
-        # 3. Denoising loop.
+        # 3. Denoising loop, then 4. decoding (and each output's MBR choice).
         callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
-        latents = self.denoise(latents, scheduler, generator, options, labels, context, controls, callback)
-
-        # 4. Decode (and keep each output's MBR choice).
         texts = None
-        if output_type == "text":
-            texts, latents = self.decode_outputs(latents, options, num_samples_per_source, sources)
+        with refuse_out_of_memory(shape[0]):
+            latents = self.denoise(latents, scheduler, generator, options, labels, context, controls, callback)
+            if output_type == "text":
+                texts, latents = self.decode_outputs(latents, options, num_samples_per_source, sources)
         self.maybe_free_model_hooks()
 
         if not return_dict:
@@ -238,12 +254,13 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
         pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
         low, high = options.guidance_interval
-        num_train_timesteps = scheduler.config.num_train_timesteps
+        # which steps are guided, read from the timesteps once (no host-device sync inside the loop)
+        guided = [low <= t / scheduler.config.num_train_timesteps <= high for t in scheduler.timesteps.tolist()]
         for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             # Euler-type schedulers keep latents at sigma scale; the denoiser sees DDPM-scale z_t.
             model_input = scheduler.scale_model_input(latents, t)
             self_cond = pred_original_sample if use_self_cond else None
-            guide = low <= float(t) / num_train_timesteps <= high
+            guide = guided[i]
             model_output = self.guided_model_output(model_input, t, self_cond, labels, guidance_scale, context, guide)
             if controls:
                 gradient = control_gradient(controls, model_input, t)
@@ -257,9 +274,16 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
             latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=True).prev_sample
             if callback_on_step_end is not None:
                 local = {"latents": latents, "pred_original_sample": pred_original_sample}
-                callback_outputs = (
-                    callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
-                )
+                try:
+                    callback_outputs = (
+                        callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                        or {}
+                    )
+                except Exception as err:
+                    raise RuntimeError(
+                        f"callback_on_step_end raised {type(err).__name__} at step {i} (timestep {int(t)}): {err}. "
+                        "Nothing of the pipeline changed: fix the callback and call it again."
+                    ) from err
                 latents = callback_outputs.get("latents", latents)
                 pred_original_sample = callback_outputs.get("pred_original_sample", pred_original_sample)
         return pred_original_sample

@@ -201,3 +201,46 @@ def test_one_class_is_refused_for_a_class_conditional_model():
     with pytest.raises(ValueError, match="Every training example has the label 'movie'.*at least two classes"):
         resolve_class_labels(["movie"] * 5)
     assert resolve_class_labels(["b", "a", "b"]) == ([1, 0, 1], ["a", "b"])
+
+
+def test_a_failed_call_says_what_to_do_and_leaves_the_pipeline_usable(pipe, monkeypatch):
+    before = call(pipe, seed=3, steps=4)
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer, got 0"):
+        call(pipe, seed=3, steps=0)
+
+    def broken(pipe_, step, timestep, tensors):
+        if step == 2:
+            raise KeyError("latents_x")
+        return {}
+
+    with pytest.raises(RuntimeError, match="callback_on_step_end raised KeyError at step 2") as raised:
+        pipe(num_samples=2, class_labels="odd", num_inference_steps=4, callback_on_step_end=broken)
+    assert isinstance(raised.value.__cause__, KeyError)
+    real_forward = type(pipe.denoiser).forward
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: 1 TB")
+
+    monkeypatch.setattr(type(pipe.denoiser), "forward", out_of_memory)
+    with pytest.raises(MemoryError, match="A batch of 2 samples does not fit in memory.*smaller num_samples"):
+        call(pipe, seed=3, steps=4)
+    monkeypatch.setattr(type(pipe.denoiser), "forward", real_forward)
+    after = call(pipe, seed=3, steps=4)
+    assert after.texts == before.texts
+    torch.testing.assert_close(after.latents, before.latents)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_language_model_decodes_in_bf16_where_asked(pipe, tmp_path, monkeypatch, native):
+    from latentlm import hardware
+    from latentlm.sampling import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: native)
+    auto = load_pipeline(tmp_path / "pipe", language_model_dtype="auto")
+    assert auto.language_model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert auto.denoiser.dtype == torch.float32  # only the language model changes precision
+    texts = auto(num_samples=2, class_labels="odd", num_inference_steps=3, decode_kwargs=FAST).texts
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(ValueError, match="language_model_dtype='half'"):
+        load_pipeline(tmp_path / "pipe", language_model_dtype="half")

@@ -250,7 +250,7 @@ def test_bf16_without_native_support_warns_and_names_the_fix(monkeypatch, caplog
 
 
 def test_has_native_bf16_reads_the_cpu_features(monkeypatch, tmp_path):
-    from latentlm.training import precision as training
+    from latentlm import hardware as training
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     for flag in (True, False):

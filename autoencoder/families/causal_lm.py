@@ -14,7 +14,13 @@ from __future__ import annotations
 import torch
 from latentlm.autoencoder.families.base import BackboneFamily, apply_lora, decoder_stack_name, is_causal_lm, unwrap_peft
 
-__all__ = ["CausalLMFamily", "decoder_layers"]
+__all__ = ["CausalLMFamily", "causal_body", "decoder_layers"]
+
+
+def causal_body(language_model):
+    """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
+    model = unwrap_peft(language_model)
+    return model, model.base_model
 
 
 def decoder_layers(language_model) -> torch.nn.ModuleList:

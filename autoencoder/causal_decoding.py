@@ -1,0 +1,258 @@
+"""Decoding with a decoder-only LM: the latents' prompt (a soft prompt of input embeddings, or a
+key/value prefix) and the text the LM writes after it.
+
+The prompt is computed once per batch: the constant part before ``{memory}`` once for all rows, the
+rest once per row, and beams and sampled sequences share it through the cache. Greedy decoding runs
+its own loop over the LM's cache so that a row that has written its end-of-text token stops costing
+compute (`generate()` keeps every row until the longest ends); its tokens are `generate()`'s.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from latentlm.autoencoder.families.base import unwrap_peft
+from latentlm.autoencoder.families.causal_lm import causal_body
+
+__all__ = [
+    "MEMORY_PLACEHOLDER",
+    "soft_prompt_inputs",
+    "key_value_prefix_inputs",
+    "uses_key_value_prefix",
+    "generate_causal",
+    "greedy_decode",
+    "soft_prompt_cache",
+]
+
+MEMORY_PLACEHOLDER = "{memory}"
+
+
+def _prompt_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """Token ids before and after ``{memory}`` in the prompt template."""
+    if not template or template.count(MEMORY_PLACEHOLDER) != 1:
+        raise ValueError(
+            f"A causal LM reads the latents through a prompt template with exactly one {MEMORY_PLACEHOLDER!r}, got "
+            f"{template!r}; set the autoencoder's prompt_template."
+        )
+    before, after = template.split(MEMORY_PLACEHOLDER)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    return encode(before), encode(after)
+
+
+def soft_prompt_inputs(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Input embeddings [B, T, H] of ``prompt_before + memory + prompt_after (+ text_ids)``."""
+    model, _ = causal_body(language_model)
+    embed = model.get_input_embeddings()
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    b, device = memory.shape[0], memory.device
+    pieces = []
+    if before:
+        pieces.append(embed(torch.tensor(before, device=device)).expand(b, -1, -1))
+    pieces.append(memory.to(embed.weight.dtype))
+    if after:
+        pieces.append(embed(torch.tensor(after, device=device)).expand(b, -1, -1))
+    if text_ids is not None:
+        pieces.append(embed(text_ids))
+    return torch.cat(pieces, dim=1)
+
+
+def uses_key_value_prefix(autoencoder) -> bool:
+    """Whether a decoder-only LM reads this autoencoder's memory as a key/value prefix (else a soft prompt)."""
+    return bool(autoencoder.config.get("key_value_layers"))
+
+
+def key_value_prefix_inputs(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, text_ids: torch.Tensor | None = None, repeats: int = 1
+):
+    """The key/value prefix route: ``(cache, input_ids)``.
+
+    ``cache`` (a transformers ``DynamicCache``) holds the keys and values of the prompt before
+    ``{memory}`` (computed by the LM) followed by the prefix `LatentAutoencoder.key_values` writes,
+    each batch row repeated ``repeats`` times (beams); ``input_ids`` [B, T] (not repeated) is the
+    prompt after ``{memory}`` (+ ``text_ids``), what the LM reads next, at positions after the cache.
+    """
+    from transformers import DynamicCache
+
+    model, body = causal_body(language_model)
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    if not after:
+        raise ValueError(
+            "A key/value prefix needs at least one prompt token after {memory} (the LM predicts the text's first "
+            f"token from it); prompt_template={autoencoder.config.get('prompt_template')!r}."
+        )
+    b, device = memory.shape[0] * repeats, memory.device
+    cache = DynamicCache(config=model.config)
+    if before:  # the same for every row: computed once
+        body(input_ids=torch.tensor([before], device=device), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(b)
+    # The cache must hold what the attention layers compute: under autocast, its dtype.
+    param = next(model.parameters())
+    dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) else param.dtype
+    for layer, (keys, values) in enumerate(autoencoder.key_values(memory)):
+        keys, values = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+        cache.update(keys.to(dtype), values.to(dtype), layer)
+    input_ids = torch.tensor([after], device=device).expand(memory.shape[0], -1)
+    if text_ids is not None:
+        input_ids = torch.cat([input_ids, text_ids], dim=1)
+    return cache, input_ids
+
+
+def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tensor):
+    """The soft prompt run through the LM once: ``(cache, last)``, the keys and values of every prompt
+    position but the last (the constant part before ``{memory}`` computed once and shared by every
+    row) and the input embedding of the last position ``[B, 1, H]``, which the LM reads next."""
+    from transformers import DynamicCache
+
+    model, body = causal_body(language_model)
+    embed = model.get_input_embeddings()
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    batch, device = memory.shape[0], memory.device
+    cache = DynamicCache(config=model.config)
+    if before:
+        body(inputs_embeds=embed(torch.tensor([before], device=device)), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(batch)
+    rest = [memory.to(embed.weight.dtype)]
+    if after:
+        rest.append(embed(torch.tensor(after, device=device)).expand(batch, -1, -1))
+    rest = torch.cat(rest, dim=1)
+    if rest.shape[1] > 1:
+        body(inputs_embeds=rest[:, :-1], past_key_values=cache, use_cache=True)
+    return cache, rest[:, -1:]
+
+
+def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+    """The text the LM writes after the latents' prompt, which is run once per batch (beams and
+    sampled sequences share its cache). ``max_length`` / ``min_length`` count the text's tokens, as
+    for seq2seq decoders. Greedy decoding retires finished rows (`greedy_decode`); beams and sampling
+    go through ``generate()``."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if uses_key_value_prefix(autoencoder):
+        cache, after = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory)
+        tail = causal_body(language_model)[0].get_input_embeddings()(after)
+    else:
+        cache, tail = soft_prompt_cache(tokenizer, language_model, autoencoder, memory)
+    past = cache.get_seq_length()
+    kwargs = _text_length_kwargs(language_model, kwargs, past + tail.shape[1])
+    config = _greedy_config(language_model, kwargs)
+    if config is not None:
+        output_ids = greedy_decode(language_model, cache, tail, config)
+    else:
+        # generate() repeats its inputs per beam (or per returned sample) but not a cache: repeat it here.
+        beams = kwargs.get("num_beams", 1)
+        cache.batch_repeat_interleave(beams if beams > 1 else kwargs.get("num_return_sequences", 1))
+        # generate() takes embeddings of the whole sequence and reads those past the cache: the cached
+        # positions get placeholders, so repetition penalties see only the generated text.
+        inputs = torch.cat([tail.new_zeros(tail.shape[0], past, tail.shape[2]), tail], dim=1)
+        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, **kwargs)
+    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [t.strip() for t in texts]
+
+
+#: generation settings `greedy_decode` applies itself; any other one set sends decoding to generate()
+_GREEDY_DEFAULTS = {
+    "num_beams": 1,
+    "do_sample": False,
+    "num_return_sequences": 1,
+    "min_length": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "guidance_scale": None,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "max_time": None,
+}
+
+
+def _greedy_config(language_model, kwargs: dict):
+    """The LM's generation config with ``kwargs``, when it asks for greedy decoding with no more than
+    a repetition penalty, no-repeat n-grams and a minimum length (else None: generate() decodes)."""
+    import copy
+
+    config = copy.deepcopy(unwrap_peft(language_model).generation_config)
+    if config.update(**kwargs):  # a setting generate() takes that is no GenerationConfig field
+        return None
+    for name, default in _GREEDY_DEFAULTS.items():
+        value = getattr(config, name, default)
+        if value is not None and value != default:
+            return None
+    return config
+
+
+@torch.no_grad()
+def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[list[int]]:
+    """Greedy decoding from a prompt cache and the prompt's last input embedding ``tail`` [B, 1, H];
+    each row's tokens up to and with its end-of-text token. A row that has ended leaves the batch
+    (and the cache), so it costs nothing more; the tokens are those of ``generate()``'s greedy search."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = torch.tensor([e for e in eos if e is not None], device=tail.device)
+    processors = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.min_new_tokens and len(eos):
+        processors.append(MinNewTokensLengthLogitsProcessor(0, config.min_new_tokens, eos))
+    rows = torch.arange(tail.shape[0], device=tail.device)
+    tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
+    finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
+    inputs = {"inputs_embeds": tail}
+    for step in range(config.max_new_tokens):
+        logits = language_model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+        next_tokens = processors(tokens, logits).argmax(dim=-1)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        done = torch.isin(next_tokens, eos) | (step + 1 == config.max_new_tokens)
+        if bool(done.any()):
+            for i in done.nonzero().flatten().tolist():
+                finished[int(rows[i])] = tokens[i].tolist()
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            rows, tokens, next_tokens = rows[keep], tokens[keep], next_tokens[keep]
+        inputs = {"input_ids": next_tokens[:, None]}
+    return finished
+
+
+def _text_length_kwargs(language_model, kwargs: dict, prompt_length: int) -> dict:
+    """``max_length`` / ``min_length`` (text tokens, as for seq2seq decoders) -> ``max_new_tokens`` /
+    ``min_new_tokens``, capped by the LM's positions after a prompt of ``prompt_length``."""
+    if "max_new_tokens" not in kwargs:
+        kwargs["max_new_tokens"] = kwargs.pop("max_length")
+    kwargs.pop("max_length", None)
+    kwargs.setdefault("min_new_tokens", kwargs.pop("min_length", 0))
+    kwargs.pop("min_length", None)
+    max_positions = getattr(language_model.config, "max_position_embeddings", None) or getattr(
+        language_model.config, "n_positions", None
+    )
+    room = None if max_positions is None else max_positions - prompt_length
+    if room is not None and kwargs["max_new_tokens"] > room:
+        if room < 1:
+            raise ValueError(f"The prompt ({prompt_length} positions) leaves no room in the LM's {max_positions}.")
+        warnings.warn(
+            f"max_length={kwargs['max_new_tokens']} does not fit after the {prompt_length}-position prompt "
+            f"in the LM's {max_positions} positions; generating at most {room} tokens.",
+            stacklevel=4,
+        )
+        kwargs["max_new_tokens"] = room
+    return kwargs

@@ -1,0 +1,77 @@
+"""Decoding with a causal LM: the prompt is computed once, greedy decoding retires finished rows, and
+the texts are those of `generate()` over the whole soft prompt (what decoding was before)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SENTENCES
+from latentlm.autoencoder.causal_decoding import _text_length_kwargs, generate_causal, soft_prompt_inputs
+from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS, GREEDY_GENERATE_KWARGS
+from test_causal_backbone import make_causal_autoencoder, tiny_llama_dir  # noqa: F401 - the fixture
+
+SETTINGS = {
+    "LD4LG greedy": {**DEFAULT_GENERATE_KWARGS, "num_beams": 1, "max_length": 12},
+    "plain greedy": {**GREEDY_GENERATE_KWARGS, "max_length": 12},
+    "4 beams": {**DEFAULT_GENERATE_KWARGS, "num_beams": 4, "max_length": 12},
+}
+
+
+def reference_texts(model, memory, kwargs) -> list[str]:
+    """`generate()` over the whole soft prompt, every row to the end: decoding as it was."""
+    lm, tokenizer = model.language_model, model.tokenizer
+    inputs = soft_prompt_inputs(tokenizer, lm, model.autoencoder, memory)
+    kwargs = _text_length_kwargs(lm, {**kwargs, "eos_token_id": tokenizer.eos_token_id}, inputs.shape[1])
+    mask = torch.ones(inputs.shape[:2], dtype=torch.long)
+    ids = lm.generate(inputs_embeds=inputs, attention_mask=mask, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_llama_dir):  # noqa: F811
+    """A tiny Llama autoencoder trained briefly, so that its rows end after different numbers of tokens."""
+    model = make_causal_autoencoder(tiny_llama_dir, decoder="full")
+    texts = SENTENCES[:8]
+    batch = model.tokenize(texts)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        model(states, batch["attention_mask"], labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_decoding_gives_the_texts_of_generate_over_the_whole_prompt(trained_model, setting):
+    model = trained_model
+    with torch.no_grad():
+        memory = model.autoencoder.reconstruct(model.encode(SENTENCES[:8] + SENTENCES[20:24]))
+        expected = reference_texts(model, memory, SETTINGS[setting])
+        got = generate_causal(model.tokenizer, model.language_model, model.autoencoder, memory, SETTINGS[setting])
+    assert got == expected
+
+
+def test_greedy_decoding_retires_rows_that_have_ended(trained_model):
+    model = trained_model
+    batch_sizes = []
+    hook = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            memory = model.autoencoder.reconstruct(model.encode(SENTENCES[:8] + SENTENCES[20:24]))
+            texts = generate_causal(
+                model.tokenizer, model.language_model, model.autoencoder, memory, SETTINGS["plain greedy"]
+            )
+    finally:
+        hook.remove()
+    assert len(texts) == 12
+    lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert min(lengths) < max(lengths)  # the rows end at different steps ...
+    assert batch_sizes[0] == 12 and batch_sizes[-1] < 12  # ... and the ones that ended left the batch
+    assert batch_sizes == sorted(batch_sizes, reverse=True)

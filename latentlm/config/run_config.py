@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from latentlm.config.sections import (
     DecoderTuningConfig,
     DiffusionTrainingConfig,
     TrackingConfig,
+    TrainingLoopConfig,
 )
 
 __all__ = ["RunConfig"]
@@ -37,6 +38,8 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
-        """Each training section checks its own values; the error names the key."""
-        for name in ("autoencoder", "decoder_tuning", "diffusion", "classifier"):
-            getattr(self, name).validate(name)
+        """Each training stage's section checks its own values; the error names the key."""
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if isinstance(value, TrainingLoopConfig):
+                value.validate(section.name)

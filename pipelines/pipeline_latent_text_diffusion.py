@@ -40,6 +40,7 @@ from latentlm.diffusion.schedules import guide_model_output, predict_original_sa
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
 from latentlm.pipelines.conditioning import check_call_arguments, check_source_texts, class_label_ids, count_outputs
 from latentlm.pipelines.interpolation import slerp
+from latentlm.pipelines.long_text import LongTextMixin
 from latentlm.pipelines.mbr import mbr_select
 from latentlm.pipelines.pipeline_folder import PipelineFolderMixin
 from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
@@ -77,7 +78,7 @@ def refuse_out_of_memory(batch: int):
         ) from err
 
 
-class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLatentsMixin):
+class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLatentsMixin, LongTextMixin):
     r"""Text generation by latent diffusion (LD4LG).
 
     Components:
@@ -113,6 +114,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         prediction_type: str | None = None,
         max_length: int = 64,
         decode_kwargs: dict[str, Any] | None = None,
+        segments: bool = False,
     ):
         super().__init__()
         language_model = merge_peft(language_model)
@@ -126,7 +128,10 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         if prediction_type is None:
             prediction_type = scheduler.config.get("prediction_type", "epsilon") if scheduler is not None else None
         self.register_to_config(
-            prediction_type=prediction_type, max_length=int(max_length), decode_kwargs=dict(decode_kwargs or {})
+            prediction_type=prediction_type,
+            max_length=int(max_length),
+            decode_kwargs=dict(decode_kwargs or {}),
+            segments=bool(segments),
         )
         self.classifiers: dict[str, LatentClassifier] = {}
 
@@ -165,6 +170,9 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         controls: dict[str, Any] | None = None,
         source_texts: str | list[str] | None = None,
         num_samples_per_source: int = 1,
+        num_segments: int | None = None,
+        prompt_texts: list[str] | None = None,
+        infill: list[tuple[str, str]] | None = None,
         **option_changes,
     ) -> LatentTextDiffusionPipelineOutput | tuple:
         r"""Sample texts.
@@ -173,27 +181,29 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
             num_samples: batch size ``B`` (default 1); with sources ``B = len(source_texts) *
                 num_samples_per_source`` (leave it unset).
             class_labels: ``None``, one label for all samples or ``B`` labels (names or ids).
-            options: how to sample (`SamplingOptions`: steps, scheduler, classifier-free guidance and
-                its interval, control scale, decoding, MBR); any of its fields may also be given as a
-                keyword, e.g. ``guidance_scale=2.0``, and replaces the one in ``options``. Every call
-                steps a copy of the scheduler, so threads never share scheduler state.
-            generator, latents: the initial noise ``[B, num_latents, latent_dim]`` (scaled by the
-                scheduler's ``init_noise_sigma``) and stochastic steps, as in diffusers.
+            options: how to sample (`SamplingOptions`); any of its fields may also be given as a keyword,
+                e.g. ``guidance_scale=2.0``. Every call steps its own copy of the scheduler.
+            generator, latents: the initial noise ``[B, num_latents, latent_dim]`` and stochastic steps.
             output_type: ``"text"`` or ``"latent"`` (no decoding; ``texts`` is ``None``).
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; a
-                returned ``"latents"`` (next ``z_t``) or ``"pred_original_sample"`` (ẑ0, the output after
-                the last step) replaces the current one. ``callback_on_step_end_tensor_inputs``: the
-                names it receives.
+                returned ``"latents"`` (next ``z_t``) or ``"pred_original_sample"`` (ẑ0) replaces the
+                current one. ``callback_on_step_end_tensor_inputs``: the names it receives.
             return_dict: a `LatentTextDiffusionPipelineOutput` instead of a tuple.
-            controls: classifier guidance ``{name: target}`` (a class or a number, one or ``B``),
-                weighted by ``options.control_scale``.
+            controls: classifier guidance ``{name: target}`` (one or ``B``), weighted by ``control_scale``.
             source_texts, num_samples_per_source: text-to-text: the sources, and texts per source.
+            num_segments, prompt_texts, infill: long texts of a pipeline trained on segments
+                (`LongTextMixin.write_long_text`).
 
         Returns:
             `LatentTextDiffusionPipelineOutput` (``texts``, ``latents``: the last clean estimate ẑ0
             ``[B, N, D]``) or ``(texts, latents)``.
         """
         options = SamplingOptions.of(options, **option_changes)
+        if num_segments is not None or prompt_texts is not None or infill is not None:
+            long_text = dict(num_segments=num_segments, prompt_texts=prompt_texts, infill=infill)
+            return self.write_long_text(
+                num_samples, class_labels, **long_text, generator=generator, options=options, return_dict=return_dict
+            )
         # 0. Check inputs.
         sources = check_source_texts(source_texts, self.denoiser.config.get("cross_attention_dim"))
         num_samples = count_outputs(sources, num_samples, num_samples_per_source, options.mbr_candidates, output_type)

@@ -18,8 +18,13 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
         texts: the decoded samples (``None`` when ``output_type="latent"``); with ``source_texts``, one
             list of ``num_samples_per_source`` texts per source.
         latents: the clean latents ``[batch, num_latents, latent_dim]`` (float32; with sources, source
-            by source).
+            by source); of a long text, ``[batch, num_segments, num_latents, latent_dim]``.
+        segments: a long text's segments, one list per text (else ``None``).
+        trimmed_segments: how many segments the decoder wrote more than one sentence for (the first
+            was kept); ``None`` for a call that writes no long text.
     """
 
     texts: list[str] | list[list[str]] | None
     latents: torch.Tensor
+    segments: list[list[str]] | None = None
+    trimmed_segments: int | None = None

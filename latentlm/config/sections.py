@@ -40,8 +40,19 @@ class DataConfig:
     validation_split: str | None = "validation"
     max_train_samples: int | None = None
     max_eval_samples: int = 256
+    # long texts: every text is a document whose sentences become (context, segment) examples, the
+    # segment in text_column and its context (the text around it, with a gap marker) in the source
+    # column "context" (`latentlm.data.segments`); the model then writes stories segment by segment
+    segments: bool = False
 
     def __post_init__(self):
+        if self.segments:
+            if self.source_column not in (None, "context"):
+                raise ValueError(
+                    f"data.segments makes the source column 'context' (each segment's context), but data.source_column "
+                    f"is {self.source_column!r}: leave it unset."
+                )
+            self.source_column = "context"
         if self.target_column is not None:
             if self.text_column not in ("text", self.target_column):
                 raise ValueError(

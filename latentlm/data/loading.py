@@ -119,6 +119,8 @@ def load_text_dataset(data_cfg: DataConfig, split: str, max_samples: int | None 
             f"Text column {column!r} not found in split {split!r} of {data_cfg.path!r}; available columns: "
             f"{ds.column_names}. Set data.text_column."
         )
+    if data_cfg.segments:
+        ds = _segment_dataset(ds, data_cfg)
     for key in ("label_column", "source_column"):
         name = getattr(data_cfg, key)
         if name is not None and name not in ds.column_names:
@@ -136,6 +138,20 @@ def load_text_dataset(data_cfg: DataConfig, split: str, max_samples: int | None 
                 f"(first rows: {bad[:5]}). Remove or fill them; nothing is skipped silently."
             )
     return ds
+
+
+def _segment_dataset(ds: datasets.Dataset, data_cfg: DataConfig) -> datasets.Dataset:
+    """Documents -> one row per segment: the segment as the text, its context in ``context`` (labels
+    and other columns carried over from the document)."""
+    from latentlm.data.segments import segment_examples
+
+    documents = ds[data_cfg.text_column]
+    examples = segment_examples(documents)
+    carried = [c for c in ds.column_names if c not in (data_cfg.text_column, "context")]
+    rows = {c: [ds[c][e["document"]] for e in examples] for c in carried}
+    rows[data_cfg.text_column] = [e["segment"] for e in examples]
+    rows.update(context=[e["context"] for e in examples], position=[e["position"] for e in examples])
+    return datasets.Dataset.from_dict(rows)
 
 
 def load_texts(data_cfg: DataConfig, split: str, max_samples: int | None = None) -> list[str]:

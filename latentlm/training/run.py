@@ -97,11 +97,15 @@ def prepare_data(config: RunConfig) -> RunConfig:
 
 
 def build_pipeline(
-    autoencoder_path: str | Path, diffusion_path: str | Path, decode_kwargs: dict[str, Any] | None = None
+    autoencoder_path: str | Path,
+    diffusion_path: str | Path,
+    decode_kwargs: dict[str, Any] | None = None,
+    segments: bool = False,
 ):
     """A `LatentTextDiffusionPipeline` from stage 1's and stage 2's output folders.
 
-    ``decode_kwargs`` become the pipeline's saved decoding defaults.
+    ``decode_kwargs`` become the pipeline's saved decoding defaults; ``segments``: trained on segments
+    (``data.segments``), so it writes long texts.
     """
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -123,6 +127,7 @@ def build_pipeline(
         scheduler=scheduler,
         max_length=text_autoencoder.max_length,
         decode_kwargs=decode_kwargs,
+        segments=segments,
     )
     return pipe
 
@@ -207,7 +212,12 @@ def write_pipeline(
 ) -> list[dict[str, Any]]:
     """Save the pipeline of both stages to ``pipeline_dir`` (atomically), then write and print a few
     samples per class to ``<output_dir>/samples.jsonl``; returns the samples."""
-    pipe = build_pipeline(autoencoder_path, diffusion_path, decode_kwargs=config.autoencoder.generate_kwargs)
+    pipe = build_pipeline(
+        autoencoder_path,
+        diffusion_path,
+        decode_kwargs=config.autoencoder.generate_kwargs,
+        segments=config.data.segments,
+    )
     with atomic_directory(pipeline_dir) as tmp:
         pipe.save_pretrained(tmp)
     pipe.set_progress_bar_config(disable=True)

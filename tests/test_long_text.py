@@ -1,0 +1,112 @@
+"""Long texts: documents as (context, segment) examples, and stories and gap filling on a pipeline
+trained on segments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_pipeline
+
+from latentlm.config import load_config
+from latentlm.data.loading import load_text_dataset
+from latentlm.data.segments import GAP, segment_context, segment_examples, split_sentences
+
+FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0)
+STORIES = ["It rained all day. We stayed in. We played cards.", "The cat sat down. It slept. Then it woke up!"]
+
+
+def test_documents_become_context_and_segment_examples():
+    assert split_sentences('He said "Go." Then he left! Why? Because') == [
+        'He said "Go."',
+        "Then he left!",
+        "Why?",
+        "Because",
+    ]
+    examples = segment_examples(STORIES, seed=0)
+    assert [e["segment"] for e in examples] == split_sentences(STORIES[0]) + split_sentences(STORIES[1])
+    for e in examples:
+        document = split_sentences(STORIES[e["document"]])
+        left = " ".join(document[: e["position"]])
+        assert e["context"] in (segment_context(left), segment_context(left, " ".join(document[e["position"] + 1 :])))
+        assert e["context"].count(GAP) == 1
+    # about half the examples see the text after the gap (infilling), the others continue a text
+    many = segment_examples(STORIES * 50, seed=1)
+    with_right = sum(not e["context"].endswith(GAP) for e in many if e["position"] < 2)
+    assert 0.3 < with_right / sum(e["position"] < 2 for e in many) < 0.7
+    assert segment_examples(STORIES, seed=0) == examples
+    with pytest.raises(ValueError, match="document 1 .* splits into no segment"):
+        segment_examples(["One.", "  "], seed=0)
+
+
+def test_data_segments_trains_on_each_sentence_in_its_context(tmp_path):
+    rows = [{"text": story, "label": label} for story, label in zip(STORIES, ("rain", "cat"))]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config({"data": {"path": str(tmp_path), "segments": True, "label_column": "label"}})
+    assert config.data.source_column == "context"
+    ds = load_text_dataset(config.data, "train")
+    assert len(ds) == 6 and ds["label"] == ["rain"] * 3 + ["cat"] * 3
+    assert ds["text"][1] == "We stayed in." and ds["context"][1].startswith("It rained all day. <gap>")
+    with pytest.raises(ValueError, match="data.segments makes the source column 'context'"):
+        load_config({"data": {"path": str(tmp_path), "segments": True, "source_column": "mr"}})
+
+
+@pytest.fixture
+def segment_pipe(tiny_bart_dir):
+    pipe = make_tiny_pipeline(tiny_bart_dir, source=True)
+    pipe.register_to_config(segments=True)
+    return pipe
+
+
+def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(segment_pipe):
+    pipe = segment_pipe
+    settings = dict(num_inference_steps=2, decode_kwargs=FAST, generator=torch.Generator().manual_seed(0))
+    out = pipe(num_samples=2, num_segments=3, class_labels="odd", **settings)
+    assert len(out.texts) == 2 and [len(s) for s in out.segments] == [3, 3]
+    assert out.latents.shape[:2] == (2, 3) and out.trimmed_segments >= 0
+    assert all(text == " ".join(s for s in segments if s) for text, segments in zip(out.texts, out.segments))
+    continued = pipe(prompt_texts=["the cat sat on the mat"], num_segments=2, **settings)
+    assert continued.texts[0].startswith("the cat sat on the mat") and len(continued.segments[0]) == 2
+    filled = pipe(infill=[("the cat sat on the mat", "the dog ran in the park")], **settings)
+    assert len(filled.texts) == 1 and filled.texts[0] == filled.segments[0][0]
+
+
+def test_long_text_bad_input(segment_pipe, tiny_bart_dir):
+    pipe = segment_pipe
+    with pytest.raises(ValueError, match="num_segments must be a positive integer, got 0"):
+        pipe(num_samples=1, num_segments=0)
+    with pytest.raises(ValueError, match="infill fills one gap per"):
+        pipe(infill=[("a", "b")], num_segments=2)
+    with pytest.raises(ValueError, match=r"infill takes a list of \(left text, right text\) pairs"):
+        pipe(infill=["just one text"])
+    with pytest.raises(ValueError, match="one text per prompt"):
+        pipe(num_samples=2, prompt_texts=["a"], num_segments=1)
+    with pytest.raises(ValueError, match="longer than the encoder reads"):
+        pipe(infill=[("word " * 200, "word")], num_inference_steps=2, decode_kwargs=FAST)
+    plain = make_tiny_pipeline(tiny_bart_dir, source=True)
+    with pytest.raises(ValueError, match="not trained on segments"):
+        plain(num_samples=1, num_segments=2)
+
+
+@pytest.mark.slow
+def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_bart_dir):
+    import yaml
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+    from test_cli import tiny_config
+
+    from latentlm.cli import main
+
+    data = tmp_path / "stories"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES * 4))
+    config = tiny_config(tmp_path / "run", data, tiny_bart_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4}
+    (tmp_path / "stories.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(tmp_path / "stories.yaml"), "--in-process"]) == 0
+    pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.config.segments and pipe.denoiser.config.cross_attention_dim is not None
+    out = pipe(num_samples=2, num_segments=3, num_inference_steps=2, decode_kwargs=FAST)
+    assert [len(segments) for segments in out.segments] == [3, 3]

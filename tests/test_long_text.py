@@ -110,3 +110,30 @@ def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_
     assert pipe.config.segments and pipe.denoiser.config.cross_attention_dim is not None
     out = pipe(num_samples=2, num_segments=3, num_inference_steps=2, decode_kwargs=FAST)
     assert [len(segments) for segments in out.segments] == [3, 3]
+
+
+def test_long_text_scores_and_gap_cases():
+    from latentlm.evaluation.long_text import infill_cases, score_infills, score_stories
+
+    stories = ["A one. B two. C three. D four. E five."] * 3
+    assert infill_cases(stories[:1]) == [("A one. B two.", "D four. E five.", "C three.")]
+    with pytest.raises(ValueError, match="story 0 has 3 sentences"):
+        infill_cases(["A. B. C."], gap=2)
+    golds = ["the cat sat on the old mat today.", "we walked to the bridge in the rain."]
+    perfect = score_infills(golds, golds, bert_model=None)
+    assert perfect["bleu"] > 99 and perfect["rouge_l"] == pytest.approx(100.0) and perfect["bertscore_f1"] is None
+    worse = score_infills([golds[0], "a dog barked."], golds, bert_model=None)
+    assert worse["rouge_l"] < 100.0 and worse["bleu"] < perfect["bleu"]
+
+    class Judge:
+        def __call__(self, texts):
+            return torch.stack([torch.tensor([float(len(t)), float(t.count("."))]) for t in texts])
+
+        def per_text(self, texts):
+            return [10.0 + len(t) for t in texts]
+
+    references = [f"Story {i}. It goes on. It ends." for i in range(40)]
+    samples = [f"Tale {i}. It goes on. It ends. More." for i in range(40)]
+    scores = score_stories(samples, references, references, Judge(), Judge(), num_sentences=3)
+    assert scores["exact_sentences"] == 0.0 and scores["mean_sentences"] == 4.0
+    assert scores["perplexity"] > 10 and 0 <= scores["mauve_lm"] <= 1 and scores["memorization"] is not None

@@ -1,0 +1,196 @@
+"""Long texts: a pipeline trained on segments (``data.segments``) beside the autoregressive peer a user
+would otherwise train, on the validation stories.
+
+* stories: ``num_segments`` sentences each; MAUVE on the LM judge's features against the validation
+  stories, perplexity (and its ratio to the references'), diversity, memorization, and the share of
+  stories with exactly the requested number of sentences;
+* infilling: sentence ``gap + 1`` of each validation story from the sentences before and after it;
+  BLEU-4, ROUGE-L and BERTScore against the left-out sentence.
+
+The peer is SmolLM2-135M-Instruct with LoRA (peft), fine-tuned in latentlm's training loop on the same
+stories for the same CPU minutes (``--peer-minutes``, default: the pipeline run's training time):
+half its examples ask for a story, half for the missing sentence between two parts of one.
+
+    latentlm train --config configs/rocstories.yaml --set data.path=../shared/data/rocstories
+    python benchmarks/long_text.py --run outputs/rocstories --data ../shared/data/rocstories --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import common
+import torch
+
+from latentlm.data.segments import split_sentences
+from latentlm.evaluation.long_text import infill_cases, score_infills, score_stories
+from latentlm.training.loop import TrainingStage
+
+STORY_REQUEST = "Write a five-sentence story."
+INFILL_REQUEST = "Write the missing sentence of this story.\nBefore: {left}\nAfter: {right}"
+
+
+def chat(tokenizer, request: str, answer: str | None = None) -> str:
+    messages = [{"role": "user", "content": request}] + ([{"role": "assistant", "content": answer}] if answer else [])
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+
+
+class PeerStage(TrainingStage):
+    """LoRA fine-tuning of the peer on (request, answer) pairs; the loss is on the answer only."""
+
+    name, final_dir, checkpoint_dir, history_file = "peer", "peer", "peer_training", "peer_history.json"
+
+    def __init__(self, config, loop_config, examples: list[tuple[str, str]]):
+        super().__init__(config, loop_config)
+        self.examples = examples
+
+    def setup(self, accelerator) -> None:
+        from latentlm.autoencoder.backbones import load_backbone
+
+        from latentlm.training.optimization import make_lr_scheduler, make_optimizer
+
+        self.tokenizer, self.model = load_backbone("smollm2", decoder="lora", lora_r=16, lora_alpha=32)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.cfg.optimizer)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, self.cfg.optimizer)
+        self.train_model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.modules = {"peer": self.model}
+
+    def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
+        tokenizer = self.tokenizer
+        pairs = [self.examples[i] for i in self.batch_indices(step, len(self.examples))]
+        prompts = [chat(tokenizer, request) for request, _ in pairs]
+        full = [chat(tokenizer, request, answer) for request, answer in pairs]
+        batch = tokenizer(full, padding=True, return_tensors="pt", add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for row, prompt in enumerate(prompts):
+            labels[row, : len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+        with self.accelerator.autocast():
+            return self.train_model(**batch, labels=labels).loss
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
+
+def train_peer(stories: list[str], minutes: float, output_dir: Path, seed: int):
+    """The peer fine-tuned for ``minutes`` (resumable in ``output_dir``); returns (tokenizer, model)."""
+    from latentlm.config import OptimizerConfig, RunConfig, TrackingConfig, TrainingLoopConfig
+    from latentlm.training.loop import run_stage
+
+    rng = random.Random(seed)
+    examples = []
+    for story in stories:
+        if rng.random() < 0.5 or len(split_sentences(story)) < 3:
+            examples.append((STORY_REQUEST, story))
+        else:
+            sentences = split_sentences(story)
+            gap = rng.randrange(1, len(sentences) - 1)
+            left, right = " ".join(sentences[:gap]), " ".join(sentences[gap + 1 :])
+            examples.append((INFILL_REQUEST.format(left=left, right=right), sentences[gap]))
+    config = RunConfig(output_dir=str(output_dir), tracking=TrackingConfig(enabled=False))
+    loop = TrainingLoopConfig(
+        optimizer=OptimizerConfig(learning_rate=5e-4, batch_size=8, max_steps=100_000, warmup_steps=20),
+        mixed_precision="auto",
+        save_every=200,
+        time_budget_minutes=minutes,
+    )
+    stage = PeerStage(config, loop, examples)
+    run_stage(stage, resume=True)
+    stage.model.eval()
+    return stage.tokenizer, stage.model
+
+
+@torch.no_grad()
+def peer_write(tokenizer, model, requests: list[str], sample: bool, batch_size: int = 32) -> list[str]:
+    tokenizer.padding_side = "left"
+    outputs = []
+    for start in range(0, len(requests), batch_size):
+        prompts = [chat(tokenizer, r) for r in requests[start : start + batch_size]]
+        batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        settings = dict(do_sample=True, top_p=0.95) if sample else dict(do_sample=False)
+        ids = model.generate(**batch, max_new_tokens=160, pad_token_id=tokenizer.pad_token_id, **settings)
+        new = ids[:, batch["input_ids"].shape[1] :]
+        outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, steps: int):
+    stories, infills = [], []
+    for start in range(0, num_stories, batch_size):
+        out = pipe(
+            num_samples=min(batch_size, num_stories - start), num_segments=num_segments, num_inference_steps=steps
+        )
+        stories.extend(out.texts)
+    for start in range(0, len(cases), batch_size):
+        chunk = [(left, right) for left, right, _ in cases[start : start + batch_size]]
+        infills.extend(pipe(infill=chunk, num_inference_steps=steps).texts)
+    return stories, infills
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="output_dir of a `latentlm train` run with data.segments")
+    parser.add_argument("--data", required=True, help="folder with train.jsonl / validation.jsonl of stories")
+    parser.add_argument("--num-stories", type=int, default=250, help="validation stories (and as many held out)")
+    parser.add_argument("--num-segments", type=int, default=5)
+    parser.add_argument("--gap", type=int, default=2, help="the 0-based position of the sentence to fill")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--peer-minutes", type=float, default=None, help="default: the run's training minutes")
+    parser.add_argument("--bert-model", default="minilm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(common.RESULTS_DIR / "long_text.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
+    from latentlm.sampling import load_pipeline
+
+    read = lambda split: [
+        json.loads(line)["text"] for line in (Path(args.data) / f"{split}.jsonl").read_text().splitlines() if line
+    ]  # noqa: E731
+    train, validation = read("train"), read("validation")[: args.num_stories]
+    cases = infill_cases(validation, gap=args.gap)
+    run = Path(args.run)
+    minutes = args.peer_minutes
+    if minutes is None:
+        minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
+    torch.manual_seed(args.seed)
+    pipe = load_pipeline(run / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    stories, infills = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, args.steps)
+    tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
+    peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
+    peer_infills = peer_write(
+        tokenizer, peer, [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases], sample=False
+    )
+    features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
+    held_out = read("validation")[args.num_stories : 2 * args.num_stories] or validation
+    rows = {"model": stories, "autoregressive": peer_stories, "references": held_out}
+    story_scores = {
+        name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
+        for name, texts in rows.items()
+    }
+    for name in ("model", "autoregressive"):
+        ratio = story_scores[name]["perplexity"] / story_scores["references"]["perplexity"]
+        story_scores[name]["perplexity_ratio"] = ratio
+    golds = [gold for _, _, gold in cases]
+    copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
+    infill_scores = {
+        "model": score_infills(infills, golds, args.bert_model),
+        "autoregressive": score_infills(peer_infills, golds, args.bert_model),
+        "references": {
+            "what": "the sentence before the gap, copied",
+            **score_infills(copy_before, golds, args.bert_model),
+        },
+    }
+    payload = {"stories": story_scores, "infilling": infill_scores, "peer_minutes": minutes, "run": str(run)}
+    common.write_results("long_text", payload, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

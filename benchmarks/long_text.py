@@ -149,9 +149,10 @@ def main(argv=None) -> int:
     from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
     from latentlm.sampling import load_pipeline
 
-    read = lambda split: [
-        json.loads(line)["text"] for line in (Path(args.data) / f"{split}.jsonl").read_text().splitlines() if line
-    ]  # noqa: E731
+    def read(split: str) -> list[str]:
+        lines = (Path(args.data) / f"{split}.jsonl").read_text().splitlines()
+        return [json.loads(line)["text"] for line in lines if line]
+
     train, validation = read("train"), read("validation")[: args.num_stories]
     cases = infill_cases(validation, gap=args.gap)
     run = Path(args.run)

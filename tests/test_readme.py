@@ -70,3 +70,23 @@ def test_every_readme_block_compiles_imports_and_runs_where_it_can(quickstart_fo
     # the Python usage block (sampling, SamplingOptions, encode/decode, save) and the generic loader run whole
     assert len(ran) >= 3, ran
     assert (quickstart_folder / "my-pipeline" / "model_index.json").is_file()
+
+
+def test_every_dotted_latentlm_name_in_the_readmes_resolves():
+    import importlib
+
+    text = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "README.md").read_text()
+    missing = []
+    for name in sorted(set(re.findall(r"\blatentlm(?:\.[A-Za-z_]\w*)+", text))):
+        parts = name.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:split]))
+            except ImportError:
+                continue
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute, None)
+            if obj is None:
+                missing.append(name)
+            break
+    assert not missing, missing

@@ -13,7 +13,7 @@ LR_SCHEDULES = {
     "warmup_stable_decay": "warmup_stable_decay",
 }
 # accelerate's names, and "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on an
-# older GPU); see `latentlm.training.loop.resolve_mixed_precision`
+# older GPU); see `latentlm.training.precision.resolve_mixed_precision`
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 #: what the decoder tuning feeds the decoder (`DecoderTuningConfig.latent_source`)
 DECODER_LATENT_SOURCES = ("noise", "denoiser")

@@ -56,6 +56,11 @@ def _add_sample_parser(commands) -> None:
         "--sources", default=None, help="text-to-text: a txt (one per line) or jsonl/csv file of sources"
     )
     p.add_argument("--source-column", default="source", help="column of --sources in a jsonl/csv file")
+    p.add_argument("--num-segments", type=int, default=None, help="long texts: segments (sentences) per text")
+    p.add_argument("--prompt", action="append", default=None, help="long texts: a beginning to continue (repeatable)")
+    p.add_argument(
+        "--infill", nargs=2, action="append", default=None, metavar=("LEFT", "RIGHT"), help="long texts: fill the gap"
+    )
     SamplingOptions.add_arguments(p)
     _add_dtype_argument(p)
     p.add_argument("--seed", type=int, default=0)
@@ -229,6 +234,9 @@ def _sample(args) -> None:
         controls=controls or None,
         source_texts=source_texts,
         language_model_dtype=args.language_model_dtype,
+        long_text={"num_segments": args.num_segments, "prompt_texts": args.prompt, "infill": args.infill}
+        if args.num_segments or args.prompt or args.infill
+        else None,
         options=SamplingOptions.from_arguments(args),
     )
     for row in rows:

@@ -11,7 +11,7 @@ import torch
 from latentlm.pipelines.conditioning import class_label_id
 from latentlm.pipelines.sampling_options import SamplingOptions, make_scheduler
 
-__all__ = ["LANGUAGE_MODEL_DTYPES", "load_pipeline", "sample_texts", "sample_per_class", "sample"]
+__all__ = ["LANGUAGE_MODEL_DTYPES", "load_pipeline", "sample_texts", "sample_long_texts", "sample_per_class", "sample"]
 
 
 #: ``language_model_dtype`` values of `load_pipeline`
@@ -110,6 +110,40 @@ def sample_texts(
     return rows
 
 
+def sample_long_texts(
+    pipe,
+    num_samples: int | None = None,
+    *,
+    num_segments: int | None = None,
+    prompt_texts: list[str] | None = None,
+    infill: list[tuple[str, str]] | None = None,
+    class_name=None,
+    seed: int = 0,
+    options: SamplingOptions | None = None,
+) -> list[dict]:
+    """Long texts of a pipeline trained on segments (see its ``write_long_text``): rows
+    ``{"class", "text", "segments", "seed", "index"}`` (with ``"prompt"`` or ``"left"`` / ``"right"``)."""
+    name = None if class_name is None else pipe.class_names[class_label_id(pipe.class_names, class_name)]
+    output = pipe(
+        num_samples=num_samples,
+        class_labels=name,
+        num_segments=num_segments,
+        prompt_texts=prompt_texts,
+        infill=infill,
+        generator=torch.Generator().manual_seed(seed),
+        options=options,
+    )
+    rows = []
+    for index, (text, segments) in enumerate(zip(output.texts, output.segments)):
+        row = {"class": name, "text": text, "segments": segments, "seed": seed, "index": index}
+        if prompt_texts is not None:
+            row["prompt"] = prompt_texts[index]
+        if infill is not None:
+            row["left"], row["right"] = infill[index]
+        rows.append(row)
+    return rows
+
+
 def sample_per_class(
     pipe,
     num_per_class: int,
@@ -152,6 +186,7 @@ def sample(
     controls: dict[str, Any] | None = None,
     source_texts: list[str] | None = None,
     language_model_dtype: str = "float32",
+    long_text: dict[str, Any] | None = None,
     options: SamplingOptions | None = None,
     **option_changes,
 ) -> list[dict[str, Any]]:
@@ -168,6 +203,8 @@ def sample(
         controls: classifier guidance by the pipeline's classifiers, e.g. ``{"price": "cheap"}``.
         source_texts: text-to-text pipelines, as in `sample_texts`.
         language_model_dtype: the language model's precision, as in `load_pipeline`.
+        long_text: ``{"num_segments", "prompt_texts", "infill"}`` for a pipeline trained on segments
+            (`sample_long_texts`; rows gain ``"segments"``).
         options, option_changes: how to sample (`SamplingOptions`, and any of its fields as a keyword).
 
     See `sample_texts`, which does the sampling; this loads the pipeline (progress bar off) and writes the file.
@@ -176,16 +213,22 @@ def sample(
     options = SamplingOptions.of(options, **option_changes)
     pipe = pipe if pipe is not None else load_pipeline(pipeline_dir, language_model_dtype=language_model_dtype)
     pipe.set_progress_bar_config(disable=True)
-    rows = sample_texts(
-        pipe,
-        num_samples,
-        class_name=class_name,
-        seed=seed,
-        batch_size=batch_size,
-        controls=controls,
-        source_texts=source_texts,
-        options=options,
-    )
+    if long_text:
+        given = long_text.get("prompt_texts") or long_text.get("infill")  # one text per prompt or gap
+        rows = sample_long_texts(
+            pipe, None if given else num_samples, class_name=class_name, seed=seed, options=options, **long_text
+        )
+    else:
+        rows = sample_texts(
+            pipe,
+            num_samples,
+            class_name=class_name,
+            seed=seed,
+            batch_size=batch_size,
+            controls=controls,
+            source_texts=source_texts,
+            options=options,
+        )
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,18 @@ def test_long_text_scores_and_gap_cases():
     scores = score_stories(samples, references, references, Judge(), Judge(), num_sentences=3)
     assert scores["exact_sentences"] == 0.0 and scores["mean_sentences"] == 4.0
     assert scores["perplexity"] > 10 and 0 <= scores["mauve_lm"] <= 1 and scores["memorization"] is not None
+
+
+def test_the_command_line_writes_stories_and_fills_gaps(segment_pipe, tmp_path, capsys):
+    from latentlm.cli import main
+
+    segment_pipe.save_pretrained(tmp_path / "pipe")
+    common = ["sample", "--pipeline", str(tmp_path / "pipe"), "--steps", "2", "--class", "odd"]
+    assert main([*common, "-n", "2", "--num-segments", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all(len(row["segments"]) == 3 for row in rows)
+    assert main([*common, "--infill", "the cat sat", "the dog ran"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["left"], row["right"]) == ("the cat sat", "the dog ran") and len(row["segments"]) == 1
+    with pytest.raises(ValueError, match="infill fills one gap per"):
+        main([*common, "--infill", "the cat sat", "the dog ran", "--prompt", "x"])

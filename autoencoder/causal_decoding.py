@@ -9,6 +9,7 @@ compute (`generate()` keeps every row until the longest ends); its tokens are `g
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -180,8 +181,6 @@ _GREEDY_DEFAULTS = {
 def _greedy_config(language_model, kwargs: dict):
     """The LM's generation config with ``kwargs``, when it asks for greedy decoding with no more than
     a repetition penalty, no-repeat n-grams and a minimum length (else None: generate() decodes)."""
-    import copy
-
     config = copy.deepcopy(unwrap_peft(language_model).generation_config)
     if config.update(**kwargs):  # a setting generate() takes that is no GenerationConfig field
         return None

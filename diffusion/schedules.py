@@ -61,12 +61,22 @@ def shifted_cosine_betas(num_train_timesteps: int, shift: float = 2.0) -> np.nda
     return _betas_from_alphas_cumprod(shifted)
 
 
+def floored_betas(alphas_cumprod: np.ndarray, noise_floor: float) -> np.ndarray:
+    """The betas of a schedule whose noise std ``sqrt(1 - ᾱ_t)`` never falls below ``noise_floor``
+    (DINOISER, Ye et al. 2023: the smallest noise levels are trivial to undo, so the model learns
+    little there, and a sampler ending on them gains nothing): ᾱ'_t = min(ᾱ_t, 1 - noise_floor²)."""
+    if not 0.0 < noise_floor < 1.0:
+        raise ValueError(f"noise_floor must lie in (0, 1) (a noise std), got {noise_floor}.")
+    return _betas_from_alphas_cumprod(np.minimum(alphas_cumprod, 1.0 - noise_floor**2))
+
+
 def make_noise_scheduler(
     schedule: str = "cosine",
     prediction_type: str = "v_prediction",
     num_train_timesteps: int = 1000,
     *,
     shift: float = 2.0,
+    noise_floor: float = 0.0,
     **kw,
 ) -> DDPMScheduler:
     """A `DDPMScheduler` for latent diffusion with one of the field's noise schedules.
@@ -77,6 +87,7 @@ def make_noise_scheduler(
         prediction_type: `v_prediction` (default), `epsilon` or `sample` (aliases v, eps, x0).
         num_train_timesteps: T.
         shift: only for `shifted_cosine`.
+        noise_floor: with any schedule, the least noise std of every step (`floored_betas`; 0 = none).
         **kw: any other `DDPMScheduler` argument (e.g. `timestep_spacing`), overriding our defaults.
 
     Defaults that matter: `clip_sample=False` (diffusers' default True clips latents to [-1, 1]),
@@ -113,6 +124,10 @@ def make_noise_scheduler(
         args["trained_betas"] = sqrt_betas(num_train_timesteps).tolist()
     else:
         args["trained_betas"] = shifted_cosine_betas(num_train_timesteps, shift).tolist()
+    if noise_floor:
+        base = DDPMScheduler(**{k: v for k, v in args.items() if k not in ("prediction_type",)})
+        args.pop("beta_schedule", None), args.pop("beta_start", None), args.pop("beta_end", None)
+        args["trained_betas"] = floored_betas(base.alphas_cumprod.double().numpy(), noise_floor).tolist()
     args.update(kw)
     return DDPMScheduler(**args)
 

@@ -318,3 +318,24 @@ def test_importance_sampler():
     torch.testing.assert_close(restored.probabilities(), p)
     with pytest.raises(ValueError, match="timesteps"):
         TimestepImportanceSampler(11).load_state_dict(sampler.state_dict())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "sqrt", "shifted_cosine"])
+def test_a_noise_floor_keeps_every_step_noisy_and_the_rest_of_the_schedule(schedule):
+    from latentlm.diffusion import make_noise_scheduler
+
+    plain = make_noise_scheduler(schedule).alphas_cumprod.double()
+    floored = make_noise_scheduler(schedule, noise_floor=0.3).alphas_cumprod.double()
+    assert float((1 - floored).sqrt().min()) == pytest.approx(0.3, abs=1e-6)
+    noisy = plain <= 1 - 0.3**2
+    torch.testing.assert_close(floored[noisy], plain[noisy], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="noise_floor must lie in"):
+        make_noise_scheduler(schedule, noise_floor=1.0)
+
+
+def test_the_noise_floor_setting_is_checked():
+    from latentlm.config import load_config
+
+    assert load_config({"diffusion": {"noise_floor": 0.2}}).diffusion.noise_floor == 0.2
+    with pytest.raises(ValueError, match=r"diffusion.noise_floor must lie in \[0, 1\)"):
+        load_config({"diffusion": {"noise_floor": -0.1}})

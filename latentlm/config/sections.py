@@ -273,6 +273,7 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
     denoiser_size: str = "base"  # tiny | small | base
     denoiser: dict[str, Any] = field(default_factory=dict)  # overrides of LatentDenoiser arguments
     schedule: str = "cosine"  # cosine | linear | sqrt | shifted_cosine
+    noise_floor: float = 0.0  # the least noise std of every step (DINOISER); 0 = none
     prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
     num_train_timesteps: int = 1_000
     self_conditioning_prob: float = 0.5
@@ -309,6 +310,8 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{where}.{key} must lie in [0, 1], got {value}.")
+        if not 0.0 <= self.noise_floor < 1.0:
+            raise ValueError(f"{where}.noise_floor must lie in [0, 1) (a noise std; 0 = none), got {self.noise_floor}.")
 
 
 @dataclass

@@ -115,7 +115,10 @@ class ClassifierStage(TrainingStage):
                 )
             self.val_targets = self._encode_targets(val_raw)
         self.scheduler = make_noise_scheduler(
-            diffusion.schedule, diffusion.prediction_type, diffusion.num_train_timesteps
+            diffusion.schedule,
+            diffusion.prediction_type,
+            diffusion.num_train_timesteps,
+            noise_floor=diffusion.noise_floor,
         )
         self.model = LatentClassifier(
             num_latents=self.cache.num_latents,

@@ -160,7 +160,9 @@ class DiffusionStage(TrainingStage):
             self.config, self.cache.num_latents, self.cache.latent_dim, self.class_names, self.cache.source_dim
         )
         self.denoiser.to(accelerator.device)
-        self.scheduler = make_noise_scheduler(cfg.schedule, cfg.prediction_type, cfg.num_train_timesteps)
+        self.scheduler = make_noise_scheduler(
+            cfg.schedule, cfg.prediction_type, cfg.num_train_timesteps, noise_floor=cfg.noise_floor
+        )
         self.optimizer = make_optimizer(self.denoiser.parameters(), opt)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, opt)
         self.train_model, self.optimizer = accelerator.prepare(self.denoiser, self.optimizer)

@@ -72,9 +72,11 @@ def main() -> None:
         metavar="NAME:STEPS",
         help="scheduler:steps pairs to time (default ddpm:250 dpm++:25 ddim:50)",
     )
+    parser.add_argument("--language-model-dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     device = common.setup(args)
     pipe, folder, description = common.load_pipeline(args.pipeline, device, args.build, args.denoiser_size)
+    pipe.language_model.to(getattr(torch, args.language_model_dtype))
     batch_sizes = args.batch_sizes or ([1, 16] if args.quick else [1, 16, 256])
     repeats = args.repeats or (1 if args.quick else 3)
     class_label = pipe.class_names[0] if pipe.class_names else None
@@ -93,6 +95,7 @@ def main() -> None:
         "benchmark": "sampling_speed",
         "pipeline": description,
         "quick": args.quick,
+        "language_model_dtype": args.language_model_dtype,
         "decoding": decode_kwargs or "the pipeline's decoding defaults",
         "class_label": class_label,
         "model_parameters": common.model_sizes(pipe),

@@ -88,7 +88,7 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
     return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + end-of-text
 
 
-def row_of(kind, texts, seconds, timer, tokenizer, max_new_tokens, body_params, extra=None) -> dict:
+def row_of(kind, texts, seconds, phase: dict, tokenizer, max_new_tokens, extra=None) -> dict:
     lengths = token_counts(tokenizer, texts)
     return {
         "kind": kind,
@@ -99,7 +99,7 @@ def row_of(kind, texts, seconds, timer, tokenizer, max_new_tokens, body_params, 
         "mean_new_tokens": round(sum(lengths) / len(lengths), 2),
         "max_new_tokens_seen": max(lengths),
         "rows_at_max_new_tokens": sum(n > max_new_tokens for n in lengths),
-        **timer.summary(body_params),
+        **phase,
         **(extra or {}),
         "example": texts[0],
     }
@@ -132,11 +132,13 @@ def pipeline_rows(pipe, batch, label, args, decode, measure) -> list[dict]:
     return rows
 
 
-def autoregressive_rows(pipe, batch, args, decode, measure) -> list[dict]:
-    """The same LM from a short prompt, greedy and sampled, with the same decoding settings."""
+def autoregressive_rows(pipe, batch, args, decode, measure, min_new_tokens: int = 0) -> list[dict]:
+    """The same LM from a short prompt, greedy and sampled, with the same decoding settings; with
+    ``min_new_tokens``, texts at least that long (as long as the pipeline's)."""
     lm, tokenizer = pipe.language_model, pipe.tokenizer
     kwargs = {k: v for k, v in decode.items() if k not in ("max_length", "min_length")}
-    kwargs.update(max_new_tokens=args.max_new_tokens, min_new_tokens=decode.get("min_length", 0))
+    min_new_tokens = max(min_new_tokens, decode.get("min_length", 0))
+    kwargs.update(max_new_tokens=args.max_new_tokens, min_new_tokens=min_new_tokens)
     rows = []
     for sampled in (False, True):
         inputs = plain_prompt(pipe, batch, args.prompt)
@@ -191,6 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default="Write a short tweet.", help="what the plain LM is asked for")
     parser.add_argument("--decode", default=None, help="decoding settings as JSON (default: the pipeline's)")
+    parser.add_argument(
+        "--match-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the plain LM writes at least as many tokens as the pipeline's texts have on average",
+    )
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "sampling_vs_autoregressive.json"))
@@ -211,22 +219,28 @@ def main(argv=None) -> int:
     timer = PhaseTimer(stack)
 
     def measure(work):
+        """``work()``'s result and seconds; the phases of the language model's calls go to ``phases``."""
         timer.reset()
         tick = time.perf_counter()
         result = work()
-        return result, time.perf_counter() - tick
+        seconds = time.perf_counter() - tick
+        phases.append(timer.summary(body_params))
+        return result, seconds
 
-    results = []
+    results, phases = [], []
     for dtype in args.dtypes:
         lm.to(getattr(torch, dtype))
         for batch in args.batch_sizes:
+            phases.clear()
             rows = pipeline_rows(pipe, batch, label, args, decode, measure)
-            rows += autoregressive_rows(pipe, batch, args, decode, measure)
+            # the plain LM writes texts as long as the pipeline's (unguided) on average
+            length = round(sum(token_counts(tokenizer, rows[0][1])) / len(rows[0][1])) if args.match_length else 0
+            rows += autoregressive_rows(pipe, batch, args, decode, measure, length)
             if real:
                 variants = DECODE_VARIANTS if batch == max(args.batch_sizes) else {"pipeline settings": {}}
                 rows += reconstruction_rows(pipe, batch, real, decode, measure, variants)
-            for kind, texts, seconds, extra in rows:
-                row = row_of(kind, texts, seconds, timer, tokenizer, args.max_new_tokens, body_params, extra)
+            for (kind, texts, seconds, extra), phase in zip(rows, phases):
+                row = row_of(kind, texts, seconds, phase, tokenizer, args.max_new_tokens, extra)
                 row["language_model_dtype"] = dtype
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "example"}), flush=True)

@@ -117,8 +117,6 @@ class PipelinePyfunc:
             self._read_row(index, record, with_sources) for index, record in enumerate(model_input.to_dict("records"))
         ]
         seed = params.pop("seed")
-        if isinstance(params.get("guidance_interval"), list):
-            params["guidance_interval"] = tuple(params["guidance_interval"])
         options = SamplingOptions(**params)
         self._check_limits(requests, options.num_inference_steps)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - len(requests):

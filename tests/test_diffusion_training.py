@@ -262,10 +262,10 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoe
 
     real_check = training_loop.check_finite
 
-    def crash_at_step_9(loss, step):
-        if step == 9:
+    def crash_at_step_9(losses, first_step):  # the losses of steps first_step, first_step + 1, ...
+        if first_step <= 9 < first_step + len(losses):
             raise KeyboardInterrupt("simulated crash")
-        real_check(loss, step)
+        real_check(losses, first_step)
 
     monkeypatch.setattr(training_loop, "check_finite", crash_at_step_9)
     with pytest.raises(KeyboardInterrupt):

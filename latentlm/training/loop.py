@@ -1,6 +1,5 @@
-"""The training loop every stage runs (`run_stage` over a `TrainingStage`) and what it is made of:
-accelerate set-up (`latentlm.training.precision`), non-finite loss checks; the step-addressed data order and per-step
-seeding are in `latentlm.training.batching`.
+"""The training loop every stage runs (`run_stage` over a `TrainingStage`), with non-finite loss checks;
+accelerate set-up is in `latentlm.training.precision`, data order and seeding in `.batching`.
 
 Resuming is exact by construction rather than by saving RNG states: the batch at step ``k`` and
 the random numbers drawn at step ``k`` (dropout, noise, timesteps) are functions of ``(seed, k)``
@@ -38,19 +37,17 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Stop with advice when the loss is NaN/inf instead of training on garbage."""
-    if not torch.isfinite(loss.detach()).all():
+def check_finite(losses: torch.Tensor, first_step: int) -> None:
+    """Stop with advice when a loss is NaN/inf instead of training on garbage. ``losses``: those of the
+    steps from ``first_step`` on, checked at once: an accelerator's queue stalls once per log interval."""
+    losses = losses.detach().float().reshape(-1)
+    if not torch.isfinite(losses).all():
+        bad = int((~torch.isfinite(losses)).nonzero()[0])
         raise NonFiniteLossError(
-            f"The training loss became {loss.detach().float().item()} at step {step}. Lower "
+            f"The training loss became {losses[bad].item()} at step {first_step + bad}. Lower "
             "optimizer.learning_rate, raise optimizer.warmup_steps, keep optimizer.max_grad_norm set, or use "
             "mixed_precision 'bf16'/'no' instead of 'fp16'; then continue from the last checkpoint with --resume."
         )
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop
-# ------------------------------------------------------------------------------------------------
 
 
 class TrainingStage:
@@ -211,14 +208,14 @@ class _RunState:
             self.history.append({"step": self.step, **entry, "train_time_s": round(self.train_time, 1)})
 
 
-def _optimizer_step(stage: TrainingStage, accelerator: Accelerator, step: int, trainable: list) -> float:
-    """One training step of ``stage``; returns the loss averaged over processes."""
+def _optimizer_step(stage: TrainingStage, accelerator: Accelerator, step: int, trainable: list) -> torch.Tensor:
+    """One training step of ``stage``; returns the loss averaged over processes, still on the device (the
+    loop checks and reads the losses back once per log interval, `check_finite`)."""
     cfg = stage.cfg
     generator = seed_step(cfg.seed, step, accelerator.process_index)
     loss = stage.training_step(step, generator)
     # The same value on every process, so a NaN anywhere stops all of them (no hung all-reduce).
     global_loss = accelerator.reduce(loss.detach().float(), reduction="mean")
-    check_finite(global_loss, step)
     accelerator.backward(loss)
     if cfg.optimizer.max_grad_norm and cfg.optimizer.max_grad_norm > 0:
         accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
@@ -227,14 +224,13 @@ def _optimizer_step(stage: TrainingStage, accelerator: Accelerator, step: int, t
     stage.optimizer.zero_grad(set_to_none=True)
     if stage.ema is not None:
         stage.ema.step(trainable)
-    return global_loss.item()
+    return global_loss
 
 
 def _step_seconds(accelerator: Accelerator, seconds: float) -> float:
     """The slowest process's time for the step, so that every process makes the same time-budget calls."""
-    if accelerator.num_processes == 1:
-        return seconds
-    return accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()
+    one = accelerator.num_processes == 1
+    return seconds if one else accelerator.gather(torch.tensor([seconds], device=accelerator.device)).max().item()
 
 
 def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) -> None:
@@ -248,7 +244,7 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
     fit_decay = time_budget_s is not None and opt.lr_schedule == "warmup_stable_decay"
     progress = tqdm(initial=start, total=run.end_step, desc=f"train-{stage.name}", disable=not run.is_main)
     stage.train_model.train()
-    running: list[float] = []
+    running, checked = [], 0  # the losses since the last log (on the device); how many were checked
     pace: collections.deque[float] = collections.deque(maxlen=PACE_WINDOW)
     step, out_of_time = start, False
     while step < run.end_step:
@@ -270,9 +266,16 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
                 if run.is_main:
                     log_fitted_decay(done, end, time_budget_s - run.train_time, sum(pace) / len(pace), opt)
         last = done == run.end_step
+        out_of_time = time_budget_s is not None and run.train_time >= time_budget_s
+        evaluate = bool(stage.eval_every) and done % stage.eval_every == 0 and not last and not out_of_time
+        save = done % cfg.save_every == 0 or last or out_of_time
+        if done % cfg.log_every == 0 or last or evaluate or save:
+            # every loss so far is finite before anything is logged, evaluated or saved
+            check_finite(torch.stack(running[checked:]), done - len(running) + checked)
+            checked = len(running)
         if done % cfg.log_every == 0 or last:
-            mean_loss = sum(running) / len(running)
-            running = []
+            mean_loss = torch.stack(running).mean().item()
+            running, checked = [], 0
             lrs = {f"lr/{g['name']}" if "name" in g else "lr": g["lr"] for g in stage.optimizer.param_groups}
             tracker.log_metrics(
                 {
@@ -285,10 +288,9 @@ def _train_steps(run: _RunState, tracker: Tracker, time_budget_s: float | None) 
             )
             run.loss_curve.append({"step": done, "loss": mean_loss, "train_time_s": round(run.train_time, 1)})
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-        out_of_time = time_budget_s is not None and run.train_time >= time_budget_s
-        if stage.eval_every and done % stage.eval_every == 0 and not last and not out_of_time:
+        if evaluate:
             run.evaluate(tracker)
-        if done % cfg.save_every == 0 or last or out_of_time:
+        if save:
             run.save_checkpoint()
         if out_of_time:
             if run.is_main:

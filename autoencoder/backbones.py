@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from latentlm.autoencoder.adapters import configure_trainable, set_dropout
-from latentlm.autoencoder.families import DECODER_MODES, family_of, is_causal_lm
-from latentlm.autoencoder.families.base import unwrap_peft
+from latentlm.autoencoder.families import DECODER_MODES, family_of
+from latentlm.autoencoder.model_parts import is_causal_lm, unwrap_peft
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,

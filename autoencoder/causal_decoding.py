@@ -13,8 +13,7 @@ import copy
 import warnings
 
 import torch
-from latentlm.autoencoder.families.base import unwrap_peft
-from latentlm.autoencoder.families.causal_lm import causal_body
+from latentlm.autoencoder.model_parts import causal_body, unwrap_peft
 
 __all__ = [
     "MEMORY_PLACEHOLDER",

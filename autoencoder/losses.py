@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from latentlm.autoencoder.causal_decoding import key_value_prefix_inputs, soft_prompt_inputs, uses_key_value_prefix
-from latentlm.autoencoder.families.base import unwrap_peft
-from latentlm.autoencoder.families.causal_lm import causal_body
+from latentlm.autoencoder.model_parts import causal_body, unwrap_peft
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["alignment_loss", "causal_reconstruction_loss", "seq2seq_reconstruction_loss", "shift_right"]
@@ -85,16 +84,14 @@ def shift_right(tokenizer, language_model, labels: torch.Tensor) -> torch.Tensor
     return shifted
 
 
-def alignment_loss(
-    tokenizer, language_model, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def alignment_loss(tokenizer, language_model, memory: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of soft prompt slot j against the embedding of the text's token j (the
     end-of-text token past its end), over the batch's distinct tokens: slot j should read as
-    token j, so the LM sees its own text to repeat. memory [B, P, H], input_ids [B, L]."""
+    token j, so the LM sees its own text to repeat. memory [B, P, H], labels [B, L] (-100: padding)."""
     b, p = memory.shape[:2]
-    targets = input_ids.new_full((b, p), tokenizer.eos_token_id)
-    n = min(p, input_ids.shape[1])
-    targets[:, :n] = input_ids[:, :n].masked_fill(attention_mask[:, :n] == 0, tokenizer.eos_token_id)
+    targets = labels.new_full((b, p), tokenizer.eos_token_id)
+    n = min(p, labels.shape[1])
+    targets[:, :n] = labels[:, :n].masked_fill(labels[:, :n] == -100, tokenizer.eos_token_id)
     vocab, inverse = torch.unique(targets, return_inverse=True)
     embeddings = language_model.get_input_embeddings().weight[vocab]
     logits = memory.float() @ embeddings.float().T

@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from latentlm.autoencoder import LatentAutoencoder
-from latentlm.autoencoder.backbones import (
-    CAUSAL_MEMORY,
-    attention_shape,
-    encoder_hidden_size,
-    load_backbone,
-    prompt_template_for,
-)
+from latentlm.autoencoder.backbones import CAUSAL_MEMORY, encoder_hidden_size, load_backbone, prompt_template_for
 from latentlm.autoencoder.causal_decoding import uses_key_value_prefix
-from latentlm.autoencoder.families import family_of, is_causal_lm
-from latentlm.autoencoder.families.base import unwrap_peft
-from latentlm.autoencoder.families.causal_lm import decoder_layers
-from latentlm.autoencoder.losses import alignment_loss, causal_reconstruction_loss, seq2seq_reconstruction_loss
+from latentlm.autoencoder.families import family_of
+from latentlm.autoencoder.losses import alignment_loss
+from latentlm.autoencoder.model_settings import (
+    AUTOENCODER_SETTINGS,
+    backbone_arguments,
+    latent_autoencoder_for,
+    stored_backbone,
+)
 from latentlm.autoencoder.text_autoencoder_folder import load_text_autoencoder_parts, save_text_autoencoder
 from latentlm.autoencoder.text_codec import (
     decode_latents,
@@ -37,59 +37,6 @@ from latentlm.autoencoder.text_codec import (
 from torch import nn
 
 __all__ = ["TextAutoencoder"]
-
-
-def _start_soft_prompt_at_embedding_scale(autoencoder: LatentAutoencoder, language_model) -> None:
-    """The soft prompt stands in for input embeddings: start its norm at theirs."""
-    embeddings = language_model.get_input_embeddings().weight
-    with torch.no_grad():
-        autoencoder.reconstruction_norm.weight.fill_(
-            float(embeddings.norm(dim=-1).mean()) / autoencoder.memory_dim**0.5
-        )
-
-
-#: the arguments of `TextAutoencoder.from_backbone` that shape its `LatentAutoencoder`
-_AUTOENCODER_SETTINGS = (
-    "max_length",
-    "normalize_latents",
-    "context_positions",
-    "memory_tokens_per_latent",
-    "query_init_std",
-    "context_layers",
-    "tokens_per_query",
-    "num_latents",
-    "latent_dim",
-    "head_dim",
-    "ff_mult",
-    "dropout",
-    "num_compression_layers",
-    "num_reconstruction_layers",
-)
-
-
-def _latent_autoencoder_for(
-    family,
-    language_model,
-    *,
-    max_length: int,
-    causal_memory: str,
-    normalize_latents,
-    context_positions: int,
-    **settings,
-) -> LatentAutoencoder:
-    """A new compression/reconstruction network for a backbone of ``family`` (the other ``settings`` are
-    `LatentAutoencoder` arguments)."""
-    key_value_shape = attention_shape(language_model) if causal_memory == "key_value_prefix" else {}
-    autoencoder = LatentAutoencoder(
-        d_model=family.encoder_hidden_size(language_model),
-        normalize_latents=family.normalize_latents if normalize_latents is None else normalize_latents,
-        context_positions=max_length if context_positions == -1 else context_positions,
-        **settings,
-        **key_value_shape,
-    )
-    if family.is_causal and not key_value_shape:
-        _start_soft_prompt_at_embedding_scale(autoencoder, language_model)
-    return autoencoder
 
 
 class TextAutoencoder(nn.Module):
@@ -120,7 +67,8 @@ class TextAutoencoder(nn.Module):
                 f"The autoencoder was built for d_model={autoencoder.config.d_model} but the backbone's encoder "
                 f"states have size {d_model}; build the autoencoder with d_model={d_model}."
             )
-        self.causal = is_causal_lm(language_model)
+        self.family = family_of(language_model)
+        self.causal = self.family.is_causal
         if self.causal:
             if autoencoder.config.prompt_template is None:
                 raise ValueError(
@@ -135,6 +83,11 @@ class TextAutoencoder(nn.Module):
                 )
         if alignment_weight < 0:
             raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}.")
+        if alignment_weight and not self.causal:
+            raise ValueError(
+                "alignment_weight pulls soft-prompt slots towards token embeddings, which only a decoder-only LM "
+                "reads: set alignment_weight to 0 for an encoder-decoder backbone."
+            )
         if alignment_weight and uses_key_value_prefix(autoencoder):
             raise ValueError(
                 "alignment_weight pulls soft-prompt slots towards token embeddings, but this autoencoder writes a "
@@ -195,7 +148,7 @@ class TextAutoencoder(nn.Module):
         ``latent_noise_std`` > 0: in training the decoder reads ``latents + latent_noise_std * ε``, so
         it learns to write fluent text from the imperfect latents a denoiser samples.
         """
-        settings = {name: value for name, value in locals().items() if name in _AUTOENCODER_SETTINGS}
+        settings = {name: value for name, value in locals().items() if name in AUTOENCODER_SETTINGS}
         if causal_memory not in CAUSAL_MEMORY:
             raise ValueError(f"causal_memory={causal_memory!r}: use one of {list(CAUSAL_MEMORY)}.")
         lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules)
@@ -214,7 +167,7 @@ class TextAutoencoder(nn.Module):
         )
         if family.is_causal and prompt_template is None:
             prompt_template = prompt_template_for(backbone, tokenizer)
-        autoencoder = _latent_autoencoder_for(
+        autoencoder = latent_autoencoder_for(
             family, language_model, causal_memory=causal_memory, prompt_template=prompt_template, **settings
         )
         return cls(
@@ -222,18 +175,21 @@ class TextAutoencoder(nn.Module):
             language_model,
             autoencoder,
             max_length=max_length,
-            backbone=cls.stored_backbone(backbone),
+            backbone=stored_backbone(backbone),
             decoder=decoder,
             lora=lora,
             alignment_weight=alignment_weight,
             latent_noise_std=latent_noise_std,
         )
 
-    @staticmethod
-    def stored_backbone(backbone: str) -> str:
-        """How a backbone is recorded with the model: a local folder as an absolute path (the saved
-        model then loads from any directory), a name or hub id as given."""
-        return os.path.abspath(backbone) if os.path.isdir(str(backbone)) else str(backbone)
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **training) -> TextAutoencoder:
+        """A new (untrained) autoencoder from nested model settings, the shape of a run config's
+        ``autoencoder.model`` (`latentlm.autoencoder.model_settings`): ``backbone``, ``decoder``,
+        ``lora: {r, alpha, ...}``, ``causal: {context_layers, prompt_template, memory}`` and the other
+        `from_backbone` arguments by name. ``training``: ``alignment_weight``, ``latent_noise_std``."""
+        backbone, kwargs = backbone_arguments(config)
+        return cls.from_backbone(backbone, **kwargs, **training)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -265,20 +221,21 @@ class TextAutoencoder(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """{input_ids, attention_mask} [B, L], truncated at max_length, on this model's device."""
         return tokenize_texts(
-            self.tokenizer, texts, self.max_length, device=self.device, add_special_tokens=not self.causal
+            self.tokenizer,
+            texts,
+            self.max_length,
+            device=self.device,
+            add_special_tokens=self.family.add_special_tokens,
         )
 
     def token_ids(self, texts: list[str], truncation: bool = True) -> list[list[int]]:
         """Unpadded token ids per text, as the encoder reads them (cut at max_length unless truncation=False)."""
         kwargs = dict(truncation=True, max_length=self.max_length) if truncation else {}
-        return self.tokenizer(texts, add_special_tokens=not self.causal, **kwargs)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=self.family.add_special_tokens, **kwargs)["input_ids"]
 
     def encoder_modules(self) -> list[nn.Module]:
         """The frozen modules whose weights determine the encoder states (for cache keys)."""
-        if not self.causal:
-            return [self.language_model.get_encoder()]
-        layers = decoder_layers(self.language_model)[: self.autoencoder.config.context_layers]
-        return [self.language_model.get_input_embeddings(), *layers]
+        return self.family.encoder_modules(self.language_model, self.autoencoder.config.context_layers)
 
     def encoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Frozen encoder states [B, L, d_model] (no gradient)."""
@@ -287,18 +244,10 @@ class TextAutoencoder(nn.Module):
         )
 
     def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Decoder targets [B, L'] from input ids: padding -> -100.
-
-        When every sequence starts with the decoder start token (BERT2BERT: [CLS]), that token is
-        dropped: the decoder is fed it as its first input and need not predict it.
-        """
+        """Decoder targets [B, L'] from input ids: padding -> -100, as the family's decoder writes them
+        (`BackboneFamily.decoder_labels`: BERT2BERT's decoder is fed its start token, not asked for it)."""
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        if self.causal:
-            return labels
-        start = unwrap_peft(self.language_model).generation_config.decoder_start_token_id
-        if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
-            labels = labels[:, 1:].contiguous()
-        return labels
+        return self.family.decoder_labels(self.language_model, labels)
 
     def forward(
         self,
@@ -321,20 +270,15 @@ class TextAutoencoder(nn.Module):
         if latents is None:
             latents = self.autoencoder.compress(hidden_states, attention_mask)
         memory = self.autoencoder.reconstruct(self.perturb(latents, generator))
-        if not self.causal:
-            return seq2seq_reconstruction_loss(self.tokenizer, self.language_model, memory, labels)
-        input_ids = labels.masked_fill(labels == -100, self.tokenizer.pad_token_id)
-        text_mask = (labels != -100).long()
         if not reconstruction and not self.alignment_weight:
             raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
         loss = 0.0
         if reconstruction:
-            loss = causal_reconstruction_loss(
-                self.tokenizer, self.language_model, self.autoencoder, memory, input_ids, text_mask
+            loss = self.family.reconstruction_loss(
+                self.tokenizer, self.language_model, self.autoencoder, memory, labels
             )
         if self.alignment_weight:
-            alignment = alignment_loss(self.tokenizer, self.language_model, memory, input_ids, text_mask)
-            loss = loss + self.alignment_weight * alignment
+            loss = loss + self.alignment_weight * alignment_loss(self.tokenizer, self.language_model, memory, labels)
         return loss
 
     def perturb(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

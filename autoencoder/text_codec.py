@@ -19,10 +19,8 @@ import warnings
 from typing import Any
 
 import torch
-from latentlm.autoencoder.causal_decoding import generate_causal
-from latentlm.autoencoder.families.base import decoder_stack_name, is_causal_lm, unwrap_peft
-from latentlm.autoencoder.families.causal_lm import causal_body
-from transformers.modeling_outputs import BaseModelOutput
+from latentlm.autoencoder.families import family_of
+from latentlm.autoencoder.model_parts import unwrap_peft
 
 __all__ = [
     "DEFAULT_GENERATE_KWARGS",
@@ -108,34 +106,17 @@ def merge_peft(language_model):
 def encoder_hidden_states(
     language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_layers: int = 0
 ) -> torch.Tensor:
-    """The (frozen) encoder's states [B, L, d_model].
-
-    Seq2seq: the encoder's last hidden states. Causal LM: the states after its first
-    ``context_layers`` layers (with the final norm), or its input embeddings for 0. Those layers
-    are never tuned (`latentlm.autoencoder.adapters.configure_trainable`), so LoRA adapters leave them as is.
-    """
-    if not is_causal_lm(language_model):
-        encoder = language_model.get_encoder()
-        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-    model, body = causal_body(language_model)
-    if context_layers == 0:
-        return model.get_input_embeddings()(input_ids)
-    # A shallow copy of the decoder stack that runs only its lowest layers: same weights, no
-    # mutation of the shared model (safe under concurrent calls).
-    name = decoder_stack_name(body)
-    lower = copy.copy(body)
-    lower._modules = dict(body._modules)
-    lower._modules[name] = torch.nn.ModuleList(list(getattr(body, name))[:context_layers])
-    return lower(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
-    ).last_hidden_state
+    """The (frozen) encoder's states [B, L, d_model], as the backbone's family reads them
+    (`BackboneFamily.encoder_states`): a seq2seq encoder's last states, or a causal LM's states after
+    its first ``context_layers`` layers."""
+    return family_of(language_model).encoder_states(language_model, input_ids, attention_mask, context_layers)
 
 
 @torch.no_grad()
 def encode_texts(tokenizer, language_model, autoencoder, texts: list[str], max_length: int) -> torch.Tensor:
     """texts -> latents [B, num_latents, latent_dim]."""
-    causal = is_causal_lm(language_model)
-    batch = tokenize_texts(tokenizer, texts, max_length, device=_device_of(autoencoder), add_special_tokens=not causal)
+    special = family_of(language_model).add_special_tokens
+    batch = tokenize_texts(tokenizer, texts, max_length, device=_device_of(autoencoder), add_special_tokens=special)
     hidden = encoder_hidden_states(
         language_model, batch["input_ids"], batch["attention_mask"], autoencoder.config.get("context_layers") or 0
     )
@@ -163,7 +144,8 @@ def encode_sources(
     denoiser cross-attends to them. A source longer than the encoder reads is an error, never cut.
     """
     texts = check_texts(texts)
-    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not is_causal_lm(language_model))
+    special = family_of(language_model).add_special_tokens
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     limit = source_length_limit(tokenizer, language_model)
     too_long = [i for i, length in enumerate(lengths) if limit is not None and length > limit]
@@ -194,24 +176,4 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
     latents = latents.to(_device_of(autoencoder))
     memory = autoencoder.reconstruct(latents)
     kwargs = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
-    if is_causal_lm(language_model):
-        return generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)
-    # Generating past the decoder's learned positions raises an IndexError deep inside generate();
-    # stop at the last position instead, and say so.
-    decoder_config = getattr(language_model.config, "decoder", None) or language_model.config
-    max_positions = getattr(decoder_config, "max_position_embeddings", None)
-    if max_positions is not None and kwargs.get("max_length", 0) > max_positions:
-        warnings.warn(
-            f"max_length={kwargs['max_length']} exceeds the decoder's {max_positions} position embeddings; "
-            f"generating at most {max_positions} tokens.",
-            stacklevel=2,
-        )
-        kwargs["max_length"] = max_positions
-    mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
-    # The language model may be in another dtype than the autoencoder (bf16 LM, fp32 autoencoder).
-    memory = memory.to(next(language_model.parameters()).dtype)
-    output_ids = language_model.generate(
-        encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=mask, **kwargs
-    )
-    texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [t.strip() for t in texts]
+    return family_of(language_model).generate(tokenizer, language_model, autoencoder, memory, kwargs)

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import common
 import torch
-from latentlm.autoencoder.families import is_causal_lm
-from latentlm.autoencoder.families.causal_lm import causal_body
+from latentlm.autoencoder.model_parts import causal_body, is_causal_lm
 from latentlm.pipelines import SamplingOptions
 
 

@@ -371,3 +371,10 @@ def test_latent_noise_perturbs_what_the_decoder_reads_in_training_only(tiny_bart
     assert quiet.perturb(z) is z
     with pytest.raises(ValueError, match="latent_noise_std must be >= 0"):
         make_tiny_text_autoencoder(tiny_bart_dir, latent_noise_std=-0.1)
+
+
+def test_alignment_loss_needs_a_decoder_only_backbone(tiny_bart_dir):
+    # the alignment loss pulls soft-prompt slots towards input embeddings: a seq2seq decoder reads
+    # the memory through cross-attention, where it would be ignored, so it is refused
+    with pytest.raises(ValueError, match="only a decoder-only LM reads"):
+        make_tiny_text_autoencoder(tiny_bart_dir, alignment_weight=1.0)

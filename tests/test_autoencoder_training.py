@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import SENTENCES
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
-from latentlm.config import DataConfig, load_config
+from latentlm.config import AutoencoderModelConfig, DataConfig, load_config
 from latentlm.data.loading import count_truncated, load_text_dataset
 from latentlm.training.checkpoints import StaleCheckpointsError
 from latentlm.training.loop import NonFiniteLossError
@@ -18,7 +19,8 @@ from latentlm.training.stages.autoencoder import train_autoencoder
 
 
 def tiny_config(tmp_path, data_path, backbone, **autoencoder):
-    ae = dict(
+    """The ``autoencoder:`` keys, with ``model`` settings given by name (``latent_dim=16``)."""
+    model = dict(
         backbone=backbone,
         max_length=16,
         decoder="frozen",
@@ -27,6 +29,9 @@ def tiny_config(tmp_path, data_path, backbone, **autoencoder):
         num_compression_layers=1,
         num_reconstruction_layers=1,
         head_dim=16,
+    )
+    ae = dict(
+        model=model,
         eval_every=0,
         save_every=1000,
         log_every=5,
@@ -37,6 +42,8 @@ def tiny_config(tmp_path, data_path, backbone, **autoencoder):
     for key, value in autoencoder.items():
         if key == "optimizer":
             ae["optimizer"].update(value)
+        elif key in {f.name for f in dataclasses.fields(AutoencoderModelConfig)}:
+            model[key] = value
         else:
             ae[key] = value
     return load_config(
@@ -73,7 +80,7 @@ def test_short_run_lowers_loss_and_logs_to_mlflow(tmp_path, snippets_jsonl, tiny
     client = mlflow.MlflowClient(tracking_uri=config.tracking.tracking_uri)
     experiment = client.get_experiment_by_name("stage1-test")
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.data.params["autoencoder.num_latents"] == "4"
+    assert run.data.params["autoencoder.model.num_latents"] == "4"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.3, losses  # the loss goes down
@@ -166,7 +173,7 @@ def test_auto_mixed_precision_trains_in_bf16_only_where_it_is_native(
 def test_init_from_with_frozen_compression_keeps_every_latent(tmp_path, snippets_jsonl, tiny_bart_dir):
     # Fine-tune the decoder side of a trained autoencoder (here on noisy latents) without moving its
     # latents, so a denoiser trained on them still fits the new decoder.
-    kwargs = dict(decoder="lora", lora_r=4, optimizer=dict(max_steps=6))
+    kwargs = dict(decoder="lora", lora={"r": 4}, optimizer=dict(max_steps=6))
     first = train_autoencoder(tiny_config(tmp_path / "a", snippets_jsonl, tiny_bart_dir, **kwargs))
     frozen = train_autoencoder(
         tiny_config(

@@ -48,26 +48,28 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+#: `TextAutoencoder.from_backbone` arguments of the tiny causal autoencoders (with decoder and alignment_weight)
+CAUSAL_SETTINGS = dict(
+    num_latents=4,
+    latent_dim=8,
+    num_compression_layers=1,
+    num_reconstruction_layers=1,
+    head_dim=16,
+    max_length=8,
+    memory_tokens_per_latent=2,
+    tokens_per_query=2,
+    context_layers=1,
+    context_positions=-1,
+    query_init_std=1.0,
+    prompt_template=PROMPT,
+)
+
+
 def make_causal_autoencoder(path: str, decoder: str = "lora", **kwargs):
     from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
     seed_everything(0)
-    settings = dict(
-        decoder=decoder,
-        num_latents=4,
-        latent_dim=8,
-        num_compression_layers=1,
-        num_reconstruction_layers=1,
-        head_dim=16,
-        max_length=8,
-        memory_tokens_per_latent=2,
-        tokens_per_query=2,
-        context_layers=1,
-        context_positions=-1,
-        query_init_std=1.0,
-        alignment_weight=1.0,
-        prompt_template=PROMPT,
-    )
+    settings = dict(CAUSAL_SETTINGS, decoder=decoder, alignment_weight=1.0)
     settings.update(kwargs)
     return TextAutoencoder.from_backbone(path, **settings)
 
@@ -320,3 +322,39 @@ def test_offline_smollm2_named_backbone(tmp_path):
     # The GGUF weights are dequantised on load, so the model saves as ordinary safetensors.
     model.merged_language_model().save_pretrained(tmp_path / "lm")
     assert (tmp_path / "lm" / "model.safetensors").is_file()
+
+
+def test_from_config_takes_the_nested_model_settings_and_names_what_differs(tiny_llama_dir):
+    """`TextAutoencoder.from_config` builds from a run config's ``autoencoder.model`` as it is nested
+    (``lora``, ``causal``), the same model as `from_backbone`'s flat arguments; `settings_mismatch`
+    names a setting a built model does not have by its dotted path."""
+    from dataclasses import asdict
+
+    from latentlm.autoencoder.model_settings import settings_mismatch
+    from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+
+    from latentlm.config import CausalSettings, LoraSettings, load_config, nest_model_keys
+
+    flat = make_causal_autoencoder(tiny_llama_dir, lora_r=4, alignment_weight=0.5)
+    # the same settings as a run config's autoencoder.model (the flat keys of earlier releases, nested)
+    with pytest.warns(FutureWarning):
+        raw = nest_model_keys({**CAUSAL_SETTINGS, "backbone": tiny_llama_dir, "decoder": "lora", "lora_r": 4})
+    settings = load_config({"autoencoder": raw}).autoencoder.model
+    assert settings.lora == LoraSettings(r=4) and settings.causal == CausalSettings(1, PROMPT, "soft_prompt")
+    seed_everything(0)
+    nested = TextAutoencoder.from_config(asdict(settings), alignment_weight=0.5)
+    assert nested.autoencoder.config == flat.autoencoder.config
+    assert nested.lora == flat.lora and nested.alignment_weight == 0.5
+    for a, b in zip(nested.state_dict().values(), flat.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert settings_mismatch(asdict(settings), nested) == {}
+
+    asked = asdict(settings)
+    asked["lora"]["r"], asked["causal"]["memory"], asked["latent_dim"] = 8, "key_value_prefix", 16
+    assert settings_mismatch(asked, nested) == {
+        "lora.r": (8, 4),
+        "causal.memory": ("key_value_prefix", "soft_prompt"),
+        "latent_dim": (16, 8),
+    }
+    with pytest.raises(ValueError, match="name no 'backbone'"):
+        TextAutoencoder.from_config({"num_latents": 4})

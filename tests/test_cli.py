@@ -17,13 +17,15 @@ def tiny_config(output_dir: Path, data_dir: Path, backbone: str, tracking_uri: s
         "output_dir": str(output_dir),
         "data": {"path": str(data_dir), "label_column": "label", "max_eval_samples": 4},
         "autoencoder": {
-            "backbone": backbone,
-            "max_length": 16,
-            "num_latents": 4,
-            "latent_dim": 8,
-            "num_compression_layers": 1,
-            "num_reconstruction_layers": 1,
-            "head_dim": 16,
+            "model": {
+                "backbone": backbone,
+                "max_length": 16,
+                "num_latents": 4,
+                "latent_dim": 8,
+                "num_compression_layers": 1,
+                "num_reconstruction_layers": 1,
+                "head_dim": 16,
+            },
             "eval_num_beams": 1,
             "optimizer": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "warmup_steps": 0},
             "eval_every": 0,
@@ -167,7 +169,7 @@ def test_mlflow_parent_and_nested_runs(trained_run):
     losses = client.get_metric_history(children["diffusion"].info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4]
     assert client.get_metric_history(children["autoencoder"].info.run_id, "train/loss")
-    assert parent.data.params["autoencoder.num_latents"] == "4"
+    assert parent.data.params["autoencoder.model.num_latents"] == "4"
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"pipeline", "model", "samples.json"} <= artifacts
     assert "pipeline/model_index.json" in {a.path for a in client.list_artifacts(parent_id, "pipeline")}

@@ -125,7 +125,7 @@ def test_bad_arguments():
 
 
 def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
-    """`data.path: builtin:restaurants` + `autoencoder.backbone: scratch:<preset>` (tiny preset for speed)."""
+    """`data.path: builtin:restaurants` + `autoencoder.model.backbone: scratch:<preset>` (tiny preset for speed)."""
     import dataclasses
 
     from latentlm.autoencoder.backbones import load_backbone
@@ -159,7 +159,7 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
         {
             "output_dir": str(tmp_path / "run"),
             "data": {"path": "builtin:restaurants", "label_column": "label", "source_column": "mr"},
-            "autoencoder": {"backbone": "scratch:bart-test", "max_length": 40},
+            "autoencoder": {"model": {"backbone": "scratch:bart-test", "max_length": 40}},
             "tracking": {"enabled": False},
         }
     )
@@ -179,7 +179,7 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
 
     config = train_backbone.prepare_backbone(config, tracker=Recorder())
     folder = tmp_path / "run" / "backbone"
-    assert config.autoencoder.backbone == str(folder)
+    assert config.autoencoder.model.backbone == str(folder)
     assert losses[-1] < losses[0] - 1.0  # it learned something in 60 steps
     tokenizer, model = load_backbone(str(folder), decoder="full")
     # generation may run to DEFAULT_GENERATE_KWARGS' max_length (64) without running out of positions
@@ -195,10 +195,14 @@ def test_builtin_corpus_and_scratch_backbone(tmp_path, monkeypatch):
 
     # resume keeps the finished backbone; an unknown preset is a clear error
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    raw = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, backbone="scratch:bart-test"))
-    train_backbone.prepare_backbone(raw, resume=True)
+
+    def with_backbone(backbone):
+        model = dataclasses.replace(config.autoencoder.model, backbone=backbone)
+        return dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, model=model))
+
+    train_backbone.prepare_backbone(with_backbone("scratch:bart-test"), resume=True)
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    bad = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, backbone="scratch:gpt-9"))
+    bad = with_backbone("scratch:gpt-9")
     with pytest.raises(ValueError, match="Unknown scratch backbone 'scratch:gpt-9'"):
         train_backbone.prepare_backbone(bad)
     with pytest.raises(ValueError, match="Unknown builtin corpus"):

@@ -1,11 +1,13 @@
 """The shared training loop (`latentlm.training.loop.run_stage`): a new stage is a small class, and the loop
 gives it resume, checkpoints, cadence, a time budget and the history file."""
 
+import dataclasses
 import inspect
 import json
 
 import pytest
 import torch
+from latentlm.autoencoder.model_settings import backbone_arguments
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
@@ -224,15 +226,22 @@ def test_a_decay_fitted_to_the_budget_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_autoencoder_config_mirrors_the_constructor():
-    """Every keyword of `TextAutoencoder.from_backbone` is a config field of the same name (and default)."""
+    """Every keyword of `TextAutoencoder.from_backbone` is an ``autoencoder.model`` setting (with the same
+    default) that `TextAutoencoder.from_config` passes on, or one of the two training settings it takes."""
     params = {
         name: p
         for name, p in inspect.signature(TextAutoencoder.from_backbone).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     defaults = AutoencoderTrainingConfig()
-    missing = sorted(set(params) - set(vars(defaults)))
+    backbone, model_kwargs = backbone_arguments(dataclasses.asdict(defaults.model))
+    training = {"alignment_weight", "latent_noise_std"}
+    missing = sorted(set(params) - set(model_kwargs) - training)
     assert not missing, f"add config fields for {missing}"
+    assert not set(model_kwargs) - set(params), "a model setting that from_backbone does not take"
+    assert training <= set(vars(defaults))
+    assert backbone == "facebook/bart-base"
+    assert {k: v for k, v in model_kwargs.items() if v != params[k].default} == {}
     # the loop settings live in one place, shared by both stages
     loop_fields = set(TrainingLoopConfig.__dataclass_fields__)
     assert loop_fields <= set(AutoencoderTrainingConfig.__dataclass_fields__)

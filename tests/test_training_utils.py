@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from latentlm.training.optimization import make_lr_scheduler, make_optimizer
 
 def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("autoencoder:\n  optimizer:\n    learning_rate: 3e-4\n  max_length: 32\n")
+    path.write_text("autoencoder:\n  optimizer:\n    learning_rate: 3e-4\n  model:\n    max_length: 32\n")
     config = load_config(path, ["diffusion.optimizer.max_steps=7", "data.label_column=sentiment"])
     assert config.autoencoder.optimizer.learning_rate == pytest.approx(3e-4)
     assert config.autoencoder.optimizer.batch_size == 256  # untouched defaults survive a partial section
@@ -31,21 +32,23 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
     "raw, message",
     [
         ({"autoencoder": {"optimiser": {}}}, "Unknown config key 'autoencoder.optimiser'"),
-        ({"autoencoder": {"max_length": "long"}}, "autoencoder.max_length must be a number"),
+        ({"autoencoder": {"model": {"max_length": "long"}}}, "autoencoder.model.max_length must be a number"),
         ({"autoencoder": {"mixed_precision": "fp8"}}, "mixed_precision"),
         ({"diffusion": {"optimizer": {"batch_size": 0}}}, "batch_size must be positive"),
         ({"diffusion": {"label_dropout_prob": 1.5}}, "label_dropout_prob"),
-        ({"autoencoder": {"context_positions": -2}}, "context_positions"),
+        ({"autoencoder": {"model": {"context_positions": -2}}}, "context_positions"),
         ({"decoder_tuning": {"latent_noise_std": -1}}, "decoder_tuning.latent_noise_std must be >= 0"),
         ({"decoder_tuning": {"optimizer": {"max_steps": 0}}}, "decoder_tuning.optimizer.max_steps must be positive"),
-        ({"autoencoder": {"head_dim": 0}}, "autoencoder.head_dim must be a positive integer, got 0"),
+        ({"autoencoder": {"model": {"head_dim": 0}}}, "autoencoder.model.head_dim must be a positive integer, got 0"),
+        ({"autoencoder": {"model": {"causal": {"memory": "prefix"}}}}, "autoencoder.model.causal.memory='prefix'"),
+        ({"autoencoder": {"model": {"lora": {"rank": 4}}}}, "Unknown config key 'autoencoder.model.lora.rank'"),
         ({"autoencoder": {"log_every": 0}}, r"autoencoder.log_every must be >= 1 \(steps between logged losses\)"),
         ({"diffusion": {"save_every": 0}}, r"diffusion.save_every must be >= 1 .*cannot resume\), got 0"),
         ({"diffusion": {"ema_decay": 2}}, r"diffusion.ema_decay must lie in \[0, 1\)"),
         ({"autoencoder": {"eval_every": -1}}, "autoencoder.eval_every must be >= 0"),
         ({"classifier": {"optimizer": {"max_grad_norm": -1}}}, "classifier.optimizer.max_grad_norm must be >= 0"),
         (
-            {"autoencoder": {"num_latents": 8, "tokens_per_query": 4, "max_length": 64}},
+            {"autoencoder": {"model": {"num_latents": 8, "tokens_per_query": 4, "max_length": 64}}},
             "8 x 4 = 32 token positions, fewer than max_length=64",
         ),
         ({"decoder_tuning": {"latent_source": "clean"}}, "decoder_tuning.latent_source='clean'"),
@@ -54,6 +57,32 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
 def test_config_rejects_bad_values_with_the_key_named(raw, message):
     with pytest.raises(ValueError, match=message):
         load_config(raw)
+
+
+def test_flat_model_keys_of_earlier_releases_load_with_a_warning_that_shows_the_new_form():
+    flat = {"autoencoder": {"backbone": "smollm2", "num_latents": 16, "lora_r": 8, "causal_memory": "key_value_prefix"}}
+    with pytest.warns(FutureWarning, match=r"(?s)autoencoder.backbone, .*under autoencoder.model.*lora:\n\s+r: 8"):
+        config = load_config(flat, ["autoencoder.latent_dim=32"])
+    model = config.autoencoder.model
+    assert (model.backbone, model.num_latents, model.latent_dim) == ("smollm2", 16, 32)
+    assert (model.lora.r, model.lora.alpha, model.causal.memory) == (8, 32, "key_value_prefix")
+    nested = {
+        "autoencoder": {
+            "model": {
+                "backbone": "smollm2",
+                "num_latents": 16,
+                "latent_dim": 32,
+                "lora": {"r": 8},
+                "causal": {"memory": "key_value_prefix"},
+            }
+        }
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(nested) == config
+        # a flat --set on a nested file still overrides, as before
+    with pytest.warns(FutureWarning):
+        assert load_config(nested, ["autoencoder.num_latents=4"]).autoencoder.model.num_latents == 4
 
 
 def test_batches_are_addressed_by_step_and_cover_each_epoch():
@@ -126,6 +155,10 @@ def test_check_finite_names_the_step():
     check_finite(torch.tensor(1.0), 3)
     with pytest.raises(NonFiniteLossError, match="at step 12"):
         check_finite(torch.tensor(float("nan")), 12)
+    # a window of steps 20.. is checked at once; the error names the first bad one
+    check_finite(torch.tensor([1.0, 2.0, 3.0]), 20)
+    with pytest.raises(NonFiniteLossError, match=r"became inf at step 21\."):
+        check_finite(torch.tensor([1.0, float("inf"), float("nan")]), 20)
 
 
 def _train(model, optimizer, scheduler, ema, steps, start=0):

@@ -7,12 +7,12 @@ with its subclass and one line here.
 
 from __future__ import annotations
 
-from latentlm.autoencoder.families.base import DECODER_MODES, BackboneFamily, is_causal_lm
+from latentlm.autoencoder.families.base import DECODER_MODES, BackboneFamily
 from latentlm.autoencoder.families.bert2bert import Bert2BertFamily
 from latentlm.autoencoder.families.causal_lm import CausalLMFamily
 from latentlm.autoencoder.families.seq2seq import Seq2SeqFamily, T5Family
 
-__all__ = ["DECODER_MODES", "FAMILIES", "BackboneFamily", "family_of", "is_causal_lm"]
+__all__ = ["DECODER_MODES", "FAMILIES", "BackboneFamily", "family_of"]
 
 #: every family, in the order they are tried: the first whose `matches` accepts a model is its family
 #: (any other encoder-decoder is a plain `BackboneFamily`, without default LoRA targets)

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
+from latentlm.autoencoder.losses import seq2seq_reconstruction_loss
+from latentlm.autoencoder.model_parts import is_causal_lm, unwrap_peft
+from transformers.modeling_outputs import BaseModelOutput
 
-__all__ = ["DECODER_MODES", "BackboneFamily", "is_causal_lm", "apply_lora", "unwrap_peft", "decoder_stack_name"]
+__all__ = ["DECODER_MODES", "BackboneFamily", "apply_lora"]
 
 #: what trains of the language model's decoder side: nothing, LoRA adapters (PEFT), or every weight
 DECODER_MODES = ("frozen", "lora", "full")
-
-
-def decoder_stack_name(body) -> str:
-    """Attribute of a causal LM's body holding its blocks: ``layers`` (Llama-likes), ``h`` (GPT-2), ``blocks``."""
-    for name in ("layers", "h", "blocks"):
-        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
-            return name
-    raise ValueError(f"Cannot find the transformer blocks of {type(body).__name__} (looked for layers, h, blocks).")
-
-
-def unwrap_peft(language_model):
-    """The transformers model under an optional `peft.PeftModel` wrapper (the same object, not a copy)."""
-    from peft import PeftModel
-
-    return language_model.get_base_model() if isinstance(language_model, PeftModel) else language_model
-
-
-def is_causal_lm(language_model) -> bool:
-    """True for a decoder-only LM (or a `peft.PeftModel` wrapping one)."""
-    config = unwrap_peft(language_model).config
-    return not getattr(config, "is_encoder_decoder", False) and config.model_type != "encoder-decoder"
 
 
 def apply_lora(model, task_type: str, *, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules, **extra):
@@ -124,6 +107,59 @@ class BackboneFamily:
     def encoder_hidden_size(self, language_model) -> int:
         """The width of the encoder states, which the memory the decoder reads has too."""
         return int(unwrap_peft(language_model).get_encoder().config.hidden_size)
+
+    # ------------------------------------------------------------------ reading and writing texts
+    #: whether a text is tokenized with the tokenizer's special tokens (BOS/EOS for an encoder; a
+    #: causal LM's prompt template holds its own)
+    add_special_tokens = True
+
+    def encoder_states(
+        self, language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_layers: int = 0
+    ) -> torch.Tensor:
+        """The frozen encoder's last states [B, L, d_model]."""
+        encoder = language_model.get_encoder()
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    def encoder_modules(self, language_model, context_layers: int = 0) -> list[torch.nn.Module]:
+        """The frozen modules whose weights determine the encoder states (for cache keys)."""
+        return [language_model.get_encoder()]
+
+    def decoder_labels(self, language_model, labels: torch.Tensor) -> torch.Tensor:
+        """The decoder's targets from the text's ids (padding already -100): when every text starts with
+        the decoder start token (BERT2BERT: [CLS]), that token is dropped, since the decoder is fed it
+        as its first input and need not predict it."""
+        start = unwrap_peft(language_model).generation_config.decoder_start_token_id
+        if start is not None and labels.shape[1] > 1 and bool((labels[:, 0] == start).all()):
+            labels = labels[:, 1:].contiguous()
+        return labels
+
+    def reconstruction_loss(
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean token cross-entropy of ``labels`` by the decoder reading ``memory``, teacher-forced."""
+        return seq2seq_reconstruction_loss(tokenizer, language_model, memory, labels)
+
+    def generate(self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+        """Texts from ``memory`` [B, M, d_model] through the decoder's own `generate()` (``kwargs``)."""
+        # Generating past the decoder's learned positions raises an IndexError deep inside generate();
+        # stop at the last position instead, and say so.
+        decoder_config = getattr(language_model.config, "decoder", None) or language_model.config
+        max_positions = getattr(decoder_config, "max_position_embeddings", None)
+        if max_positions is not None and kwargs.get("max_length", 0) > max_positions:
+            warnings.warn(
+                f"max_length={kwargs['max_length']} exceeds the decoder's {max_positions} position embeddings; "
+                f"generating at most {max_positions} tokens.",
+                stacklevel=3,
+            )
+            kwargs = {**kwargs, "max_length": max_positions}
+        mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
+        # The language model may be in another dtype than the autoencoder (bf16 LM, fp32 autoencoder).
+        memory = memory.to(next(language_model.parameters()).dtype)
+        output_ids = language_model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=mask, **kwargs
+        )
+        texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [t.strip() for t in texts]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

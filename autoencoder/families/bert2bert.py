@@ -3,7 +3,8 @@ cross-attention is new (warm-started by `latentlm.autoencoder.backbones`) and so
 
 from __future__ import annotations
 
-from latentlm.autoencoder.families.base import BackboneFamily, unwrap_peft
+from latentlm.autoencoder.families.base import BackboneFamily
+from latentlm.autoencoder.model_parts import unwrap_peft
 
 __all__ = ["Bert2BertFamily"]
 

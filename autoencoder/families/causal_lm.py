@@ -11,22 +11,15 @@ prompt then reads like the text itself, which the LM already knows how to repeat
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from latentlm.autoencoder.families.base import BackboneFamily, apply_lora, decoder_stack_name, is_causal_lm, unwrap_peft
+from latentlm.autoencoder.causal_decoding import generate_causal
+from latentlm.autoencoder.families.base import BackboneFamily, apply_lora
+from latentlm.autoencoder.losses import causal_reconstruction_loss
+from latentlm.autoencoder.model_parts import causal_body, decoder_layers, decoder_stack_name, is_causal_lm, unwrap_peft
 
-__all__ = ["CausalLMFamily", "causal_body", "decoder_layers"]
-
-
-def causal_body(language_model):
-    """The transformers model under an optional PeftModel wrapper, and its decoder stack."""
-    model = unwrap_peft(language_model)
-    return model, model.base_model
-
-
-def decoder_layers(language_model) -> torch.nn.ModuleList:
-    """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
-    body = unwrap_peft(language_model).base_model
-    return getattr(body, decoder_stack_name(body))
+__all__ = ["CausalLMFamily"]
 
 
 class CausalLMFamily(BackboneFamily):
@@ -104,3 +97,45 @@ class CausalLMFamily(BackboneFamily):
     def encoder_hidden_size(self, language_model) -> int:
         """Its hidden size: the width of its own states and of the soft prompt it reads."""
         return int(unwrap_peft(language_model).get_input_embeddings().weight.shape[1])
+
+    # ------------------------------------------------------------------ reading and writing texts
+    add_special_tokens = False
+
+    def encoder_states(
+        self, language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_layers: int = 0
+    ) -> torch.Tensor:
+        """The states after the LM's first ``context_layers`` layers (with the final norm), or its input
+        embeddings for 0. Those layers are never tuned (`configure_trainable`), so LoRA adapters
+        leave them as they are."""
+        model, body = causal_body(language_model)
+        if context_layers == 0:
+            return model.get_input_embeddings()(input_ids)
+        # A shallow copy of the decoder stack that runs only its lowest layers: same weights, no
+        # mutation of the shared model (safe under concurrent calls).
+        name = decoder_stack_name(body)
+        lower = copy.copy(body)
+        lower._modules = dict(body._modules)
+        lower._modules[name] = torch.nn.ModuleList(list(getattr(body, name))[:context_layers])
+        return lower(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True
+        ).last_hidden_state
+
+    def encoder_modules(self, language_model, context_layers: int = 0) -> list[torch.nn.Module]:
+        return [language_model.get_input_embeddings(), *decoder_layers(language_model)[:context_layers]]
+
+    def decoder_labels(self, language_model, labels: torch.Tensor) -> torch.Tensor:
+        """The text itself: the LM writes it after the prompt."""
+        return labels
+
+    def reconstruction_loss(
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the text and its end-of-text token after the latents' prompt."""
+        input_ids = labels.masked_fill(labels == -100, tokenizer.pad_token_id)
+        return causal_reconstruction_loss(
+            tokenizer, language_model, autoencoder, memory, input_ids, (labels != -100).long()
+        )
+
+    def generate(self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+        """Texts written after the latents' prompt (`latentlm.autoencoder.causal_decoding`)."""
+        return generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from latentlm.autoencoder.families.base import BackboneFamily, is_causal_lm, unwrap_peft
+from latentlm.autoencoder.families.base import BackboneFamily
+from latentlm.autoencoder.model_parts import is_causal_lm, unwrap_peft
 
 __all__ = ["Seq2SeqFamily", "T5Family"]
 

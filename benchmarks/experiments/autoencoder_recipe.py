@@ -5,7 +5,7 @@ time is not counted), then reports reconstruction BLEU and exact match on the sn
 split, with the curve, as JSON in benchmarks/results/autoencoder_recipe.json.
 
     python benchmarks/autoencoder_recipe.py            # the recorded run: 16 training minutes, 1 thread
-    python benchmarks/autoencoder_recipe.py --budget-minutes 5 autoencoder.decoder=full   # overrides
+    python benchmarks/autoencoder_recipe.py --budget-minutes 5 autoencoder.model.decoder=full   # overrides
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
         help="torch threads (1 on a shared 2-core machine: oversubscribed threads spin)",
     )
     parser.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "autoencoder_recipe.json"))
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. autoencoder.decoder=full")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. autoencoder.model.decoder=full")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +90,7 @@ def main() -> None:
 
     report = {
         "benchmark": "autoencoder_recipe",
-        "backbone": config.autoencoder.backbone,
+        "backbone": config.autoencoder.model.backbone,
         "data": "snippets (train -> validation)",
         "config": config.to_dict(),
         "overrides": args.overrides,

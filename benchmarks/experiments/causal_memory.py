@@ -9,7 +9,7 @@ two stage-1 runs on the snippets, against training minutes, from their history f
         --set autoencoder.eval_every=700 --set data.max_eval_samples=50 --time-budget 52
     # key/value prefix (same recipe; no alignment loss, which needs a soft prompt; LoRA from step 0)
     latentlm train-autoencoder --config configs/smollm2-snippets.yaml --set data.path=../shared/data/snippets \
-        --set output_dir=outputs/stage1-kv --set autoencoder.causal_memory=key_value_prefix \
+        --set output_dir=outputs/stage1-kv --set autoencoder.model.causal.memory=key_value_prefix \
         --set autoencoder.alignment_weight=0 --set autoencoder.alignment_warmup_steps=0 \
         --set autoencoder.eval_every=150 --set autoencoder.optimizer.max_steps=3000 --time-budget 31.3
     python benchmarks/causal_memory.py --soft-prompt outputs/stage1-long --key-value-prefix outputs/stage1-kv

@@ -56,7 +56,7 @@ def run_stage1(config_path: Path, output_dir: Path, steps: int, eval_samples: in
     last = history["history"][-1] if history["history"] else {}
     train_time = history["train_time_s"]
     return {
-        "backbone": load_config(config_path).autoencoder.backbone,
+        "backbone": load_config(config_path).autoencoder.model.backbone,
         "steps": steps,
         "batch_size": config.autoencoder.optimizer.batch_size,
         "backbone_pretrain_wall_s": round(backbone_wall, 1),

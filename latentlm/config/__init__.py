@@ -3,7 +3,7 @@
 ```yaml
 output_dir: outputs/my-run
 data: {path: my_texts.jsonl, text_column: text, label_column: sentiment}
-autoencoder: {backbone: facebook/bart-base, optimizer: {max_steps: 50000}}
+autoencoder: {model: {backbone: facebook/bart-base, num_latents: 32}, optimizer: {max_steps: 50000}}
 diffusion: {denoiser_size: base, schedule: cosine}
 tracking: {experiment_name: latentlm}
 ```
@@ -14,17 +14,20 @@ Command-line overrides use dotted paths: ``autoencoder.optimizer.max_steps=200``
 
 from __future__ import annotations
 
-from latentlm.config.loading import load_config
+from latentlm.config.loading import load_config, nest_model_keys
 from latentlm.config.run_config import RunConfig
 from latentlm.config.sections import (
     DECODER_LATENT_SOURCES,
     LR_SCHEDULES,
     MIXED_PRECISION,
+    AutoencoderModelConfig,
     AutoencoderTrainingConfig,
+    CausalSettings,
     ClassifierTrainingConfig,
     DataConfig,
     DecoderTuningConfig,
     DiffusionTrainingConfig,
+    LoraSettings,
     OptimizerConfig,
     TrackingConfig,
     TrainingLoopConfig,
@@ -34,14 +37,18 @@ __all__ = [
     "DECODER_LATENT_SOURCES",
     "LR_SCHEDULES",
     "MIXED_PRECISION",
+    "AutoencoderModelConfig",
     "AutoencoderTrainingConfig",
+    "CausalSettings",
     "ClassifierTrainingConfig",
     "DataConfig",
     "DecoderTuningConfig",
     "DiffusionTrainingConfig",
+    "LoraSettings",
     "OptimizerConfig",
     "RunConfig",
     "TrackingConfig",
     "TrainingLoopConfig",
     "load_config",
+    "nest_model_keys",
 ]

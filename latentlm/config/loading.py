@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,50 @@ from typing import Any
 import yaml
 
 from latentlm.config.run_config import RunConfig
+from latentlm.config.sections import AutoencoderModelConfig, LoraSettings
 
-__all__ = ["load_config"]
+__all__ = ["load_config", "nest_model_keys"]
+
+
+#: the flat ``autoencoder:`` keys of earlier releases -> their path under ``autoencoder.model``
+FLAT_MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    **{f.name: (f.name,) for f in dataclasses.fields(AutoencoderModelConfig) if f.name not in ("lora", "causal")},
+    **{f"lora_{f.name}": ("lora", f.name) for f in dataclasses.fields(LoraSettings)},
+    "context_layers": ("causal", "context_layers"),
+    "prompt_template": ("causal", "prompt_template"),
+    "causal_memory": ("causal", "memory"),
+}
+
+
+def nest_model_keys(section: dict[str, Any], where: str = "autoencoder") -> dict[str, Any]:
+    """``section`` (a raw ``autoencoder:`` mapping) with the flat model keys of earlier releases moved
+    under ``model`` (a flat key replaces the nested one it names, as a ``--set`` override would), and
+    a `FutureWarning` that shows the new form. A section without flat keys comes back unchanged."""
+    flat = [key for key in section if key in FLAT_MODEL_KEYS]
+    if not flat:
+        return section
+    section = dict(section)
+    model = section.get("model") or {}
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}.model must be a mapping, got {model!r}.")
+    model = {key: dict(value) if isinstance(value, dict) else value for key, value in model.items()}
+    moved: dict[str, Any] = {}
+    for key in flat:
+        path = FLAT_MODEL_KEYS[key]
+        node, node_moved = model, moved
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            node_moved = node_moved.setdefault(part, {})
+        node[path[-1]] = node_moved[path[-1]] = section.pop(key)
+    section["model"] = model
+    warnings.warn(
+        f"{', '.join(f'{where}.{key}' for key in flat)}: model settings now live under {where}.model, and the "
+        "flat keys will stop loading in a future release. Write them as:\n"
+        + yaml.safe_dump({where.split(".")[-1]: {"model": moved}}, sort_keys=False),
+        FutureWarning,
+        stacklevel=3,
+    )
+    return section
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -102,6 +145,8 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, so overrides never touch the caller's mapping
     for override in overrides:
         _apply_override(raw, override)
+    if isinstance(raw.get("autoencoder"), Mapping):
+        raw["autoencoder"] = nest_model_keys(raw["autoencoder"])
     config = _merge(RunConfig(), raw, "")
     config.validate()
     return config

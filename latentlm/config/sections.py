@@ -132,19 +132,36 @@ class TrainingLoopConfig:
 
 
 @dataclass
-class AutoencoderTrainingConfig(TrainingLoopConfig):
-    """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder).
+class LoraSettings:
+    """The adapters of ``decoder: lora`` (peft's `LoraConfig`: r, lora_alpha, lora_dropout, target_modules;
+    ``target_modules: null`` = the backbone family's attention projections)."""
 
-    The model keys are the keyword arguments of `TextAutoencoder.from_backbone`, by the same names.
-    """
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class CausalSettings:
+    """Decoder-only backbones: the LM's states after ``context_layers`` layers are compressed; the
+    latents are read back as a soft prompt in ``prompt_template`` (one ``{memory}``; null = the
+    backbone's default) or as a per-layer key/value prefix (``memory``)."""
+
+    context_layers: int = 0
+    prompt_template: str | None = None
+    memory: str = "soft_prompt"  # soft_prompt | key_value_prefix
+
+
+@dataclass
+class AutoencoderModelConfig:
+    """A `TextAutoencoder`: the language model it wraps and the compression network's shape."""
 
     backbone: str = "facebook/bart-base"
     max_length: int = 64
     decoder: str = "frozen"  # frozen | lora | full
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    causal: CausalSettings = field(default_factory=CausalSettings)
     num_latents: int = 32
     latent_dim: int = 64
     num_compression_layers: int = 3
@@ -162,58 +179,16 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     memory_tokens_per_latent: int = 1
     # query j starts from encoder positions [j*s, (j+1)*s) (0 = plain learned queries; see LatentAutoencoder)
     tokens_per_query: int = 0
-    # decoder-only backbones: the LM's own states after this many layers are compressed
-    context_layers: int = 0
-    # decoder-only backbones: the prompt around the soft prompt, with one {memory} (None = the backbone's default)
-    prompt_template: str | None = None
-    # decoder-only backbones: the latents as a soft prompt of input embeddings or a per-layer key/value prefix
-    causal_memory: str = "soft_prompt"  # soft_prompt | key_value_prefix
-    # decoder-only backbones: weight of the loss pulling soft prompt slot j to the embedding of token j
-    alignment_weight: float = 0.0
-    # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
-    alignment_warmup_steps: int = 0
-    # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
-    latent_noise_std: float = 0.0
-    # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
-    # a new one over `backbone`; the model keys above must match it
-    init_from: str | None = None
-    # keep the compression network (and so every text's latents) as it is: only the reconstruction
-    # side trains, and denoisers trained on the latents of `init_from` stay valid (needs init_from)
-    freeze_compression: bool = False
     # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
     cross_attention_init: str = "self_attention"
     plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)
-    # learning rate of the language model's trainable weights = learning_rate * decoder_lr_scale
-    decoder_lr_scale: float = 1.0
-    eval_num_beams: int = 4  # reconstruction BLEU decoding (LD4LG: 4 beams; 1 = greedy)
-    num_eval_examples: int = 16  # reconstruction examples logged as an MLflow table
-    # Decoding defaults saved with the pipeline (override text_codec.DEFAULT_GENERATE_KWARGS, LD4LG's
-    # beam search with no_repeat_ngram_size=3 / repetition_penalty=1.2, which breaks texts that
-    # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
-    generate_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
-    group_by_length: bool = False
-    eval_every: int = 1_000
 
-    def validate(self, where: str = "autoencoder") -> None:
+    def validate(self, where: str = "autoencoder.model") -> None:
         from latentlm.autoencoder.backbones import CAUSAL_MEMORY
         from latentlm.autoencoder.families import DECODER_MODES
 
-        super().validate(where)
         one_of(f"{where}.decoder", self.decoder, DECODER_MODES)
-        one_of(f"{where}.causal_memory", self.causal_memory, CAUSAL_MEMORY)
-        if self.alignment_warmup_steps and not self.alignment_weight:
-            raise ValueError(
-                f"{where}.alignment_warmup_steps={self.alignment_warmup_steps} trains only the alignment "
-                f"loss, but {where}.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
-            )
-        if self.freeze_compression and not self.init_from:
-            raise ValueError(
-                f"{where}.freeze_compression keeps the latents of a trained autoencoder, but {where}.init_from "
-                "is not set: set it to that autoencoder's folder (e.g. <output_dir>/autoencoder of its run)."
-            )
-        if self.latent_noise_std < 0:
-            raise ValueError(f"{where}.latent_noise_std must be >= 0 (0: no noise), got {self.latent_noise_std}.")
+        one_of(f"{where}.causal.memory", self.causal.memory, CAUSAL_MEMORY)
         if self.context_positions < -1:
             raise ValueError(
                 f"{where}.context_positions={self.context_positions}: use 0 (none), -1 (one per "
@@ -227,6 +202,56 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
                 f"{self.num_latents * self.tokens_per_query} token positions, fewer than max_length={self.max_length}: "
                 "the latents cannot hold the texts. Raise num_latents or tokens_per_query, or lower max_length."
             )
+
+
+@dataclass
+class AutoencoderTrainingConfig(TrainingLoopConfig):
+    """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder).
+
+    ``model`` is the autoencoder (passed whole to `TextAutoencoder.from_config`); the other keys say
+    how it trains.
+    """
+
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    # decoder-only backbones: weight of the loss pulling soft prompt slot j to the embedding of token j
+    alignment_weight: float = 0.0
+    # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
+    alignment_warmup_steps: int = 0
+    # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
+    latent_noise_std: float = 0.0
+    # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
+    # a new one over `model.backbone`; `model` must describe it
+    init_from: str | None = None
+    # keep the compression network (and so every text's latents) as it is: only the reconstruction
+    # side trains, and denoisers trained on the latents of `init_from` stay valid (needs init_from)
+    freeze_compression: bool = False
+    # learning rate of the language model's trainable weights = learning_rate * decoder_lr_scale
+    decoder_lr_scale: float = 1.0
+    eval_num_beams: int = 4  # reconstruction BLEU decoding (LD4LG: 4 beams; 1 = greedy)
+    num_eval_examples: int = 16  # reconstruction examples logged as an MLflow table
+    # Decoding defaults saved with the pipeline (override text_codec.DEFAULT_GENERATE_KWARGS, LD4LG's
+    # beam search with no_repeat_ngram_size=3 / repetition_penalty=1.2, which breaks texts that
+    # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
+    group_by_length: bool = False
+    eval_every: int = 1_000
+
+    def validate(self, where: str = "autoencoder") -> None:
+        super().validate(where)
+        self.model.validate(f"{where}.model")
+        if self.alignment_warmup_steps and not self.alignment_weight:
+            raise ValueError(
+                f"{where}.alignment_warmup_steps={self.alignment_warmup_steps} trains only the alignment "
+                f"loss, but {where}.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
+            )
+        if self.freeze_compression and not self.init_from:
+            raise ValueError(
+                f"{where}.freeze_compression keeps the latents of a trained autoencoder, but {where}.init_from "
+                "is not set: set it to that autoencoder's folder (e.g. <output_dir>/autoencoder of its run)."
+            )
+        if self.latent_noise_std < 0:
+            raise ValueError(f"{where}.latent_noise_std must be >= 0 (0: no noise), got {self.latent_noise_std}.")
 
 
 @dataclass

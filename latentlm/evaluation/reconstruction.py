@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from latentlm.autoencoder.families import family_of
 from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS, GREEDY_GENERATE_KWARGS
 from latentlm.evaluation.metrics import exact_match, reconstruction_bleu
 
@@ -55,12 +56,8 @@ def _references(codec, texts: Sequence[str]) -> list[str]:
     max_length = getattr(codec, "max_length", None) or getattr(getattr(codec, "config", None), "max_length", None)
     if tokenizer is None or max_length is None:
         return list(texts)
-    causal = getattr(codec, "causal", None)
-    if causal is None:  # a pipeline: ask its language model
-        from latentlm.autoencoder.families import is_causal_lm
-
-        causal = is_causal_lm(codec.language_model)
-    return [normalized_reference(tokenizer, t, max_length, add_special_tokens=not causal) for t in texts]
+    special = family_of(codec.language_model).add_special_tokens
+    return [normalized_reference(tokenizer, t, max_length, add_special_tokens=special) for t in texts]
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Steps (each one skipped on ``resume=True`` when its result is already complete):
 
 0. data: ``data.path: builtin:restaurants`` writes the self-generated quickstart corpus
    (`latentlm.data.restaurants`) to ``<output_dir>/corpus``; any other path is used as it is.
-   backbone: ``autoencoder.backbone: scratch:<preset>`` builds a small BART with a word-level
+   backbone: ``autoencoder.model.backbone: scratch:<preset>`` builds a small BART with a word-level
    tokenizer trained on the corpus and pre-trains it fully as a denoising seq2seq model (its own
    short stage) into ``<output_dir>/backbone``; a named backbone, folder or hub id is used as it is.
 1. the training stages of `latentlm.training.stages.STAGES`, in order: stage 1 (the autoencoder ->
@@ -322,7 +322,7 @@ def train(
     with Tracker(tracking, run_name=tracking.run_name or "train", fallback_dir=output_dir, resume=resume) as parent:
         parent.log_params(config.to_dict())
         tick = time.perf_counter()
-        if str(config.autoencoder.backbone).startswith(SCRATCH_PREFIX):
+        if str(config.autoencoder.model.backbone).startswith(SCRATCH_PREFIX):
             with Tracker(tracking, run_name="backbone", parent=parent, fallback_dir=output_dir, resume=resume) as child:
                 config = prepare_backbone(config, tracker=child, resume=resume, overwrite=overwrite)
         timings["backbone_s"] = time.perf_counter() - tick

@@ -8,15 +8,16 @@ the shared loop (`latentlm.training.loop.run_stage`): reconstruction BLEU / exac
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentlm.autoencoder.adapters import set_dropout
+from latentlm.autoencoder.model_settings import settings_mismatch
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.autoencoder.text_codec import source_length_limit
 from latentlm.config import AutoencoderTrainingConfig, RunConfig
@@ -30,83 +31,33 @@ from latentlm.training.precision import attention_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_autoencoder", "AutoencoderStage", "model_kwargs", "load_initial_autoencoder"]
+__all__ = ["train_autoencoder", "AutoencoderStage", "load_initial_autoencoder"]
 
 FINAL_DIR = "autoencoder"
 CHECKPOINT_DIR = "autoencoder_training"
 HISTORY_FILE = "autoencoder_history.json"
 
-#: the keyword arguments of `TextAutoencoder.from_backbone`: config fields of the same names feed them
-MODEL_ARGS = tuple(
-    name
-    for name, p in inspect.signature(TextAutoencoder.from_backbone).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-)
-
-
-def model_kwargs(cfg: AutoencoderTrainingConfig) -> dict[str, Any]:
-    """The ``autoencoder:`` config fields that are `TextAutoencoder.from_backbone` arguments."""
-    return {name: getattr(cfg, name) for name in MODEL_ARGS}
-
 
 def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
-    """The model stage 1 starts from: a new one over ``cfg.backbone``, or the trained folder
-    ``cfg.init_from`` (checked against the config's model keys, trainable, with the config's
-    training settings), its compression network frozen when ``cfg.freeze_compression``."""
+    """The model stage 1 starts from: a new one built from ``cfg.model``, or the trained folder
+    ``cfg.init_from`` (checked against ``cfg.model``, trainable, with the config's training settings),
+    its compression network frozen when ``cfg.freeze_compression``."""
+    training = dict(latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight)
     if not cfg.init_from:
-        return TextAutoencoder.from_backbone(cfg.backbone, **model_kwargs(cfg))
-    model = TextAutoencoder.from_pretrained(
-        cfg.init_from, trainable=True, latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight
-    )
-    saved = model.autoencoder.config
-    built = {
-        "backbone": TextAutoencoder.stored_backbone(cfg.backbone),
-        "decoder": cfg.decoder,
-        "max_length": cfg.max_length,
-        "causal_memory": cfg.causal_memory,
-        "context_positions": cfg.max_length if cfg.context_positions == -1 else cfg.context_positions,
-        **{
-            key: getattr(cfg, key)
-            for key in (
-                "num_latents",
-                "latent_dim",
-                "num_compression_layers",
-                "num_reconstruction_layers",
-                "head_dim",
-                "ff_mult",
-                "dropout",
-                "query_init_std",
-                "memory_tokens_per_latent",
-                "tokens_per_query",
-                "context_layers",
-            )
-        },
-    }
-    have = {
-        "backbone": model.backbone,
-        "decoder": model.decoder_mode,
-        "max_length": model.max_length,
-        "causal_memory": "key_value_prefix" if saved.key_value_layers else "soft_prompt",
-        **{key: saved[key] for key in built if key in saved},
-    }
-    if model.decoder_mode == "lora":
-        for key in ("r", "alpha", "dropout", "target_modules"):
-            built[f"lora_{key}"], have[f"lora_{key}"] = getattr(cfg, f"lora_{key}"), model.lora.get(key)
-    for key in ("normalize_latents", "prompt_template"):  # None in the config: the backbone's default
-        if getattr(cfg, key) is not None:
-            built[key], have[key] = getattr(cfg, key), saved[key]
-    differ = [key for key in built if built[key] != have[key]]
+        return TextAutoencoder.from_config(asdict(cfg.model), **training)
+    model = TextAutoencoder.from_pretrained(cfg.init_from, trainable=True, **training)
+    differ = settings_mismatch(asdict(cfg.model), model)
     if differ:
         raise ValueError(
             f"autoencoder.init_from={cfg.init_from!r} was built with "
-            + ", ".join(f"{key}={have[key]!r}" for key in differ)
+            + ", ".join(f"{key}={built!r}" for key, (_, built) in differ.items())
             + ", but the config asks for "
-            + ", ".join(f"{key}={built[key]!r}" for key in differ)
-            + ". A trained autoencoder keeps its architecture: set these config values to the folder's "
-            "(or leave init_from unset to build a new autoencoder)."
+            + ", ".join(f"{key}={asked!r}" for key, (asked, _) in differ.items())
+            + ". A trained autoencoder keeps its architecture: set these autoencoder.model values to the "
+            "folder's (or leave init_from unset to build a new autoencoder)."
         )
-    if cfg.plm_dropout is not None:
-        set_dropout(model.language_model, cfg.plm_dropout)
+    if cfg.model.plm_dropout is not None:
+        set_dropout(model.language_model, cfg.model.plm_dropout)
     if cfg.freeze_compression:
         for p in model.autoencoder.compression_parameters():
             p.requires_grad_(False)
@@ -138,13 +89,13 @@ class AutoencoderStage(TrainingStage):
         self.model = model = load_initial_autoencoder(cfg)
         model.to(accelerator.device)
         limit = source_length_limit(model.tokenizer, model.language_model)
-        if limit is not None and cfg.max_length > limit:
+        if limit is not None and cfg.model.max_length > limit:
             raise ValueError(
-                f"autoencoder.max_length={cfg.max_length} exceeds the {limit} positions the backbone "
-                f"{cfg.backbone!r} reads; set max_length to at most {limit}."
+                f"autoencoder.model.max_length={cfg.model.max_length} exceeds the {limit} positions the backbone "
+                f"{cfg.model.backbone!r} reads; set max_length to at most {limit}."
             )
         lengths = [len(ids) for ids in model.token_ids(self.train_texts, truncation=False)]
-        self.num_truncated = sum(n > cfg.max_length for n in lengths)
+        self.num_truncated = sum(n > model.max_length for n in lengths)
         if is_main:
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             logger.warning(
@@ -153,7 +104,7 @@ class AutoencoderStage(TrainingStage):
                 self.num_truncated,
                 len(self.train_texts),
                 100 * self.num_truncated / len(self.train_texts),
-                cfg.max_length,
+                model.max_length,
                 lengths[longest],
                 self.train_texts[longest][:80],
             )

@@ -1,4 +1,4 @@
-"""Step 0 of `latentlm train` for ``autoencoder.backbone: scratch:<preset>``: a small BART with a
+"""Step 0 of `latentlm train` for ``autoencoder.model.backbone: scratch:<preset>``: a small BART with a
 word-level tokenizer built on the training texts and pre-trained fully as a masked-token denoising
 seq2seq model, in the shared training loop (checkpoints, resume, MLflow), into ``<output_dir>/backbone``.
 """
@@ -29,7 +29,7 @@ __all__ = [
 
 BACKBONE_DIR = "backbone"
 
-#: ``autoencoder.backbone: scratch:<name>``: a BART built from this config (vocabulary from the
+#: ``autoencoder.model.backbone: scratch:<name>``: a BART built from this config (vocabulary from the
 #: training texts), pre-trained as a denoising seq2seq model for ``pretrain`` steps.
 SCRATCH_BACKBONES: dict[str, dict[str, Any]] = {
     "bart-tiny": dict(
@@ -165,10 +165,10 @@ class BackboneStage(TrainingStage):
         from latentlm.training.checkpoints import run_fingerprint
 
         spec = {k: v for k, v in self.spec.items() if k != "pretrain"}
-        return run_fingerprint(self.cfg, spec, self.config.data, self.config.autoencoder.max_length)
+        return run_fingerprint(self.cfg, spec, self.config.data, self.config.autoencoder.model.max_length)
 
     def setup(self, accelerator) -> None:
-        max_length = self.config.autoencoder.max_length
+        max_length = self.config.autoencoder.model.max_length
         data = self.config.data
         rows = load_text_dataset(data, data.train_split, data.max_train_samples)
         # Text-to-text: the encoder also reads the sources, so they share the vocabulary and the pre-training.
@@ -207,7 +207,7 @@ class BackboneStage(TrainingStage):
                 {
                     "preset": self.preset,
                     "num_texts": len(self.texts),
-                    "max_length": self.config.autoencoder.max_length,
+                    "max_length": self.config.autoencoder.model.max_length,
                     "seed": self.cfg.seed,
                 }
             )
@@ -218,12 +218,12 @@ def prepare_backbone(
     config: RunConfig, tracker: Tracker | None = None, resume: bool = False, overwrite: bool = False
 ) -> RunConfig:
     """Build and pre-train a ``scratch:<preset>`` backbone; returns the config pointing at its folder."""
-    backbone = str(config.autoencoder.backbone)
+    backbone = str(config.autoencoder.model.backbone)
     if not backbone.startswith(SCRATCH_PREFIX):
         return config
     stage = BackboneStage(config, backbone[len(SCRATCH_PREFIX) :])
     folder = Path(config.output_dir) / BACKBONE_DIR
     if not (resume and (folder / "scratch_backbone.json").is_file()):
         run_stage(stage, resume=resume, tracker=tracker, overwrite=overwrite)
-    autoencoder = dataclasses.replace(config.autoencoder, backbone=str(folder))
-    return dataclasses.replace(config, autoencoder=autoencoder)
+    model = dataclasses.replace(config.autoencoder.model, backbone=str(folder))
+    return dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, model=model))

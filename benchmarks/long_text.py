@@ -154,7 +154,9 @@ def main(argv=None) -> int:
         return [json.loads(line)["text"] for line in lines if line]
 
     train, validation = read("train"), read("validation")[: args.num_stories]
-    cases = infill_cases(validation, gap=args.gap)
+    # a story whose sentences the splitter cannot find (no full stops) has no sentence to fill: left out, counted
+    fillable = [story for story in validation if len(split_sentences(story)) > args.gap + 1]
+    cases = infill_cases(fillable, gap=args.gap)
     run = Path(args.run)
     minutes = args.peer_minutes
     if minutes is None:
@@ -188,7 +190,14 @@ def main(argv=None) -> int:
             **score_infills(copy_before, golds, args.bert_model),
         },
     }
-    payload = {"stories": story_scores, "infilling": infill_scores, "peer_minutes": minutes, "run": str(run)}
+    payload = {
+        "stories": story_scores,
+        "infilling": infill_scores,
+        "infill_stories": len(cases),
+        "infill_stories_left_out": len(validation) - len(cases),
+        "peer_minutes": minutes,
+        "run": str(run),
+    }
     common.write_results("long_text", payload, args.out)
     return 0
 

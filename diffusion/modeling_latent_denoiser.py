@@ -21,15 +21,22 @@ DENOISER_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def check_label_range(class_labels: torch.Tensor, num_classes: int, message) -> None:
-    """Class ids must lie in ``[0, num_classes]`` (``num_classes``: the null class). On a CPU an id out
-    of range raises a ValueError with ``message()``; on an accelerator the check is asynchronous
+def checked_class_labels(class_labels, batch: int, num_classes: int, device, message) -> torch.Tensor:
+    """``class_labels`` (a tensor, a list or one id) as a long tensor ``[batch]`` on ``device``, each in
+    ``[0, num_classes]`` (``num_classes``: the null class). On a CPU an id out of range raises a
+    ValueError with ``message(labels)``; on an accelerator the check is asynchronous
     (`torch._assert_async`), so that validating labels never stalls the device queue."""
+    class_labels = torch.as_tensor(class_labels, device=device).long()
+    if class_labels.ndim == 0:
+        class_labels = class_labels.expand(batch)
+    if class_labels.shape != (batch,):
+        raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
     out_of_range = (class_labels < 0) | (class_labels > num_classes)
     if class_labels.device.type != "cpu":
         torch._assert_async(~out_of_range.any())
     elif bool(out_of_range.any()):
-        raise ValueError(message())
+        raise ValueError(message(class_labels))
+    return class_labels
 
 
 @dataclass
@@ -240,17 +247,14 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
             return None
         if class_labels is None:
             class_labels = torch.full((batch,), num_classes, dtype=torch.long, device=device)
-        class_labels = torch.as_tensor(class_labels, device=device).long()
-        if class_labels.ndim == 0:
-            class_labels = class_labels.expand(batch)
-        if class_labels.shape != (batch,):
-            raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
-        check_label_range(
+        class_labels = checked_class_labels(
             class_labels,
+            batch,
             num_classes,
-            lambda: (
+            device,
+            lambda labels: (
                 f"class_labels must lie in [0, {num_classes}] ({num_classes} = null class), "
-                f"got values {sorted(set(class_labels.tolist()))}."
+                f"got values {sorted(set(labels.tolist()))}."
             ),
         )
         return self.class_embedding(class_labels)

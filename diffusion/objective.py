@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .modeling_latent_denoiser import check_label_range
+from .modeling_latent_denoiser import checked_class_labels
 from .schedules import predict_original_sample
 
 LOSS_TYPES = ("l2", "l1")
@@ -104,15 +104,14 @@ def _drop_labels(class_labels, num_classes: int, batch: int, dropout_prob: float
         return None
     if num_classes == 0:
         raise ValueError("Class labels were given but the denoiser is unconditional (num_classes=0).")
-    class_labels = torch.as_tensor(class_labels, device=device).long()
-    if class_labels.shape != (batch,):
-        raise ValueError(f"class_labels must have shape [{batch}], got {tuple(class_labels.shape)}.")
-    check_label_range(
+    class_labels = checked_class_labels(
         class_labels,
+        batch,
         num_classes,
-        lambda: (
+        device,
+        lambda labels: (
             f"class labels must lie in [0, {num_classes - 1}] (or {num_classes} = unlabelled), "
-            f"got {sorted(set(class_labels.tolist()))}."
+            f"got {sorted(set(labels.tolist()))}."
         ),
     )
     if dropout_prob > 0:

@@ -210,16 +210,8 @@ def text_features(
         tokenizer.pad_token = tokenizer.eos_token
     device = _model_device(model)
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            # Right padding keeps "last real token" at index length-1 for both poolings.
-            padding_side="right",
-            truncation=True,
-            max_length=max_length,
-        ).to(device)
+    for batch in _right_padded_batches(tokenizer, texts, batch_size, max_length):
+        batch = batch.to(device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
@@ -232,6 +224,21 @@ def text_features(
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         chunks.append(pooled.float().cpu())
     return torch.cat(chunks)
+
+
+def _right_padded_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, **kwargs):
+    """``texts`` tokenized in batches, truncated and right-padded: a text's last real token stays at
+    index length - 1."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=max_length,
+            **kwargs,
+        )
 
 
 @torch.no_grad()
@@ -257,16 +264,9 @@ def per_text_perplexity(
         raise ValueError("add_start_token=True but the tokenizer has no bos_token; pass add_start_token=False.")
     device = _model_device(model)
     result: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            truncation=True,
-            max_length=max_length - (bos is not None),
-            add_special_tokens=False,
-        )
+    for batch in _right_padded_batches(
+        tokenizer, texts, batch_size, max_length - (bos is not None), add_special_tokens=False
+    ):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if bos is not None:
             ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)

@@ -68,7 +68,6 @@ class TextAutoencoder(nn.Module):
                 f"states have size {d_model}; build the autoencoder with d_model={d_model}."
             )
         self.family = family_of(language_model)
-        self.causal = self.family.is_causal
         if self.causal:
             if autoencoder.config.prompt_template is None:
                 raise ValueError(
@@ -192,6 +191,11 @@ class TextAutoencoder(nn.Module):
         return cls.from_backbone(backbone, **kwargs, **training)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def causal(self) -> bool:
+        """Whether the language model is decoder-only (its family's)."""
+        return self.family.is_causal
+
     @property
     def num_latents(self) -> int:
         return self.autoencoder.config.num_latents

@@ -22,11 +22,15 @@ import latentlm.pipelines  # noqa: F401  (imported before the long stage 2, not 
 import torch
 from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 
-import latentlm.sampling  # noqa: F401
-from latentlm.config import load_config
-from latentlm.evaluation.text_to_text import evaluate_text_to_text
-from latentlm.training.run import build_pipeline
-from latentlm.training.stages.diffusion import train_diffusion
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+import latentlm.sampling  # noqa: E402, F401
+from latentlm.config import load_config  # noqa: E402
+from latentlm.evaluation.text_to_text import evaluate_text_to_text  # noqa: E402
+from latentlm.training.run import build_pipeline  # noqa: E402
+from latentlm.training.stages.diffusion import train_diffusion  # noqa: E402
 
 GREEDY = {"num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0, "max_length": 64}
 
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
 
     pipe = build_pipeline(args.autoencoder, final, decode_kwargs=GREEDY)
     validation = output_dir / "data" / "validation.jsonl"
-    common = dict(source_column="source", target_column="target", num_inference_steps=args.steps, scheduler="dpm++")
+    settings = dict(source_column="source", target_column="target", num_inference_steps=args.steps, scheduler="dpm++")
     results = []
     for name, kwargs in (
         ("no guidance", dict(num_sources=args.num_sources, num_samples_per_source=2)),
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
             validation,
             reconstruction=name == "no guidance",
             output_dir=output_dir / "eval" / name,
-            **common,
+            **settings,
             **kwargs,
         )
         result.pop("markdown")

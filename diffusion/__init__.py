@@ -10,9 +10,17 @@ from .objective import (
     diffusion_loss,
     diffusion_target,
 )
-from .schedules import PREDICTION_TYPES, SCHEDULES, guide_model_output, make_noise_scheduler, predict_original_sample
+from .schedules import (
+    PREDICTION_TYPES,
+    SCHEDULES,
+    AdaptiveScheduleFitter,
+    guide_model_output,
+    make_noise_scheduler,
+    predict_original_sample,
+)
 
 __all__ = [
+    "AdaptiveScheduleFitter",
     "CLASSIFIER_TASKS",
     "LatentClassifier",
     "guide_model_output",

@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler
 
 #: Schedules `make_noise_scheduler` knows. cosine/linear map to diffusers' own `beta_schedule`
 #: names; sqrt and shifted_cosine have no diffusers name and are passed as `trained_betas`.
-SCHEDULES = ("cosine", "linear", "sqrt", "shifted_cosine")
+#: adaptive starts as cosine and is re-fitted to the loss during training (`adaptive_betas`).
+SCHEDULES = ("cosine", "linear", "sqrt", "shifted_cosine", "adaptive")
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 _PREDICTION_ALIASES = {"v": "v_prediction", "eps": "epsilon", "x0": "sample", "x_0": "sample"}
 
@@ -70,6 +71,110 @@ def floored_betas(alphas_cumprod: np.ndarray, noise_floor: float) -> np.ndarray:
     return _betas_from_alphas_cumprod(np.minimum(alphas_cumprod, 1.0 - noise_floor**2))
 
 
+def original_sample_losses(
+    scheduler, losses: torch.Tensor, timesteps: torch.Tensor, loss_type: str = "l2"
+) -> torch.Tensor:
+    """Per-example losses `[batch]` of the scheduler's prediction type expressed as the error of the
+    implied ẑ0: for v, ẑ0 - z0 = -√(1-ᾱ)(v̂ - v); for ε, -√((1-ᾱ)/ᾱ)(ε̂ - ε). This is the loss that
+    rises with the noise level whatever the model predicts (`adaptive_betas` spaces it evenly)."""
+    abar = scheduler.alphas_cumprod.to(losses.device, torch.float64)[timesteps.long()]
+    scale = {"v_prediction": 1 - abar, "epsilon": (1 - abar) / abar, "sample": torch.ones_like(abar)}[
+        _PREDICTION_ALIASES.get(scheduler.config.prediction_type, scheduler.config.prediction_type)
+    ]
+    return (losses.double() * (scale if loss_type == "l2" else scale.sqrt())).to(losses.dtype)
+
+
+def adaptive_betas(
+    alphas_cumprod: np.ndarray, mean_losses: np.ndarray, counts: np.ndarray, num_bins: int = 50
+) -> np.ndarray:
+    """SeqDiffuSeq's adaptive noise schedule (Yuan et al. 2022): the betas of a schedule on which the
+    denoiser's ẑ0 loss rises evenly from the first timestep to the last.
+
+    ``mean_losses[t]`` is the mean ẑ0 loss seen at train timestep ``t`` of the schedule ``alphas_cumprod``
+    (``counts[t]`` examples; `original_sample_losses` converts a v or ε loss). The losses are averaged
+    in ``num_bins`` equal ranges of timesteps and made non-decreasing in the noise; new timestep ``i``
+    then gets the noise level at which that curve reaches the ``i``-th of T evenly spaced losses between
+    its first and last value (interpolated in log-SNR). The first and last noise levels stay; steps
+    move to where the loss changes fastest, away from levels that are all alike to the model.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(abar)
+    mean_losses, counts = np.asarray(mean_losses, np.float64), np.asarray(counts, np.float64)
+    if mean_losses.shape != (T,) or counts.shape != (T,):
+        raise ValueError(f"mean_losses and counts must have one entry per timestep ({T}).")
+    if not 2 <= num_bins <= T:
+        raise ValueError(f"num_bins must lie in [2, {T}], got {num_bins}.")
+    edges = np.linspace(0, T, num_bins + 1).round().astype(int)
+    centres, losses = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        n = counts[lo:hi].sum()
+        if n > 0:
+            seen = counts[lo:hi] > 0
+            centres.append(float(np.average(np.arange(lo, hi)[seen], weights=counts[lo:hi][seen])))
+            losses.append(float(np.average(mean_losses[lo:hi][seen], weights=counts[lo:hi][seen])))
+    if len(centres) < num_bins // 2 or not np.isfinite(losses).all():
+        raise ValueError(
+            f"an adaptive schedule needs finite losses in at least half of its {num_bins} timestep ranges; "
+            f"{len(centres)} were seen: record more steps before fitting."
+        )
+    curve = np.maximum.accumulate(np.asarray(losses))
+    # a tiny ramp makes the knots strictly increasing where the curve is flat, as np.interp needs
+    curve = curve + np.linspace(0.0, 1e-9 * max(curve[-1] - curve[0], 1e-12), len(curve))
+    # the first and last timesteps are knots too, their losses extrapolated along the nearest two bins
+    tiny = 1e-9 * max(curve[-1] - curve[0], 1e-12)
+    first = curve[0] - (curve[1] - curve[0]) / (centres[1] - centres[0]) * centres[0]
+    last = curve[-1] + (curve[-1] - curve[-2]) / (centres[-1] - centres[-2]) * (T - 1 - centres[-1])
+    knots_t = np.concatenate([[0.0], centres, [T - 1.0]])
+    knots_loss = np.concatenate([[min(first, curve[0] - tiny)], curve, [max(last, curve[-1] + tiny)]])
+    targets = np.linspace(knots_loss[0], knots_loss[-1], T)
+    old_t = np.interp(targets, knots_loss, knots_t)  # where the old schedule reached each target loss
+    log_snr = np.log(abar) - np.log1p(-abar)
+    new_abar = 1.0 / (1.0 + np.exp(-np.interp(old_t, np.arange(T), log_snr)))
+    return _betas_from_alphas_cumprod(np.minimum.accumulate(new_abar))
+
+
+class AdaptiveScheduleFitter:
+    """Records the ẑ0 loss per train timestep while stage 2 trains and re-fits the noise schedule to it
+    (`adaptive_betas`): the `adaptive` schedule of `make_noise_scheduler`, SeqDiffuSeq's recipe."""
+
+    def __init__(self, num_train_timesteps: int, num_bins: int = 50):
+        self.num_bins = min(num_bins, num_train_timesteps)
+        self.loss_sums = np.zeros(num_train_timesteps, dtype=np.float64)
+        self.counts = np.zeros(num_train_timesteps, dtype=np.float64)
+
+    @torch.no_grad()
+    def update(self, scheduler, timesteps: torch.Tensor, losses: torch.Tensor, loss_type: str = "l2") -> None:
+        """Record per-example training losses `[batch]` (of the scheduler's prediction type) at `timesteps`."""
+        x0_losses = original_sample_losses(
+            scheduler, losses.detach().double().cpu(), timesteps.detach().cpu(), loss_type
+        )
+        t = timesteps.detach().long().cpu().numpy()
+        np.add.at(self.loss_sums, t, x0_losses.numpy())
+        np.add.at(self.counts, t, 1.0)
+
+    def fit(self, scheduler) -> DDPMScheduler:
+        """A scheduler like ``scheduler`` on the re-fitted betas; the record starts again (its losses
+        were measured on the old schedule)."""
+        seen = np.maximum(self.counts, 1.0)
+        betas = adaptive_betas(
+            scheduler.alphas_cumprod.double().numpy(), self.loss_sums / seen, self.counts, self.num_bins
+        )
+        self.loss_sums[:] = 0.0
+        self.counts[:] = 0.0
+        return DDPMScheduler.from_config(scheduler.config, trained_betas=betas.tolist())
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"loss_sums": self.loss_sums.tolist(), "counts": self.counts.tolist()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        if len(state["loss_sums"]) != len(self.loss_sums):
+            raise ValueError(
+                f"Adaptive-schedule state is for {len(state['loss_sums'])} timesteps, this run uses {len(self.loss_sums)}."
+            )
+        self.loss_sums = np.asarray(state["loss_sums"], dtype=np.float64)
+        self.counts = np.asarray(state["counts"], dtype=np.float64)
+
+
 def make_noise_scheduler(
     schedule: str = "cosine",
     prediction_type: str = "v_prediction",
@@ -83,7 +188,8 @@ def make_noise_scheduler(
 
     Args:
         schedule: `cosine` (default, diffusers `squaredcos_cap_v2`), `linear` (DDPM, scaled to T),
-            `sqrt` (Diffusion-LM) or `shifted_cosine` (cosine with SNR divided by `shift**2`).
+            `sqrt` (Diffusion-LM), `shifted_cosine` (cosine with SNR divided by `shift**2`) or
+            `adaptive` (cosine, which training re-fits with `adaptive_betas`).
         prediction_type: `v_prediction` (default), `epsilon` or `sample` (aliases v, eps, x0).
         num_train_timesteps: T.
         shift: only for `shifted_cosine`.
@@ -114,7 +220,7 @@ def make_noise_scheduler(
         variance_type="fixed_large",
         timestep_spacing="trailing",
     )
-    if schedule == "cosine":
+    if schedule in ("cosine", "adaptive"):
         args["beta_schedule"] = "squaredcos_cap_v2"
     elif schedule == "linear":
         # DDPM's 1e-4 .. 0.02 were chosen for T=1000; scaling by 1000/T keeps ᾱ_T the same for other T.
@@ -227,11 +333,14 @@ def guide_model_output(
 
 
 __all__ = [
+    "AdaptiveScheduleFitter",
     "PREDICTION_TYPES",
     "SCHEDULES",
+    "adaptive_betas",
     "cosine_alphas_cumprod",
     "guide_model_output",
     "make_noise_scheduler",
+    "original_sample_losses",
     "predict_original_sample",
     "shifted_cosine_betas",
     "sqrt_betas",

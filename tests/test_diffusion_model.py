@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from latentlm.diffusion import (
@@ -331,6 +332,33 @@ def test_a_noise_floor_keeps_every_step_noisy_and_the_rest_of_the_schedule(sched
     torch.testing.assert_close(floored[noisy], plain[noisy], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="noise_floor must lie in"):
         make_noise_scheduler(schedule, noise_floor=1.0)
+
+
+def test_the_adaptive_schedule_spaces_the_loss_evenly_and_keeps_its_ends():
+    from latentlm.diffusion import make_noise_scheduler
+    from latentlm.diffusion.schedules import adaptive_betas
+
+    T = 1000
+    base = make_noise_scheduler("adaptive").alphas_cumprod.double().numpy()
+    t = np.arange(T)
+    counts = np.ones(T)
+
+    def refit(losses):
+        return np.cumprod(1 - adaptive_betas(base, losses, counts))
+
+    # a loss that rises evenly already: the schedule stays
+    np.testing.assert_allclose(refit(t / T), base, rtol=2e-2, atol=1e-6)
+    # a loss that changes only around t = 500: most new steps go there, the first and last levels stay
+    fitted = refit(1 / (1 + np.exp(-(t - 500) / 30)))
+    assert np.all(np.diff(fitted) <= 0)
+    # (the last step may not reach ᾱ = 2e-9 in one step: betas are capped at 0.999, as diffusers' are)
+    assert fitted[0] == pytest.approx(base[0], rel=1e-4) and fitted[-1] < 1e-3
+    steep = (fitted <= base[440]) & (fitted >= base[560])
+    assert steep.mean() > 0.6  # the old schedule spent 12 % of its steps there
+    with pytest.raises(ValueError, match="at least half of its 50 timestep ranges"):
+        adaptive_betas(base, t / T, np.where(t < 100, 1.0, 0.0))
+    with pytest.raises(ValueError, match="one entry per timestep"):
+        adaptive_betas(base, t[:10] / T, counts[:10])
 
 
 def test_the_noise_floor_setting_is_checked():

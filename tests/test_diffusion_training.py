@@ -249,14 +249,16 @@ def test_balance_classes_draws_every_class_equally_often(tmp_path, autoencoder_d
         )
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoencoder_dir, monkeypatch):
-    # Everything random is on: dropout, self-conditioning coin, label dropout, importance sampling.
+@pytest.mark.parametrize(
+    "timesteps",
+    [dict(timestep_sampling="importance"), dict(schedule="adaptive", adaptive_schedule_every=4)],
+    ids=["importance_sampling", "adaptive_schedule"],
+)
+def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoencoder_dir, monkeypatch, timesteps):
+    # Everything random is on: dropout, self-conditioning coin, label dropout, and the timesteps'
+    # own state (the importance sampler's loss history, or the adaptive schedule and its record).
     kwargs = dict(
-        save_every=4,
-        timestep_sampling="importance",
-        num_train_timesteps=20,
-        denoiser={"dropout": 0.1},
-        optimizer=dict(max_steps=10),
+        save_every=4, num_train_timesteps=20, denoiser={"dropout": 0.1}, optimizer=dict(max_steps=10), **timesteps
     )
     train_diffusion(tiny_config(tmp_path / "a", snippets_jsonl, **kwargs), autoencoder_dir)
 
@@ -281,6 +283,13 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, snippets_jsonl, autoe
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    schedules = [
+        json.loads((tmp_path / run / "run" / "diffusion" / "scheduler" / "scheduler_config.json").read_text())
+        for run in ("a", "b")
+    ]
+    assert schedules[0] == schedules[1]
+    # the adaptive schedule was re-fitted (twice, at steps 4 and 8) and is what the pipeline samples on
+    assert (schedules[0]["trained_betas"] is not None) == ("schedule" in timesteps)
 
 
 def test_bad_inputs(tmp_path, snippets_jsonl, autoencoder_dir):

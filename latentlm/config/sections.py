@@ -297,7 +297,9 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
 
     denoiser_size: str = "base"  # tiny | small | base
     denoiser: dict[str, Any] = field(default_factory=dict)  # overrides of LatentDenoiser arguments
-    schedule: str = "cosine"  # cosine | linear | sqrt | shifted_cosine
+    schedule: str = "cosine"  # cosine | linear | sqrt | shifted_cosine | adaptive
+    # adaptive (SeqDiffuSeq): start as cosine, re-fit the schedule to the loss every this many steps
+    adaptive_schedule_every: int = 1_000
     noise_floor: float = 0.0  # the least noise std of every step (DINOISER); 0 = none
     prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
     num_train_timesteps: int = 1_000
@@ -337,6 +339,16 @@ class DiffusionTrainingConfig(TrainingLoopConfig):
                 raise ValueError(f"{where}.{key} must lie in [0, 1], got {value}.")
         if not 0.0 <= self.noise_floor < 1.0:
             raise ValueError(f"{where}.noise_floor must lie in [0, 1) (a noise std; 0 = none), got {self.noise_floor}.")
+        if self.adaptive_schedule_every < 1:
+            raise ValueError(
+                f"{where}.adaptive_schedule_every must be >= 1 (steps between re-fits of the adaptive schedule), "
+                f"got {self.adaptive_schedule_every}."
+            )
+        if self.schedule == "adaptive" and self.timestep_sampling == "importance":
+            raise ValueError(
+                f"{where}.schedule=adaptive re-spaces the timesteps by their loss and timestep_sampling=importance "
+                "re-weights them by it: use one of the two."
+            )
 
 
 @dataclass

@@ -120,6 +120,14 @@ class ClassifierStage(TrainingStage):
             diffusion.num_train_timesteps,
             noise_floor=diffusion.noise_floor,
         )
+        if diffusion.schedule == "adaptive":  # fitted by stage 2: read what it saved
+            fitted = Path(self.config.output_dir) / "diffusion" / "scheduler"
+            if not (fitted / "scheduler_config.json").is_file():
+                raise FileNotFoundError(
+                    f"diffusion.schedule=adaptive is fitted while stage 2 trains, and {fitted} has no "
+                    "scheduler_config.json: train stage 2 in this output_dir before the classifier."
+                )
+            self.scheduler = type(self.scheduler).from_pretrained(fitted)
         self.model = LatentClassifier(
             num_latents=self.cache.num_latents,
             latent_dim=self.cache.latent_dim,

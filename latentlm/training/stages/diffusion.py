@@ -27,6 +27,7 @@ from latentlm.config import RunConfig
 from latentlm.data.labels import load_training_examples, resolve_class_labels, warn_unseen_validation_classes
 from latentlm.diffusion import (
     DENOISER_SIZES,
+    AdaptiveScheduleFitter,
     LatentDenoiser,
     TimestepImportanceSampler,
     diffusion_loss,
@@ -178,6 +179,7 @@ class DiffusionStage(TrainingStage):
         self.importance = (
             TimestepImportanceSampler(cfg.num_train_timesteps) if cfg.timestep_sampling == "importance" else None
         )
+        self.schedule_fitter = AdaptiveScheduleFitter(cfg.num_train_timesteps) if cfg.schedule == "adaptive" else None
         self.modules = {"denoiser": self.denoiser}
 
     def fingerprint(self) -> str:
@@ -196,6 +198,10 @@ class DiffusionStage(TrainingStage):
         self.timesteps = weights = None
         if self.importance is not None:
             self.timesteps, weights = self.importance.sample(len(indices), accelerator.device, generator=generator)
+        elif self.schedule_fitter is not None:  # the fitter records the loss per timestep: draw them here
+            self.timesteps = torch.randint(0, cfg.num_train_timesteps, (len(indices),), generator=generator).to(
+                accelerator.device
+            )
         with accelerator.autocast():
             self.losses = diffusion_loss(
                 self.train_model,
@@ -215,9 +221,15 @@ class DiffusionStage(TrainingStage):
         return (self.losses * weights).mean() if weights is not None else self.losses.mean()
 
     def after_step(self, step: int) -> dict[str, float]:
-        if self.importance is not None:
+        if self.importance is not None or self.schedule_fitter is not None:
             gathered_t = self.accelerator.gather(self.timesteps)
-            self.importance.update(gathered_t, self.accelerator.gather(self.losses.detach().float()))
+            gathered_losses = self.accelerator.gather(self.losses.detach().float())
+        if self.importance is not None:
+            self.importance.update(gathered_t, gathered_losses)
+        if self.schedule_fitter is not None:
+            self.schedule_fitter.update(self.scheduler, gathered_t, gathered_losses, self.cfg.loss_type)
+            if (step + 1) % self.cfg.adaptive_schedule_every == 0:
+                self.scheduler = self.schedule_fitter.fit(self.scheduler)
         return {"ema_decay": self.ema.cur_decay_value or 0.0}
 
     @property
@@ -283,11 +295,22 @@ class DiffusionStage(TrainingStage):
         }
 
     def extra_state(self) -> dict[str, Any]:
-        if self.importance is None:
-            return {}
-        return {"importance": {k: v.tolist() for k, v in self.importance.state_dict().items()}}
+        state: dict[str, Any] = {}
+        if self.importance is not None:
+            state["importance"] = {k: v.tolist() for k, v in self.importance.state_dict().items()}
+        if self.schedule_fitter is not None:
+            state["adaptive_schedule"] = {
+                "betas": self.scheduler.config.trained_betas,  # None until the first fit
+                **self.schedule_fitter.state_dict(),
+            }
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.schedule_fitter is not None and "adaptive_schedule" in state:
+            saved = state["adaptive_schedule"]
+            if saved["betas"] is not None:
+                self.scheduler = type(self.scheduler).from_config(self.scheduler.config, trained_betas=saved["betas"])
+            self.schedule_fitter.load_state_dict(saved)
         if self.importance is not None and "importance" in state:
             saved = state["importance"]  # JSON lists; float64 so the loss history is restored bit for bit
             self.importance.load_state_dict(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from latentlm.autoencoder.families import family_of
 from latentlm.autoencoder.text_codec import decode_latents, encode_sources, encode_texts
 from latentlm.pipelines.interpolation import interpolation_path
+
+from latentlm.data.segments import split_sentences, text_segments
 
 __all__ = ["TextLatentsMixin"]
 
@@ -14,14 +19,44 @@ class TextLatentsMixin:
     ``language_model`` and ``autoencoder`` (latent shapes from its ``denoiser``)."""
 
     @torch.no_grad()
-    def encode(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
-        """Texts -> clean latents ``[B, num_latents, latent_dim]`` (float32)."""
+    def encode(
+        self,
+        texts: str | list[str],
+        max_length: int | None = None,
+        *,
+        segments: bool = False,
+        splitter: Callable[[str], list[str]] = split_sentences,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Texts -> clean latents ``[B, num_latents, latent_dim]`` (float32).
+
+        With ``segments=True`` every text is a long text: ``splitter`` (sentences by default) cuts it
+        into segments, each encoded on its own, and the result is one tensor per text,
+        ``[num_segments, num_latents, latent_dim]`` (what `decode` joins back into the text). A segment
+        longer than the window (``max_length`` tokens) is an error, not cut."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("encode() needs at least one text.")
-        latents = encode_texts(
-            self.tokenizer, self.language_model, self.autoencoder, texts, max_length or self.config.max_length
-        )
+        max_length = max_length or self.config.max_length
+        if segments:
+            pieces = text_segments(texts, splitter)
+            special = family_of(self.language_model).add_special_tokens
+            too_long = [
+                (i, j, len(ids))
+                for i, text in enumerate(pieces)
+                for j, ids in enumerate(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+                if len(ids) > max_length
+            ]
+            if too_long:
+                i, j, n = too_long[0]
+                raise ValueError(
+                    f"{len(too_long)} segment(s) are longer than the {max_length} tokens one latent window holds, "
+                    f"e.g. segment {j} of text {i} ({n} tokens: {pieces[i][j][:60]!r}); pass a splitter that cuts "
+                    "them shorter."
+                )
+            flat = [piece for text in pieces for piece in text]
+            latents = encode_texts(self.tokenizer, self.language_model, self.autoencoder, flat, max_length).float()
+            return list(latents.split([len(text) for text in pieces]))
+        latents = encode_texts(self.tokenizer, self.language_model, self.autoencoder, texts, max_length)
         return latents.float()
 
     @torch.no_grad()
@@ -34,12 +69,22 @@ class TextLatentsMixin:
         return states, mask.to(device).repeat_interleave(repeats, dim=0)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
-        """Latents ``[B, num_latents, latent_dim]`` -> texts.
+    def decode(self, latents: torch.Tensor | list[torch.Tensor], **generate_kwargs) -> list[str]:
+        """Latents ``[B, num_latents, latent_dim]`` -> texts; or a list of long texts' segment latents
+        (each ``[num_segments, num_latents, latent_dim]``, as ``encode(..., segments=True)`` returns) ->
+        one text per entry, its decoded segments joined by spaces.
 
         ``generate_kwargs`` override the pipeline's ``config.decode_kwargs``, which override
         `text_codec.DEFAULT_GENERATE_KWARGS` (LD4LG's beam search).
         """
+        if isinstance(latents, (list, tuple)):
+            if not latents or not all(torch.is_tensor(x) and x.ndim == 3 and len(x) for x in latents):
+                raise ValueError(
+                    "decode() takes a latent tensor, or a non-empty list of segment latents, each "
+                    "[num_segments >= 1, num_latents, latent_dim] (encode(texts, segments=True))."
+                )
+            texts = iter(self.decode(torch.cat(list(latents)), **generate_kwargs))
+            return [" ".join(text for text in (next(texts) for _ in range(len(x))) if text) for x in latents]
         generate_kwargs = {**(self.config.get("decode_kwargs") or {}), **generate_kwargs}
         expected = (self.denoiser.config.num_latents, self.denoiser.config.latent_dim)
         if not torch.is_tensor(latents):

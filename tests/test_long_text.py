@@ -73,6 +73,24 @@ def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(
     assert len(filled.texts) == 1 and filled.texts[0] == filled.segments[0][0]
 
 
+def test_long_texts_encode_to_one_latent_window_per_segment_and_decode_back(segment_pipe):
+    pipe = segment_pipe
+    encoded = pipe.encode(STORIES, segments=True)
+    assert [tuple(x.shape) for x in encoded] == [(3, *pipe.encode("a").shape[1:])] * 2
+    torch.testing.assert_close(encoded[1], pipe.encode(split_sentences(STORIES[1])))
+    texts = pipe.decode(encoded, **FAST)
+    segments = pipe.decode(torch.cat(encoded), **FAST)
+    assert texts == [" ".join(t for t in segments[:3] if t), " ".join(t for t in segments[3:] if t)]
+    halves = pipe.encode(STORIES, segments=True, splitter=lambda text: [text[:10], text[10:]])
+    assert [len(x) for x in halves] == [2, 2]
+    with pytest.raises(ValueError, match=r"segment 1 of text 0 \(\d+ tokens"):
+        pipe.encode(["Short. " + "word " * 200 + "end."], segments=True)
+    with pytest.raises(ValueError, match="document 0 .* splits into no segment or an empty one"):
+        pipe.encode(["One."], segments=True, splitter=lambda text: [text, " "])
+    with pytest.raises(ValueError, match="non-empty list of segment latents"):
+        pipe.decode([encoded[0], encoded[1][0]])
+
+
 def test_long_text_bad_input(segment_pipe, tiny_bart_dir):
     pipe = segment_pipe
     with pytest.raises(ValueError, match="num_segments must be a positive integer, got 0"):

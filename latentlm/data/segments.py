@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-__all__ = ["GAP", "split_sentences", "segment_context", "segment_examples"]
+__all__ = ["GAP", "split_sentences", "segment_context", "segment_examples", "text_segments"]
 
 #: where the segment to write stands in its context
 GAP = "<gap>"
@@ -38,6 +38,21 @@ def segment_context(left: str, right: str = "") -> str:
     return " ".join(part for part in (left.strip(), GAP, right.strip()) if part)
 
 
+def text_segments(documents: Sequence[str], splitter: Callable[[str], list[str]] = split_sentences) -> list[list[str]]:
+    """Each document's segments as ``splitter`` cuts it. A document it returns no segment for, or an
+    empty segment of, is an error that names the document: nothing is dropped."""
+    split = []
+    for index, document in enumerate(documents):
+        segments = splitter(document)
+        if not segments or any(not isinstance(s, str) or not s.strip() for s in segments):
+            raise ValueError(
+                f"document {index} ({str(document)[:60]!r}) splits into no segment or an empty one ({segments!r}); "
+                "fix the document or the splitter."
+            )
+        split.append(list(segments))
+    return split
+
+
 def segment_examples(
     documents: Sequence[str], splitter: Callable[[str], list[str]] = split_sentences, seed: int = 0
 ) -> list[dict]:
@@ -47,13 +62,7 @@ def segment_examples(
     the document: nothing is dropped."""
     rng = random.Random(seed)
     examples = []
-    for index, document in enumerate(documents):
-        segments = splitter(document)
-        if not segments or any(not isinstance(s, str) or not s.strip() for s in segments):
-            raise ValueError(
-                f"document {index} ({str(document)[:60]!r}) splits into no segment or an empty one ({segments!r}); "
-                "fix the document or the splitter."
-            )
+    for index, segments in enumerate(text_segments(documents, splitter)):
         for position, segment in enumerate(segments):
             left = " ".join(segments[:position])
             right = " ".join(segments[position + 1 :]) if rng.random() < 0.5 else ""

@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from latentlm.autoencoder.text_codec import check_texts
 
-__all__ = ["check_call_arguments", "class_label_id", "class_label_ids", "check_source_texts", "count_outputs"]
+__all__ = [
+    "SourceStates",
+    "check_call_arguments",
+    "class_label_id",
+    "class_label_ids",
+    "check_source_texts",
+    "check_sources",
+    "count_outputs",
+]
 
 
 def class_label_id(class_names: list[str], label) -> int:
@@ -54,6 +64,50 @@ def class_label_ids(class_names: list[str], class_labels, num_samples: int) -> t
     return torch.tensor([class_label_id(class_names, label) for label in class_labels], dtype=torch.long)
 
 
+@dataclass
+class SourceStates:
+    """Source states made outside the call, e.g. the latent context of a long text's next segment
+    (`latent_context_states`): ``states [B, L, cross_attention_dim]`` and ``mask [B, L]`` (1 = read).
+    A row whose mask is all zero reads no source (the null context)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        if self.states.ndim != 3 or self.mask.shape != self.states.shape[:2]:
+            raise ValueError(
+                f"source states must be [batch, length, width] with a mask [batch, length]; got "
+                f"{tuple(self.states.shape)} and {tuple(self.mask.shape)}."
+            )
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def repeated(self, repeats: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) on ``device``, each row repeated ``repeats`` times in a row."""
+        states = self.states.to(device=device, dtype=dtype).repeat_interleave(repeats, dim=0)
+        return states, self.mask.to(device).repeat_interleave(repeats, dim=0)
+
+
+def check_sources(
+    source_texts, source_states: SourceStates | None, cross_attention_dim: int | None
+) -> list[str] | SourceStates | None:
+    """The call's sources: texts (checked by `check_source_texts`) or states made outside the call
+    (whose width must be the denoiser's); not both."""
+    if source_states is None:
+        return check_source_texts(source_texts, cross_attention_dim)
+    if source_texts is not None:
+        raise ValueError("Give source_texts or source_states, not both.")
+    if not isinstance(source_states, SourceStates):
+        raise TypeError(f"source_states must be a SourceStates(states, mask), got {type(source_states).__name__}.")
+    if source_states.states.shape[2] != cross_attention_dim:
+        raise ValueError(
+            f"source_states have width {source_states.states.shape[2]}, but the denoiser reads sources of width "
+            f"{cross_attention_dim}."
+        )
+    return source_states
+
+
 def check_source_texts(source_texts, cross_attention_dim: int | None) -> list[str] | None:
     """The call's sources as a list of non-empty strings (None for a call without sources); a source
     given to a model trained without one, or the reverse, is an error."""
@@ -91,7 +145,7 @@ def count_outputs(sources, num_samples, num_samples_per_source, mbr_candidates, 
         return 1 if num_samples is None else num_samples
     if num_samples is not None:
         raise ValueError(
-            f"num_samples={num_samples!r} with source_texts: the batch is len(source_texts) x "
+            f"num_samples={num_samples!r} with sources: the batch is len(source_texts) x "
             "num_samples_per_source; set num_samples_per_source instead."
         )
     return len(sources) * num_samples_per_source

@@ -1,23 +1,84 @@
 """Long texts on a pipeline trained on segments (``data.segments``): stories written segment by
 segment, each one generated in the context of the text so far, and gaps filled between two texts.
 
-The denoiser reads a segment's context (the text around it, with the gap marker where the segment
-goes) through the text-to-text cross-attention, so every segment is one ordinary pipeline call.
+The denoiser reads a segment's context through the text-to-text cross-attention, so every segment is
+one ordinary pipeline call. The context is either the text around the segment, with the gap marker
+where it goes (``segment_context="text"``), or the latents of the other segments, each latent marked
+with its place relative to the gap (``"latents"``, `latent_context_states`).
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from latentlm.pipelines.conditioning import SourceStates, check_sources
 from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
 
 from latentlm.data.segments import segment_context, split_sentences
 
-__all__ = ["LongTextMixin"]
+__all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "latent_context_states"]
+
+#: width of the place (segment offset and latent index) appended to every latent of a latent context
+LATENT_POSITION_DIM = 32
+
+
+def latent_context_states(
+    latents: torch.Tensor, offsets: torch.Tensor, present: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context a segment's denoiser reads from the latents of other segments.
+
+    Args:
+        latents: ``[B, K, N, D]``, K other segments' latents per row (padded).
+        offsets: ``[B, K]`` each one's place relative to the segment written (-1: just before it).
+        present: ``[B, K]`` False where a row has fewer than K segments.
+    Returns:
+        states ``[B, K * N, D + LATENT_POSITION_DIM]`` (each latent followed by a sinusoidal code of
+        ``offset * N + latent index``) and their mask ``[B, K * N]``.
+    """
+    batch, k, n, _ = latents.shape
+    places = offsets[:, :, None].double() * n + torch.arange(n, dtype=torch.float64, device=latents.device)
+    code = get_timestep_embedding(places.reshape(-1), LATENT_POSITION_DIM, flip_sin_to_cos=True, max_period=1_000)
+    code = code.reshape(batch, k, n, LATENT_POSITION_DIM).to(latents.dtype)
+    states = torch.cat([latents, code], dim=-1) * present[:, :, None, None].to(latents.dtype)
+    return states.reshape(batch, k * n, -1), present[:, :, None].expand(batch, k, n).reshape(batch, k * n).long()
 
 
 class LongTextMixin:
     """``pipe(num_samples=2, num_segments=5)``, ``pipe(prompt_texts=[...], num_segments=3)`` and
     ``pipe(infill=[(left, right)])`` for a `LatentTextDiffusionPipeline` trained on segments."""
+
+    def latent_context(self, num_rows: int, before=None, after=None) -> SourceStates:
+        """The latent context of a segment for ``num_rows`` rows: the latents of the segments ``before``
+        it and ``after`` it, each a list (per row) of ``[S, N, D]`` tensors or None (no such segments)."""
+        n, d = self.denoiser.config.num_latents, self.denoiser.config.latent_dim
+        rows = []
+        for i in range(num_rows):
+            left = before[i] if before is not None and before[i] is not None else torch.zeros(0, n, d)
+            right = after[i] if after is not None and after[i] is not None else torch.zeros(0, n, d)
+            offsets = list(range(-len(left), 0)) + list(range(1, len(right) + 1))
+            rows.append((torch.cat([left.float().cpu(), right.float().cpu()]), offsets))
+        k = max(1, max(len(offsets) for _, offsets in rows))  # one padded place where there is none
+        latents, offsets, present = torch.zeros(num_rows, k, n, d), torch.zeros(num_rows, k), torch.zeros(num_rows, k)
+        for i, (segment_latents, places) in enumerate(rows):
+            latents[i, : len(places)], present[i, : len(places)] = segment_latents, 1
+            offsets[i, : len(places)] = torch.tensor(places, dtype=offsets.dtype)
+        return SourceStates(*latent_context_states(latents, offsets, present.bool()))
+
+    def call_sources(self, source_texts, source_states, num_samples):
+        """A call's sources (`check_sources`) and ``num_samples``: a pipeline whose segments read latents,
+        called with neither, writes the first segment of ``num_samples`` texts (an empty context)."""
+        if self.config.get("segment_context") == "latents" and source_texts is None and source_states is None:
+            source_states, num_samples = self.latent_context(num_samples or 1), None
+        return check_sources(source_texts, source_states, self.denoiser.config.get("cross_attention_dim")), num_samples
+
+    def side_latents(self, texts: list[str]) -> list[torch.Tensor | None]:
+        """Each text's segment latents ``[S, N, D]`` (`encode` with ``segments=True``); None for an empty text."""
+        present = [i for i, text in enumerate(texts) if text.strip()]
+        encoded = self.encode([texts[i] for i in present], segments=True) if present else []
+        result: list[torch.Tensor | None] = [None] * len(texts)
+        for i, latents in zip(present, encoded):
+            result[i] = latents.cpu()
+        return result
 
     def check_segments(self) -> None:
         if not self.config.get("segments"):
@@ -49,16 +110,32 @@ class LongTextMixin:
                 raise ValueError("With prompt_texts there is one text per prompt: drop num_samples.")
             starts = list(prompt_texts) if prompt_texts is not None else [""] * (num_samples or 1)
         written: list[list[str]] = [[] for _ in (pairs if infill is not None else starts)]
+        in_latents = self.config.get("segment_context") == "latents"
+        if in_latents:  # the latents of the segments around each row's next one
+            encoded = self.side_latents
+            before = encoded([left for left, _ in pairs]) if infill is not None else encoded(starts)
+            after = encoded([right for _, right in pairs]) if infill is not None else None
         trimmed, latents = 0, []
         for _ in range(num_segments):
-            if starts is not None:
+            condition = {}
+            if in_latents:
+                condition["source_states"] = self.latent_context(len(written), before, after)
+            elif starts is not None:
                 contexts = [segment_context(" ".join([start, *segments])) for start, segments in zip(starts, written)]
-            output = self(source_texts=contexts, class_labels=class_labels, generator=generator, options=options)
+                condition["source_texts"] = contexts
+            else:
+                condition["source_texts"] = contexts
+            output = self(class_labels=class_labels, generator=generator, options=options, **condition)
             latents.append(output.latents)
             for segments, texts in zip(written, output.texts):
                 sentences = split_sentences(texts[0]) or [""]
                 segments.append(sentences[0])
                 trimmed += len(sentences) > 1
+            if in_latents:  # the next segment reads the latents of the sentences kept, as training did
+                kept = self.side_latents([segments[-1] for segments in written])
+                for i, row in enumerate(kept):
+                    row = output.latents[i : i + 1].cpu() if row is None else row
+                    before[i] = row if before[i] is None else torch.cat([before[i], row])
         if starts is None:
             texts = [segments[0] for segments in written]
         else:

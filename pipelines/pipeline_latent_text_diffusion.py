@@ -38,7 +38,7 @@ from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
 from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-from latentlm.pipelines.conditioning import check_call_arguments, check_source_texts, class_label_ids, count_outputs
+from latentlm.pipelines.conditioning import SourceStates, check_call_arguments, class_label_ids, count_outputs
 from latentlm.pipelines.interpolation import slerp
 from latentlm.pipelines.long_text import LongTextMixin
 from latentlm.pipelines.mbr import mbr_select
@@ -115,6 +115,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         max_length: int = 64,
         decode_kwargs: dict[str, Any] | None = None,
         segments: bool = False,
+        segment_context: str = "text",
     ):
         super().__init__()
         language_model = merge_peft(language_model)
@@ -132,6 +133,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
             max_length=int(max_length),
             decode_kwargs=dict(decode_kwargs or {}),
             segments=bool(segments),
+            segment_context=str(segment_context),
         )
         self.classifiers: dict[str, LatentClassifier] = {}
 
@@ -170,6 +172,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         controls: dict[str, Any] | None = None,
         source_texts: str | list[str] | None = None,
         num_samples_per_source: int = 1,
+        source_states: SourceStates | None = None,
         num_segments: int | None = None,
         prompt_texts: list[str] | None = None,
         infill: list[tuple[str, str]] | None = None,
@@ -190,26 +193,25 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
                 current one. ``callback_on_step_end_tensor_inputs``: the names it receives.
             return_dict: a `LatentTextDiffusionPipelineOutput` instead of a tuple.
             controls: classifier guidance ``{name: target}`` (one or ``B``), weighted by ``control_scale``.
-            source_texts, num_samples_per_source: text-to-text: the sources, and texts per source.
+            source_texts, num_samples_per_source: text-to-text: the sources, and texts per source;
+                ``source_states``: sources made outside the call instead (`SourceStates`).
             num_segments, prompt_texts, infill: long texts of a pipeline trained on segments
                 (`LongTextMixin.write_long_text`).
 
         Returns:
-            `LatentTextDiffusionPipelineOutput` (``texts``, ``latents``: the last clean estimate ẑ0
-            ``[B, N, D]``) or ``(texts, latents)``.
+            `LatentTextDiffusionPipelineOutput` (``texts``, ``latents``: the last ẑ0 ``[B, N, D]``) or a tuple.
         """
         options = SamplingOptions.of(options, **option_changes)
-        if num_segments is not None or prompt_texts is not None or infill is not None:
-            long_text = dict(num_segments=num_segments, prompt_texts=prompt_texts, infill=infill)
+        long_text = dict(num_segments=num_segments, prompt_texts=prompt_texts, infill=infill)
+        if any(value is not None for value in long_text.values()):
             return self.write_long_text(
                 num_samples, class_labels, **long_text, generator=generator, options=options, return_dict=return_dict
             )
         # 0. Check inputs.
-        sources = check_source_texts(source_texts, self.denoiser.config.get("cross_attention_dim"))
+        sources, num_samples = self.call_sources(source_texts, source_states, num_samples)
         num_samples = count_outputs(sources, num_samples, num_samples_per_source, options.mbr_candidates, output_type)
         self.check_inputs(num_samples, output_type, callback_on_step_end_tensor_inputs)
-        # A private copy: set_timesteps() and step() keep per-call state (step index, solver history).
-        scheduler = copy.deepcopy(make_scheduler(self.scheduler, options.scheduler))
+        scheduler = copy.deepcopy(make_scheduler(self.scheduler, options.scheduler))  # step() keeps state
         self.check_scheduler(scheduler)
         controls = prepare_controls(self.classifiers, controls, options.control_scale, num_samples)
         for control in controls:  # every returned text has mbr_candidates candidates, drawn side by side
@@ -314,11 +316,14 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
                 )
             raise ValueError(f"guidance_scale={guidance_scale} needs class_labels (one of {self.class_names}).")
         context = None
-        if sources is not None:
+        if isinstance(sources, SourceStates):
+            repeats = num_samples_per_source * mbr_candidates
+            context = sources.repeated(repeats, self._execution_device, self.denoiser.dtype)
+        elif sources is not None:
             context = self.encode_sources(sources, repeats=num_samples_per_source * mbr_candidates)
-            if do_guidance:  # an all-zero mask leaves only the null context: no source
-                states, mask = context
-                context = (torch.cat([states, states]), torch.cat([torch.zeros_like(mask), mask]))
+        if context is not None and do_guidance:  # an all-zero mask leaves only the null context: no source
+            states, mask = context
+            context = (torch.cat([states, states]), torch.cat([torch.zeros_like(mask), mask]))
         if labels is not None:
             labels = labels.repeat_interleave(mbr_candidates).to(self._execution_device)
             if do_guidance:

@@ -198,15 +198,22 @@ def snippets_jsonl(tmp_path) -> Path:
     return folder
 
 
-def make_tiny_pipeline(tiny_bart_dir, source: bool = False):
+def make_tiny_pipeline(tiny_bart_dir, source: bool = False, latent_context: bool = False):
     """A class-conditional ("even", "odd") pipeline over the tiny BART autoencoder (4 x 8 latents) with a
     random denoiser whose output layer is not zero, so samples differ. ``source=True``: text-to-text (the
-    denoiser cross-attends to the encoder states of a source; its cross-attention starts non-zero)."""
+    denoiser cross-attends to the encoder states of a source; its cross-attention starts non-zero).
+    ``latent_context=True``: a long-text pipeline whose segments read the other segments' latents."""
     from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
     from latentlm.pipelines import LatentTextDiffusionPipeline
+    from latentlm.pipelines.long_text import LATENT_POSITION_DIM
 
     model = make_tiny_text_autoencoder(tiny_bart_dir).eval()
     torch.manual_seed(0)
+    cross_attention_dim = None
+    if source:
+        cross_attention_dim = model.autoencoder.config.d_model
+    if latent_context:
+        cross_attention_dim = 8 + LATENT_POSITION_DIM
     denoiser = LatentDenoiser.from_size(
         "tiny",
         num_latents=4,
@@ -214,10 +221,10 @@ def make_tiny_pipeline(tiny_bart_dir, source: bool = False):
         dropout=0.0,
         num_classes=2,
         class_names=["even", "odd"],
-        cross_attention_dim=model.autoencoder.config.d_model if source else None,
+        cross_attention_dim=cross_attention_dim,
     )
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
-    for block in denoiser.blocks if source else []:
+    for block in denoiser.blocks if cross_attention_dim else []:
         torch.nn.init.normal_(block.to_out_cross.weight, std=0.3)
     pipe = LatentTextDiffusionPipeline(
         tokenizer=model.tokenizer,
@@ -226,6 +233,8 @@ def make_tiny_pipeline(tiny_bart_dir, source: bool = False):
         denoiser=denoiser.eval(),
         scheduler=make_noise_scheduler(num_train_timesteps=1000),
         max_length=16,
+        segments=latent_context,
+        segment_context="latents" if latent_context else "text",
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

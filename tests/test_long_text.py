@@ -49,8 +49,15 @@ def test_data_segments_trains_on_each_sentence_in_its_context(tmp_path):
     ds = load_text_dataset(config.data, "train")
     assert len(ds) == 6 and ds["label"] == ["rain"] * 3 + ["cat"] * 3
     assert ds["text"][1] == "We stayed in." and ds["context"][1].startswith("It rained all day. <gap>")
+    assert ds["document"] == [0] * 3 + [1] * 3 and ds["position"] == [0, 1, 2] * 2 and len(ds["with_right"]) == 6
     with pytest.raises(ValueError, match="data.segments makes the source column 'context'"):
         load_config({"data": {"path": str(tmp_path), "segments": True, "source_column": "mr"}})
+    latents = load_config({"data": {"path": str(tmp_path), "segments": True, "segment_context": "latents"}})
+    assert latents.data.source_column is None  # no text is encoded as a source: the stage reads latents
+    with pytest.raises(ValueError, match="segment_context=latents is how segments read their context"):
+        load_config({"data": {"path": str(tmp_path), "segment_context": "latents"}})
+    with pytest.raises(ValueError, match="data.segment_context"):
+        load_config({"data": {"path": str(tmp_path), "segments": True, "segment_context": "both"}})
 
 
 @pytest.fixture
@@ -60,8 +67,39 @@ def segment_pipe(tiny_bart_dir):
     return pipe
 
 
-def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(segment_pipe):
-    pipe = segment_pipe
+@pytest.fixture(params=["text", "latents"])
+def either_segment_pipe(request, tiny_bart_dir):
+    """A long-text pipeline whose segments read their context as text, or as the other segments' latents."""
+    if request.param == "latents":
+        return make_tiny_pipeline(tiny_bart_dir, latent_context=True)
+    pipe = make_tiny_pipeline(tiny_bart_dir, source=True)
+    pipe.register_to_config(segments=True)
+    return pipe
+
+
+def test_a_latent_context_is_the_other_segments_latents_marked_with_their_place():
+    from latentlm.pipelines.long_text import LATENT_POSITION_DIM, latent_context_states
+
+    from latentlm.training.latent_context import LatentContextTable
+
+    latents = torch.randn(2, 3, 4, 8)
+    offsets = torch.tensor([[-2, -1, 1], [-1, 0, 0]])
+    present = torch.tensor([[True, True, True], [True, False, False]])
+    states, mask = latent_context_states(latents, offsets, present)
+    assert states.shape == (2, 12, 8 + LATENT_POSITION_DIM) and mask.tolist()[1] == [1] * 4 + [0] * 8
+    torch.testing.assert_close(states[0, :4, :8], latents[0, 0])
+    places = states[0, :, 8:]
+    assert len({tuple(row.tolist()) for row in places}) == 12  # every latent of every segment has its own place
+    assert states[1, 4:].abs().sum() == 0
+    # documents 0 (3 segments) and 1 (2): continuations read what came before, infilling both sides
+    table = LatentContextTable(documents=[0, 0, 0, 1, 1], positions=[0, 1, 2, 0, 1], with_right=[1, 0, 1, 1, 0])
+    assert table.indices.shape == (5, 2)
+    assert [table.indices[i][table.present[i]].tolist() for i in range(5)] == [[1, 2], [0], [0, 1], [4], [3]]
+    assert [table.offsets[i][table.present[i]].tolist() for i in range(5)] == [[1, 2], [-1], [-2, -1], [1], [-1]]
+
+
+def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(either_segment_pipe):
+    pipe = either_segment_pipe
     settings = dict(num_inference_steps=2, decode_kwargs=FAST, generator=torch.Generator().manual_seed(0))
     out = pipe(num_samples=2, num_segments=3, class_labels="odd", **settings)
     assert len(out.texts) == 2 and [len(s) for s in out.segments] == [3, 3]
@@ -109,9 +147,11 @@ def test_long_text_bad_input(segment_pipe, tiny_bart_dir):
 
 
 @pytest.mark.slow
-def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_bart_dir):
+@pytest.mark.parametrize("segment_context", ["text", "latents"])
+def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_bart_dir, segment_context):
     import yaml
     from latentlm.pipelines import LatentTextDiffusionPipeline
+    from latentlm.pipelines.long_text import LATENT_POSITION_DIM
     from test_cli import tiny_config
 
     from latentlm.cli import main
@@ -121,13 +161,17 @@ def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_
     for split in ("train", "validation"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES * 4))
     config = tiny_config(tmp_path / "run", data, tiny_bart_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4}
+    config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4, "segment_context": segment_context}
     (tmp_path / "stories.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(tmp_path / "stories.yaml"), "--in-process"]) == 0
     pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
-    assert pipe.config.segments and pipe.denoiser.config.cross_attention_dim is not None
+    assert pipe.config.segments and pipe.config.segment_context == segment_context
+    width = pipe.denoiser.config.cross_attention_dim
+    assert width == (8 + LATENT_POSITION_DIM if segment_context == "latents" else pipe.autoencoder.config.d_model)
     out = pipe(num_samples=2, num_segments=3, num_inference_steps=2, decode_kwargs=FAST)
     assert [len(segments) for segments in out.segments] == [3, 3]
+    filled = pipe(infill=[(STORIES[0], STORIES[1])], num_inference_steps=2, decode_kwargs=FAST)
+    assert len(filled.texts) == 1
 
 
 def test_long_text_scores_and_gap_cases():

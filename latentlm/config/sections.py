@@ -44,15 +44,24 @@ class DataConfig:
     # segment in text_column and its context (the text around it, with a gap marker) in the source
     # column "context" (`latentlm.data.segments`); the model then writes stories segment by segment
     segments: bool = False
+    # how the denoiser reads a segment's context: "text" (the context text's encoder states, through the
+    # text-to-text cross-attention) or "latents" (the latents of the other segments, with their place)
+    segment_context: str = "text"
 
     def __post_init__(self):
+        one_of("data.segment_context", self.segment_context, ("text", "latents"))
+        if self.segment_context == "latents" and not self.segments:
+            raise ValueError(
+                "data.segment_context=latents is how segments read their context: set data.segments: true."
+            )
         if self.segments:
             if self.source_column not in (None, "context"):
                 raise ValueError(
                     f"data.segments makes the source column 'context' (each segment's context), but data.source_column "
                     f"is {self.source_column!r}: leave it unset."
                 )
-            self.source_column = "context"
+            # with latent contexts no text is a source: the stage reads the other segments' latents
+            self.source_column = "context" if self.segment_context == "text" else None
         if self.target_column is not None:
             if self.text_column not in ("text", self.target_column):
                 raise ValueError(

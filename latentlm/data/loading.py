@@ -141,16 +141,18 @@ def load_text_dataset(data_cfg: DataConfig, split: str, max_samples: int | None 
 
 
 def _segment_dataset(ds: datasets.Dataset, data_cfg: DataConfig) -> datasets.Dataset:
-    """Documents -> one row per segment: the segment as the text, its context in ``context`` (labels
-    and other columns carried over from the document)."""
+    """Documents -> one row per segment: the segment as the text, its context in ``context``, where it
+    stands in ``document`` / ``position`` / ``with_right`` (whether the context shows the text after it),
+    and the labels and other columns carried over from the document."""
     from latentlm.data.segments import segment_examples
 
     documents = ds[data_cfg.text_column]
     examples = segment_examples(documents)
-    carried = [c for c in ds.column_names if c not in (data_cfg.text_column, "context")]
+    made = ("context", "document", "position", "with_right")
+    carried = [c for c in ds.column_names if c != data_cfg.text_column and c not in made]
     rows = {c: [ds[c][e["document"]] for e in examples] for c in carried}
     rows[data_cfg.text_column] = [e["segment"] for e in examples]
-    rows.update(context=[e["context"] for e in examples], position=[e["position"] for e in examples])
+    rows.update({key: [e[key] for e in examples] for key in ("context", "document", "position", "with_right")})
     return datasets.Dataset.from_dict(rows)
 
 

@@ -9,7 +9,8 @@ right side the example is an infilling one, without it a continuation.
 from latentlm.data.segments import segment_examples
 
 segment_examples(["It rained. We stayed in. We played cards."], seed=4)[1]
-# {'context': 'It rained. <gap> We played cards.', 'segment': 'We stayed in.', 'document': 0, 'position': 1}
+# {'context': 'It rained. <gap> We played cards.', 'segment': 'We stayed in.', 'document': 0, 'position': 1,
+#  'with_right': True}
 ```
 """
 
@@ -65,8 +66,15 @@ def segment_examples(
     for index, segments in enumerate(text_segments(documents, splitter)):
         for position, segment in enumerate(segments):
             left = " ".join(segments[:position])
-            right = " ".join(segments[position + 1 :]) if rng.random() < 0.5 else ""
+            with_right = rng.random() < 0.5
+            right = " ".join(segments[position + 1 :]) if with_right else ""
             examples.append(
-                {"context": segment_context(left, right), "segment": segment, "document": index, "position": position}
+                {
+                    "context": segment_context(left, right),
+                    "segment": segment,
+                    "document": index,
+                    "position": position,
+                    "with_right": with_right,
+                }
             )
     return examples

@@ -101,11 +101,13 @@ def build_pipeline(
     diffusion_path: str | Path,
     decode_kwargs: dict[str, Any] | None = None,
     segments: bool = False,
+    segment_context: str = "text",
 ):
     """A `LatentTextDiffusionPipeline` from stage 1's and stage 2's output folders.
 
     ``decode_kwargs`` become the pipeline's saved decoding defaults; ``segments``: trained on segments
-    (``data.segments``), so it writes long texts.
+    (``data.segments``), so it writes long texts, reading each segment's context as ``segment_context``
+    (``data.segment_context``).
     """
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -128,6 +130,7 @@ def build_pipeline(
         max_length=text_autoencoder.max_length,
         decode_kwargs=decode_kwargs,
         segments=segments,
+        segment_context=segment_context,
     )
     return pipe
 
@@ -217,6 +220,7 @@ def write_pipeline(
         diffusion_path,
         decode_kwargs=config.autoencoder.generate_kwargs,
         segments=config.data.segments,
+        segment_context=config.data.segment_context,
     )
     with atomic_directory(pipeline_dir) as tmp:
         pipe.save_pretrained(tmp)

@@ -13,6 +13,9 @@ half its examples ask for a story, half for the missing sentence between two par
 
     latentlm train --config configs/rocstories.yaml --set data.path=../shared/data/rocstories
     python benchmarks/long_text.py --run outputs/rocstories --data ../shared/data/rocstories --threads 2
+
+``--peer-from benchmarks/results/long_text.json`` reuses an earlier run's peer rows instead of
+training the peer again (a second pipeline on the same stories).
 """
 
 from __future__ import annotations
@@ -139,6 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--peer-minutes", type=float, default=None, help="default: the run's training minutes")
+    parser.add_argument(
+        "--peer-from",
+        default=None,
+        help="take the peer's rows from this earlier long_text JSON (same data and judges) instead of training it",
+    )
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -165,38 +173,55 @@ def main(argv=None) -> int:
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     stories, infills = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, args.steps)
-    tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
-    peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
-    peer_infills = peer_write(
-        tokenizer, peer, [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases], sample=False
-    )
+    earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
+    if earlier is None:
+        tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
+        peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
+        peer_infills = peer_write(
+            tokenizer, peer, [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases], sample=False
+        )
     features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
     held_out = read("validation")[args.num_stories : 2 * args.num_stories] or validation
-    rows = {"model": stories, "autoregressive": peer_stories, "references": held_out}
+    rows = {"model": stories, "references": held_out}
+    if earlier is None:
+        rows["autoregressive"] = peer_stories
     story_scores = {
         name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
         for name, texts in rows.items()
     }
     for name in ("model", "autoregressive"):
-        ratio = story_scores[name]["perplexity"] / story_scores["references"]["perplexity"]
-        story_scores[name]["perplexity_ratio"] = ratio
+        if name in story_scores:
+            ratio = story_scores[name]["perplexity"] / story_scores["references"]["perplexity"]
+            story_scores[name]["perplexity_ratio"] = ratio
     golds = [gold for _, _, gold in cases]
     copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
     infill_scores = {
         "model": score_infills(infills, golds, args.bert_model),
-        "autoregressive": score_infills(peer_infills, golds, args.bert_model),
         "references": {
             "what": "the sentence before the gap, copied",
             **score_infills(copy_before, golds, args.bert_model),
         },
     }
+    examples = {"stories": {"model": stories[:5]}, "infilling": {"model": infills[:5], "gold": golds[:5]}}
+    if earlier is None:
+        infill_scores["autoregressive"] = score_infills(peer_infills, golds, args.bert_model)
+        examples["stories"]["autoregressive"], examples["infilling"]["autoregressive"] = (
+            peer_stories[:5],
+            peer_infills[:5],
+        )
+    else:  # the peer's rows as the earlier run measured them (same stories, gap and judges)
+        story_scores["autoregressive"] = earlier["stories"]["autoregressive"]
+        infill_scores["autoregressive"] = earlier["infilling"]["autoregressive"]
+        minutes = earlier["peer_minutes"]
     payload = {
         "stories": story_scores,
         "infilling": infill_scores,
         "infill_stories": len(cases),
         "infill_stories_left_out": len(validation) - len(cases),
         "peer_minutes": minutes,
+        "peer_from": args.peer_from,
         "run": str(run),
+        "examples": examples,
     }
     common.write_results("long_text", payload, args.out)
     return 0

@@ -117,14 +117,12 @@ class LongTextMixin:
             after = encoded([right for _, right in pairs]) if infill is not None else None
         trimmed, latents = 0, []
         for _ in range(num_segments):
-            condition = {}
             if in_latents:
-                condition["source_states"] = self.latent_context(len(written), before, after)
-            elif starts is not None:
-                contexts = [segment_context(" ".join([start, *segments])) for start, segments in zip(starts, written)]
-                condition["source_texts"] = contexts
+                condition = {"source_states": self.latent_context(len(written), before, after)}
             else:
-                condition["source_texts"] = contexts
+                if starts is not None:
+                    contexts = [segment_context(" ".join([s, *segments])) for s, segments in zip(starts, written)]
+                condition = {"source_texts": contexts}
             output = self(class_labels=class_labels, generator=generator, options=options, **condition)
             latents.append(output.latents)
             for segments, texts in zip(written, output.texts):

@@ -72,6 +72,8 @@ class SourceStates:
 
     states: torch.Tensor
     mask: torch.Tensor
+    #: the call returns its texts grouped per source, as for source_texts (False: one text per row)
+    per_source: bool = True
 
     def __post_init__(self):
         if self.states.ndim != 3 or self.mask.shape != self.states.shape[:2]:

@@ -68,7 +68,8 @@ class LongTextMixin:
         """A call's sources (`check_sources`) and ``num_samples``: a pipeline whose segments read latents,
         called with neither, writes the first segment of ``num_samples`` texts (an empty context)."""
         if self.config.get("segment_context") == "latents" and source_texts is None and source_states is None:
-            source_states, num_samples = self.latent_context(num_samples or 1), None
+            context = self.latent_context(num_samples or 1)
+            source_states, num_samples = SourceStates(context.states, context.mask, per_source=False), None
         return check_sources(source_texts, source_states, self.denoiser.config.get("cross_attention_dim")), num_samples
 
     def side_latents(self, texts: list[str]) -> list[torch.Tensor | None]:

@@ -337,7 +337,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         if options.mbr_candidates > 1:
             chosen = mbr_select(texts, options.mbr_candidates, options.mbr_metric)
             texts, latents = [texts[i] for i in chosen], latents[chosen]
-        if sources is not None:
+        if sources is not None and getattr(sources, "per_source", True):
             k = num_samples_per_source
             texts = [texts[i : i + k] for i in range(0, len(texts), k)]
         return texts, latents

@@ -98,6 +98,14 @@ def test_a_latent_context_is_the_other_segments_latents_marked_with_their_place(
     assert [table.offsets[i][table.present[i]].tolist() for i in range(5)] == [[1, 2], [-1], [-2, -1], [1], [-1]]
 
 
+def test_a_pipeline_whose_segments_read_latents_writes_first_sentences_when_called_plainly(tiny_bart_dir):
+    pipe = make_tiny_pipeline(tiny_bart_dir, latent_context=True)
+    out = pipe(num_samples=3, class_labels="odd", num_inference_steps=2, decode_kwargs=FAST)
+    assert len(out.texts) == 3 and all(isinstance(text, str) for text in out.texts)
+    with pytest.raises(ValueError, match="Give source_texts or source_states, not both"):
+        pipe(source_texts=["a"], source_states=pipe.latent_context(1), num_inference_steps=2)
+
+
 def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(either_segment_pipe):
     pipe = either_segment_pipe
     settings = dict(num_inference_steps=2, decode_kwargs=FAST, generator=torch.Generator().manual_seed(0))
@@ -166,6 +174,8 @@ def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_
     assert main(["train", "--config", str(tmp_path / "stories.yaml"), "--in-process"]) == 0
     pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.config.segments and pipe.config.segment_context == segment_context
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(isinstance(row["text"], str) for row in samples)
     width = pipe.denoiser.config.cross_attention_dim
     assert width == (8 + LATENT_POSITION_DIM if segment_context == "latents" else pipe.autoencoder.config.d_model)
     out = pipe(num_samples=2, num_segments=3, num_inference_steps=2, decode_kwargs=FAST)

@@ -190,17 +190,11 @@ def _greedy_config(language_model, kwargs: dict):
     return config
 
 
-#: rows that have ended leave the batch once they are this share of it: leaving copies the whole
-#: cache, which at a large batch costs about as much as a decoding step
-RETIRE_FRACTION = 0.25
-
-
 @torch.no_grad()
 def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[list[int]]:
     """Greedy decoding from a prompt cache and the prompt's last input embedding ``tail`` [B, 1, H];
-    each row's tokens up to and with its end-of-text token. Rows that have ended leave the batch (and
-    the cache) together, once they are `RETIRE_FRACTION` of it, so they cost little more; the tokens
-    are those of ``generate()``'s greedy search."""
+    each row's tokens up to and with its end-of-text token. A row that has ended leaves the batch
+    (and the cache), so it costs nothing more; the tokens are those of ``generate()``'s greedy search."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinNewTokensLengthLogitsProcessor,
@@ -217,8 +211,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
         processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.min_new_tokens and len(eos):
         processors.append(MinNewTokensLengthLogitsProcessor(0, config.min_new_tokens, eos))
-    rows = torch.arange(tail.shape[0], device=tail.device)  # the batch row each decoding row writes
-    alive = torch.ones(tail.shape[0], dtype=torch.bool, device=tail.device)
+    rows = torch.arange(tail.shape[0], device=tail.device)
     tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
     finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
     inputs = {"inputs_embeds": tail}
@@ -226,18 +219,15 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
         logits = language_model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1, :].float()
         next_tokens = processors(tokens, logits).argmax(dim=-1)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        done = alive & (torch.isin(next_tokens, eos) | (step + 1 == config.max_new_tokens))
+        done = torch.isin(next_tokens, eos) | (step + 1 == config.max_new_tokens)
         if bool(done.any()):
             for i in done.nonzero().flatten().tolist():
                 finished[int(rows[i])] = tokens[i].tolist()
-            alive &= ~done
-            remaining = int(alive.sum())
-            if remaining == 0:
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
                 break
-            if len(rows) - remaining >= RETIRE_FRACTION * len(rows):
-                keep = alive.nonzero().flatten()
-                cache.batch_select_indices(keep)
-                rows, tokens, next_tokens, alive = rows[keep], tokens[keep], next_tokens[keep], alive[keep]
+            cache.batch_select_indices(keep)
+            rows, tokens, next_tokens = rows[keep], tokens[keep], next_tokens[keep]
         inputs = {"input_ids": next_tokens[:, None]}
     return finished
 

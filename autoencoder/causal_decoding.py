@@ -4,7 +4,9 @@ key/value prefix) and the text the LM writes after it.
 The prompt is computed once per batch: the constant part before ``{memory}`` once for all rows, the
 rest once per row, and beams and sampled sequences share it through the cache. Greedy decoding runs
 its own loop over the LM's cache so that a row that has written its end-of-text token stops costing
-compute (`generate()` keeps every row until the longest ends); its tokens are `generate()`'s.
+compute (`generate()` keeps every row until the longest ends); its tokens are `generate()`'s. Its
+cache has room reserved for the text (`reserve_cache_room`): a step writes its keys and values in
+place instead of copying the whole cache, as `DynamicCache` does by concatenation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 
 import torch
 from latentlm.autoencoder.model_parts import causal_body, unwrap_peft
+from transformers.cache_utils import DynamicLayer
 
 __all__ = [
     "MEMORY_PLACEHOLDER",
@@ -23,6 +26,8 @@ __all__ = [
     "generate_causal",
     "greedy_decode",
     "soft_prompt_cache",
+    "reserve_cache_room",
+    "ReservedLayer",
 ]
 
 MEMORY_PLACEHOLDER = "{memory}"
@@ -190,6 +195,63 @@ def _greedy_config(language_model, kwargs: dict):
     return config
 
 
+class ReservedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views of buffers with ``room`` more
+    positions: a new position is written in place, where ``DynamicLayer.update`` copies the whole
+    cache into a new tensor (``torch.cat``) at every step. Built from a filled ``DynamicLayer``."""
+
+    def __init__(self, layer: DynamicLayer, room: int):
+        super().__init__()
+        self.room, self.device, self.is_initialized = room, layer.keys.device, True
+        self.key_buffer, self.value_buffer = _with_room(layer.keys, room), _with_room(layer.values, room)
+        self._view(layer.keys.shape[-2])
+
+    def _view(self, length: int) -> None:
+        self.keys, self.values = self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # past the room reserved: reserve as much again
+            self.key_buffer = _with_room(self.keys, end - start + self.room)
+            self.value_buffer = _with_room(self.values, end - start + self.room)
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        self._view(end)
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda buffer: buffer.index_select(0, indices.to(buffer.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def _rows(self, select) -> None:
+        length = self.get_seq_length()
+        self.key_buffer, self.value_buffer = select(self.key_buffer), select(self.value_buffer)
+        self._view(length)
+
+
+def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
+    """``states`` [B, H, T, D] copied into a new buffer [B, H, T + room, D]."""
+    buffer = states.new_empty(*states.shape[:-2], states.shape[-2] + room, states.shape[-1])
+    buffer[..., : states.shape[-2], :] = states
+    return buffer
+
+
+def reserve_cache_room(cache, room: int):
+    """Reserve ``room`` more positions in each filled full-attention layer of a ``DynamicCache`` (in
+    place; other layer kinds stay as they are), so the decoding steps that follow write into it
+    instead of copying the cache at each step. Returns ``cache``."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            cache.layers[i] = ReservedLayer(layer, room)
+    return cache
+
+
 @torch.no_grad()
 def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[list[int]]:
     """Greedy decoding from a prompt cache and the prompt's last input embedding ``tail`` [B, 1, H];
@@ -215,6 +277,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
     tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
     finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
     inputs = {"inputs_embeds": tail}
+    reserve_cache_room(cache, config.max_new_tokens + tail.shape[1])
     for step in range(config.max_new_tokens):
         logits = language_model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1, :].float()
         next_tokens = processors(tokens, logits).argmax(dim=-1)

@@ -75,3 +75,29 @@ def test_greedy_decoding_retires_rows_that_have_ended(trained_model):
     assert min(lengths) < max(lengths)  # the rows end at different steps ...
     assert batch_sizes[0] == 12 and batch_sizes[-1] < 12  # ... and the ones that ended left the batch
     assert batch_sizes == sorted(batch_sizes, reverse=True)
+
+
+def test_reserved_cache_writes_steps_in_place_and_keeps_the_states():
+    from latentlm.autoencoder.causal_decoding import ReservedLayer, reserve_cache_room
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    first = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    cache.update(*first, layer_idx=0)
+    reserve_cache_room(cache, room=2)
+    layer = cache.layers[0]
+    assert isinstance(layer, ReservedLayer)
+    buffer = layer.key_buffer.data_ptr()
+    steps = [(torch.randn(4, 2, 1, 3), torch.randn(4, 2, 1, 3)) for _ in range(3)]
+    for keys, values in steps[:2]:
+        cache.update(keys, values, layer_idx=0)
+    assert layer.key_buffer.data_ptr() == buffer  # two steps fit the room: no copy
+    cache.update(*steps[2], layer_idx=0)  # a third grows the buffer
+    expected_keys = torch.cat([first[0]] + [k for k, _ in steps], dim=2)
+    expected_values = torch.cat([first[1]] + [v for _, v in steps], dim=2)
+    assert cache.get_seq_length() == 8
+    assert torch.equal(layer.keys, expected_keys) and torch.equal(layer.values, expected_values)
+    cache.batch_select_indices(torch.tensor([1, 3]))
+    assert torch.equal(layer.keys, expected_keys[[1, 3]]) and torch.equal(layer.values, expected_values[[1, 3]])
+    cache.update(torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 3), layer_idx=0)
+    assert cache.get_seq_length() == 9 and torch.equal(layer.keys[:, :, :8], expected_keys[[1, 3]])

@@ -27,6 +27,7 @@ __all__ = [
     "greedy_decode",
     "soft_prompt_cache",
     "reserve_cache_room",
+    "retirement_order",
     "ReservedLayer",
 ]
 
@@ -224,7 +225,17 @@ class ReservedLayer(DynamicLayer):
         self._rows(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(lambda buffer: buffer.index_select(0, indices.to(buffer.device)))
+        indices = indices.to(self.key_buffer.device)
+        kept = indices.numel()
+        moved = (indices != torch.arange(kept, device=indices.device)).nonzero().flatten()
+        if bool((indices[moved] >= kept).all()):
+            # Rows stay where they are, or fill a hole from beyond the rows kept (`retirement_order`):
+            # only the moved rows are copied, and the buffers shrink to their first rows as views.
+            for buffer in (self.key_buffer, self.value_buffer):
+                buffer[moved] = buffer[indices[moved]]
+            self._rows(lambda buffer: buffer[:kept])
+        else:
+            self._rows(lambda buffer: buffer.index_select(0, indices))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -250,6 +261,17 @@ def reserve_cache_room(cache, room: int):
         if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
             cache.layers[i] = ReservedLayer(layer, room)
     return cache
+
+
+def retirement_order(done: torch.Tensor) -> torch.Tensor:
+    """The rows to keep when the rows where ``done`` leave a batch, in an order that moves fewest: a
+    row that stays keeps its place unless it lies beyond the rows kept, and then fills a hole left
+    by a row that ended (so a `ReservedLayer` copies only those rows)."""
+    kept = int((~done).sum())
+    order = torch.arange(kept, device=done.device)
+    holes = done[:kept].nonzero().flatten()
+    order[holes] = (~done[kept:]).nonzero().flatten() + kept
+    return order
 
 
 @torch.no_grad()
@@ -286,7 +308,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
         if bool(done.any()):
             for i in done.nonzero().flatten().tolist():
                 finished[int(rows[i])] = tokens[i].tolist()
-            keep = (~done).nonzero().flatten()
+            keep = retirement_order(done)
             if keep.numel() == 0:
                 break
             cache.batch_select_indices(keep)

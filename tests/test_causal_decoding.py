@@ -101,3 +101,22 @@ def test_reserved_cache_writes_steps_in_place_and_keeps_the_states():
     assert torch.equal(layer.keys, expected_keys[[1, 3]]) and torch.equal(layer.values, expected_values[[1, 3]])
     cache.update(torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 3), layer_idx=0)
     assert cache.get_seq_length() == 9 and torch.equal(layer.keys[:, :, :8], expected_keys[[1, 3]])
+
+
+def test_retirement_moves_only_rows_from_beyond_the_kept_ones_into_the_holes():
+    from latentlm.autoencoder.causal_decoding import reserve_cache_room, retirement_order
+    from transformers import DynamicCache
+
+    done = torch.tensor([False, True, False, False, True, False, True])
+    order = retirement_order(done)
+    assert order.tolist() == [0, 5, 2, 3]  # rows 0, 2, 3 stay; row 5 fills the hole row 1 left
+    cache = DynamicCache()
+    keys, values = torch.randn(7, 2, 4, 3), torch.randn(7, 2, 4, 3)
+    cache.update(keys, values, layer_idx=0)
+    reserve_cache_room(cache, room=3)
+    buffer = cache.layers[0].key_buffer.data_ptr()
+    cache.batch_select_indices(order)
+    assert cache.layers[0].key_buffer.data_ptr() == buffer  # in place
+    assert torch.equal(cache.layers[0].keys, keys[order]) and torch.equal(cache.layers[0].values, values[order])
+    cache.batch_select_indices(torch.tensor([2, 0]))  # any other order: a gathered copy
+    assert torch.equal(cache.layers[0].keys, keys[order][[2, 0]])

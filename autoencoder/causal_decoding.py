@@ -15,7 +15,7 @@ import copy
 import warnings
 
 import torch
-from latentlm.autoencoder.model_parts import causal_body, unwrap_peft
+from latentlm.autoencoder.model_parts import cache_argument, causal_body, unwrap_peft
 from transformers.cache_utils import DynamicLayer
 
 __all__ = [
@@ -92,7 +92,7 @@ def key_value_prefix_inputs(
     b, device = memory.shape[0] * repeats, memory.device
     cache = DynamicCache(config=model.config)
     if before:  # the same for every row: computed once
-        body(input_ids=torch.tensor([before], device=device), past_key_values=cache, use_cache=True)
+        body(input_ids=torch.tensor([before], device=device), **cache_argument(body, cache), use_cache=True)
         cache.batch_repeat_interleave(b)
     # The cache must hold what the attention layers compute: under autocast, its dtype.
     param = next(model.parameters())
@@ -118,14 +118,14 @@ def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tens
     batch, device = memory.shape[0], memory.device
     cache = DynamicCache(config=model.config)
     if before:
-        body(inputs_embeds=embed(torch.tensor([before], device=device)), past_key_values=cache, use_cache=True)
+        body(inputs_embeds=embed(torch.tensor([before], device=device)), **cache_argument(body, cache), use_cache=True)
         cache.batch_repeat_interleave(batch)
     rest = [memory.to(embed.weight.dtype)]
     if after:
         rest.append(embed(torch.tensor(after, device=device)).expand(batch, -1, -1))
     rest = torch.cat(rest, dim=1)
     if rest.shape[1] > 1:
-        body(inputs_embeds=rest[:, :-1], past_key_values=cache, use_cache=True)
+        body(inputs_embeds=rest[:, :-1], **cache_argument(body, cache), use_cache=True)
     return cache, rest[:, -1:]
 
 
@@ -155,7 +155,9 @@ def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor
         # positions get placeholders, so repetition penalties see only the generated text.
         inputs = torch.cat([tail.new_zeros(tail.shape[0], past, tail.shape[2]), tail], dim=1)
         mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        output_ids = language_model.generate(inputs_embeds=inputs, attention_mask=mask, past_key_values=cache, **kwargs)
+        output_ids = language_model.generate(
+            inputs_embeds=inputs, attention_mask=mask, **cache_argument(language_model, cache), **kwargs
+        )
     texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
     return [t.strip() for t in texts]
 
@@ -298,10 +300,11 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
     rows = torch.arange(tail.shape[0], device=tail.device)
     tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
     finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
-    inputs = {"inputs_embeds": tail}
+    with_cache = cache_argument(language_model, cache)
+    inputs = {"inputs_embeds": tail, **with_cache}
     reserve_cache_room(cache, config.max_new_tokens + tail.shape[1])
     for step in range(config.max_new_tokens):
-        logits = language_model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+        logits = language_model(**inputs, use_cache=True).logits[:, -1, :].float()
         next_tokens = processors(tokens, logits).argmax(dim=-1)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         done = torch.isin(next_tokens, eos) | (step + 1 == config.max_new_tokens)
@@ -313,7 +316,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
                 break
             cache.batch_select_indices(keep)
             rows, tokens, next_tokens = rows[keep], tokens[keep], next_tokens[keep]
-        inputs = {"input_ids": next_tokens[:, None]}
+        inputs = {"input_ids": next_tokens[:, None], **with_cache}
     return finished
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from latentlm.autoencoder.causal_decoding import key_value_prefix_inputs, soft_prompt_inputs, uses_key_value_prefix
-from latentlm.autoencoder.model_parts import causal_body, unwrap_peft
+from latentlm.autoencoder.model_parts import cache_argument, causal_body, unwrap_peft
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["alignment_loss", "causal_reconstruction_loss", "seq2seq_reconstruction_loss", "shift_right"]
@@ -36,7 +36,7 @@ def causal_reconstruction_loss(
     model, body = causal_body(language_model)
     if uses_key_value_prefix(autoencoder):
         cache, ids = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
-        hidden = body(input_ids=ids, past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
+        hidden = body(input_ids=ids, **cache_argument(body, cache), use_cache=True, return_dict=True).last_hidden_state
     else:
         inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
         hidden = body(inputs_embeds=inputs, use_cache=False, return_dict=True).last_hidden_state

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["causal_body", "decoder_layers", "decoder_stack_name", "is_causal_lm", "unwrap_peft"]
+__all__ = ["cache_argument", "causal_body", "decoder_layers", "decoder_stack_name", "is_causal_lm", "unwrap_peft"]
 
 
 def unwrap_peft(language_model):
@@ -40,3 +40,12 @@ def decoder_layers(language_model) -> torch.nn.ModuleList:
     """The transformer blocks of a causal LM (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
     body = unwrap_peft(language_model).base_model
     return getattr(body, decoder_stack_name(body))
+
+
+def cache_argument(model, cache) -> dict:
+    """``{name: cache}`` for a transformers model's forward and ``generate()``: ``cache`` where the
+    model takes it (transformers 5.25 deprecates ``past_key_values``), else ``past_key_values``."""
+    import inspect
+
+    forward = inspect.signature(type(unwrap_peft(model)).forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache}

@@ -26,6 +26,8 @@ __all__ = [
     "generate_causal",
     "greedy_decode",
     "soft_prompt_cache",
+    "soft_prompt_length",
+    "CPU_PREFILL_POSITIONS",
     "reserve_cache_room",
     "retirement_order",
     "ReservedLayer",
@@ -106,27 +108,48 @@ def key_value_prefix_inputs(
     return cache, input_ids
 
 
-def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tensor):
+#: positions per prefill call on a CPU: a larger call's activations no longer stay in the CPU's
+#: caches, and every position costs more (benchmarks/README.md, "Sampling vs autoregressive")
+CPU_PREFILL_POSITIONS = 2048
+
+
+def soft_prompt_length(tokenizer, autoencoder) -> int:
+    """Positions of the soft prompt: the template's tokens around ``{memory}`` and the memory."""
+    before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
+    return len(before) + autoencoder.memory_length + len(after)
+
+
+def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tensor, room: int = 0):
     """The soft prompt run through the LM once: ``(cache, last)``, the keys and values of every prompt
-    position but the last (the constant part before ``{memory}`` computed once and shared by every
-    row) and the input embedding of the last position ``[B, 1, H]``, which the LM reads next."""
+    position but the last and the input embedding of the last position ``[B, 1, H]``, which the LM
+    reads next. The constant part before ``{memory}`` is computed once for every row; on a CPU the
+    rest runs in groups of rows of about `CPU_PREFILL_POSITIONS` positions. ``room``: positions
+    reserved after the prompt in each full-attention layer (`ReservedLayer`) for the text."""
     from transformers import DynamicCache
 
     model, body = causal_body(language_model)
     embed = model.get_input_embeddings()
     before, after = _prompt_ids(tokenizer, autoencoder.config.get("prompt_template"))
     batch, device = memory.shape[0], memory.device
-    cache = DynamicCache(config=model.config)
+    prefix = DynamicCache(config=model.config)
     if before:
-        body(inputs_embeds=embed(torch.tensor([before], device=device)), **cache_argument(body, cache), use_cache=True)
-        cache.batch_repeat_interleave(batch)
+        body(inputs_embeds=embed(torch.tensor([before], device=device)), **cache_argument(body, prefix), use_cache=True)
     rest = [memory.to(embed.weight.dtype)]
     if after:
         rest.append(embed(torch.tensor(after, device=device)).expand(batch, -1, -1))
     rest = torch.cat(rest, dim=1)
-    if rest.shape[1] > 1:
-        body(inputs_embeds=rest[:, :-1], **cache_argument(body, cache), use_cache=True)
-    return cache, rest[:, -1:]
+    group = max(1, CPU_PREFILL_POSITIONS // (len(before) + rest.shape[1])) if device.type == "cpu" else batch
+    caches = []
+    for start in range(0, batch, group):
+        rows = rest[start : start + group]
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(prefix.layers if before else []):
+            shape = (rows.shape[0], *layer.keys.shape[1:])
+            cache.update(layer.keys.expand(shape), layer.values.expand(shape), i)
+        if rest.shape[1] > 1:
+            body(inputs_embeds=rows[:, :-1], **cache_argument(body, cache), use_cache=True)
+        caches.append(cache)
+    return _stack_rows(caches, room) if room or len(caches) > 1 else caches[0], rest[:, -1:]
 
 
 def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
@@ -140,10 +163,12 @@ def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor
     if uses_key_value_prefix(autoencoder):
         cache, after = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory)
         tail = causal_body(language_model)[0].get_input_embeddings()(after)
+        kwargs = _text_length_kwargs(language_model, kwargs, cache.get_seq_length() + tail.shape[1])
     else:
-        cache, tail = soft_prompt_cache(tokenizer, language_model, autoencoder, memory)
+        kwargs = _text_length_kwargs(language_model, kwargs, soft_prompt_length(tokenizer, autoencoder))
+        # room for the text (and the prompt's last position) in every row's cache
+        cache, tail = soft_prompt_cache(tokenizer, language_model, autoencoder, memory, kwargs["max_new_tokens"] + 1)
     past = cache.get_seq_length()
-    kwargs = _text_length_kwargs(language_model, kwargs, past + tail.shape[1])
     config = _greedy_config(language_model, kwargs)
     if config is not None:
         output_ids = greedy_decode(language_model, cache, tail, config)
@@ -201,13 +226,15 @@ def _greedy_config(language_model, kwargs: dict):
 class ReservedLayer(DynamicLayer):
     """A full-attention cache layer whose keys and values are views of buffers with ``room`` more
     positions: a new position is written in place, where ``DynamicLayer.update`` copies the whole
-    cache into a new tensor (``torch.cat``) at every step. Built from a filled ``DynamicLayer``."""
+    cache into a new tensor (``torch.cat``) at every step. Built from the filled ``DynamicLayer`` of
+    each group of rows (one group, or several that were prefilled apart), stacked in order."""
 
-    def __init__(self, layer: DynamicLayer, room: int):
+    def __init__(self, layers: list[DynamicLayer], room: int):
         super().__init__()
-        self.room, self.device, self.is_initialized = room, layer.keys.device, True
-        self.key_buffer, self.value_buffer = _with_room(layer.keys, room), _with_room(layer.values, room)
-        self._view(layer.keys.shape[-2])
+        self.room, self.device, self.is_initialized = room, layers[0].keys.device, True
+        self.key_buffer = _with_room([layer.keys for layer in layers], room)
+        self.value_buffer = _with_room([layer.values for layer in layers], room)
+        self._view(layers[0].keys.shape[-2])
 
     def _view(self, length: int) -> None:
         self.keys, self.values = self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
@@ -216,8 +243,8 @@ class ReservedLayer(DynamicLayer):
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:  # past the room reserved: reserve as much again
-            self.key_buffer = _with_room(self.keys, end - start + self.room)
-            self.value_buffer = _with_room(self.values, end - start + self.room)
+            self.key_buffer = _with_room([self.keys], end - start + self.room)
+            self.value_buffer = _with_room([self.values], end - start + self.room)
         self.key_buffer[..., start:end, :] = key_states
         self.value_buffer[..., start:end, :] = value_states
         self._view(end)
@@ -248,10 +275,15 @@ class ReservedLayer(DynamicLayer):
         self._view(length)
 
 
-def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
-    """``states`` [B, H, T, D] copied into a new buffer [B, H, T + room, D]."""
-    buffer = states.new_empty(*states.shape[:-2], states.shape[-2] + room, states.shape[-1])
-    buffer[..., : states.shape[-2], :] = states
+def _with_room(row_groups: list[torch.Tensor], room: int) -> torch.Tensor:
+    """Groups of rows [B_i, H, T, D] copied, in order, into one new buffer [sum B_i, H, T + room, D]."""
+    first = row_groups[0]
+    rows, length = sum(group.shape[0] for group in row_groups), first.shape[-2]
+    buffer = first.new_empty(rows, *first.shape[1:-2], length + room, first.shape[-1])
+    start = 0
+    for group in row_groups:
+        buffer[start : start + group.shape[0], ..., :length, :] = group
+        start += group.shape[0]
     return buffer
 
 
@@ -259,9 +291,20 @@ def reserve_cache_room(cache, room: int):
     """Reserve ``room`` more positions in each filled full-attention layer of a ``DynamicCache`` (in
     place; other layer kinds stay as they are), so the decoding steps that follow write into it
     instead of copying the cache at each step. Returns ``cache``."""
+    return _stack_rows([cache], room)
+
+
+def _stack_rows(caches: list, room: int):
+    """The first of ``caches`` holding the rows of them all, in order, with ``room`` reserved in
+    its filled full-attention layers (`ReservedLayer`); other layer kinds are concatenated."""
+    cache = caches[0]
     for i, layer in enumerate(cache.layers):
+        groups = [c.layers[i] for c in caches]
         if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            cache.layers[i] = ReservedLayer(layer, room)
+            cache.layers[i] = ReservedLayer(groups, room)
+        elif len(caches) > 1 and layer.keys is not None and layer.keys.numel():
+            layer.keys = torch.cat([group.keys for group in groups])
+            layer.values = torch.cat([group.values for group in groups])
     return cache
 
 

@@ -120,3 +120,30 @@ def test_retirement_moves_only_rows_from_beyond_the_kept_ones_into_the_holes():
     assert torch.equal(cache.layers[0].keys, keys[order]) and torch.equal(cache.layers[0].values, values[order])
     cache.batch_select_indices(torch.tensor([2, 0]))  # any other order: a gathered copy
     assert torch.equal(cache.layers[0].keys, keys[order][[2, 0]])
+
+
+@pytest.mark.parametrize("setting", ["plain greedy", "4 beams"])
+def test_a_prompt_prefilled_in_groups_of_rows_decodes_to_the_same_texts(trained_model, setting, monkeypatch):
+    import latentlm.autoencoder.causal_decoding as causal_decoding
+
+    model = trained_model
+    with torch.no_grad():
+        memory = model.autoencoder.reconstruct(model.encode(SENTENCES[:8] + SENTENCES[20:24]))
+        expected = reference_texts(model, memory, SETTINGS[setting])
+    prompt = causal_decoding.soft_prompt_length(model.tokenizer, model.autoencoder)
+    monkeypatch.setattr(causal_decoding, "CPU_PREFILL_POSITIONS", 5 * prompt)  # 5 rows a call
+    calls = []
+    hook = causal_decoding.causal_body(model.language_model)[1].register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(
+            (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[:2]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            got = generate_causal(model.tokenizer, model.language_model, model.autoencoder, memory, SETTINGS[setting])
+    finally:
+        hook.remove()
+    assert got == expected
+    prefill = [rows for rows, positions in calls if positions > 1 and rows > 1]
+    assert prefill == [5, 5, 2]  # the 12 rows' prompts in groups of 5 (the constant part once, 1 row)

@@ -65,10 +65,18 @@ def shifted_cosine_betas(num_train_timesteps: int, shift: float = 2.0) -> np.nda
 def floored_betas(alphas_cumprod: np.ndarray, noise_floor: float) -> np.ndarray:
     """The betas of a schedule whose noise std ``sqrt(1 - ᾱ_t)`` never falls below ``noise_floor``
     (DINOISER, Ye et al. 2023: the smallest noise levels are trivial to undo, so the model learns
-    little there, and a sampler ending on them gains nothing): ᾱ'_t = min(ᾱ_t, 1 - noise_floor²)."""
+    little there, and a sampler ending on them gains nothing). The timesteps are spread over the
+    schedule's noise levels from the floor on: ᾱ'_t = ᾱ(t0 + t (T - 1 - t0) / (T - 1)), with ᾱ(t0) =
+    1 - noise_floor² (interpolated), so the schedule keeps falling at every step; a flat start would
+    give multistep solvers (DPM-Solver) steps of zero length, and NaN."""
     if not 0.0 < noise_floor < 1.0:
         raise ValueError(f"noise_floor must lie in (0, 1) (a noise std), got {noise_floor}.")
-    return _betas_from_alphas_cumprod(np.minimum(alphas_cumprod, 1.0 - noise_floor**2))
+    cap, steps = 1.0 - noise_floor**2, np.arange(len(alphas_cumprod), dtype=np.float64)
+    if alphas_cumprod[0] <= cap:  # every step is already that noisy
+        return _betas_from_alphas_cumprod(alphas_cumprod)
+    start = float(np.interp(cap, alphas_cumprod[::-1], steps[::-1]))  # ᾱ falls: reversed, it rises
+    last = steps[-1]
+    return _betas_from_alphas_cumprod(np.interp(start + steps * (last - start) / last, steps, alphas_cumprod))
 
 
 def original_sample_losses(

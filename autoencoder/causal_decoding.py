@@ -144,6 +144,8 @@ def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tens
         rows = rest[start : start + group]
         cache = DynamicCache(config=model.config)
         for i, layer in enumerate(prefix.layers if before else []):
+            if layer.keys is None:  # a layer that reads another's cache
+                continue
             shape = (rows.shape[0], *layer.keys.shape[1:])
             cache.update(layer.keys.expand(shape), layer.values.expand(shape), i)
         if rest.shape[1] > 1:
@@ -240,6 +242,14 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # after reset(): these states start it anew, with the same room
+            self.key_buffer, self.value_buffer = (
+                _with_room([key_states], self.room),
+                _with_room([value_states], self.room),
+            )
+            self.is_initialized = True
+            self._view(key_states.shape[-2])
+            return self.keys, self.values
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:  # past the room reserved: reserve as much again

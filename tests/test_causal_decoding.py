@@ -101,6 +101,10 @@ def test_reserved_cache_writes_steps_in_place_and_keeps_the_states():
     assert torch.equal(layer.keys, expected_keys[[1, 3]]) and torch.equal(layer.values, expected_values[[1, 3]])
     cache.update(torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 3), layer_idx=0)
     assert cache.get_seq_length() == 9 and torch.equal(layer.keys[:, :, :8], expected_keys[[1, 3]])
+    cache.reset()  # then a new batch of another size
+    fresh = torch.randn(3, 2, 4, 3)
+    cache.update(fresh, fresh, layer_idx=0)
+    assert cache.get_seq_length() == 4 and torch.equal(layer.keys, fresh)
 
 
 def test_retirement_moves_only_rows_from_beyond_the_kept_ones_into_the_holes():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import common
 import torch
+from latentlm.pipelines import SamplingOptions
 
 from latentlm.data.segments import split_sentences
 from latentlm.evaluation.long_text import infill_cases, score_infills, score_stories
@@ -119,17 +120,23 @@ def peer_write(tokenizer, model, requests: list[str], sample: bool, batch_size: 
     return outputs
 
 
-def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, steps: int):
-    stories, infills = [], []
+def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, options):
+    """The pipeline's stories and gap fillings, and how many of their segments were drawn again, or left
+    unfinished (`SamplingOptions.segment_retries`)."""
+    stories, infills, counts = [], [], {"redrawn_segments": 0, "unfinished_segments": 0}
+
+    def tally(out):
+        for key in counts:
+            counts[key] += getattr(out, key)
+        return out.texts
+
     for start in range(0, num_stories, batch_size):
-        out = pipe(
-            num_samples=min(batch_size, num_stories - start), num_segments=num_segments, num_inference_steps=steps
-        )
-        stories.extend(out.texts)
+        size = min(batch_size, num_stories - start)
+        stories.extend(tally(pipe(num_samples=size, num_segments=num_segments, options=options)))
     for start in range(0, len(cases), batch_size):
         chunk = [(left, right) for left, right, _ in cases[start : start + batch_size]]
-        infills.extend(pipe(infill=chunk, num_inference_steps=steps).texts)
-    return stories, infills
+        infills.extend(tally(pipe(infill=chunk, options=options)))
+    return stories, infills, counts
 
 
 def main(argv=None) -> int:
@@ -146,6 +153,9 @@ def main(argv=None) -> int:
         "--peer-from",
         default=None,
         help="take the peer's rows from this earlier long_text JSON (same data and judges) instead of training it",
+    )
+    parser.add_argument(
+        "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
     )
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
@@ -172,7 +182,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    stories, infills = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, args.steps)
+    options = SamplingOptions(num_inference_steps=args.steps, segment_retries=args.segment_retries)
+    stories, infills, counts = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, options)
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
@@ -220,6 +231,8 @@ def main(argv=None) -> int:
         "infill_stories_left_out": len(validation) - len(cases),
         "peer_minutes": minutes,
         "peer_from": args.peer_from,
+        "segment_retries": args.segment_retries,
+        **counts,
         "run": str(run),
         "examples": examples,
     }

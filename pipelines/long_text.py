@@ -14,7 +14,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from latentlm.pipelines.conditioning import SourceStates, check_sources
 from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
 
-from latentlm.data.segments import segment_context, split_sentences
+from latentlm.data.segments import ends_sentence, segment_context, split_sentences
 
 __all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "latent_context_states"]
 
@@ -41,6 +41,16 @@ def latent_context_states(
     code = code.reshape(batch, k, n, LATENT_POSITION_DIM).to(latents.dtype)
     states = torch.cat([latents, code], dim=-1) * present[:, :, None, None].to(latents.dtype)
     return states.reshape(batch, k * n, -1), present[:, :, None].expand(batch, k, n).reshape(batch, k * n).long()
+
+
+def rows_of(value, rows: list[int], num_rows: int):
+    """The given ``rows`` of a per-row ``value`` (a list, tensor or `SourceStates` of ``num_rows``); any
+    other value (one class label for all, None) as it is."""
+    if isinstance(value, SourceStates):
+        return SourceStates(value.states[rows], value.mask[rows], value.per_source)
+    if (torch.is_tensor(value) and value.ndim == 1 or isinstance(value, (list, tuple))) and len(value) == num_rows:
+        return value[torch.tensor(rows)] if torch.is_tensor(value) else [value[i] for i in rows]
+    return value
 
 
 class LongTextMixin:
@@ -81,6 +91,37 @@ class LongTextMixin:
             result[i] = latents.cpu()
         return result
 
+    def write_segment(self, condition: dict, class_labels, generator, options):
+        """One segment for every row of ``condition``: its sentence and latents ``[R, N, D]``, and the
+        counts (trimmed, redrawn, unfinished).
+
+        A segment is one sentence: where the decoder writes more, the first is kept (trimmed). Where it
+        writes an empty or unfinished one (no closing ``.``, ``!`` or ``?``, `ends_sentence`), the row is
+        drawn again from new noise, up to ``options.segment_retries`` times; what is still unfinished
+        then is kept as it is, and counted."""
+        rows = len(next(iter(condition.values())))
+        sentences, trimmed, latents = [""] * rows, [False] * rows, None
+        pending, redrawn = list(range(rows)), 0
+        for attempt in range(options.segment_retries + 1):
+            redrawn += len(pending) if attempt else 0
+            output = self(
+                class_labels=rows_of(class_labels, pending, rows),
+                generator=rows_of(generator, pending, rows),
+                options=options,
+                **{key: rows_of(value, pending, rows) for key, value in condition.items()},
+            )
+            if latents is None:
+                latents = output.latents.clone()
+            else:
+                latents[pending] = output.latents.to(latents.dtype)
+            for i, texts in zip(pending, output.texts):
+                split = split_sentences(texts[0]) or [""]
+                sentences[i], trimmed[i] = split[0], len(split) > 1
+            pending = [i for i in pending if not ends_sentence(sentences[i])]
+            if not pending:
+                break
+        return sentences, latents, (sum(trimmed), redrawn, len(pending))
+
     def check_segments(self) -> None:
         if not self.config.get("segments"):
             raise ValueError(
@@ -92,9 +133,7 @@ class LongTextMixin:
         self, num_samples, class_labels, *, num_segments, prompt_texts, infill, generator, options, return_dict
     ):
         """Stories of ``num_segments`` segments (one per sample, or continuing each of ``prompt_texts``),
-        or the segments that fill each ``(left, right)`` gap of ``infill``. A segment is one sentence:
-        where the decoder writes more, the first is kept and the output counts the others
-        (``trimmed_segments``)."""
+        or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time."""
         self.check_segments()
         if infill is not None:
             if num_segments is not None or prompt_texts is not None:
@@ -116,7 +155,7 @@ class LongTextMixin:
             encoded = self.side_latents
             before = encoded([left for left, _ in pairs]) if infill is not None else encoded(starts)
             after = encoded([right for _, right in pairs]) if infill is not None else None
-        trimmed, latents = 0, []
+        trimmed, redrawn, unfinished, latents = 0, 0, 0, []
         for _ in range(num_segments):
             if in_latents:
                 condition = {"source_states": self.latent_context(len(written), before, after)}
@@ -124,22 +163,26 @@ class LongTextMixin:
                 if starts is not None:
                     contexts = [segment_context(" ".join([s, *segments])) for s, segments in zip(starts, written)]
                 condition = {"source_texts": contexts}
-            output = self(class_labels=class_labels, generator=generator, options=options, **condition)
-            latents.append(output.latents)
-            for segments, texts in zip(written, output.texts):
-                sentences = split_sentences(texts[0]) or [""]
-                segments.append(sentences[0])
-                trimmed += len(sentences) > 1
+            sentences, segment_latents, counts = self.write_segment(condition, class_labels, generator, options)
+            latents.append(segment_latents)
+            for segments, sentence in zip(written, sentences):
+                segments.append(sentence)
+            trimmed, redrawn, unfinished = trimmed + counts[0], redrawn + counts[1], unfinished + counts[2]
             if in_latents:  # the next segment reads the latents of the sentences kept, as training did
-                kept = self.side_latents([segments[-1] for segments in written])
+                kept = self.side_latents(sentences)
                 for i, row in enumerate(kept):
-                    row = output.latents[i : i + 1].cpu() if row is None else row
+                    row = segment_latents[i : i + 1].cpu() if row is None else row
                     before[i] = row if before[i] is None else torch.cat([before[i], row])
         if starts is None:
             texts = [segments[0] for segments in written]
         else:
             texts = [" ".join(part for part in (start, *segments) if part) for start, segments in zip(starts, written)]
         result = LatentTextDiffusionPipelineOutput(
-            texts=texts, latents=torch.stack(latents, dim=1), segments=written, trimmed_segments=trimmed
+            texts=texts,
+            latents=torch.stack(latents, dim=1),
+            segments=written,
+            trimmed_segments=trimmed,
+            redrawn_segments=redrawn,
+            unfinished_segments=unfinished,
         )
         return result if return_dict else (result.texts, result.latents)

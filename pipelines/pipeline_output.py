@@ -22,9 +22,15 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
         segments: a long text's segments, one list per text (else ``None``).
         trimmed_segments: how many segments the decoder wrote more than one sentence for (the first
             was kept); ``None`` for a call that writes no long text.
+        redrawn_segments: how many segments were drawn again because the decoder wrote them empty or
+            unfinished (`SamplingOptions.segment_retries`); ``None`` for a call that writes no long text.
+        unfinished_segments: how many segments were still empty or unfinished after the last retry (kept
+            as written); ``None`` for a call that writes no long text.
     """
 
     texts: list[str] | list[list[str]] | None
     latents: torch.Tensor
     segments: list[list[str]] | None = None
     trimmed_segments: int | None = None
+    redrawn_segments: int | None = None
+    unfinished_segments: int | None = None

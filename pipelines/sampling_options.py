@@ -104,6 +104,15 @@ class SamplingOptions:
     mbr_metric: str = field(
         default="bleu", metadata=_help(f"MBR similarity: {' | '.join(MBR_METRICS)}", "--mbr-metric")
     )
+    segment_retries: int = field(
+        default=2,
+        metadata=_help(
+            "long texts: draw a segment again (new noise) where the decoder wrote it empty or unfinished (no "
+            "closing . ! or ?), at most this many times (0 = never)",
+            "--segment-retries",
+            mlflow_type="long",
+        ),
+    )
 
     def __post_init__(self):
         if isinstance(self.guidance_interval, list):
@@ -158,6 +167,11 @@ class SamplingOptions:
         candidates = self.mbr_candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"mbr_candidates must be a positive integer, got {candidates!r}.")
+        retries = self.segment_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(
+                f"segment_retries must be an integer >= 0 (0 = never draw a segment again), got {retries!r}."
+            )
         if self.mbr_metric not in MBR_METRICS:
             raise ValueError(f"mbr_metric={self.mbr_metric!r}: use one of {MBR_METRICS}.")
         if self.decode_kwargs is not None and not isinstance(self.decode_kwargs, dict):

@@ -11,7 +11,7 @@ from conftest import make_tiny_pipeline
 
 from latentlm.config import load_config
 from latentlm.data.loading import load_text_dataset
-from latentlm.data.segments import GAP, segment_context, segment_examples, split_sentences
+from latentlm.data.segments import GAP, ends_sentence, segment_context, segment_examples, split_sentences
 
 FAST = dict(num_beams=1, max_length=8, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0)
 STORIES = ["It rained all day. We stayed in. We played cards.", "The cat sat down. It slept. Then it woke up!"]
@@ -24,6 +24,8 @@ def test_documents_become_context_and_segment_examples():
         "Why?",
         "Because",
     ]
+    endings = ("Done.", 'He said "Go."', "Why?) ", "no end", "", "3.5 kg")
+    assert [ends_sentence(text) for text in endings] == [True, True, True, False, False, False]
     examples = segment_examples(STORIES, seed=0)
     assert [e["segment"] for e in examples] == split_sentences(STORIES[0]) + split_sentences(STORIES[1])
     for e in examples:
@@ -117,6 +119,29 @@ def test_a_pipeline_trained_on_segments_writes_stories_continues_and_fills_gaps(
     assert continued.texts[0].startswith("the cat sat on the mat") and len(continued.segments[0]) == 2
     filled = pipe(infill=[("the cat sat on the mat", "the dog ran in the park")], **settings)
     assert len(filled.texts) == 1 and filled.texts[0] == filled.segments[0][0]
+
+
+def test_a_segment_written_empty_or_unfinished_is_drawn_again(either_segment_pipe, monkeypatch):
+    pipe = either_segment_pipe
+    written = iter([["It ended. And more.", "no end", ""], ["still no end", "Now it ends!"], ["never"]])
+    seen = []
+
+    def decode(latents, **kwargs):
+        seen.append(latents.clone())
+        return next(written)
+
+    monkeypatch.setattr(pipe, "decode", decode)
+    settings = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    out = pipe(infill=[("It began.", "It was over.")] * 3, **settings)
+    assert out.texts == ["It ended.", "never", "Now it ends!"]
+    assert (out.trimmed_segments, out.redrawn_segments, out.unfinished_segments) == (1, 3, 1)
+    assert [len(x) for x in seen] == [3, 2, 1]  # only the rows still unfinished are drawn again
+    torch.testing.assert_close(out.latents[:, 0], torch.stack([seen[0][0], seen[2][0], seen[1][1]]))
+    written = iter([["It ended.", "no end"]])
+    once = pipe(infill=[("It began.", "It was over.")] * 2, segment_retries=0, **settings)
+    assert once.texts == ["It ended.", "no end"] and (once.redrawn_segments, once.unfinished_segments) == (0, 1)
+    with pytest.raises(ValueError, match="segment_retries must be an integer >= 0"):
+        pipe(infill=[("a.", "b.")], segment_retries=-1)
 
 
 def test_long_texts_encode_to_one_latent_window_per_segment_and_decode_back(segment_pipe):

@@ -20,18 +20,25 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-__all__ = ["GAP", "split_sentences", "segment_context", "segment_examples", "text_segments"]
+__all__ = ["GAP", "ends_sentence", "split_sentences", "segment_context", "segment_examples", "text_segments"]
 
 #: where the segment to write stands in its context
 GAP = "<gap>"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
+_CLOSED = re.compile(r"[.!?][\"')\]]?$")
 
 
 def split_sentences(text: str) -> list[str]:
     """The sentences of ``text``: split after ``.``, ``!`` or ``?`` (and closing quotes or brackets)
     followed by white space. A text without such a break is one sentence."""
     return [piece.strip() for piece in _SENTENCE_END.split(text.strip()) if piece.strip()]
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether ``text`` is a finished sentence: not empty, and closed by ``.``, ``!`` or ``?`` (and
+    perhaps a closing quote or bracket)."""
+    return bool(_CLOSED.search(text.strip()))
 
 
 def segment_context(left: str, right: str = "") -> str:

@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-segments", type=int, default=5)
     parser.add_argument("--gap", type=int, default=2, help="the 0-based position of the sentence to fill")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the context")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--peer-minutes", type=float, default=None, help="default: the run's training minutes")
     parser.add_argument(
@@ -182,7 +183,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    options = SamplingOptions(num_inference_steps=args.steps, segment_retries=args.segment_retries)
+    options = SamplingOptions(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
+    )
     stories, infills, counts = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, options)
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
@@ -231,6 +234,7 @@ def main(argv=None) -> int:
         "infill_stories_left_out": len(validation) - len(cases),
         "peer_minutes": minutes,
         "peer_from": args.peer_from,
+        "guidance": args.guidance,
         "segment_retries": args.segment_retries,
         **counts,
         "run": str(run),

@@ -91,6 +91,37 @@ def mean_rows(rows: list[dict]) -> dict:
     return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS if all(r.get(m) is not None for r in rows)}
 
 
+def write_summary(result: dict, guidance: float | None, out: str, details: str, later: bool = False) -> None:
+    """The fluent_text.json summary of a result: the references' means over classes and one guidance
+    row's (``guidance``; default: the last one measured), with the texts/s of that row. ``later``: written
+    from a saved result (``--summary-from``); the summary also records this command."""
+    settings, machine = result["settings"], dict(result["machine"])
+    if "cpu" not in machine:  # a result written before the CPU's name was kept: this machine's
+        import torch
+
+        machine["cpu"] = common.environment(torch.device("cpu"))["cpu"]
+    low, high = settings["guidance_interval"]
+    interval = "" if (low, high) == (0.0, 1.0) else f", interval {low:g}-{high:g}"
+    g = guidance if guidance is not None else float(list(result["seconds_per_sample"])[-1])
+    model_row = result["mean_over_classes"][f"model, guidance {g:g}{interval}"]
+    summary = {
+        "mean_over_classes": {
+            "references": {SUMMARY_KEYS[m]: v for m, v in result["mean_over_classes"]["references"].items()},
+            "model": {SUMMARY_KEYS[m]: v for m, v in model_row.items()}
+            | {"texts_per_second": 1 / result["seconds_per_sample"][f"{g:g}"]},
+        },
+        "guidance": g,
+        "decode_kwargs": settings["decode_kwargs"],
+        "run": result["run"],
+        "details": details,
+        "command": result["command"],
+        "cpu": ("AVX512-BF16" if machine["native_bf16"] else "AVX2-only") + f" ({machine['cpu']})",
+    }
+    if later:
+        summary["summary_command"] = " ".join(["python", *sys.argv])
+    common.write_results("", summary, out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="outputs/snippets-shared", help="output_dir of the trained run")
@@ -138,7 +169,23 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--summary-guidance", type=float, default=None, help="the summary's model row (default: the last --guidance)"
     )
+    parser.add_argument(
+        "--summary-from",
+        default=None,
+        help="write --summary-out from this earlier result JSON of real_text.py, without sampling again",
+    )
     args = parser.parse_args(argv)
+    if args.summary_from:
+        if not args.summary_out:
+            parser.error("--summary-from writes a summary: give --summary-out too.")
+        write_summary(
+            json.loads(Path(args.summary_from).read_text()),
+            args.summary_guidance,
+            args.summary_out,
+            args.summary_from,
+            later=True,
+        )
+        return 0
     decode_kwargs = json.loads(args.decode) if args.decode else None
     per_class_guidance = {}
     for item in args.per_class_guidance or []:
@@ -341,26 +388,11 @@ def main(argv=None) -> int:
         "decode_kwargs": decode_kwargs,
     }
     result["machine"]["native_bf16"] = has_native_bf16("cpu")
+    result["machine"]["cpu"] = common.environment(torch.device("cpu"))["cpu"]
     common.write_results("", result, args.out)
     print(json.dumps(result["mean_over_classes"], indent=1))
     if args.summary_out:
-        g = args.summary_guidance if args.summary_guidance is not None else args.guidance[-1]
-        model_row = result["mean_over_classes"][f"model, guidance {g:g}{interval}"]
-        summary = {
-            "mean_over_classes": {
-                "references": {SUMMARY_KEYS[m]: v for m, v in result["mean_over_classes"]["references"].items()},
-                "model": {SUMMARY_KEYS[m]: v for m, v in model_row.items()}
-                | {"texts_per_second": 1 / result["seconds_per_sample"][f"{g:g}"]},
-            },
-            "guidance": g,
-            "decode_kwargs": decode_kwargs,
-            "run": str(run),
-            "details": args.out,
-            "command": result["command"],
-            "cpu": ("AVX512-BF16" if has_native_bf16("cpu") else "AVX2-only")
-            + f" ({common.environment(torch.device('cpu'))['cpu']})",
-        }
-        common.write_results("", summary, args.summary_out)
+        write_summary(result, args.summary_guidance, args.summary_out, args.out)
     return 0
 
 

@@ -119,10 +119,12 @@ def plain_prompt(pipe, batch: int, request: str):
 def pipeline_rows(pipe, batch, label, args, decode, measure) -> list[dict]:
     """The pipeline, without and with guidance: denoising, then decoding, timed apart."""
     rows = []
-    for guidance in (1.0, args.guidance) if label is not None else (1.0,):
+    # a pipeline trained on sources (text-to-text, long texts) writes from --source-text, the same for every row
+    condition = {"source_texts": [args.source_text] * batch} if args.source_text is not None else {"num_samples": batch}
+    for guidance in (1.0, args.guidance) if label is not None or args.source_text is not None else (1.0,):
         options = SamplingOptions(num_inference_steps=args.steps, scheduler="dpm++", guidance_scale=guidance)
         tick = time.perf_counter()
-        latents = pipe(num_samples=batch, class_labels=label, options=options, output_type="latent").latents
+        latents = pipe(class_labels=label, options=options, output_type="latent", **condition).latents
         denoise_s = time.perf_counter() - tick
         texts, decode_s = measure(lambda latents=latents: pipe.decode(latents, **decode))
         extra = {"guidance": guidance, "denoise_s": round(denoise_s, 3), "decode_s": round(decode_s, 3)}
@@ -199,6 +201,12 @@ def main(argv=None) -> int:
         help="the plain LM writes at least as many tokens as the pipeline's texts have on average",
     )
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--source-text",
+        default=None,
+        help="the source every row is written from, for a pipeline trained on sources (a long-text pipeline: '<gap>', "
+        "a story's first sentence)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "sampling_vs_autoregressive.json"))
     args = parser.parse_args(argv)

@@ -155,7 +155,7 @@ class LongTextMixin:
             encoded = self.side_latents
             before = encoded([left for left, _ in pairs]) if infill is not None else encoded(starts)
             after = encoded([right for _, right in pairs]) if infill is not None else None
-        trimmed, redrawn, unfinished, latents = 0, 0, 0, []
+        counts, latents = [0, 0, 0], []  # trimmed, redrawn, unfinished segments
         for _ in range(num_segments):
             if in_latents:
                 condition = {"source_states": self.latent_context(len(written), before, after)}
@@ -163,11 +163,11 @@ class LongTextMixin:
                 if starts is not None:
                     contexts = [segment_context(" ".join([s, *segments])) for s, segments in zip(starts, written)]
                 condition = {"source_texts": contexts}
-            sentences, segment_latents, counts = self.write_segment(condition, class_labels, generator, options)
+            sentences, segment_latents, new = self.write_segment(condition, class_labels, generator, options)
             latents.append(segment_latents)
             for segments, sentence in zip(written, sentences):
                 segments.append(sentence)
-            trimmed, redrawn, unfinished = trimmed + counts[0], redrawn + counts[1], unfinished + counts[2]
+            counts = [total + n for total, n in zip(counts, new)]
             if in_latents:  # the next segment reads the latents of the sentences kept, as training did
                 kept = self.side_latents(sentences)
                 for i, row in enumerate(kept):
@@ -181,8 +181,8 @@ class LongTextMixin:
             texts=texts,
             latents=torch.stack(latents, dim=1),
             segments=written,
-            trimmed_segments=trimmed,
-            redrawn_segments=redrawn,
-            unfinished_segments=unfinished,
+            trimmed_segments=counts[0],
+            redrawn_segments=counts[1],
+            unfinished_segments=counts[2],
         )
         return result if return_dict else (result.texts, result.latents)

@@ -261,6 +261,7 @@ class TextAutoencoder(nn.Module):
         reconstruction: bool = True,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        alignment: bool = True,
     ):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
@@ -268,20 +269,25 @@ class TextAutoencoder(nn.Module):
         ``latents`` [B, N, D], if given, are decoded instead of the compressed ``hidden_states`` (a
         decoder tuned on a denoiser's predictions of these texts' latents).
         Decoder-only backbones add ``alignment_weight`` x `losses.alignment_loss`; ``reconstruction=False``
-        gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt).
+        gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt);
+        ``alignment=False`` leaves the alignment loss out (a run that aligns only for its first steps).
         ``generator`` draws the latent noise (``latent_noise_std``), so a resumed run draws the same.
         """
         if latents is None:
             latents = self.autoencoder.compress(hidden_states, attention_mask)
         memory = self.autoencoder.reconstruct(self.perturb(latents, generator))
-        if not reconstruction and not self.alignment_weight:
-            raise ValueError("reconstruction=False leaves only the alignment loss, but alignment_weight is 0.")
+        aligned = alignment and bool(self.alignment_weight)
+        if not (reconstruction or aligned):
+            raise ValueError(
+                "reconstruction=False leaves only the alignment loss, but it is off (alignment_weight is 0 "
+                "or alignment=False)."
+            )
         loss = 0.0
         if reconstruction:
             loss = self.family.reconstruction_loss(
                 self.tokenizer, self.language_model, self.autoencoder, memory, labels
             )
-        if self.alignment_weight:
+        if aligned:
             loss = loss + self.alignment_weight * alignment_loss(self.tokenizer, self.language_model, memory, labels)
         return loss
 

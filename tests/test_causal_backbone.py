@@ -131,6 +131,56 @@ def test_alignment_warmup_needs_no_language_model_forward(tiny_llama_dir, monkey
     assert model.autoencoder.to_latent.weight.grad is not None
 
 
+def test_the_alignment_loss_can_end_after_the_first_steps(tiny_llama_dir):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from latentlm.config import AutoencoderTrainingConfig, RunConfig
+    from latentlm.training.stages.autoencoder import AutoencoderStage
+    from latentlm.training.stages.decoder_tuning import decoder_tuning_config
+
+    model = make_causal_autoencoder(tiny_llama_dir).eval()  # alignment_weight 1
+    batch = model.tokenize(SENTENCES[:2])
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    both = model(states, batch["attention_mask"], labels)
+    reconstruction = model(states, batch["attention_mask"], labels, alignment=False)
+    alignment = model(states, batch["attention_mask"], labels, reconstruction=False)
+    assert alignment > 0 and torch.allclose(both, reconstruction + alignment)
+    with pytest.raises(ValueError, match="alignment=False"):
+        model(states, batch["attention_mask"], labels, reconstruction=False, alignment=False)
+
+    # the stage aligns for steps [0, alignment_steps) and reconstructs from alignment_warmup_steps on
+    class Cache:  # two cached texts
+        def __len__(self):
+            return 2
+
+        def batch(self, indices, device):
+            return states, batch["attention_mask"], batch["input_ids"]
+
+    calls = []
+    cfg = AutoencoderTrainingConfig(alignment_weight=1.0, alignment_warmup_steps=2, alignment_steps=4)
+    stage = SimpleNamespace(
+        cfg=cfg,
+        accelerator=Accelerator(cpu=True),
+        cache=Cache(),
+        lengths=None,
+        batch_indices=lambda step, n, lengths: [0, 1],
+        model=model,
+        train_model=lambda *args, **kwargs: calls.append((kwargs["reconstruction"], kwargs["alignment"])),
+    )
+    for step in range(6):
+        AutoencoderStage.training_step(stage, step, torch.Generator())
+    assert calls == [(False, True)] * 2 + [(True, True)] * 2 + [(True, False)] * 2
+    # a stage 1 whose alignment ended tunes its decoder without it
+    config = RunConfig(autoencoder=cfg)
+    assert decoder_tuning_config(config, "ae").alignment_steps == 0
+    assert decoder_tuning_config(RunConfig(), "ae").alignment_steps is None
+    with pytest.raises(ValueError, match="alignment_steps=1 ends the alignment loss before its warm-up"):
+        AutoencoderTrainingConfig(alignment_weight=1.0, alignment_warmup_steps=2, alignment_steps=1).validate()
+
+
 def test_generate_beam_search_and_sampling_with_a_soft_prompt(tiny_llama_dir):
     model = make_causal_autoencoder(tiny_llama_dir).eval()
     z = model.encode(SENTENCES[:2])

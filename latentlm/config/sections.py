@@ -226,6 +226,9 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     alignment_weight: float = 0.0
     # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
     alignment_warmup_steps: int = 0
+    # decoder-only backbones: the alignment loss trains for the first this many steps only, after them the
+    # reconstruction alone (None: throughout), so the code is free to stop being slot j -> token j
+    alignment_steps: int | None = None
     # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
     latent_noise_std: float = 0.0
     # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
@@ -253,6 +256,12 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
             raise ValueError(
                 f"{where}.alignment_warmup_steps={self.alignment_warmup_steps} trains only the alignment "
                 f"loss, but {where}.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
+            )
+        if self.alignment_steps is not None and self.alignment_steps < self.alignment_warmup_steps:
+            raise ValueError(
+                f"{where}.alignment_steps={self.alignment_steps} ends the alignment loss before its warm-up "
+                f"({where}.alignment_warmup_steps={self.alignment_warmup_steps}) does, which would leave steps "
+                "with no loss: set alignment_steps >= alignment_warmup_steps, or null to align throughout."
             )
         if self.freeze_compression and not self.init_from:
             raise ValueError(

@@ -148,7 +148,12 @@ class AutoencoderStage(TrainingStage):
         labels = self.model.make_labels(ids, mask)
         with accelerator.autocast(), attention_kernel(accelerator.device):
             return self.train_model(
-                hidden, mask, labels, reconstruction=step >= cfg.alignment_warmup_steps, generator=generator
+                hidden,
+                mask,
+                labels,
+                reconstruction=step >= cfg.alignment_warmup_steps,
+                generator=generator,
+                alignment=cfg.alignment_steps is None or step < cfg.alignment_steps,
             )
 
     @property

@@ -38,6 +38,8 @@ def decoder_tuning_config(config: RunConfig, autoencoder_path: str | Path) -> Au
         freeze_compression=True,
         latent_noise_std=tuning.latent_noise_std,
         alignment_warmup_steps=0,
+        # a stage 1 whose alignment ended leaves it out of the tuning too
+        alignment_steps=None if config.autoencoder.alignment_steps is None else 0,
         eval_every=tuning.eval_every,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -330,6 +331,24 @@ def test_truncation_counted(tiny_tokenizer):
     texts = ["the cat sat", "the cat sat on the mat and the dog ran in the park"]
     assert count_truncated(tiny_tokenizer, texts, max_length=8) == 1
     assert count_truncated(tiny_tokenizer, texts, max_length=64) == 0
+
+
+def test_texts_the_latents_cannot_hold_are_an_error_naming_the_longest(tmp_path, snippets_jsonl, tiny_bart_dir):
+    # max_length 6: most training sentences are longer; the error names the longest and the limit
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_length=6)
+    with pytest.raises(
+        ValueError, match=r"of 32 training texts .* max_length=6 tokens \(the longest, \d+ tokens: "
+    ) as err:
+        train_autoencoder(config)
+    quoted = re.search(r"tokens: (['\"])(.*?)\1\)", str(err.value)).group(2)
+    assert any(text.startswith(quoted) for text in SENTENCES[:32])
+    assert "max_truncated_fraction=0.01" in str(err.value)
+    # a user who accepts the cut says so
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_length=6, max_truncated_fraction=1.0)
+    config.autoencoder.optimizer.max_steps = 2
+    train_autoencoder(config)
+    with pytest.raises(ValueError, match="max_truncated_fraction must be in"):
+        tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_truncated_fraction=1.5)
 
 
 def test_training_rejects_bad_data_before_building_model(tmp_path, snippets_jsonl, tiny_bart_dir):

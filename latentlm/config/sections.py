@@ -229,6 +229,9 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     # decoder-only backbones: the alignment loss trains for the first this many steps only, after them the
     # reconstruction alone (None: throughout), so the code is free to stop being slot j -> token j
     alignment_steps: int | None = None
+    # the share of training texts that may be longer than model.max_length and cut there (with a warning);
+    # more is an error that names the longest text and the limit
+    max_truncated_fraction: float = 0.01
     # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
     latent_noise_std: float = 0.0
     # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
@@ -256,6 +259,11 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
             raise ValueError(
                 f"{where}.alignment_warmup_steps={self.alignment_warmup_steps} trains only the alignment "
                 f"loss, but {where}.alignment_weight is 0: set a weight or alignment_warmup_steps: 0."
+            )
+        if not 0 <= self.max_truncated_fraction <= 1:
+            raise ValueError(
+                f"{where}.max_truncated_fraction must be in [0, 1] (a share of the training texts), got "
+                f"{self.max_truncated_fraction}."
             )
         if self.alignment_steps is not None and self.alignment_steps < self.alignment_warmup_steps:
             raise ValueError(

@@ -101,6 +101,7 @@ RESUMABLE_KEYS = frozenset(
         "num_eval_examples",
         "eval_num_beams",
         "max_eval_samples",
+        "max_truncated_fraction",
         "max_steps",
         "lr_schedule",
         "decay_steps",

@@ -96,8 +96,18 @@ class AutoencoderStage(TrainingStage):
             )
         lengths = [len(ids) for ids in model.token_ids(self.train_texts, truncation=False)]
         self.num_truncated = sum(n > model.max_length for n in lengths)
-        if is_main:
-            longest = max(range(len(lengths)), key=lengths.__getitem__)
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        share = self.num_truncated / len(self.train_texts)
+        if share > cfg.max_truncated_fraction:
+            raise ValueError(
+                f"{self.num_truncated} of {len(self.train_texts)} training texts ({100 * share:.1f}%) do not fit in "
+                f"the latents' max_length={model.max_length} tokens (the longest, {lengths[longest]} tokens: "
+                f"{self.train_texts[longest][:80]!r}), more than autoencoder.max_truncated_fraction="
+                f"{cfg.max_truncated_fraction} allows to be cut. Raise autoencoder.model.max_length (and "
+                "num_latents x tokens_per_query with it), split or shorten the texts, or allow the cut with a "
+                "higher max_truncated_fraction."
+            )
+        if is_main and self.num_truncated:
             logger.warning(
                 "%d of %d training texts (%.1f%%) are longer than max_length=%d tokens and are truncated "
                 "(the longest, %d tokens: %r).",

@@ -180,8 +180,7 @@ class AutoencoderModelConfig:
     head_dim: int = 64
     ff_mult: int = 4
     dropout: float = 0.0
-    # learned position embeddings added to the encoder states before compression (LD4LG's Perceiver):
-    # 0 = none, -1 = one per token of max_length
+    # learned positions added to the encoder states before compression (LD4LG): 0 = none, -1 = one per token
     context_positions: int = 0
     query_init_std: float = 0.02  # initial scale of the Perceiver queries (see LatentAutoencoder)
     # memory positions per latent (soft prompt length = num_latents * memory_tokens_per_latent)
@@ -226,16 +225,13 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     alignment_weight: float = 0.0
     # decoder-only backbones: the first steps train the alignment loss alone (no LM forward: much cheaper)
     alignment_warmup_steps: int = 0
-    # decoder-only backbones: the alignment loss trains for the first this many steps only, after them the
-    # reconstruction alone (None: throughout), so the code is free to stop being slot j -> token j
+    # decoder-only backbones: the alignment loss stops after this many steps (None: never), freeing the code
     alignment_steps: int | None = None
-    # the share of training texts that may be longer than model.max_length and cut there (with a warning);
-    # more is an error that names the longest text and the limit
+    # the share of training texts that may be cut at model.max_length (with a warning); more is an error
     max_truncated_fraction: float = 0.01
     # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
     latent_noise_std: float = 0.0
-    # start from this trained TextAutoencoder folder (its architecture, weights and adapters) instead of
-    # a new one over `model.backbone`; `model` must describe it
+    # start from this trained TextAutoencoder folder instead of a new one over `model.backbone` (`model` describes it)
     init_from: str | None = None
     # keep the compression network (and so every text's latents) as it is: only the reconstruction
     # side trains, and denoisers trained on the latents of `init_from` stay valid (needs init_from)
@@ -244,9 +240,8 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     decoder_lr_scale: float = 1.0
     eval_num_beams: int = 4  # reconstruction BLEU decoding (LD4LG: 4 beams; 1 = greedy)
     num_eval_examples: int = 16  # reconstruction examples logged as an MLflow table
-    # Decoding defaults saved with the pipeline (override text_codec.DEFAULT_GENERATE_KWARGS, LD4LG's
-    # beam search with no_repeat_ngram_size=3 / repetition_penalty=1.2, which breaks texts that
-    # legitimately repeat trigrams), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}.
+    # Decoding defaults saved with the pipeline, over text_codec.DEFAULT_GENERATE_KWARGS (LD4LG's beam search,
+    # no_repeat_ngram_size=3, repetition_penalty=1.2), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
     group_by_length: bool = False
@@ -262,14 +257,13 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
             )
         if not 0 <= self.max_truncated_fraction <= 1:
             raise ValueError(
-                f"{where}.max_truncated_fraction must be in [0, 1] (a share of the training texts), got "
-                f"{self.max_truncated_fraction}."
+                f"{where}.max_truncated_fraction must be a share in [0, 1], got {self.max_truncated_fraction}."
             )
         if self.alignment_steps is not None and self.alignment_steps < self.alignment_warmup_steps:
             raise ValueError(
                 f"{where}.alignment_steps={self.alignment_steps} ends the alignment loss before its warm-up "
-                f"({where}.alignment_warmup_steps={self.alignment_warmup_steps}) does, which would leave steps "
-                "with no loss: set alignment_steps >= alignment_warmup_steps, or null to align throughout."
+                f"({where}.alignment_warmup_steps={self.alignment_warmup_steps}), leaving steps with no loss: "
+                "set alignment_steps >= alignment_warmup_steps, or null to align throughout."
             )
         if self.freeze_compression and not self.init_from:
             raise ValueError(

@@ -347,7 +347,7 @@ def test_texts_the_latents_cannot_hold_are_an_error_naming_the_longest(tmp_path,
     config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_length=6, max_truncated_fraction=1.0)
     config.autoencoder.optimizer.max_steps = 2
     train_autoencoder(config)
-    with pytest.raises(ValueError, match="max_truncated_fraction must be in"):
+    with pytest.raises(ValueError, match=r"max_truncated_fraction must be a share in \[0, 1\], got 1.5"):
         tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, max_truncated_fraction=1.5)
 
 

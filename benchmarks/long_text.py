@@ -5,7 +5,10 @@ would otherwise train, on the validation stories.
   stories, perplexity (and its ratio to the references'), diversity, memorization, and the share of
   stories with exactly the requested number of sentences;
 * infilling: sentence ``gap + 1`` of each validation story from the sentences before and after it;
-  BLEU-4, ROUGE-L and BERTScore against the left-out sentence.
+  BLEU-4, ROUGE-L and BERTScore against the left-out sentence;
+* context use: how well the denoiser predicts each validation sentence's latents (noised to
+  ``--context-noise``) from the story before it, from another story's, and from none
+  (`latentlm.evaluation.long_text.context_use`).
 
 The peer is SmolLM2-135M-Instruct with LoRA (peft), fine-tuned in latentlm's training loop on the same
 stories for the same CPU minutes (``--peer-minutes``, default: the pipeline run's training time):
@@ -30,7 +33,7 @@ import torch
 from latentlm.pipelines import SamplingOptions
 
 from latentlm.data.segments import split_sentences
-from latentlm.evaluation.long_text import infill_cases, score_infills, score_stories
+from latentlm.evaluation.long_text import context_use, infill_cases, score_infills, score_stories
 from latentlm.training.loop import TrainingStage
 
 STORY_REQUEST = "Write a five-sentence story."
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
     )
+    parser.add_argument("--context-noise", type=float, default=0.5, help="noise level t/T of the context-use probe")
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -187,6 +191,7 @@ def main(argv=None) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
     )
     stories, infills, counts = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, options)
+    context = context_use(pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed)
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
@@ -230,6 +235,7 @@ def main(argv=None) -> int:
     payload = {
         "stories": story_scores,
         "infilling": infill_scores,
+        "context_use": context,
         "infill_stories": len(cases),
         "infill_stories_left_out": len(validation) - len(cases),
         "peer_minutes": minutes,

@@ -255,10 +255,14 @@ def denoised_latents(
     noise_levels: tuple[float, float] = (0.0, 1.0),
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoiser's ẑ0 for ``latents`` noised to a level t/T drawn per example from ``noise_levels``:
     a first pass, then a second one self-conditioned on it, as the sampler's steps are. These are the
-    latents a decoder tuned after stage 2 learns to write from (the kind of error samples carry)."""
+    latents a decoder tuned after stage 2 learns to write from (the kind of error samples carry).
+    A text-to-text or segment denoiser reads each example's context (``encoder_hidden_states`` and
+    ``encoder_attention_mask``, as in `diffusion_loss`); without it, the null context."""
     low, high = noise_levels
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"noise_levels must satisfy 0 <= low <= high <= 1, got {noise_levels}.")
@@ -271,7 +275,14 @@ def denoised_latents(
     self_cond = None
     model = denoiser.module if hasattr(denoiser, "module") else denoiser
     for _ in range(2 if model.config.get("self_conditioning", True) else 1):
-        output = denoiser(noisy, timesteps, self_cond=self_cond, class_labels=class_labels).sample
+        output = denoiser(
+            noisy,
+            timesteps,
+            self_cond=self_cond,
+            class_labels=class_labels,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+        ).sample
         self_cond = predict_original_sample(scheduler, output.float(), noisy, timesteps)
     return self_cond.to(latents.dtype)
 

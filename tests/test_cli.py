@@ -387,8 +387,9 @@ def test_train_tunes_the_decoder_on_the_denoisers_predictions_after_stage_2(trai
     calls = []
     real = latentlm.diffusion.denoised_latents
 
-    def spy(denoiser, scheduler, latents, noise_levels, class_labels=None, generator=None):
+    def spy(denoiser, scheduler, latents, noise_levels, class_labels=None, generator=None, **context):
         calls.append((type(denoiser).__name__, tuple(noise_levels), class_labels))
+        assert context == {"encoder_hidden_states": None, "encoder_attention_mask": None}  # no source here
         out = real(denoiser, scheduler, latents, noise_levels, class_labels=class_labels, generator=generator)
         assert not torch.allclose(out, latents)
         return out

@@ -144,6 +144,30 @@ def test_a_segment_written_empty_or_unfinished_is_drawn_again(either_segment_pip
         pipe(infill=[("a.", "b.")], segment_retries=-1)
 
 
+def test_context_use_tells_a_denoiser_that_reads_the_story_from_one_that_does_not(either_segment_pipe):
+    from latentlm.evaluation.long_text import context_use
+
+    pipe, stories = either_segment_pipe, [*STORIES, "A dog barked. The man woke up. He smiled."]
+    cross_attention_outputs = [
+        block.to_out_cross for block in pipe.denoiser.modules() if hasattr(block, "to_out_cross")
+    ]
+    # cross-attention that writes nothing (as a new denoiser's, whose output layer starts at zero) reads no context
+    for layer in cross_attention_outputs:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    blind = context_use(pipe, stories, batch_size=4)
+    assert blind["num_sentences"] == 6 and blind["own"] > 0
+    assert blind["own"] == pytest.approx(blind["other_story"]) == pytest.approx(blind["none"])
+    assert blind["gain"] == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    for layer in cross_attention_outputs:
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    reading = context_use(pipe, stories, batch_size=4)
+    assert reading["own"] != pytest.approx(reading["other_story"])
+    assert reading["own"] != pytest.approx(reading["none"])
+    assert reading == context_use(pipe, stories, batch_size=4)  # the same noise every time
+
+
 def test_long_texts_encode_to_one_latent_window_per_segment_and_decode_back(segment_pipe):
     pipe = segment_pipe
     encoded = pipe.encode(STORIES, segments=True)
@@ -181,7 +205,8 @@ def test_long_text_bad_input(segment_pipe, tiny_bart_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("segment_context", ["text", "latents"])
-def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_bart_dir, segment_context):
+def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_bart_dir, segment_context, monkeypatch):
+    import latentlm.diffusion
     import yaml
     from latentlm.pipelines import LatentTextDiffusionPipeline
     from latentlm.pipelines.long_text import LATENT_POSITION_DIM
@@ -195,13 +220,31 @@ def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_
         (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES * 4))
     config = tiny_config(tmp_path / "run", data, tiny_bart_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
     config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4, "segment_context": segment_context}
+    # the decoder tuned on the denoiser's predictions made in each sentence's context, as it samples
+    config["decoder_tuning"] = {
+        "enabled": True,
+        "latent_source": "denoiser",
+        "optimizer": {"max_steps": 2, "batch_size": 4},
+    }
     (tmp_path / "stories.yaml").write_text(yaml.safe_dump(config))
+    contexts, real = [], latentlm.diffusion.denoised_latents
+
+    def spy(denoiser, scheduler, latents, noise_levels, **kwargs):
+        contexts.append((kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"], len(latents)))
+        return real(denoiser, scheduler, latents, noise_levels, **kwargs)
+
+    monkeypatch.setattr(latentlm.diffusion, "denoised_latents", spy)
     assert main(["train", "--config", str(tmp_path / "stories.yaml"), "--in-process"]) == 0
+    assert len(contexts) == 2
+    for states, mask, batch in contexts:
+        assert states.shape[0] == mask.shape[0] == batch and states.shape[:2] == mask.shape
+        assert mask.sum(dim=1).gt(0).any()  # sentences after the first read the ones before them
     pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.config.segments and pipe.config.segment_context == segment_context
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(isinstance(row["text"], str) for row in samples)
     width = pipe.denoiser.config.cross_attention_dim
+    assert all(states.shape[2] == width for states, _, _ in contexts)
     assert width == (8 + LATENT_POSITION_DIM if segment_context == "latents" else pipe.autoencoder.config.d_model)
     out = pipe(num_samples=2, num_segments=3, num_inference_steps=2, decode_kwargs=FAST)
     assert [len(segments) for segments in out.segments] == [3, 3]

@@ -1,7 +1,8 @@
 """Evaluation of long texts: whole stories (MAUVE on an LM judge's features, perplexity ratio,
 diversity, memorization, sentence counts) and the filling of a gap (BLEU-4, ROUGE-L and BERTScore
 against the sentence that was left out). The scores take texts, so a latentlm pipeline and any other
-model (the autoregressive peer of `benchmarks/long_text.py`) are judged the same way.
+model (the autoregressive peer of `benchmarks/long_text.py`) are judged the same way; `context_use`
+asks a segment pipeline's denoiser how much it reads the story so far.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from latentlm.data.segments import split_sentences
+import torch
+
+from latentlm.data.segments import segment_context, split_sentences
 from latentlm.evaluation import metrics
 from latentlm.evaluation.text_to_text import bert_score_f1, corpus_bleu, mean_rouge_l
 
-__all__ = ["infill_cases", "score_stories", "score_infills"]
+__all__ = ["context_use", "infill_cases", "score_stories", "score_infills"]
 
 
 def infill_cases(
@@ -71,3 +74,67 @@ def score_infills(outputs: Sequence[str], golds: Sequence[str], bert_model: str 
         "bertscore_model": bert_name,
         "examples": outputs[:5],
     }
+
+
+@torch.no_grad()
+def context_use(
+    pipe,
+    stories: Sequence[str],
+    noise_level: float = 0.5,
+    batch_size: int = 64,
+    seed: int = 0,
+    splitter: Callable[[str], list[str]] = split_sentences,
+) -> dict[str, Any]:
+    """How much a segment pipeline's denoiser reads its context.
+
+    Every sentence after a story's first is encoded and noised to ``noise_level`` (t/T), and the
+    denoiser predicts its latents (ẑ0, self-conditioned once, as `latentlm.diffusion.denoised_latents`)
+    given the story before it, given the sentences before the same place in the next story (another
+    story), and given no context; the same noise for all three. Returns each one's mean squared error
+    against the sentence's latents and ``gain``, ``1 - own / other_story``: near 0, the denoiser
+    writes a sentence the same whatever came before it."""
+    from diffusers import DDPMScheduler
+
+    from latentlm.diffusion import denoised_latents
+
+    pipe.check_segments()
+    split = [splitter(story) for story in stories]
+    cases = [(i, k) for i, sentences in enumerate(split) for k in range(1, len(sentences))]
+    if not cases:
+        raise ValueError("context_use needs stories of two sentences or more.")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    in_latents = pipe.config.get("segment_context") == "latents"
+
+    def context(story: int, k: int):
+        sentences = split[story][:k]
+        return pipe.encode(sentences) if in_latents else segment_context(" ".join(sentences))
+
+    def error(latents, states, mask, seed) -> torch.Tensor:
+        denoiser = pipe.denoiser
+        predicted = denoised_latents(
+            denoiser,
+            scheduler,
+            latents.to(denoiser.device, denoiser.dtype),
+            (noise_level, noise_level),
+            generator=torch.Generator().manual_seed(seed),
+            encoder_hidden_states=states.to(denoiser.device, denoiser.dtype),
+            encoder_attention_mask=mask.to(denoiser.device),
+        )
+        return (predicted.float().cpu() - latents).square().mean(dim=(1, 2))
+
+    errors = {"own": [], "other_story": [], "none": []}
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        latents = pipe.encode([split[i][k] for i, k in batch]).float().cpu()
+        for name, shift in (("own", 0), ("other_story", 1)):
+            sides = [context((i + shift) % len(split), k) for i, k in batch]
+            if in_latents:
+                states, mask = pipe.latent_context(len(batch), before=sides).repeated(1, "cpu", torch.float32)
+            else:
+                states, mask = pipe.encode_sources(sides)
+            errors[name].append(error(latents, states, mask, seed + start))
+        null = torch.zeros(len(batch), 1, pipe.denoiser.config.cross_attention_dim)
+        errors["none"].append(error(latents, null, torch.zeros(len(batch), 1, dtype=torch.long), seed + start))
+    result = {name: torch.cat(values).mean().item() for name, values in errors.items()}
+    gain = 1.0 - result["own"] / result["other_story"]
+    return {**result, "gain": gain, "num_sentences": len(cases), "noise_level": noise_level}

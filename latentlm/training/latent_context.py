@@ -1,5 +1,6 @@
-"""The latent context of every segment example (``data.segment_context: latents``): the latents of
-the other segments of its document that the example's context shows, read from the latent cache."""
+"""What each training example's denoiser reads as its context: its source text's cached encoder states
+(text-to-text, and segments whose context is text), or (``data.segment_context: latents``) the latents
+of the other segments of its document that the example's context shows, read from the latent cache."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from latentlm.pipelines.long_text import latent_context_states
+from latentlm.config import DataConfig
+from latentlm.data.loading import load_text_dataset
+from latentlm.pipelines.long_text import LATENT_POSITION_DIM, latent_context_states
 from latentlm.training.latent_cache import LatentCache
 
-__all__ = ["LatentContextTable"]
+__all__ = ["DenoiserContext", "LatentContextTable"]
 
 
 class LatentContextTable:
@@ -53,3 +56,25 @@ class LatentContextTable:
             latents, torch.from_numpy(self.offsets[idx]), torch.from_numpy(self.present[idx])
         )
         return states.to(device), mask.to(device)
+
+
+class DenoiserContext:
+    """The context of the examples of a stage-2 latent cache, as stage 2 trains on it and the decoder
+    tuning after it reads it: the cached source states, the latent context of ``data.segment_context:
+    latents``, or none (``width`` is None)."""
+
+    def __init__(self, cache: LatentCache, data: DataConfig):
+        self.cache, self.table = cache, None
+        self.width = cache.source_dim
+        if data.segments and data.segment_context == "latents":
+            ds = load_text_dataset(data, data.train_split, data.max_train_samples)
+            self.table = LatentContextTable(ds["document"], ds["position"], ds["with_right"])
+            self.width = cache.latent_dim + LATENT_POSITION_DIM
+
+    def batch(self, indices: Sequence[int], device=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The context states ``[B, L, width]`` and mask ``[B, L]`` of ``indices`` (None, None without one)."""
+        if self.cache.source_states is not None:
+            return self.cache.source_batch(indices, device)
+        if self.table is not None:
+            return self.table.batch(self.cache, indices, device)
+        return None, None

@@ -15,8 +15,9 @@ import torch
 
 from latentlm.config import AutoencoderTrainingConfig, RunConfig, TrainingLoopConfig
 from latentlm.mlflow.tracking import Tracker
+from latentlm.training.latent_context import DenoiserContext
 from latentlm.training.loop import run_stage
-from latentlm.training.precision import attention_kernel
+from latentlm.training.precision import attention_kernel, resolve_mixed_precision
 from latentlm.training.stages.autoencoder import AutoencoderStage
 
 __all__ = ["tune_decoder", "DecoderTuningStage", "decoder_tuning_config"]
@@ -61,6 +62,7 @@ class DecoderTuningStage(AutoencoderStage):
                 "diffusion_path (the <output_dir>/diffusion folder of a trained stage 2)."
             )
         self.diffusion_path = Path(diffusion_path) if tuning.latent_source == "denoiser" else None
+        self.autoencoder_path = Path(autoencoder_path)
 
     def setup(self, accelerator) -> None:
         super().setup(accelerator)
@@ -75,11 +77,36 @@ class DecoderTuningStage(AutoencoderStage):
         self.denoiser = LatentDenoiser.from_pretrained(self.diffusion_path / "denoiser").eval().requires_grad_(False)
         self.denoiser.to(accelerator.device)
         self.noise_scheduler = DDPMScheduler.from_pretrained(self.diffusion_path / "scheduler")
-        self.class_labels = None
+        texts, raw_labels, sources = load_training_examples(self.config.data)
+        labels = self.class_labels = None
         if self.denoiser.config.num_classes and self.config.data.label_column:
-            _, raw_labels, _ = load_training_examples(self.config.data)
             labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)
             self.class_labels = torch.tensor(labels)
+        self.context = None
+        if self.denoiser.config.get("cross_attention_dim") is not None:
+            self.context = self.stage2_context(texts, labels, sources, accelerator)
+
+    def stage2_context(self, texts, labels, sources, accelerator) -> DenoiserContext:
+        """Stage 2's latent cache of the training texts (found again by its key: the same autoencoder,
+        data and precision) and what each example read there as its context, so that a text-to-text or
+        segment denoiser predicts the latents in their context, as when it samples."""
+        from latentlm.autoencoder.text_autoencoder import TextAutoencoder
+        from latentlm.training.encoder_cache import ENCODER_CACHE_DIR
+        from latentlm.training.latent_cache import build_latent_cache
+        from latentlm.training.stages.diffusion import CACHE_DIR
+
+        cache = build_latent_cache(
+            TextAutoencoder.from_pretrained(self.autoencoder_path).to(accelerator.device),
+            texts,
+            self.autoencoder_path / CACHE_DIR,
+            labels=labels,
+            class_names=self.denoiser.config.class_names,
+            show_progress=accelerator.is_main_process,
+            sources=sources,
+            mixed_precision=resolve_mixed_precision(self.config.diffusion.mixed_precision, accelerator.device),
+            encoder_cache_dir=Path(self.config.output_dir) / ENCODER_CACHE_DIR,
+        )
+        return DenoiserContext(cache, self.config.data)
 
     def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
         if self.denoiser is None:
@@ -91,6 +118,7 @@ class DecoderTuningStage(AutoencoderStage):
         hidden, mask, ids = self.cache.batch(indices, accelerator.device)
         labels = model.make_labels(ids, mask)
         classes = None if self.class_labels is None else self.class_labels[indices].to(accelerator.device)
+        context, context_mask = self.context.batch(indices, accelerator.device) if self.context else (None, None)
         with accelerator.autocast(), attention_kernel(accelerator.device):
             with torch.no_grad():
                 latents = model.autoencoder.compress(hidden, mask)
@@ -101,6 +129,8 @@ class DecoderTuningStage(AutoencoderStage):
                     tuple(self.config.decoder_tuning.denoiser_noise_levels),
                     class_labels=classes,
                     generator=generator,
+                    encoder_hidden_states=context,
+                    encoder_attention_mask=context_mask,
                 )
             return self.train_model(hidden, mask, labels, generator=generator, latents=latents)
 

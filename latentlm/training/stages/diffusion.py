@@ -25,7 +25,6 @@ from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.autoencoder.text_autoencoder_folder import CONFIG_NAME as AUTOENCODER_CONFIG_NAME
 from latentlm.config import RunConfig
 from latentlm.data.labels import load_training_examples, resolve_class_labels, warn_unseen_validation_classes
-from latentlm.data.loading import load_text_dataset
 from latentlm.diffusion import (
     DENOISER_SIZES,
     AdaptiveScheduleFitter,
@@ -35,12 +34,11 @@ from latentlm.diffusion import (
     make_noise_scheduler,
 )
 from latentlm.mlflow.tracking import Tracker
-from latentlm.pipelines.long_text import LATENT_POSITION_DIM
 from latentlm.training.batching import class_balanced_order
 from latentlm.training.checkpoints import run_fingerprint
 from latentlm.training.encoder_cache import ENCODER_CACHE_DIR
 from latentlm.training.latent_cache import build_latent_cache
-from latentlm.training.latent_context import LatentContextTable
+from latentlm.training.latent_context import DenoiserContext
 from latentlm.training.loop import TrainingStage, run_stage
 from latentlm.training.optimization import make_lr_scheduler, make_optimizer
 
@@ -160,16 +158,10 @@ class DiffusionStage(TrainingStage):
         else:
             self.text_autoencoder = None  # only the main process decodes samples
 
-        # long texts whose segments read the other segments' latents (data.segment_context: latents)
-        self.latent_context = None
-        source_dim = self.cache.source_dim
-        if self.config.data.segment_context == "latents":
-            data = self.config.data
-            ds = load_text_dataset(data, data.train_split, data.max_train_samples)
-            self.latent_context = LatentContextTable(ds["document"], ds["position"], ds["with_right"])
-            source_dim = self.cache.latent_dim + LATENT_POSITION_DIM
+        # what each example reads as its context: its source's states, or its document's other latents
+        self.context = DenoiserContext(self.cache, self.config.data)
         self.denoiser = build_denoiser(
-            self.config, self.cache.num_latents, self.cache.latent_dim, self.class_names, source_dim
+            self.config, self.cache.num_latents, self.cache.latent_dim, self.class_names, self.context.width
         )
         self.denoiser.to(accelerator.device)
         self.scheduler = make_noise_scheduler(
@@ -203,11 +195,7 @@ class DiffusionStage(TrainingStage):
         else:
             indices = [self.example_order[i] for i in self.batch_indices(step, len(self.example_order))]
         latents, labels = self.cache.batch(indices, accelerator.device)
-        states = mask = None
-        if self.sources is not None:
-            states, mask = self.cache.source_batch(indices, accelerator.device)
-        elif self.latent_context is not None:
-            states, mask = self.latent_context.batch(self.cache, indices, accelerator.device)
+        states, mask = self.context.batch(indices, accelerator.device)
         self.timesteps = weights = None
         if self.importance is not None:
             self.timesteps, weights = self.importance.sample(len(indices), accelerator.device, generator=generator)

@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate these classes only (default: all)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="dpm++")
+    parser.add_argument(
+        "--clamp-latents", action="store_true", help="put every step's ẑ0 on the latent sphere (clamp_latents)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-stage2", action="store_true")
@@ -348,6 +351,7 @@ def main(argv=None) -> int:
                     guidance_interval=args.guidance_interval,
                     num_inference_steps=args.steps,
                     scheduler=args.scheduler,
+                    clamp_latents=args.clamp_latents,
                     seed=args.seed + 1000 * k,
                     batch_size=64,
                     decode_kwargs=decode_kwargs,
@@ -382,6 +386,7 @@ def main(argv=None) -> int:
         "samples_per_class": args.samples_per_class,
         "steps": args.steps,
         "scheduler": args.scheduler,
+        "clamp_latents": args.clamp_latents,
         "guidance_interval": list(args.guidance_interval),
         "per_class_guidance": per_class_guidance or None,
         "judges": {"features": features.name, "topic": topic.name, "perplexity": perplexity.name},

@@ -16,6 +16,7 @@ from .schedules import (
     AdaptiveScheduleFitter,
     guide_model_output,
     make_noise_scheduler,
+    model_output_from_original_sample,
     predict_original_sample,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "diffusion_loss",
     "diffusion_target",
     "make_noise_scheduler",
+    "model_output_from_original_sample",
     "predict_original_sample",
 ]

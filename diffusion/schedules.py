@@ -264,6 +264,15 @@ def _alphas_cumprod_at(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -
     return a.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _prediction_type_of(scheduler, prediction_type: str | None) -> str:
+    """``prediction_type`` (default: the scheduler's) by its full name; an unknown one is an error."""
+    name = prediction_type or scheduler.config.prediction_type
+    name = _PREDICTION_ALIASES.get(name, name)
+    if name not in PREDICTION_TYPES:
+        raise ValueError(f"Unknown prediction_type {name!r}; choose one of {PREDICTION_TYPES}.")
+    return name
+
+
 def predict_original_sample(
     scheduler,
     model_output: torch.Tensor,
@@ -283,9 +292,7 @@ def predict_original_sample(
     Returns:
         ẑ0 `[batch, num_latents, latent_dim]`, in `model_output`'s dtype.
     """
-    prediction_type = _PREDICTION_ALIASES.get(
-        prediction_type or scheduler.config.prediction_type, prediction_type or scheduler.config.prediction_type
-    )
+    prediction_type = _prediction_type_of(scheduler, prediction_type)
     abar = _alphas_cumprod_at(scheduler, timesteps, sample)
     out = model_output.double()
     z_t = sample.double()
@@ -293,10 +300,8 @@ def predict_original_sample(
         z0 = abar.sqrt() * z_t - (1 - abar).sqrt() * out
     elif prediction_type == "epsilon":
         z0 = (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
-    elif prediction_type == "sample":
+    else:  # "sample"
         z0 = out
-    else:
-        raise ValueError(f"Unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}.")
     return z0.to(model_output.dtype)
 
 
@@ -318,9 +323,7 @@ def guide_model_output(
     (1-ᾱ)√ᾱ · ∇ log p and leaves low-noise steps, where classifiers are reliable, as they are. The
     result is in the model's own parametrisation (v, ε or ẑ0), so any scheduler steps with it as usual.
     """
-    prediction_type = _PREDICTION_ALIASES.get(
-        prediction_type or scheduler.config.prediction_type, prediction_type or scheduler.config.prediction_type
-    )
+    prediction_type = _prediction_type_of(scheduler, prediction_type)
     abar = _alphas_cumprod_at(scheduler, timesteps, sample)
     a, sigma = abar.sqrt(), (1 - abar).sqrt()
     out, z_t = model_output.double(), sample.double()
@@ -328,16 +331,35 @@ def guide_model_output(
         eps = a * out + sigma * z_t
     elif prediction_type == "epsilon":
         eps = out
-    elif prediction_type == "sample":
+    else:  # "sample"
         eps = (z_t - a * out) / sigma
-    else:
-        raise ValueError(f"Unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}.")
     # Weighted by ᾱ: the shift of the implied clean latent, σ²/√ᾱ · ∇ log p, would explode where ᾱ -> 0
     # (a classifier is at chance there anyway); with the weight it is at most σ²√ᾱ · ∇ log p.
     eps = eps - abar * sigma * grad_log_prob.double()
     z0 = (z_t - sigma * eps) / a
     guided = {"v_prediction": a * eps - sigma * z0, "epsilon": eps, "sample": z0}[prediction_type]
     return guided.to(model_output.dtype)
+
+
+def model_output_from_original_sample(
+    scheduler,
+    original_sample: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor | int | float,
+    prediction_type: str | None = None,
+) -> torch.Tensor:
+    """The denoiser output (v, ε or ẑ0) that `predict_original_sample` maps to ``original_sample`` at
+    z_t = ``sample``: what a scheduler steps with once ẑ0 was changed outside the model (clamped).
+
+    Args as in `predict_original_sample`; returns the output in ``original_sample``'s dtype.
+    """
+    prediction_type = _prediction_type_of(scheduler, prediction_type)
+    abar = _alphas_cumprod_at(scheduler, timesteps, sample)
+    a, sigma = abar.sqrt(), (1 - abar).sqrt()
+    z0, z_t = original_sample.double(), sample.double()
+    eps = (z_t - a * z0) / sigma
+    output = {"v_prediction": a * eps - sigma * z0, "epsilon": eps, "sample": z0}[prediction_type]
+    return output.to(original_sample.dtype)
 
 
 __all__ = [
@@ -348,6 +370,7 @@ __all__ = [
     "cosine_alphas_cumprod",
     "guide_model_output",
     "make_noise_scheduler",
+    "model_output_from_original_sample",
     "original_sample_losses",
     "predict_original_sample",
     "shifted_cosine_betas",

@@ -1,8 +1,10 @@
 """What a call of `LatentTextDiffusionPipeline` conditions on, checked once per call: class labels
-(names or ids) and the source texts of a text-to-text pipeline, and how many texts the call returns."""
+(names or ids) and the source texts of a text-to-text pipeline, how many texts the call returns, and
+the error when that many do not fit in memory."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ __all__ = [
     "check_source_texts",
     "check_sources",
     "count_outputs",
+    "refuse_out_of_memory",
 ]
 
 
@@ -162,3 +165,19 @@ def check_call_arguments(num_samples, output_type, callback_on_step_end_tensor_i
     for name in callback_on_step_end_tensor_inputs:
         if name not in allowed_tensor_inputs:
             raise ValueError(f"callback_on_step_end_tensor_inputs has {name!r}; allowed: {allowed_tensor_inputs}.")
+
+
+@contextlib.contextmanager
+def refuse_out_of_memory(batch: int):
+    """An allocation that fails inside a call becomes an error that says what to do; the pipeline holds
+    no state of the call, so it stays usable."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
+            if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
+                raise
+        raise MemoryError(
+            f"A batch of {batch} samples does not fit in memory ({type(err).__name__}: {str(err)[:200]}). Sample "
+            "fewer at a time: a smaller num_samples (or batch_size in latentlm.sample / sample_texts)."
+        ) from err

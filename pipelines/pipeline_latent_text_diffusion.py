@@ -24,7 +24,6 @@ list of texts per source.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -36,9 +35,15 @@ from latentlm.autoencoder.modeling_latent_autoencoder import LatentAutoencoder
 from latentlm.autoencoder.text_codec import merge_peft
 from latentlm.diffusion.modeling_latent_classifier import LatentClassifier
 from latentlm.diffusion.modeling_latent_denoiser import LatentDenoiser
-from latentlm.diffusion.schedules import guide_model_output, predict_original_sample
+from latentlm.diffusion.schedules import guide_model_output, model_output_from_original_sample, predict_original_sample
 from latentlm.pipelines.classifier_guidance import check_classifier, control_gradient, prepare_controls
-from latentlm.pipelines.conditioning import SourceStates, check_call_arguments, class_label_ids, count_outputs
+from latentlm.pipelines.conditioning import (
+    SourceStates,
+    check_call_arguments,
+    class_label_ids,
+    count_outputs,
+    refuse_out_of_memory,
+)
 from latentlm.pipelines.interpolation import slerp
 from latentlm.pipelines.long_text import LongTextMixin
 from latentlm.pipelines.mbr import mbr_select
@@ -60,22 +65,6 @@ __all__ = [
     "UNSUPPORTED_SCHEDULERS",
     "slerp",
 ]
-
-
-@contextlib.contextmanager
-def refuse_out_of_memory(batch: int):
-    """An allocation that fails inside a call becomes an error that says what to do; the pipeline holds
-    no state of the call, so it stays usable."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
-            if "can't allocate memory" not in str(err) and "out of memory" not in str(err):
-                raise
-        raise MemoryError(
-            f"A batch of {batch} samples does not fit in memory ({type(err).__name__}: {str(err)[:200]}). Sample "
-            "fewer at a time: a smaller num_samples (or batch_size in latentlm.sample / sample_texts)."
-        ) from err
 
 
 class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLatentsMixin, LongTextMixin):
@@ -263,6 +252,11 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
         step_kwargs = extra_step_kwargs(scheduler, generator)
         prediction_type = self.config.prediction_type
+        if options.clamp_latents and not self.autoencoder.config.normalize_latents:
+            raise ValueError(
+                "clamp_latents=True puts ẑ0 on the sphere of normalized latents, but this autoencoder does not "
+                "normalize its latents (normalize_latents=False): sample with clamp_latents=False."
+            )
         use_self_cond = bool(self.denoiser.config.get("self_conditioning", False))
         pred_original_sample = None  # ẑ0 of the previous step, fed back (self-conditioning)
         low, high = options.guidance_interval
@@ -283,6 +277,11 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
             pred_original_sample = predict_original_sample(
                 scheduler, model_output, model_input, t, prediction_type=prediction_type
             )
+            if options.clamp_latents:  # the step goes on from ẑ0 on the latent sphere (Diffusion-LM's clamping)
+                pred_original_sample = self.autoencoder.project(pred_original_sample)
+                model_output = model_output_from_original_sample(
+                    scheduler, pred_original_sample, model_input, t, prediction_type=prediction_type
+                )
             latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=True).prev_sample
             if callback_on_step_end is not None:
                 local = {"latents": latents, "pred_original_sample": pred_original_sample}

@@ -91,6 +91,16 @@ class SamplingOptions:
             mlflow_type="double",
         ),
     )
+    clamp_latents: bool = field(
+        default=False,
+        metadata=_help(
+            "Diffusion-LM's clamping trick: every step's ẑ0 is put on the sphere the autoencoder writes its "
+            "latents to (each vector of norm sqrt(latent_dim)) before the scheduler steps from it; needs an "
+            "autoencoder with normalize_latents",
+            "--clamp-latents",
+            mlflow_type="boolean",
+        ),
+    )
     control_scale: float | dict[str, float] = field(
         default=1.0,
         metadata=_help("weight of the classifier-guidance controls (a number or {name: number})", "--control-scale"),
@@ -164,6 +174,8 @@ class SamplingOptions:
                 "guidance_interval must be (low, high) with 0 <= low <= high <= 1, the noise levels t / T to guide "
                 f"(default (0, 1): every step), got {self.guidance_interval!r}."
             )
+        if not isinstance(self.clamp_latents, bool):
+            raise ValueError(f"clamp_latents must be True or False, got {self.clamp_latents!r}.")
         candidates = self.mbr_candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"mbr_candidates must be a positive integer, got {candidates!r}.")
@@ -188,7 +200,9 @@ class SamplingOptions:
             if flag is None or f.name in exclude:
                 continue
             kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
-            if f.name == "guidance_interval":
+            if isinstance(f.default, bool):
+                kwargs["action"] = "store_true"
+            elif f.name == "guidance_interval":
                 kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
             elif f.name != "scheduler" and f.name != "mbr_metric":
                 kwargs["type"] = type(f.default)

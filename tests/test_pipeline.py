@@ -249,6 +249,79 @@ def test_other_prediction_types(tiny_text_autoencoder, prediction_type):
     torch.testing.assert_close(out.latents, oracle.targets[[0, 0]], atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.parametrize(
+    "prediction_type,name",
+    [
+        ("v_prediction", "ddim"),
+        ("epsilon", "ddim"),
+        ("sample", "ddim"),
+        ("v_prediction", "dpm++"),
+        ("v_prediction", "euler"),
+    ],
+)
+def test_clamping_steps_from_the_estimate_on_the_latent_sphere(tiny_bart_dir, prediction_type, name):
+    oracle = OracleDenoiser(class_names=CLASSES, prediction_type=prediction_type)
+    scheduler = make_noise_scheduler(prediction_type=prediction_type, num_train_timesteps=1000)
+    text_autoencoder = make_tiny_text_autoencoder(tiny_bart_dir, normalize_latents=True)
+    pipe = make_pipeline(text_autoencoder, denoiser=oracle, scheduler=scheduler)
+    pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
+    steps = []
+    kwargs = dict(num_samples=2, class_labels="odd", num_inference_steps=10, output_type="latent")
+    out = run(
+        pipe,
+        clamp_latents=True,
+        callback_on_step_end=lambda p, i, t, kw: steps.append(kw) or {},
+        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+        **kwargs,
+    )
+    on_sphere = pipe.autoencoder.project(oracle.targets[[1, 1]])
+    # every step's estimate is on the sphere, and the scheduler stepped from it: its last z_t is that estimate
+    for kw in steps:  # (ε-prediction's ẑ0 carries float error from the noisiest steps)
+        torch.testing.assert_close(kw["pred_original_sample"], on_sphere, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(steps[-1]["latents"], on_sphere, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(out.latents, on_sphere, atol=5e-3, rtol=5e-3)
+    unclamped = run(pipe, **kwargs)
+    torch.testing.assert_close(unclamped.latents, oracle.targets[[1, 1]], atol=5e-3, rtol=5e-3)
+    assert (unclamped.latents - on_sphere).abs().max() > 0.1
+
+
+def test_model_output_from_original_sample_inverts_predict_original_sample():
+    from latentlm.diffusion import model_output_from_original_sample, predict_original_sample
+
+    generator = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 3, 4, 8, generator=generator).double()
+    for prediction_type in ["v_prediction", "epsilon", "sample"]:
+        scheduler = make_noise_scheduler(prediction_type=prediction_type, num_train_timesteps=1000)
+        for t in [torch.tensor([3, 500, 999]), 250, 412.5]:
+            z0 = predict_original_sample(scheduler, output, sample, t)
+            back = model_output_from_original_sample(scheduler, z0, sample, t)
+            torch.testing.assert_close(back, output)
+        with pytest.raises(ValueError, match="Unknown prediction_type"):
+            model_output_from_original_sample(scheduler, output, sample, 10, prediction_type="score")
+
+
+def test_sampling_options_on_the_command_line():
+    import argparse
+
+    from latentlm.pipelines import SamplingOptions
+
+    parser = argparse.ArgumentParser()
+    SamplingOptions.add_arguments(parser)
+    given = parser.parse_args(["--steps", "7", "--clamp-latents", "--guidance-interval", "0.2", "0.9"])
+    options = SamplingOptions.from_arguments(given)
+    assert (options.num_inference_steps, options.clamp_latents, options.guidance_interval) == (7, True, (0.2, 0.9))
+    assert SamplingOptions.from_arguments(parser.parse_args([])) == SamplingOptions()
+
+
+def test_clamping_needs_normalized_latents(tiny_bart_dir):
+    text_autoencoder = make_tiny_text_autoencoder(tiny_bart_dir, normalize_latents=False)
+    pipe = make_pipeline(text_autoencoder, denoiser=OracleDenoiser(class_names=CLASSES))
+    with pytest.raises(ValueError, match="does not normalize its latents"):
+        run(pipe, num_samples=1, class_labels=0, clamp_latents=True, output_type="latent")
+    with pytest.raises(ValueError, match="clamp_latents must be True or False"):
+        run(pipe, num_samples=1, class_labels=0, clamp_latents="yes", output_type="latent")
+
+
 # ------------------------------------------------------------------------------------------------
 # Real (tiny, random) LatentDenoiser
 # ------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
     )
-    parser.add_argument("--context-noise", type=float, default=0.5, help="noise level t/T of the context-use probe")
+    parser.add_argument("--context-noise", type=float, default=0.9, help="noise level t/T of the context-use probe")
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)

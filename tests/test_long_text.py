@@ -159,6 +159,9 @@ def test_context_use_tells_a_denoiser_that_reads_the_story_from_one_that_does_no
     assert blind["num_sentences"] == 6 and blind["own"] > 0
     assert blind["own"] == pytest.approx(blind["other_story"]) == pytest.approx(blind["none"])
     assert blind["gain"] == pytest.approx(0.0, abs=1e-6)
+    sentences = [sentence for story in stories for sentence in split_sentences(story)[1:]]
+    variance = pipe.encode(sentences).float().var(dim=0, unbiased=False).mean().item()
+    assert blind["latent_variance"] == pytest.approx(variance, rel=1e-4) and blind["noise_level"] == 0.9
     torch.manual_seed(0)
     for layer in cross_attention_outputs:
         torch.nn.init.normal_(layer.weight, std=0.5)

@@ -80,7 +80,7 @@ def score_infills(outputs: Sequence[str], golds: Sequence[str], bert_model: str 
 def context_use(
     pipe,
     stories: Sequence[str],
-    noise_level: float = 0.5,
+    noise_level: float = 0.9,
     batch_size: int = 64,
     seed: int = 0,
     splitter: Callable[[str], list[str]] = split_sentences,
@@ -92,7 +92,12 @@ def context_use(
     given the story before it, given the sentences before the same place in the next story (another
     story), and given no context; the same noise for all three. Returns each one's mean squared error
     against the sentence's latents and ``gain``, ``1 - own / other_story``: near 0, the denoiser
-    writes a sentence the same whatever came before it."""
+    writes a sentence the same whatever came before it.
+
+    ``latent_variance`` (of the sentences' latents around their mean) is what an error reads against:
+    ``none`` near it means the noisy latents alone tell the denoiser little, so the context has room to
+    help. At low noise they tell it nearly everything and no context can lower the error much: hence
+    the default of 0.9."""
     from diffusers import DDPMScheduler
 
     from latentlm.diffusion import denoised_latents
@@ -122,10 +127,11 @@ def context_use(
         )
         return (predicted.float().cpu() - latents).square().mean(dim=(1, 2))
 
-    errors = {"own": [], "other_story": [], "none": []}
+    errors, encoded = {"own": [], "other_story": [], "none": []}, []
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
         latents = pipe.encode([split[i][k] for i, k in batch]).float().cpu()
+        encoded.append(latents)
         for name, shift in (("own", 0), ("other_story", 1)):
             sides = [context((i + shift) % len(split), k) for i, k in batch]
             if in_latents:
@@ -137,4 +143,11 @@ def context_use(
         errors["none"].append(error(latents, null, torch.zeros(len(batch), 1, dtype=torch.long), seed + start))
     result = {name: torch.cat(values).mean().item() for name, values in errors.items()}
     gain = 1.0 - result["own"] / result["other_story"]
-    return {**result, "gain": gain, "num_sentences": len(cases), "noise_level": noise_level}
+    variance = torch.cat(encoded).var(dim=0, unbiased=False).mean().item()
+    return {
+        **result,
+        "gain": gain,
+        "latent_variance": variance,
+        "num_sentences": len(cases),
+        "noise_level": noise_level,
+    }

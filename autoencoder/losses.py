@@ -1,5 +1,6 @@
 """Stage-1 training objectives: reconstruction cross-entropy of the text from the decoder memory,
-for seq2seq and decoder-only LMs, and the soft-prompt alignment loss of decoder-only LMs.
+for seq2seq and decoder-only LMs, the soft-prompt alignment loss of decoder-only LMs, and the KL
+penalty of a variational autoencoder's posterior.
 
 ``memory`` is what `LatentAutoencoder.reconstruct` writes: the states a seq2seq decoder
 cross-attends to, or a causal LM's soft prompt (see `text_codec`).
@@ -13,7 +14,16 @@ from latentlm.autoencoder.causal_decoding import key_value_prefix_inputs, soft_p
 from latentlm.autoencoder.model_parts import cache_argument, causal_body, unwrap_peft
 from transformers.modeling_outputs import BaseModelOutput
 
-__all__ = ["alignment_loss", "causal_reconstruction_loss", "seq2seq_reconstruction_loss", "shift_right"]
+__all__ = ["alignment_loss", "causal_reconstruction_loss", "gaussian_kl", "seq2seq_reconstruction_loss", "shift_right"]
+
+
+def gaussian_kl(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_variance)) || N(0, I)) per latent dimension, averaged over the batch, the
+    latents and their dimensions (so its weight does not depend on the latent shape). On normalized
+    latents (every vector of norm sqrt(D)) the mean's part is a constant: the penalty then only pulls
+    each posterior std towards 1, against the reconstruction loss that wants it small."""
+    mean, log_variance = mean.float(), log_variance.float()
+    return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).mean()
 
 
 def causal_reconstruction_loss(

@@ -28,6 +28,7 @@ __all__ = [
 AUTOENCODER_SETTINGS = (
     "max_length",
     "normalize_latents",
+    "variational",
     "context_positions",
     "memory_tokens_per_latent",
     "query_init_std",

@@ -102,6 +102,16 @@ class TransformerLayer(nn.Module):
         return x + self.ff(x)
 
 
+def log_variance_head(d_model: int, latent_dim: int) -> nn.Linear:
+    """A variational posterior's log-variance from the compressed states: every text starts with std
+    0.5 (log variance log 0.25) in every dimension, the noise the decoder of a plain autoencoder is
+    commonly trained with (``latent_noise_std``)."""
+    head = nn.Linear(d_model, latent_dim)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, math.log(0.25))
+    return head
+
+
 class LatentAutoencoder(ModelMixin, ConfigMixin):
     """Perceiver-resampler compression and transformer reconstruction (LD4LG).
 
@@ -146,6 +156,10 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             stay there (a bag of words), so such backbones want unit scale, the Perceiver
             resampler's own (Flamingo, LD4LG). The small scale is the default because it samples
             better on the quickstart corpus (figures in the repository's ``benchmarks/README.md``).
+        variational: if True, compression also writes a log-variance per latent dimension: the
+            latents (`compress`) are the mean of a diagonal Gaussian posterior (`posterior`), and in
+            training the decoder reads a sample of it, its spread learned against a KL penalty
+            (`TextAutoencoder`'s ``kl_weight``; Optimus, PLANNER) instead of a fixed noise std.
     """
 
     @register_to_config
@@ -170,6 +184,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         key_value_layers: int = 0,
         key_value_heads: int = 0,
         key_value_head_dim: int = 0,
+        variational: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -213,6 +228,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         )
         self.compression_norm = nn.LayerNorm(d_model)
         self.to_latent = nn.Linear(d_model, latent_dim)
+        self.to_log_variance = log_variance_head(d_model, latent_dim) if variational else None
         # Reconstruction.
         self.from_latent = nn.Linear(latent_dim, width * memory_tokens_per_latent)
         self.reconstruction_positions = nn.Parameter(torch.randn(num_latents * memory_tokens_per_latent, width) * 0.02)
@@ -229,7 +245,15 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.to_key_values.bias)
 
     def compress(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states [B, L, d_model], attention_mask [B, L] (1 = token, 0 = padding) -> [B, N, D]."""
+        """hidden_states [B, L, d_model], attention_mask [B, L] (1 = token, 0 = padding) -> [B, N, D]
+        (a variational autoencoder's posterior mean)."""
+        return self.posterior(hidden_states, attention_mask)[0]
+
+    def posterior(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(latents, log_variance)``, both [B, N, D]: the latents as `compress` returns them and, for a
+        ``variational`` autoencoder, the log-variance of the Gaussian posterior around them (else None)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.d_model:
             raise ValueError(
                 f"hidden_states must have shape [batch, length, {self.config.d_model}], got "
@@ -259,15 +283,20 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             latents = latents + self.query_from_context(self._strided_context(context))
         for layer in self.compression_layers:
             latents = layer(latents, context, mask)
-        z = self.to_latent(self.compression_norm(latents))
-        return self.project(z) if self.config.normalize_latents else z
+        states = self.compression_norm(latents)
+        z = self.to_latent(states)
+        log_variance = None
+        if self.to_log_variance is not None:
+            # clamped as diffusers' DiagonalGaussianDistribution does: a diverging head cannot make exp() infinite
+            log_variance = self.to_log_variance(states).float().clamp(-30.0, 20.0)
+        return (self.project(z) if self.config.normalize_latents else z), log_variance
 
     def compression_parameters(self) -> list[nn.Parameter]:
-        """The parameters `compress` reads: with them frozen, every text keeps the latents it has, so
-        denoisers and latent caches built on them stay valid while the reconstruction side trains."""
+        """The parameters `posterior` reads (the latents and a variational posterior's spread): with them
+        frozen, every text keeps the latents it has, so denoisers and latent caches built on them stay
+        valid while the reconstruction side trains."""
         modules = [self.compression_layers, self.compression_norm, self.to_latent]
-        if self.query_from_context is not None:
-            modules.append(self.query_from_context)
+        modules += [m for m in (self.query_from_context, self.to_log_variance) if m is not None]
         params = [self.latent_queries, *(p for module in modules for p in module.parameters())]
         if self.context_position_embeddings is not None:
             params.append(self.context_position_embeddings)

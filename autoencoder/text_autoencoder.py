@@ -18,7 +18,7 @@ from latentlm.autoencoder import LatentAutoencoder
 from latentlm.autoencoder.backbones import CAUSAL_MEMORY, encoder_hidden_size, load_backbone, prompt_template_for
 from latentlm.autoencoder.causal_decoding import uses_key_value_prefix
 from latentlm.autoencoder.families import family_of
-from latentlm.autoencoder.losses import alignment_loss
+from latentlm.autoencoder.losses import alignment_loss, gaussian_kl
 from latentlm.autoencoder.model_settings import (
     AUTOENCODER_SETTINGS,
     backbone_arguments,
@@ -57,6 +57,7 @@ class TextAutoencoder(nn.Module):
         lora: dict | None = None,
         alignment_weight: float = 0.0,
         latent_noise_std: float = 0.0,
+        kl_weight: float = 0.0,
     ):
         super().__init__()
         if max_length < 2:
@@ -94,12 +95,20 @@ class TextAutoencoder(nn.Module):
             )
         if latent_noise_std < 0:
             raise ValueError(f"latent_noise_std must be >= 0, got {latent_noise_std}.")
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
+        if kl_weight and not autoencoder.config.get("variational"):
+            raise ValueError(
+                "kl_weight penalises the spread of a variational posterior, but this autoencoder writes plain "
+                "latents: build it with variational=True, or set kl_weight to 0."
+            )
         self.tokenizer = tokenizer
         self.language_model = language_model
         self.autoencoder = autoencoder
         self.max_length = int(max_length)
         self.alignment_weight = float(alignment_weight)
         self.latent_noise_std = float(latent_noise_std)
+        self.kl_weight = float(kl_weight)
         self.backbone = backbone
         self.decoder_mode = decoder
         self.lora = dict(lora or {})
@@ -135,6 +144,8 @@ class TextAutoencoder(nn.Module):
         alignment_weight: float = 0.0,
         causal_memory: str = "soft_prompt",
         latent_noise_std: float = 0.0,
+        variational: bool = False,
+        kl_weight: float = 0.0,
     ) -> TextAutoencoder:
         """A new (untrained) autoencoder over a backbone (see `latentlm.autoencoder.backbones.load_backbone`).
 
@@ -146,6 +157,8 @@ class TextAutoencoder(nn.Module):
         ``alignment_weight`` > 0 pulls soft-prompt slot j towards the embedding of token j.
         ``latent_noise_std`` > 0: in training the decoder reads ``latents + latent_noise_std * ε``, so
         it learns to write fluent text from the imperfect latents a denoiser samples.
+        ``variational=True``: the latents are a posterior mean and the decoder reads samples of the
+        posterior in training, their spread held up by ``kl_weight`` x `losses.gaussian_kl`.
         """
         settings = {name: value for name, value in locals().items() if name in AUTOENCODER_SETTINGS}
         if causal_memory not in CAUSAL_MEMORY:
@@ -179,6 +192,7 @@ class TextAutoencoder(nn.Module):
             lora=lora,
             alignment_weight=alignment_weight,
             latent_noise_std=latent_noise_std,
+            kl_weight=kl_weight,
         )
 
     @classmethod
@@ -186,7 +200,8 @@ class TextAutoencoder(nn.Module):
         """A new (untrained) autoencoder from nested model settings, the shape of a run config's
         ``autoencoder.model`` (`latentlm.autoencoder.model_settings`): ``backbone``, ``decoder``,
         ``lora: {r, alpha, ...}``, ``causal: {context_layers, prompt_template, memory}`` and the other
-        `from_backbone` arguments by name. ``training``: ``alignment_weight``, ``latent_noise_std``."""
+        `from_backbone` arguments by name. ``training``: ``alignment_weight``, ``latent_noise_std``,
+        ``kl_weight``."""
         backbone, kwargs = backbone_arguments(config)
         return cls.from_backbone(backbone, **kwargs, **training)
 
@@ -271,10 +286,18 @@ class TextAutoencoder(nn.Module):
         Decoder-only backbones add ``alignment_weight`` x `losses.alignment_loss`; ``reconstruction=False``
         gives the alignment loss alone, without running the LM (a cheap warm-up of the soft prompt);
         ``alignment=False`` leaves the alignment loss out (a run that aligns only for its first steps).
-        ``generator`` draws the latent noise (``latent_noise_std``), so a resumed run draws the same.
+        A variational autoencoder in training decodes a sample of its posterior and adds ``kl_weight``
+        x `losses.gaussian_kl`. ``generator`` draws the posterior's and the latent noise
+        (``latent_noise_std``), so a resumed run draws the same.
         """
+        log_variance = None
         if latents is None:
-            latents = self.autoencoder.compress(hidden_states, attention_mask)
+            latents, log_variance = self.autoencoder.posterior(hidden_states, attention_mask)
+        loss = 0.0
+        if log_variance is not None and self.training:
+            if self.kl_weight:
+                loss = self.kl_weight * gaussian_kl(latents, log_variance)
+            latents = self.sample_posterior(latents, log_variance, generator)
         memory = self.autoencoder.reconstruct(self.perturb(latents, generator))
         aligned = alignment and bool(self.alignment_weight)
         if not (reconstruction or aligned):
@@ -282,14 +305,22 @@ class TextAutoencoder(nn.Module):
                 "reconstruction=False leaves only the alignment loss, but it is off (alignment_weight is 0 "
                 "or alignment=False)."
             )
-        loss = 0.0
         if reconstruction:
-            loss = self.family.reconstruction_loss(
+            loss = loss + self.family.reconstruction_loss(
                 self.tokenizer, self.language_model, self.autoencoder, memory, labels
             )
         if aligned:
             loss = loss + self.alignment_weight * alignment_loss(self.tokenizer, self.language_model, memory, labels)
         return loss
+
+    def sample_posterior(
+        self, mean: torch.Tensor, log_variance: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw ``mean + exp(log_variance / 2) * ε`` of the posterior (put back on the latent sphere when
+        latents are normalized), differentiable in both (the reparameterisation trick)."""
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        sample = (mean.float() + (0.5 * log_variance).exp() * noise).to(mean.dtype)
+        return self.autoencoder.project(sample) if self.autoencoder.config.normalize_latents else sample
 
     def perturb(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """In training, ``latents + latent_noise_std * ε`` (on the latent sphere when latents are
@@ -326,12 +357,13 @@ class TextAutoencoder(nn.Module):
         device: str | torch.device | None = None,
         latent_noise_std: float | None = None,
         alignment_weight: float | None = None,
+        kl_weight: float | None = None,
     ) -> TextAutoencoder:
         """Load a folder written by `save_pretrained`.
 
         ``trainable=True`` restores the decoder's training mode (LoRA/new modules require grad);
-        by default everything is frozen and in eval mode (inference). ``latent_noise_std`` and
-        ``alignment_weight``, if given, replace the saved training settings (to train on).
+        by default everything is frozen and in eval mode (inference). ``latent_noise_std``,
+        ``alignment_weight`` and ``kl_weight``, if given, replace the saved training settings (to train on).
         """
         tokenizer, language_model, autoencoder, meta = load_text_autoencoder_parts(directory, trainable)
         model = cls(
@@ -344,6 +376,7 @@ class TextAutoencoder(nn.Module):
             lora=meta.get("lora") or {},
             alignment_weight=meta.get("alignment_weight", 0.0) if alignment_weight is None else alignment_weight,
             latent_noise_std=meta.get("latent_noise_std", 0.0) if latent_noise_std is None else latent_noise_std,
+            kl_weight=meta.get("kl_weight", 0.0) if kl_weight is None else kl_weight,
         )
         if not trainable:
             model.requires_grad_(False)

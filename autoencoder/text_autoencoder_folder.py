@@ -48,6 +48,7 @@ def save_text_autoencoder(model, save_directory: str | os.PathLike, merge_adapte
         "lora": model.lora,
         "alignment_weight": model.alignment_weight,
         "latent_noise_std": model.latent_noise_std,
+        "kl_weight": model.kl_weight,
     }
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -371,6 +372,79 @@ def test_latent_noise_perturbs_what_the_decoder_reads_in_training_only(tiny_bart
     assert quiet.perturb(z) is z
     with pytest.raises(ValueError, match="latent_noise_std must be >= 0"):
         make_tiny_text_autoencoder(tiny_bart_dir, latent_noise_std=-0.1)
+
+
+def test_gaussian_kl_is_the_kl_to_a_standard_normal_per_dimension():
+    from latentlm.autoencoder.losses import gaussian_kl
+
+    mean, log_variance = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    posterior = torch.distributions.Normal(mean, (0.5 * log_variance).exp())
+    expected = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).mean()
+    torch.testing.assert_close(gaussian_kl(mean, log_variance), expected)
+    assert gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)) == 0
+
+
+def test_variational_autoencoder_decodes_posterior_samples_in_training_and_its_mean_otherwise(
+    tiny_bart_dir, tmp_path, monkeypatch
+):
+    from latentlm.autoencoder.losses import gaussian_kl
+
+    model = make_tiny_text_autoencoder(tiny_bart_dir, variational=True, kl_weight=0.1)
+    batch = model.tokenize(SENTENCES[:4])
+    h = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+    labels = model.make_labels(batch["input_ids"], batch["attention_mask"])
+    mean, log_variance = model.autoencoder.posterior(h, batch["attention_mask"])
+    # the latents are the posterior mean, on the sphere; every posterior starts with std 0.5
+    torch.testing.assert_close(model.autoencoder.compress(h, batch["attention_mask"]), mean)
+    torch.testing.assert_close(mean.norm(dim=-1), torch.full(mean.shape[:2], 8**0.5))
+    torch.testing.assert_close(log_variance, torch.full_like(log_variance, math.log(0.25)))
+    read, reconstruct = [], model.autoencoder.reconstruct
+    monkeypatch.setattr(model.autoencoder, "reconstruct", lambda latents: read.append(latents) or reconstruct(latents))
+
+    model.train()
+    loss = model(h, batch["attention_mask"], labels, generator=torch.Generator().manual_seed(3))
+    sample = model.sample_posterior(mean, log_variance, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(read[-1], sample)
+    torch.testing.assert_close(sample.norm(dim=-1), torch.full(mean.shape[:2], 8**0.5))
+    assert 0.1 < (sample - mean).pow(2).mean().sqrt() < 1.0
+    # the loss is the reconstruction loss of that sample plus kl_weight x the posterior's KL
+    model.kl_weight = 0.0
+    plain = model(h, batch["attention_mask"], labels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss - plain, 0.1 * gaussian_kl(mean, log_variance))
+    # both the mean and the spread learn (the reparameterisation trick)
+    model.kl_weight = 0.1
+    model(h, batch["attention_mask"], labels).backward()
+    head = model.autoencoder.to_log_variance
+    assert head.bias.grad.abs().sum() > 0 and model.autoencoder.to_latent.weight.grad.abs().sum() > 0
+    assert any(p is head.bias for p in model.autoencoder.compression_parameters())
+
+    model.eval()
+    model(h, batch["attention_mask"], labels)
+    torch.testing.assert_close(read[-1], mean, atol=0, rtol=0)
+
+    model.save_pretrained(tmp_path / "ae")
+    loaded = TextAutoencoder.from_pretrained(tmp_path / "ae")
+    assert loaded.autoencoder.config.variational and loaded.kl_weight == 0.1
+    torch.testing.assert_close(loaded.encode(SENTENCES[:2]), model.encode(SENTENCES[:2]))
+    with pytest.raises(ValueError, match="build it with variational=True"):
+        make_tiny_text_autoencoder(tiny_bart_dir, kl_weight=0.1)
+    with pytest.raises(ValueError, match="kl_weight must be >= 0"):
+        make_tiny_text_autoencoder(tiny_bart_dir, variational=True, kl_weight=-1.0)
+    assert small_ae().posterior(torch.randn(1, 5, 32))[1] is None
+
+
+def test_a_folder_saved_before_variational_latents_loads_as_plain(tiny_bart_dir, tmp_path):
+    make_tiny_text_autoencoder(tiny_bart_dir).save_pretrained(tmp_path / "ae")
+    for path, key in (
+        (tmp_path / "ae" / "autoencoder" / "config.json", "variational"),
+        (tmp_path / "ae" / "text_autoencoder.json", "kl_weight"),
+    ):
+        saved = json.loads(path.read_text())
+        del saved[key]
+        path.write_text(json.dumps(saved))
+    loaded = TextAutoencoder.from_pretrained(tmp_path / "ae")
+    assert loaded.autoencoder.config.variational is False and loaded.kl_weight == 0.0
+    assert loaded.autoencoder.to_log_variance is None
 
 
 def test_alignment_loss_needs_a_decoder_only_backbone(tiny_bart_dir):

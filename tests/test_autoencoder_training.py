@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -13,10 +14,12 @@ from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from safetensors.torch import load_file
 
 from latentlm.config import AutoencoderModelConfig, DataConfig, load_config
-from latentlm.data.loading import count_truncated, load_text_dataset
+from latentlm.data.loading import count_truncated, load_text_dataset, load_texts
+from latentlm.evaluation.reconstruction import posterior_spread
 from latentlm.training.checkpoints import StaleCheckpointsError
 from latentlm.training.loop import NonFiniteLossError
-from latentlm.training.stages.autoencoder import train_autoencoder
+from latentlm.training.stages.autoencoder import load_initial_autoencoder, train_autoencoder
+from latentlm.training.stages.decoder_tuning import decoder_tuning_config
 
 
 def tiny_config(tmp_path, data_path, backbone, **autoencoder):
@@ -88,6 +91,27 @@ def test_short_run_lowers_loss_and_logs_to_mlflow(tmp_path, snippets_jsonl, tiny
     assert len(client.get_metric_history(run.info.run_id, "eval/bleu")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "reconstructions" in artifacts
+
+
+def test_variational_run_trains_the_posterior_and_reports_its_spread(tmp_path, snippets_jsonl, tiny_bart_dir):
+    # dropout: the spread is measured as the model encodes, in eval mode
+    config = tiny_config(tmp_path, snippets_jsonl, tiny_bart_dir, variational=True, kl_weight=0.05, dropout=0.1)
+    model = TextAutoencoder.from_pretrained(train_autoencoder(config))
+    assert model.autoencoder.config.variational and model.kl_weight == 0.05
+    # the posterior's spread has moved from its initial std 0.5, and the evaluation reports it
+    assert model.autoencoder.to_log_variance.bias.sub(math.log(0.25)).abs().max() > 1e-4
+    (final,) = [h for h in _history(tmp_path / "run")["history"] if h["step"] == 20]
+    val_texts = load_texts(config.data, config.data.validation_split, config.data.max_eval_samples)
+    assert final["posterior_std"] == pytest.approx(posterior_spread(model, val_texts), rel=1e-4)
+    assert 0.3 < final["posterior_std"] < 0.7
+    # the decoder tuning freezes the posterior, so its KL (a constant there) is left out
+    tuning = load_initial_autoencoder(decoder_tuning_config(config, tmp_path / "run" / "autoencoder"))
+    assert tuning.kl_weight == 0.0 and not tuning.autoencoder.to_log_variance.bias.requires_grad
+    # a plain autoencoder cannot be continued as a variational one: the mismatch is named
+    plain = tiny_config(tmp_path / "plain", snippets_jsonl, tiny_bart_dir, optimizer=dict(max_steps=2))
+    config.autoencoder.init_from = str(train_autoencoder(plain))
+    with pytest.raises(ValueError, match="was built with variational=False"):
+        load_initial_autoencoder(config.autoencoder)
 
 
 class KilledAt(Exception):

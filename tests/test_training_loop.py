@@ -227,7 +227,7 @@ def test_a_decay_fitted_to_the_budget_resumes_exactly(tmp_path, monkeypatch):
 
 def test_autoencoder_config_mirrors_the_constructor():
     """Every keyword of `TextAutoencoder.from_backbone` is an ``autoencoder.model`` setting (with the same
-    default) that `TextAutoencoder.from_config` passes on, or one of the two training settings it takes."""
+    default) that `TextAutoencoder.from_config` passes on, or one of the three training settings it takes."""
     params = {
         name: p
         for name, p in inspect.signature(TextAutoencoder.from_backbone).parameters.items()
@@ -235,7 +235,7 @@ def test_autoencoder_config_mirrors_the_constructor():
     }
     defaults = AutoencoderTrainingConfig()
     backbone, model_kwargs = backbone_arguments(dataclasses.asdict(defaults.model))
-    training = {"alignment_weight", "latent_noise_std"}
+    training = {"alignment_weight", "latent_noise_std", "kl_weight"}
     missing = sorted(set(params) - set(model_kwargs) - training)
     assert not missing, f"add config fields for {missing}"
     assert not set(model_kwargs) - set(params), "a model setting that from_backbone does not take"

@@ -52,6 +52,12 @@ def test_config_coerces_yaml_scalars_and_applies_overrides(tmp_path):
             "8 x 4 = 32 token positions, fewer than max_length=64",
         ),
         ({"decoder_tuning": {"latent_source": "clean"}}, "decoder_tuning.latent_source='clean'"),
+        ({"autoencoder": {"kl_weight": 0.01}}, "autoencoder.kl_weight=0.01 penalises a variational posterior"),
+        ({"autoencoder": {"kl_weight": -1}}, "autoencoder.kl_weight must be >= 0"),
+        (
+            {"autoencoder": {"model": {"variational": True}, "latent_noise_std": 0.5}},
+            "autoencoder.latent_noise_std=0.5 would add fixed noise to the samples of the variational posterior",
+        ),
     ],
 )
 def test_config_rejects_bad_values_with_the_key_named(raw, message):

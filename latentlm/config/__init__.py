@@ -14,20 +14,18 @@ Command-line overrides use dotted paths: ``autoencoder.optimizer.max_steps=200``
 
 from __future__ import annotations
 
+from latentlm.config.autoencoder_model import AutoencoderModelConfig, CausalSettings, LoraSettings
 from latentlm.config.loading import load_config, nest_model_keys
 from latentlm.config.run_config import RunConfig
 from latentlm.config.sections import (
     DECODER_LATENT_SOURCES,
     LR_SCHEDULES,
     MIXED_PRECISION,
-    AutoencoderModelConfig,
     AutoencoderTrainingConfig,
-    CausalSettings,
     ClassifierTrainingConfig,
     DataConfig,
     DecoderTuningConfig,
     DiffusionTrainingConfig,
-    LoraSettings,
     OptimizerConfig,
     TrackingConfig,
     TrainingLoopConfig,

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
+from latentlm.config.autoencoder_model import AutoencoderModelConfig, LoraSettings
 from latentlm.config.run_config import RunConfig
-from latentlm.config.sections import AutoencoderModelConfig, LoraSettings
 
 __all__ = ["load_config", "nest_model_keys"]
 

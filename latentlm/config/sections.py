@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentlm.config.autoencoder_model import AutoencoderModelConfig
+
 #: ``optimizer.lr_schedule`` values -> transformers scheduler names (`latentlm.training.optimization`)
 LR_SCHEDULES = {
     "linear": "linear",
@@ -141,78 +143,6 @@ class TrainingLoopConfig:
 
 
 @dataclass
-class LoraSettings:
-    """The adapters of ``decoder: lora`` (peft's `LoraConfig`: r, lora_alpha, lora_dropout, target_modules;
-    ``target_modules: null`` = the backbone family's attention projections)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-
-
-@dataclass
-class CausalSettings:
-    """Decoder-only backbones: the LM's states after ``context_layers`` layers are compressed; the
-    latents are read back as a soft prompt in ``prompt_template`` (one ``{memory}``; null = the
-    backbone's default) or as a per-layer key/value prefix (``memory``)."""
-
-    context_layers: int = 0
-    prompt_template: str | None = None
-    memory: str = "soft_prompt"  # soft_prompt | key_value_prefix
-
-
-@dataclass
-class AutoencoderModelConfig:
-    """A `TextAutoencoder`: the language model it wraps and the compression network's shape."""
-
-    backbone: str = "facebook/bart-base"
-    max_length: int = 64
-    decoder: str = "frozen"  # frozen | lora | full
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    causal: CausalSettings = field(default_factory=CausalSettings)
-    num_latents: int = 32
-    latent_dim: int = 64
-    num_compression_layers: int = 3
-    num_reconstruction_layers: int = 3
-    # None = per backbone (LD4LG: on for BART, off for T5).
-    normalize_latents: bool | None = None
-    head_dim: int = 64
-    ff_mult: int = 4
-    dropout: float = 0.0
-    # learned positions added to the encoder states before compression (LD4LG): 0 = none, -1 = one per token
-    context_positions: int = 0
-    query_init_std: float = 0.02  # initial scale of the Perceiver queries (see LatentAutoencoder)
-    # memory positions per latent (soft prompt length = num_latents * memory_tokens_per_latent)
-    memory_tokens_per_latent: int = 1
-    # query j starts from encoder positions [j*s, (j+1)*s) (0 = plain learned queries; see LatentAutoencoder)
-    tokens_per_query: int = 0
-    # BERT2BERT only: initialise each new cross-attention from its layer's self-attention, or "random".
-    cross_attention_init: str = "self_attention"
-    plm_dropout: float | None = None  # override the language model's dropout (None = keep its config)
-
-    def validate(self, where: str = "autoencoder.model") -> None:
-        from latentlm.autoencoder.backbones import CAUSAL_MEMORY
-        from latentlm.autoencoder.families import DECODER_MODES
-
-        one_of(f"{where}.decoder", self.decoder, DECODER_MODES)
-        one_of(f"{where}.causal.memory", self.causal.memory, CAUSAL_MEMORY)
-        if self.context_positions < -1:
-            raise ValueError(
-                f"{where}.context_positions={self.context_positions}: use 0 (none), -1 (one per "
-                f"token of max_length) or a positive number of positions."
-            )
-        if self.head_dim < 1:
-            raise ValueError(f"{where}.head_dim must be a positive integer, got {self.head_dim}.")
-        if self.tokens_per_query and self.num_latents * self.tokens_per_query < self.max_length:
-            raise ValueError(
-                f"{where}.num_latents x tokens_per_query = {self.num_latents} x {self.tokens_per_query} = "
-                f"{self.num_latents * self.tokens_per_query} token positions, fewer than max_length={self.max_length}: "
-                "the latents cannot hold the texts. Raise num_latents or tokens_per_query, or lower max_length."
-            )
-
-
-@dataclass
 class AutoencoderTrainingConfig(TrainingLoopConfig):
     """Stage 1: frozen PLM encoder + learned compression/reconstruction (+ optional LoRA decoder).
 
@@ -231,6 +161,8 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     max_truncated_fraction: float = 0.01
     # std of the Gaussian noise added to the latents the decoder reads in training (0 = none)
     latent_noise_std: float = 0.0
+    # model.variational: weight of the KL penalty that keeps the posterior's spread up (Optimus, PLANNER)
+    kl_weight: float = 0.0
     # start from this trained TextAutoencoder folder instead of a new one over `model.backbone` (`model` describes it)
     init_from: str | None = None
     # keep the compression network (and so every text's latents) as it is: only the reconstruction
@@ -272,6 +204,18 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
             )
         if self.latent_noise_std < 0:
             raise ValueError(f"{where}.latent_noise_std must be >= 0 (0: no noise), got {self.latent_noise_std}.")
+        if self.kl_weight < 0:
+            raise ValueError(f"{where}.kl_weight must be >= 0 (0: no KL penalty), got {self.kl_weight}.")
+        if self.model.variational and self.latent_noise_std:
+            raise ValueError(
+                f"{where}.latent_noise_std={self.latent_noise_std} would add fixed noise to the samples of the "
+                f"variational posterior ({where}.model.variational), whose spread is learned: set latent_noise_std to 0."
+            )
+        if self.kl_weight and not self.model.variational:
+            raise ValueError(
+                f"{where}.kl_weight={self.kl_weight} penalises a variational posterior, but "
+                f"{where}.model.variational is false: set it to true, or kl_weight to 0."
+            )
 
 
 @dataclass

@@ -8,6 +8,7 @@ Used by stage-1 training (evaluation every ``eval_every`` steps) and by ``latent
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from latentlm.autoencoder.families import family_of
+from latentlm.autoencoder.text_autoencoder import TextAutoencoder
 from latentlm.autoencoder.text_codec import DEFAULT_GENERATE_KWARGS, GREEDY_GENERATE_KWARGS
 from latentlm.evaluation.metrics import exact_match, reconstruction_bleu
 
@@ -23,6 +25,7 @@ __all__ = [
     "normalized_reference",
     "reconstruct",
     "evaluate_reconstruction",
+    "posterior_spread",
     "reconstruction_generate_kwargs",
     "evaluate_autoencoder",
 ]
@@ -51,6 +54,24 @@ def reconstruct(codec, texts: Sequence[str], batch_size: int = 64, **generate_kw
     return out
 
 
+@torch.no_grad()
+def posterior_spread(model, texts: Sequence[str], batch_size: int = 64) -> float:
+    """The posterior std of a variational `TextAutoencoder` ``model``: the root mean variance over every
+    latent dimension of ``texts`` (comparable to a fixed ``latent_noise_std``)."""
+    texts, variance, count = list(texts), 0.0, 0
+    if not texts:
+        raise ValueError("posterior_spread needs at least one text.")
+    for start in range(0, len(texts), batch_size):
+        batch = model.tokenize(texts[start : start + batch_size])
+        states = model.encoder_states(batch["input_ids"], batch["attention_mask"])
+        _, log_variance = model.autoencoder.posterior(states, batch["attention_mask"])
+        if log_variance is None:
+            raise ValueError("posterior_spread needs a variational autoencoder (built with variational=True).")
+        variance += float(log_variance.exp().sum())
+        count += log_variance.numel()
+    return math.sqrt(variance / count)
+
+
 def _references(codec, texts: Sequence[str]) -> list[str]:
     tokenizer = getattr(codec, "tokenizer", None)
     max_length = getattr(codec, "max_length", None) or getattr(getattr(codec, "config", None), "max_length", None)
@@ -75,7 +96,8 @@ def evaluate_reconstruction(
     Scored against the texts as the tokenizer represents them (``bleu``, ``exact_match``) and as
     written (``bleu_raw_text``, ``exact_match_raw_text``). Decoding: ``generate_kwargs`` if given
     (``{}``: the codec's own defaults), else `reconstruction_generate_kwargs` for ``num_beams``. ``examples`` holds the first
-    ``num_examples`` (input, reference, reconstruction) rows.
+    ``num_examples`` (input, reference, reconstruction) rows. A variational autoencoder's result adds
+    ``posterior_std`` (`posterior_spread`).
     """
     texts = list(texts)
     if generate_kwargs is None:
@@ -84,14 +106,18 @@ def evaluate_reconstruction(
     was_training = getattr(codec, "training", False)
     if hasattr(codec, "eval"):
         codec.eval()
+    spread = {}
     try:
         hypotheses = reconstruct(codec, texts, batch_size, **generate_kwargs)
+        if isinstance(codec, TextAutoencoder) and codec.autoencoder.config.get("variational"):
+            spread["posterior_std"] = posterior_spread(codec, texts, batch_size)
     finally:
         if was_training:
             codec.train()
     references = _references(codec, texts)
     return {
         "num_samples": len(texts),
+        **spread,
         "bleu": reconstruction_bleu(hypotheses, references),
         "exact_match": exact_match(hypotheses, references),
         "bleu_raw_text": reconstruction_bleu(hypotheses, texts),
@@ -111,8 +137,6 @@ def _load_codec(model_or_dir, device):
             from latentlm.sampling import load_pipeline
 
             return load_pipeline(folder, device)
-        from latentlm.autoencoder.text_autoencoder import TextAutoencoder
-
         model = TextAutoencoder.from_pretrained(str(folder))
         if device is not None:
             model.to(device)
@@ -120,12 +144,17 @@ def _load_codec(model_or_dir, device):
     return model_or_dir
 
 
+#: what `evaluate_autoencoder` reports and logs (``posterior_std`` only for a variational autoencoder)
+_SCORES = ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text", "posterior_std")
+
+
 def _autoencoder_markdown(result: dict[str, Any]) -> str:
+    spread = result.get("posterior_std")
     return (
         "| | BLEU ↑ | Exact match ↑ |\n|---|---|---|\n"
         f"| reconstruction (vs tokenized text) | {result['bleu']:.2f} | {result['exact_match']:.3f} |\n"
         f"| reconstruction (vs raw text) | {result['bleu_raw_text']:.2f} | {result['exact_match_raw_text']:.3f} |\n"
-    )
+    ) + (f"\nPosterior std (variational latents): {spread:.3f}\n" if spread is not None else "")
 
 
 def evaluate_autoencoder(
@@ -162,7 +191,7 @@ def evaluate_autoencoder(
         "model": str(model_dir) if isinstance(model_dir, (str, Path)) else type(model_dir).__name__,
         "references_file": str(references_file),
         "num_samples": scores["num_samples"],
-        **{k: scores[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")},
+        **{k: scores[k] for k in _SCORES if k in scores},
         "texts_per_second": len(texts) / seconds,
     }
     result["markdown"] = _autoencoder_markdown(result)
@@ -188,7 +217,5 @@ def _log_autoencoder_to_mlflow(result: dict[str, Any], examples: list[dict], tra
         tracker.log_params(
             {"evaluate_autoencoder": {k: result[k] for k in ("model", "references_file", "num_samples")}}
         )
-        tracker.log_metrics(
-            {k: result[k] for k in ("bleu", "exact_match", "bleu_raw_text", "exact_match_raw_text")}, step=0
-        )
+        tracker.log_metrics({k: result[k] for k in _SCORES if k in result}, step=0)
         tracker.log_table(examples, "reconstructions.json")

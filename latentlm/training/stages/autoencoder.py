@@ -42,10 +42,13 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
     """The model stage 1 starts from: a new one built from ``cfg.model``, or the trained folder
     ``cfg.init_from`` (checked against ``cfg.model``, trainable, with the config's training settings),
     its compression network frozen when ``cfg.freeze_compression``."""
-    training = dict(latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight)
+    training = dict(
+        latent_noise_std=cfg.latent_noise_std, alignment_weight=cfg.alignment_weight, kl_weight=cfg.kl_weight
+    )
     if not cfg.init_from:
         return TextAutoencoder.from_config(asdict(cfg.model), **training)
-    model = TextAutoencoder.from_pretrained(cfg.init_from, trainable=True, **training)
+    # kl_weight is set after the check: a folder without a variational posterior is named there, not refused here
+    model = TextAutoencoder.from_pretrained(cfg.init_from, trainable=True, **dict(training, kl_weight=0.0))
     differ = settings_mismatch(asdict(cfg.model), model)
     if differ:
         raise ValueError(
@@ -56,6 +59,7 @@ def load_initial_autoencoder(cfg: AutoencoderTrainingConfig) -> TextAutoencoder:
             + ". A trained autoencoder keeps its architecture: set these autoencoder.model values to the "
             "folder's (or leave init_from unset to build a new autoencoder)."
         )
+    model.kl_weight = cfg.kl_weight
     if cfg.model.plm_dropout is not None:
         set_dropout(model.language_model, cfg.model.plm_dropout)
     if cfg.freeze_compression:
@@ -178,12 +182,17 @@ class AutoencoderStage(TrainingStage):
         result = evaluate_reconstruction(
             self.model, self.val_texts, num_beams=self.cfg.eval_num_beams, num_examples=self.cfg.num_eval_examples
         )
-        tracker.log_metrics({"eval/bleu": result["bleu"], "eval/exact_match": result["exact_match"]}, step)
+        scores = {key: result[key] for key in ("bleu", "exact_match", "posterior_std") if key in result}
+        tracker.log_metrics({f"eval/{key}": value for key, value in scores.items()}, step)
         tracker.log_table(result["examples"], f"reconstructions/step_{step:08d}.json")
         logger.warning(
-            "step %d: reconstruction BLEU %.2f, exact match %.3f", step, result["bleu"], result["exact_match"]
+            "step %d: reconstruction BLEU %.2f, exact match %.3f%s",
+            step,
+            result["bleu"],
+            result["exact_match"],
+            f", posterior std {scores['posterior_std']:.3f}" if "posterior_std" in scores else "",
         )
-        return {"bleu": result["bleu"], "exact_match": result["exact_match"]}
+        return scores
 
     def params(self) -> dict[str, Any]:
         return {

@@ -38,6 +38,8 @@ def decoder_tuning_config(config: RunConfig, autoencoder_path: str | Path) -> Au
         init_from=str(autoencoder_path),
         freeze_compression=True,
         latent_noise_std=tuning.latent_noise_std,
+        # the compression is frozen, so a variational posterior's KL is a constant: left out
+        kl_weight=0.0,
         alignment_warmup_steps=0,
         # a stage 1 whose alignment ended leaves it out of the tuning too
         alignment_steps=None if config.autoencoder.alignment_steps is None else 0,

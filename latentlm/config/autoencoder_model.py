@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from latentlm.config.checks import one_of
+
 __all__ = ["AutoencoderModelConfig", "CausalSettings", "LoraSettings"]
 
 
@@ -65,7 +67,6 @@ class AutoencoderModelConfig:
     def validate(self, where: str = "autoencoder.model") -> None:
         from latentlm.autoencoder.backbones import CAUSAL_MEMORY
         from latentlm.autoencoder.families import DECODER_MODES
-        from latentlm.config.sections import one_of
 
         one_of(f"{where}.decoder", self.decoder, DECODER_MODES)
         one_of(f"{where}.causal.memory", self.causal.memory, CAUSAL_MEMORY)

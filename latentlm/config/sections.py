@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentlm.config.autoencoder_model import AutoencoderModelConfig
+from latentlm.config.checks import one_of
 
 #: ``optimizer.lr_schedule`` values -> transformers scheduler names (`latentlm.training.optimization`)
 LR_SCHEDULES = {
@@ -19,12 +20,6 @@ LR_SCHEDULES = {
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 #: what the decoder tuning feeds the decoder (`DecoderTuningConfig.latent_source`)
 DECODER_LATENT_SOURCES = ("noise", "denoiser")
-
-
-def one_of(where: str, value: Any, allowed) -> None:
-    """``value`` must be one of ``allowed``; the error names the key ``where`` and the choices."""
-    if value not in allowed:
-        raise ValueError(f"{where}={value!r}: use one of {list(allowed)}.")
 
 
 @dataclass

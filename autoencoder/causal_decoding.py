@@ -7,6 +7,9 @@ its own loop over the LM's cache so that a row that has written its end-of-text 
 compute (`generate()` keeps every row until the longest ends); its tokens are `generate()`'s. Its
 cache has room reserved for the text (`reserve_cache_room`): a step writes its keys and values in
 place instead of copying the whole cache, as `DynamicCache` does by concatenation.
+
+A decoder tuned to read a context (``read_context``) reads its text, left-padded, before the prompt
+(`context_prompt_cache`): the LM writes a segment after the story so far, as PLANNER's decoder does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import warnings
 
 import torch
 from latentlm.autoencoder.model_parts import cache_argument, causal_body, unwrap_peft
-from transformers.cache_utils import DynamicLayer
+from latentlm.autoencoder.reserved_cache import reserve_cache_room, retirement_order, stack_cache_rows
 
 __all__ = [
     "MEMORY_PLACEHOLDER",
@@ -26,11 +29,10 @@ __all__ = [
     "generate_causal",
     "greedy_decode",
     "soft_prompt_cache",
+    "context_prompt_cache",
+    "context_positions",
     "soft_prompt_length",
     "CPU_PREFILL_POSITIONS",
-    "reserve_cache_room",
-    "retirement_order",
-    "ReservedLayer",
 ]
 
 MEMORY_PLACEHOLDER = "{memory}"
@@ -151,18 +153,63 @@ def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tens
         if rest.shape[1] > 1:
             body(inputs_embeds=rows[:, :-1], **cache_argument(body, cache), use_cache=True)
         caches.append(cache)
-    return _stack_rows(caches, room) if room or len(caches) > 1 else caches[0], rest[:, -1:]
+    return stack_cache_rows(caches, room) if room or len(caches) > 1 else caches[0], rest[:, -1:]
 
 
-def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+def context_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of left-padded rows: each row's first real position is 0."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def context_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tensor, context, room: int = 0):
+    """`soft_prompt_cache` for a decoder that reads a context before the latents' prompt
+    (``read_context``): ``context`` is ``(ids [B, C], mask [B, C])``, left-padded. Returns ``(cache,
+    last, attention_mask)``, the mask [B, C + prompt] covering every prompt position, the last included."""
+    from transformers import DynamicCache
+
+    model, body = causal_body(language_model)
+    prompt = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
+    ids, mask = (part.to(prompt.device) for part in context)
+    inputs = torch.cat([model.get_input_embeddings()(ids).to(prompt.dtype), prompt], dim=1)
+    mask = torch.cat([mask.long(), mask.new_ones(prompt.shape[:2], dtype=torch.long)], dim=1)
+    positions = context_positions(mask)
+    batch = inputs.shape[0]
+    group = max(1, CPU_PREFILL_POSITIONS // inputs.shape[1]) if prompt.device.type == "cpu" else batch
+    caches = []
+    for start in range(0, batch, group):
+        rows = slice(start, start + group)
+        cache = DynamicCache(config=model.config)
+        body(
+            inputs_embeds=inputs[rows, :-1],
+            attention_mask=mask[rows, :-1],
+            position_ids=positions[rows, :-1],
+            **cache_argument(body, cache),
+            use_cache=True,
+        )
+        caches.append(cache)
+    return stack_cache_rows(caches, room) if room or len(caches) > 1 else caches[0], inputs[:, -1:], mask
+
+
+def generate_causal(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict, context=None
+) -> list[str]:
     """The text the LM writes after the latents' prompt, which is run once per batch (beams and
     sampled sequences share its cache). ``max_length`` / ``min_length`` count the text's tokens, as
     for seq2seq decoders. Greedy decoding retires finished rows (`greedy_decode`); beams and sampling
-    go through ``generate()``."""
+    go through ``generate()``. ``context``: ``(ids, mask)`` of the text a ``read_context`` decoder reads
+    before the prompt (`context_prompt_cache`)."""
     kwargs = dict(kwargs)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    if uses_key_value_prefix(autoencoder):
+    mask = None  # every position attended, unless a left-padded context is read
+    if context is not None and uses_key_value_prefix(autoencoder):
+        raise ValueError("A decoder reads a context before a soft prompt, not before a key/value prefix.")
+    if context is not None:
+        prompt_length = context[0].shape[1] + soft_prompt_length(tokenizer, autoencoder)
+        kwargs = _text_length_kwargs(language_model, kwargs, prompt_length)
+        room = kwargs["max_new_tokens"] + 1
+        cache, tail, mask = context_prompt_cache(tokenizer, language_model, autoencoder, memory, context, room)
+    elif uses_key_value_prefix(autoencoder):
         cache, after = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory)
         tail = causal_body(language_model)[0].get_input_embeddings()(after)
         kwargs = _text_length_kwargs(language_model, kwargs, cache.get_seq_length() + tail.shape[1])
@@ -173,7 +220,7 @@ def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor
     past = cache.get_seq_length()
     config = _greedy_config(language_model, kwargs)
     if config is not None:
-        output_ids = greedy_decode(language_model, cache, tail, config)
+        output_ids = greedy_decode(language_model, cache, tail, config, mask)
     else:
         # generate() repeats its inputs per beam (or per returned sample) but not a cache: repeat it here.
         beams = kwargs.get("num_beams", 1)
@@ -181,7 +228,8 @@ def generate_causal(tokenizer, language_model, autoencoder, memory: torch.Tensor
         # generate() takes embeddings of the whole sequence and reads those past the cache: the cached
         # positions get placeholders, so repetition penalties see only the generated text.
         inputs = torch.cat([tail.new_zeros(tail.shape[0], past, tail.shape[2]), tail], dim=1)
-        mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        if mask is None:
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
         output_ids = language_model.generate(
             inputs_embeds=inputs, attention_mask=mask, **cache_argument(language_model, cache), **kwargs
         )
@@ -225,115 +273,12 @@ def _greedy_config(language_model, kwargs: dict):
     return config
 
 
-class ReservedLayer(DynamicLayer):
-    """A full-attention cache layer whose keys and values are views of buffers with ``room`` more
-    positions: a new position is written in place, where ``DynamicLayer.update`` copies the whole
-    cache into a new tensor (``torch.cat``) at every step. Built from the filled ``DynamicLayer`` of
-    each group of rows (one group, or several that were prefilled apart), stacked in order."""
-
-    def __init__(self, layers: list[DynamicLayer], room: int):
-        super().__init__()
-        self.room, self.device, self.is_initialized = room, layers[0].keys.device, True
-        self.key_buffer = _with_room([layer.keys for layer in layers], room)
-        self.value_buffer = _with_room([layer.values for layer in layers], room)
-        self._view(layers[0].keys.shape[-2])
-
-    def _view(self, length: int) -> None:
-        self.keys, self.values = self.key_buffer[..., :length, :], self.value_buffer[..., :length, :]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:  # after reset(): these states start it anew, with the same room
-            self.key_buffer, self.value_buffer = (
-                _with_room([key_states], self.room),
-                _with_room([value_states], self.room),
-            )
-            self.is_initialized = True
-            self._view(key_states.shape[-2])
-            return self.keys, self.values
-        start = self.get_seq_length()
-        end = start + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:  # past the room reserved: reserve as much again
-            self.key_buffer = _with_room([self.keys], end - start + self.room)
-            self.value_buffer = _with_room([self.values], end - start + self.room)
-        self.key_buffer[..., start:end, :] = key_states
-        self.value_buffer[..., start:end, :] = value_states
-        self._view(end)
-        return self.keys, self.values
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rows(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = indices.to(self.key_buffer.device)
-        kept = indices.numel()
-        moved = (indices != torch.arange(kept, device=indices.device)).nonzero().flatten()
-        if bool((indices[moved] >= kept).all()):
-            # Rows stay where they are, or fill a hole from beyond the rows kept (`retirement_order`):
-            # only the moved rows are copied, and the buffers shrink to their first rows as views.
-            for buffer in (self.key_buffer, self.value_buffer):
-                buffer[moved] = buffer[indices[moved]]
-            self._rows(lambda buffer: buffer[:kept])
-        else:
-            self._rows(lambda buffer: buffer.index_select(0, indices))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def _rows(self, select) -> None:
-        length = self.get_seq_length()
-        self.key_buffer, self.value_buffer = select(self.key_buffer), select(self.value_buffer)
-        self._view(length)
-
-
-def _with_room(row_groups: list[torch.Tensor], room: int) -> torch.Tensor:
-    """Groups of rows [B_i, H, T, D] copied, in order, into one new buffer [sum B_i, H, T + room, D]."""
-    first = row_groups[0]
-    rows, length = sum(group.shape[0] for group in row_groups), first.shape[-2]
-    buffer = first.new_empty(rows, *first.shape[1:-2], length + room, first.shape[-1])
-    start = 0
-    for group in row_groups:
-        buffer[start : start + group.shape[0], ..., :length, :] = group
-        start += group.shape[0]
-    return buffer
-
-
-def reserve_cache_room(cache, room: int):
-    """Reserve ``room`` more positions in each filled full-attention layer of a ``DynamicCache`` (in
-    place; other layer kinds stay as they are), so the decoding steps that follow write into it
-    instead of copying the cache at each step. Returns ``cache``."""
-    return _stack_rows([cache], room)
-
-
-def _stack_rows(caches: list, room: int):
-    """The first of ``caches`` holding the rows of them all, in order, with ``room`` reserved in
-    its filled full-attention layers (`ReservedLayer`); other layer kinds are concatenated."""
-    cache = caches[0]
-    for i, layer in enumerate(cache.layers):
-        groups = [c.layers[i] for c in caches]
-        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            cache.layers[i] = ReservedLayer(groups, room)
-        elif len(caches) > 1 and layer.keys is not None and layer.keys.numel():
-            layer.keys = torch.cat([group.keys for group in groups])
-            layer.values = torch.cat([group.values for group in groups])
-    return cache
-
-
-def retirement_order(done: torch.Tensor) -> torch.Tensor:
-    """The rows to keep when the rows where ``done`` leave a batch, in an order that moves fewest: a
-    row that stays keeps its place unless it lies beyond the rows kept, and then fills a hole left
-    by a row that ended (so a `ReservedLayer` copies only those rows)."""
-    kept = int((~done).sum())
-    order = torch.arange(kept, device=done.device)
-    holes = done[:kept].nonzero().flatten()
-    order[holes] = (~done[kept:]).nonzero().flatten() + kept
-    return order
-
-
 @torch.no_grad()
-def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[list[int]]:
+def greedy_decode(language_model, cache, tail: torch.Tensor, config, attention_mask=None) -> list[list[int]]:
     """Greedy decoding from a prompt cache and the prompt's last input embedding ``tail`` [B, 1, H];
     each row's tokens up to and with its end-of-text token. A row that has ended leaves the batch
-    (and the cache), so it costs nothing more; the tokens are those of ``generate()``'s greedy search."""
+    (and the cache), so it costs nothing more; the tokens are those of ``generate()``'s greedy search.
+    ``attention_mask`` [B, prompt length] for left-padded prompts (`context_prompt_cache`)."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinNewTokensLengthLogitsProcessor,
@@ -354,9 +299,11 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
     tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
     finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
     with_cache = cache_argument(language_model, cache)
-    inputs = {"inputs_embeds": tail, **with_cache}
+    inputs, mask = {"inputs_embeds": tail, **with_cache}, attention_mask
     reserve_cache_room(cache, config.max_new_tokens + tail.shape[1])
     for step in range(config.max_new_tokens):
+        if mask is not None:
+            inputs.update(attention_mask=mask, position_ids=mask.sum(dim=1, keepdim=True) - 1)
         logits = language_model(**inputs, use_cache=True).logits[:, -1, :].float()
         next_tokens = processors(tokens, logits).argmax(dim=-1)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
@@ -369,7 +316,10 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config) -> list[lis
                 break
             cache.batch_select_indices(keep)
             rows, tokens, next_tokens = rows[keep], tokens[keep], next_tokens[keep]
+            mask = None if mask is None else mask[keep]
         inputs = {"input_ids": next_tokens[:, None], **with_cache}
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return finished
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from latentlm.autoencoder.causal_decoding import key_value_prefix_inputs, soft_prompt_inputs, uses_key_value_prefix
+from latentlm.autoencoder.causal_decoding import (
+    context_positions,
+    key_value_prefix_inputs,
+    soft_prompt_inputs,
+    uses_key_value_prefix,
+)
 from latentlm.autoencoder.model_parts import cache_argument, causal_body, unwrap_peft
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -27,12 +32,20 @@ def gaussian_kl(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
 
 
 def causal_reconstruction_loss(
-    tokenizer, language_model, autoencoder, memory: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    tokenizer,
+    language_model,
+    autoencoder,
+    memory: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``text + end-of-text`` after the latents' soft prompt or key/value prefix,
     teacher-forced.
 
-    memory [B, P, H]; input_ids / attention_mask [B, L] (right-padded text tokens, no special tokens).
+    memory [B, P, H]; input_ids / attention_mask [B, L] (right-padded text tokens, no special tokens);
+    ``context``: ``(ids [B, C], mask [B, C])``, left-padded, the text a ``read_context`` decoder reads
+    before the soft prompt.
     """
     eos = tokenizer.eos_token_id
     lengths = attention_mask.sum(dim=1)
@@ -44,7 +57,23 @@ def causal_reconstruction_loss(
     targets[torch.arange(b), lengths] = eos
     text_ids = input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id)
     model, body = causal_body(language_model)
-    if uses_key_value_prefix(autoencoder):
+    if context is not None:
+        if uses_key_value_prefix(autoencoder):
+            raise ValueError("A decoder reads a context before a soft prompt, not before a key/value prefix.")
+        context_ids, context_mask = context
+        inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
+        inputs = torch.cat([model.get_input_embeddings()(context_ids).to(inputs.dtype), inputs], dim=1)
+        mask = torch.cat(
+            [
+                context_mask.long(),
+                context_mask.new_ones(inputs.shape[0], inputs.shape[1] - context_ids.shape[1], dtype=torch.long),
+            ],
+            dim=1,
+        )
+        hidden = body(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=context_positions(mask), use_cache=False
+        ).last_hidden_state
+    elif uses_key_value_prefix(autoencoder):
         cache, ids = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
         hidden = body(input_ids=ids, **cache_argument(body, cache), use_cache=True, return_dict=True).last_hidden_state
     else:

@@ -160,6 +160,9 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             latents (`compress`) are the mean of a diagonal Gaussian posterior (`posterior`), and in
             training the decoder reads a sample of it, its spread learned against a KL penalty
             (`TextAutoencoder`'s ``kl_weight``; Optimus, PLANNER) instead of a fixed noise std.
+        read_context: decoder-only LMs: the decoder also reads a text context before the soft prompt
+            (a segment's context: the story so far, as PLANNER's decoder reads it), so it writes the
+            text in that context. Set by the decoder tuning's ``read_context``.
     """
 
     @register_to_config
@@ -185,6 +188,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         key_value_heads: int = 0,
         key_value_head_dim: int = 0,
         variational: bool = False,
+        read_context: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -212,6 +216,11 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(
                 "key_value_layers, key_value_heads and key_value_head_dim must all be positive (a key/value "
                 f"prefix) or all 0 (a soft prompt), got {key_value_shape}."
+            )
+        if read_context and (prompt_template is None or any(key_value_shape)):
+            raise ValueError(
+                "read_context: a decoder-only LM reads the context before its soft prompt, so it needs a "
+                "prompt_template and no key/value prefix (key_value_layers=0)."
             )
         if context_positions < 0:
             raise ValueError(f"context_positions must be >= 0 (0 = no position embeddings), got {context_positions}.")

@@ -232,9 +232,27 @@ class TextAutoencoder(nn.Module):
         """Source texts -> frozen encoder states [B, L, d_model] and mask [B, L], for a text-to-text denoiser."""
         return encode_sources(self.tokenizer, self.language_model, self.autoencoder, texts)
 
-    def decode(self, latents: torch.Tensor, **generate_kwargs) -> list[str]:
-        """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden)."""
-        return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
+    @property
+    def reads_context(self) -> bool:
+        """Whether the decoder reads a text context before the latents' prompt (`LatentAutoencoder`'s
+        ``read_context``; set by the decoder tuning's ``read_context``)."""
+        return bool(self.autoencoder.config.get("read_context"))
+
+    @reads_context.setter
+    def reads_context(self, value: bool) -> None:
+        if value and (not self.causal or uses_key_value_prefix(self.autoencoder)):
+            raise ValueError(
+                "read_context: only a decoder-only LM reading a soft prompt (causal memory 'soft_prompt') reads a "
+                "context before the latents."
+            )
+        self.autoencoder.register_to_config(read_context=bool(value))
+
+    def decode(self, latents: torch.Tensor, context_texts: list[str] | None = None, **generate_kwargs) -> list[str]:
+        """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden);
+        ``context_texts``: what a `reads_context` decoder reads before each row's latents."""
+        return decode_latents(
+            self.tokenizer, self.language_model, self.autoencoder, latents, context_texts, **generate_kwargs
+        )
 
     # ------------------------------------------------------------------ training helpers
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -277,6 +295,7 @@ class TextAutoencoder(nn.Module):
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         alignment: bool = True,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Reconstruction loss (mean token cross-entropy) of `labels` from encoder states.
 
@@ -288,7 +307,8 @@ class TextAutoencoder(nn.Module):
         ``alignment=False`` leaves the alignment loss out (a run that aligns only for its first steps).
         A variational autoencoder in training decodes a sample of its posterior and adds ``kl_weight``
         x `losses.gaussian_kl`. ``generator`` draws the posterior's and the latent noise
-        (``latent_noise_std``), so a resumed run draws the same.
+        (``latent_noise_std``), so a resumed run draws the same. ``context``: ``(ids, mask)`` [B, C]
+        (`text_codec.tokenize_contexts`) a `reads_context` decoder reads before the latents.
         """
         log_variance = None
         if latents is None:
@@ -307,7 +327,7 @@ class TextAutoencoder(nn.Module):
             )
         if reconstruction:
             loss = loss + self.family.reconstruction_loss(
-                self.tokenizer, self.language_model, self.autoencoder, memory, labels
+                self.tokenizer, self.language_model, self.autoencoder, memory, labels, context
             )
         if aligned:
             loss = loss + self.alignment_weight * alignment_loss(self.tokenizer, self.language_model, memory, labels)

@@ -31,6 +31,7 @@ __all__ = [
     "encode_texts",
     "encode_sources",
     "source_length_limit",
+    "tokenize_contexts",
     "decode_latents",
     "merge_peft",
 ]
@@ -160,11 +161,34 @@ def encode_sources(
     return states, mask
 
 
+def tokenize_contexts(tokenizer, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contexts a ``read_context`` decoder reads before the latents' prompt: ids and mask [B, C],
+    left-padded (so every row's prompt ends at the same place), without special tokens. An empty
+    context is no token; a context is never cut."""
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise TypeError(f"contexts must be a list of strings, got {texts!r:.80}.")
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    width = max((len(row) for row in rows), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long).reshape(len(rows), width)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return ids.to(device), mask.reshape(len(rows), width).to(device)
+
+
 @torch.no_grad()
-def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor, **generate_kwargs) -> list[str]:
+def decode_latents(
+    tokenizer,
+    language_model,
+    autoencoder,
+    latents: torch.Tensor,
+    context_texts: list[str] | None = None,
+    **generate_kwargs,
+) -> list[str]:
     """latents [B, num_latents, latent_dim] -> texts, through the PLM decoder's own `generate()`.
 
     `generate_kwargs` override `DEFAULT_GENERATE_KWARGS` (pass ``num_beams=1`` etc. for greedy).
+    ``context_texts`` (one per row): the text a decoder tuned with ``read_context`` reads before the
+    latents' prompt (without them it reads the prompt alone).
     """
     if not torch.is_tensor(latents) or latents.dim() != 3:
         raise ValueError(
@@ -173,7 +197,17 @@ def decode_latents(tokenizer, language_model, autoencoder, latents: torch.Tensor
         )
     if not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or inf values; cannot decode them.")
+    context = None
+    if context_texts is not None:
+        if not autoencoder.config.get("read_context"):
+            raise ValueError(
+                "context_texts are for a decoder tuned to read a context (decoder_tuning.read_context: true); "
+                "this one reads the latents alone: drop context_texts."
+            )
+        if len(context_texts) != len(latents):
+            raise ValueError(f"{len(context_texts)} context_texts for {len(latents)} latents: give one per row.")
+        context = tokenize_contexts(tokenizer, context_texts, _device_of(autoencoder))
     latents = latents.to(_device_of(autoencoder))
     memory = autoencoder.reconstruct(latents)
     kwargs = {**DEFAULT_GENERATE_KWARGS, **generate_kwargs}
-    return family_of(language_model).generate(tokenizer, language_model, autoencoder, memory, kwargs)
+    return family_of(language_model).generate(tokenizer, language_model, autoencoder, memory, kwargs, context)

@@ -330,9 +330,13 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         return labels, context
 
     def decode_outputs(self, latents, options: SamplingOptions, num_samples_per_source, sources):
-        """Texts of the clean latents; with MBR each output's chosen candidate (texts and latents), with
-        sources the texts grouped per source."""
-        texts = self.decode(latents, **(options.decode_kwargs or {}))
+        """Texts of the clean latents (a ``read_context`` decoder reads each one's source text before
+        them); with MBR each output's chosen candidate (texts and latents), with sources the texts grouped
+        per source."""
+        contexts = None
+        if self.autoencoder.config.get("read_context") and isinstance(sources, list):
+            contexts = [source for source in sources for _ in range(len(latents) // len(sources))]
+        texts = self.decode(latents, contexts, **(options.decode_kwargs or {}))
         if options.mbr_candidates > 1:
             chosen = mbr_select(texts, options.mbr_candidates, options.mbr_metric)
             texts, latents = [texts[i] for i in chosen], latents[chosen]

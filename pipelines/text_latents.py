@@ -9,7 +9,7 @@ from latentlm.autoencoder.families import family_of
 from latentlm.autoencoder.text_codec import decode_latents, encode_sources, encode_texts
 from latentlm.pipelines.interpolation import interpolation_path
 
-from latentlm.data.segments import split_sentences, text_segments
+from latentlm.data.segments import segment_context, split_sentences, text_segments
 
 __all__ = ["TextLatentsMixin"]
 
@@ -69,13 +69,17 @@ class TextLatentsMixin:
         return states, mask.to(device).repeat_interleave(repeats, dim=0)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor | list[torch.Tensor], **generate_kwargs) -> list[str]:
+    def decode(
+        self, latents: torch.Tensor | list[torch.Tensor], context_texts: list[str] | None = None, **generate_kwargs
+    ) -> list[str]:
         """Latents ``[B, num_latents, latent_dim]`` -> texts; or a list of long texts' segment latents
         (each ``[num_segments, num_latents, latent_dim]``, as ``encode(..., segments=True)`` returns) ->
         one text per entry, its decoded segments joined by spaces.
 
-        ``generate_kwargs`` override the pipeline's ``config.decode_kwargs``, which override
-        `text_codec.DEFAULT_GENERATE_KWARGS` (LD4LG's beam search).
+        ``context_texts`` (one per row): what a decoder tuned with ``read_context`` reads before the
+        latents. Such a decoder writes a long text's segments one after the other, each reading the
+        text decoded so far (`segment_context`). ``generate_kwargs`` override the pipeline's
+        ``config.decode_kwargs``, which override `text_codec.DEFAULT_GENERATE_KWARGS` (LD4LG's beam search).
         """
         if isinstance(latents, (list, tuple)):
             if not latents or not all(torch.is_tensor(x) and x.ndim == 3 and len(x) for x in latents):
@@ -83,6 +87,17 @@ class TextLatentsMixin:
                     "decode() takes a latent tensor, or a non-empty list of segment latents, each "
                     "[num_segments >= 1, num_latents, latent_dim] (encode(texts, segments=True))."
                 )
+            if context_texts is not None:
+                raise ValueError("A long text's segments read the text decoded before them: drop context_texts.")
+            if self.autoencoder.config.get("read_context"):
+                written = [[] for _ in latents]
+                for k in range(max(len(x) for x in latents)):
+                    rows = [i for i, x in enumerate(latents) if k < len(x)]
+                    contexts = [segment_context(" ".join(written[i])) for i in rows]
+                    step = self.decode(torch.stack([latents[i][k] for i in rows]), contexts, **generate_kwargs)
+                    for i, text in zip(rows, step):
+                        written[i].append(text)
+                return [" ".join(text for text in texts if text) for texts in written]
             texts = iter(self.decode(torch.cat(list(latents)), **generate_kwargs))
             return [" ".join(text for text in (next(texts) for _ in range(len(x))) if text) for x in latents]
         generate_kwargs = {**(self.config.get("decode_kwargs") or {}), **generate_kwargs}
@@ -97,7 +112,9 @@ class TextLatentsMixin:
                 f"latents have shape {tuple(latents.shape)}, expected [batch, {expected[0]}, {expected[1]}]."
             )
         latents = latents.to(device=self.autoencoder.device, dtype=self.autoencoder.dtype)
-        return decode_latents(self.tokenizer, self.language_model, self.autoencoder, latents, **generate_kwargs)
+        return decode_latents(
+            self.tokenizer, self.language_model, self.autoencoder, latents, context_texts, **generate_kwargs
+        )
 
     @torch.no_grad()
     def interpolate(

@@ -78,7 +78,7 @@ def test_greedy_decoding_retires_rows_that_have_ended(trained_model):
 
 
 def test_reserved_cache_writes_steps_in_place_and_keeps_the_states():
-    from latentlm.autoencoder.causal_decoding import ReservedLayer, reserve_cache_room
+    from latentlm.autoencoder.reserved_cache import ReservedLayer, reserve_cache_room
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -108,7 +108,7 @@ def test_reserved_cache_writes_steps_in_place_and_keeps_the_states():
 
 
 def test_retirement_moves_only_rows_from_beyond_the_kept_ones_into_the_holes():
-    from latentlm.autoencoder.causal_decoding import reserve_cache_room, retirement_order
+    from latentlm.autoencoder.reserved_cache import reserve_cache_room, retirement_order
     from transformers import DynamicCache
 
     done = torch.tensor([False, True, False, False, True, False, True])

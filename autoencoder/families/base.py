@@ -34,6 +34,15 @@ def apply_lora(model, task_type: str, *, lora_r: int, lora_alpha: int, lora_drop
     return get_peft_model(model, config)
 
 
+def no_context(context) -> None:
+    """An encoder-decoder's decoder reads only the memory: a context for it is an error."""
+    if context is not None:
+        raise ValueError(
+            "Only a decoder-only LM reads a context before the latents (read_context); this backbone is an "
+            "encoder-decoder."
+        )
+
+
 class BackboneFamily:
     """An encoder-decoder family: the encoder is frozen, the decoder is frozen, LoRA-tuned or fully
     tuned. Subclasses say which models they are and what differs."""
@@ -134,13 +143,17 @@ class BackboneFamily:
         return labels
 
     def reconstruction_loss(
-        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor, context=None
     ) -> torch.Tensor:
         """Mean token cross-entropy of ``labels`` by the decoder reading ``memory``, teacher-forced."""
+        no_context(context)
         return seq2seq_reconstruction_loss(tokenizer, language_model, memory, labels)
 
-    def generate(self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+    def generate(
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict, context=None
+    ) -> list[str]:
         """Texts from ``memory`` [B, M, d_model] through the decoder's own `generate()` (``kwargs``)."""
+        no_context(context)
         # Generating past the decoder's learned positions raises an IndexError deep inside generate();
         # stop at the last position instead, and say so.
         decoder_config = getattr(language_model.config, "decoder", None) or language_model.config

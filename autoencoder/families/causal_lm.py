@@ -128,14 +128,17 @@ class CausalLMFamily(BackboneFamily):
         return labels
 
     def reconstruction_loss(
-        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, labels: torch.Tensor, context=None
     ) -> torch.Tensor:
-        """Mean cross-entropy of the text and its end-of-text token after the latents' prompt."""
+        """Mean cross-entropy of the text and its end-of-text token after the latents' prompt (and the
+        ``context`` a ``read_context`` decoder reads before it)."""
         input_ids = labels.masked_fill(labels == -100, tokenizer.pad_token_id)
         return causal_reconstruction_loss(
-            tokenizer, language_model, autoencoder, memory, input_ids, (labels != -100).long()
+            tokenizer, language_model, autoencoder, memory, input_ids, (labels != -100).long(), context
         )
 
-    def generate(self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict) -> list[str]:
+    def generate(
+        self, tokenizer, language_model, autoencoder, memory: torch.Tensor, kwargs: dict, context=None
+    ) -> list[str]:
         """Texts written after the latents' prompt (`latentlm.autoencoder.causal_decoding`)."""
-        return generate_causal(tokenizer, language_model, autoencoder, memory, kwargs)
+        return generate_causal(tokenizer, language_model, autoencoder, memory, kwargs, context)

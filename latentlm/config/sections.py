@@ -230,6 +230,10 @@ class DecoderTuningConfig(TrainingLoopConfig):
     # diffusion stages train on the outputs of the stage before
     latent_source: str = "noise"
     denoiser_noise_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    # the decoder also reads each example's source text (with data.segments, the segment's context: the
+    # story so far) before the latents' prompt, and the pipeline gives it the same when it samples
+    # (PLANNER's decoder reads the text so far); needs latent_source: denoiser and a decoder-only LM
+    read_context: bool = False
     eval_every: int = 1_000
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -242,6 +246,11 @@ class DecoderTuningConfig(TrainingLoopConfig):
         if self.latent_noise_std < 0:
             raise ValueError(f"{where}.latent_noise_std must be >= 0 (0: no noise), got {self.latent_noise_std}.")
         one_of(f"{where}.latent_source", self.latent_source, DECODER_LATENT_SOURCES)
+        if self.read_context and self.latent_source != "denoiser":
+            raise ValueError(
+                f"{where}.read_context tunes the decoder on stage 2's samples in their context: set "
+                f"{where}.latent_source: denoiser."
+            )
         levels = list(self.denoiser_noise_levels)
         if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:
             raise ValueError(

@@ -2,8 +2,9 @@
 
 Between the stages it reads noisier latents; after stage 2 (``latent_source: denoiser``) it reads
 what stage 2's denoiser makes of each training text's noised latents, so that the decoder learns to
-write real text from the denoiser's own kind of error. The result is ``<output_dir>/decoder``, a
-`TextAutoencoder` folder with the same latents.
+write real text from the denoiser's own kind of error; with ``read_context`` it also reads each
+example's source text (a segment's context) before the latents. The result is
+``<output_dir>/decoder``, a `TextAutoencoder` folder with the same latents.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class DecoderTuningStage(AutoencoderStage):
                 "decoder_tuning.latent_source is 'denoiser', which tunes the decoder on stage 2's denoiser: pass "
                 "diffusion_path (the <output_dir>/diffusion folder of a trained stage 2)."
             )
+        if tuning.read_context and config.data.source_column is None:
+            raise ValueError(
+                "decoder_tuning.read_context has the decoder read each example's source text, but the data has "
+                "none: set data.source_column, or data.segments: true with data.segment_context: text."
+            )
         self.diffusion_path = Path(diffusion_path) if tuning.latent_source == "denoiser" else None
         self.autoencoder_path = Path(autoencoder_path)
 
@@ -80,6 +86,9 @@ class DecoderTuningStage(AutoencoderStage):
         self.denoiser.to(accelerator.device)
         self.noise_scheduler = DDPMScheduler.from_pretrained(self.diffusion_path / "scheduler")
         texts, raw_labels, sources = load_training_examples(self.config.data)
+        self.context_texts = sources if self.config.decoder_tuning.read_context else None
+        if self.context_texts is not None:
+            self.model.reads_context = True  # saved in the autoencoder's config: the pipeline gives it the context
         labels = self.class_labels = None
         if self.denoiser.config.num_classes and self.config.data.label_column:
             labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)
@@ -113,6 +122,7 @@ class DecoderTuningStage(AutoencoderStage):
     def training_step(self, step: int, generator: torch.Generator) -> torch.Tensor:
         if self.denoiser is None:
             return super().training_step(step, generator)
+        from latentlm.autoencoder.text_codec import tokenize_contexts
         from latentlm.diffusion import denoised_latents
 
         accelerator, model = self.accelerator, self.model
@@ -134,7 +144,10 @@ class DecoderTuningStage(AutoencoderStage):
                     encoder_hidden_states=context,
                     encoder_attention_mask=context_mask,
                 )
-            return self.train_model(hidden, mask, labels, generator=generator, latents=latents)
+            read = None
+            if self.context_texts is not None:
+                read = tokenize_contexts(model.tokenizer, [self.context_texts[i] for i in indices], accelerator.device)
+            return self.train_model(hidden, mask, labels, generator=generator, latents=latents, context=read)
 
 
 def tune_decoder(

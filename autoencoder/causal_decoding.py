@@ -179,13 +179,14 @@ def context_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.T
     for start in range(0, batch, group):
         rows = slice(start, start + group)
         cache = DynamicCache(config=model.config)
-        body(
-            inputs_embeds=inputs[rows, :-1],
-            attention_mask=mask[rows, :-1],
-            position_ids=positions[rows, :-1],
-            **cache_argument(body, cache),
-            use_cache=True,
-        )
+        if inputs.shape[1] > 1:
+            body(
+                inputs_embeds=inputs[rows, :-1],
+                attention_mask=mask[rows, :-1],
+                position_ids=positions[rows, :-1],
+                **cache_argument(body, cache),
+                use_cache=True,
+            )
         caches.append(cache)
     return stack_cache_rows(caches, room) if room or len(caches) > 1 else caches[0], inputs[:, -1:], mask
 

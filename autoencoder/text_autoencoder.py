@@ -232,24 +232,16 @@ class TextAutoencoder(nn.Module):
         """Source texts -> frozen encoder states [B, L, d_model] and mask [B, L], for a text-to-text denoiser."""
         return encode_sources(self.tokenizer, self.language_model, self.autoencoder, texts)
 
-    @property
-    def reads_context(self) -> bool:
-        """Whether the decoder reads a text context before the latents' prompt (`LatentAutoencoder`'s
-        ``read_context``; set by the decoder tuning's ``read_context``)."""
-        return bool(self.autoencoder.config.get("read_context"))
-
-    @reads_context.setter
-    def reads_context(self, value: bool) -> None:
-        if value and (not self.causal or uses_key_value_prefix(self.autoencoder)):
-            raise ValueError(
-                "read_context: only a decoder-only LM reading a soft prompt (causal memory 'soft_prompt') reads a "
-                "context before the latents."
-            )
-        self.autoencoder.register_to_config(read_context=bool(value))
+    def enable_context_reading(self) -> None:
+        """From now on the decoder reads a text context before the latents' prompt (`LatentAutoencoder`'s
+        ``read_context``, saved with it): what the decoder tuning's ``read_context`` trains."""
+        if not self.causal or uses_key_value_prefix(self.autoencoder):
+            raise ValueError("read_context: only a decoder-only LM reading a soft prompt reads a context.")
+        self.autoencoder.register_to_config(read_context=True)
 
     def decode(self, latents: torch.Tensor, context_texts: list[str] | None = None, **generate_kwargs) -> list[str]:
         """latents [B, num_latents, latent_dim] -> texts (LD4LG beam search unless overridden);
-        ``context_texts``: what a `reads_context` decoder reads before each row's latents."""
+        ``context_texts``: what a decoder that reads a context reads before each row's latents."""
         return decode_latents(
             self.tokenizer, self.language_model, self.autoencoder, latents, context_texts, **generate_kwargs
         )
@@ -308,7 +300,7 @@ class TextAutoencoder(nn.Module):
         A variational autoencoder in training decodes a sample of its posterior and adds ``kl_weight``
         x `losses.gaussian_kl`. ``generator`` draws the posterior's and the latent noise
         (``latent_noise_std``), so a resumed run draws the same. ``context``: ``(ids, mask)`` [B, C]
-        (`text_codec.tokenize_contexts`) a `reads_context` decoder reads before the latents.
+        (`text_codec.tokenize_contexts`) a decoder reads before the latents (`enable_context_reading`).
         """
         log_variance = None
         if latents is None:

@@ -161,13 +161,23 @@ def encode_sources(
     return states, mask
 
 
-def tokenize_contexts(tokenizer, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_contexts(
+    tokenizer, texts: list[str], device=None, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The contexts a ``read_context`` decoder reads before the latents' prompt: ids and mask [B, C],
     left-padded (so every row's prompt ends at the same place), without special tokens. An empty
-    context is no token; a context is never cut."""
+    context is no token; a context is never cut: one longer than ``limit`` tokens is an error."""
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise TypeError(f"contexts must be a list of strings, got {texts!r:.80}.")
     rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    too_long = [i for i, row in enumerate(rows) if limit is not None and len(row) > limit]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"{len(too_long)} contexts are longer than the {limit} tokens the LM has room for before the latents' "
+            f"prompt and the text, e.g. context {i} ({len(rows[i])} tokens: {texts[i][:60]!r}); contexts are never "
+            "cut: shorten them."
+        )
     width = max((len(row) for row in rows), default=0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long).reshape(len(rows), width)

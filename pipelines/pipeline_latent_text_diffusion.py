@@ -333,10 +333,10 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         """Texts of the clean latents (a ``read_context`` decoder reads each one's source text before
         them); with MBR each output's chosen candidate (texts and latents), with sources the texts grouped
         per source."""
-        contexts = None
+        kwargs = dict(options.decode_kwargs or {})
         if self.autoencoder.config.get("read_context") and isinstance(sources, list):
-            contexts = [source for source in sources for _ in range(len(latents) // len(sources))]
-        texts = self.decode(latents, contexts, **(options.decode_kwargs or {}))
+            kwargs["context_texts"] = [source for source in sources for _ in range(len(latents) // len(sources))]
+        texts = self.decode(latents, **kwargs)
         if options.mbr_candidates > 1:
             chosen = mbr_select(texts, options.mbr_candidates, options.mbr_metric)
             texts, latents = [texts[i] for i in chosen], latents[chosen]

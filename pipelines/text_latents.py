@@ -93,8 +93,10 @@ class TextLatentsMixin:
                 written = [[] for _ in latents]
                 for k in range(max(len(x) for x in latents)):
                     rows = [i for i, x in enumerate(latents) if k < len(x)]
-                    contexts = [segment_context(" ".join(written[i])) for i in rows]
-                    step = self.decode(torch.stack([latents[i][k] for i in rows]), contexts, **generate_kwargs)
+                    contexts = [segment_context(" ".join(text for text in written[i] if text)) for i in rows]
+                    step = self.decode(
+                        torch.stack([latents[i][k] for i in rows]), context_texts=contexts, **generate_kwargs
+                    )
                     for i, text in zip(rows, step):
                         written[i].append(text)
                 return [" ".join(text for text in texts if text) for texts in written]

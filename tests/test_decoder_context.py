@@ -35,7 +35,7 @@ def alone(model, memory, context: str, kwargs) -> str:
 @pytest.fixture
 def context_model(trained_model):  # noqa: F811
     model = copy.deepcopy(trained_model)
-    model.reads_context = True
+    model.enable_context_reading()
     return model
 
 
@@ -82,11 +82,13 @@ def test_a_context_goes_only_to_a_decoder_tuned_to_read_it(trained_model, tiny_t
     with pytest.raises(ValueError, match="decoder_tuning.read_context"):
         trained_model.decode(latents, ["a", "b"])
     model = copy.deepcopy(trained_model)
-    model.reads_context = True
+    model.enable_context_reading()
     with pytest.raises(ValueError, match="one per row"):
         model.decode(latents, ["a"])
+    with pytest.raises(ValueError, match=r"context 1 \(4 tokens.*never cut"):
+        tokenize_contexts(model.tokenizer, ["a b", "a b c d"], limit=3)
     with pytest.raises(ValueError, match="read_context"):
-        tiny_text_autoencoder.reads_context = True  # an encoder-decoder
+        tiny_text_autoencoder.enable_context_reading()  # an encoder-decoder
     with pytest.raises(ValueError, match="read_context"):
         LatentAutoencoder(d_model=32, num_latents=2, latent_dim=4, head_dim=16, read_context=True)
 
@@ -144,7 +146,7 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     decoded, real_decode = [], text_codec.decode_latents
 
     def decode_spy(*args, **kwargs):
-        decoded.append(args[5] if len(args) > 5 else kwargs.get("context_texts"))
+        decoded.append(args[4] if len(args) > 4 else kwargs.get("context_texts"))
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr("latentlm.pipelines.text_latents.decode_latents", decode_spy)

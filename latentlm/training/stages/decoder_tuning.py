@@ -88,7 +88,7 @@ class DecoderTuningStage(AutoencoderStage):
         texts, raw_labels, sources = load_training_examples(self.config.data)
         self.context_texts = sources if self.config.decoder_tuning.read_context else None
         if self.context_texts is not None:
-            self.model.reads_context = True  # saved in the autoencoder's config: the pipeline gives it the context
+            self.check_contexts(self.context_texts)
         labels = self.class_labels = None
         if self.denoiser.config.num_classes and self.config.data.label_column:
             labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)
@@ -96,6 +96,19 @@ class DecoderTuningStage(AutoencoderStage):
         self.context = None
         if self.denoiser.config.get("cross_attention_dim") is not None:
             self.context = self.stage2_context(texts, labels, sources, accelerator)
+
+    def check_contexts(self, contexts: list[str]) -> None:
+        """The decoder reads ``contexts`` from now on (saved in the autoencoder's config, so the pipeline
+        gives it its call's): each must leave the LM room for the latents' prompt and the text."""
+        from latentlm.autoencoder.causal_decoding import soft_prompt_length
+        from latentlm.autoencoder.text_codec import source_length_limit, tokenize_contexts
+
+        model = self.model
+        model.enable_context_reading()
+        positions = source_length_limit(model.tokenizer, model.language_model)
+        if positions is not None:
+            room = positions - soft_prompt_length(model.tokenizer, model.autoencoder) - model.max_length - 1
+            tokenize_contexts(model.tokenizer, contexts, limit=room)
 
     def stage2_context(self, texts, labels, sources, accelerator) -> DenoiserContext:
         """Stage 2's latent cache of the training texts (found again by its key: the same autoencoder,

@@ -112,6 +112,23 @@ def log_variance_head(d_model: int, latent_dim: int) -> nn.Linear:
     return head
 
 
+def check_causal_memory(prompt_template: str | None, key_value_shape: tuple[int, int, int], read_context: bool):
+    """How a decoder-only LM reads the memory: a prompt template with one ``{memory}``, a key/value
+    prefix all of whose sizes are set (or none), and a context only before a soft prompt."""
+    if prompt_template is not None and prompt_template.count("{memory}") != 1:
+        raise ValueError(f"prompt_template must contain '{{memory}}' exactly once, got {prompt_template!r}.")
+    if any(v < 0 for v in key_value_shape) or (any(key_value_shape) and not all(key_value_shape)):
+        raise ValueError(
+            "key_value_layers, key_value_heads and key_value_head_dim must all be positive (a key/value "
+            f"prefix) or all 0 (a soft prompt), got {key_value_shape}."
+        )
+    if read_context and (prompt_template is None or any(key_value_shape)):
+        raise ValueError(
+            "read_context: a decoder-only LM reads the context before its soft prompt, so it needs a "
+            "prompt_template and no key/value prefix (key_value_layers=0)."
+        )
+
+
 class LatentAutoencoder(ModelMixin, ConfigMixin):
     """Perceiver-resampler compression and transformer reconstruction (LD4LG).
 
@@ -209,19 +226,7 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError(f"query_init_std must be positive, got {query_init_std}.")
         if context_layers < 0:
             raise ValueError(f"context_layers must be >= 0, got {context_layers}.")
-        if prompt_template is not None and prompt_template.count("{memory}") != 1:
-            raise ValueError(f"prompt_template must contain '{{memory}}' exactly once, got {prompt_template!r}.")
-        key_value_shape = (key_value_layers, key_value_heads, key_value_head_dim)
-        if any(v < 0 for v in key_value_shape) or (any(key_value_shape) and not all(key_value_shape)):
-            raise ValueError(
-                "key_value_layers, key_value_heads and key_value_head_dim must all be positive (a key/value "
-                f"prefix) or all 0 (a soft prompt), got {key_value_shape}."
-            )
-        if read_context and (prompt_template is None or any(key_value_shape)):
-            raise ValueError(
-                "read_context: a decoder-only LM reads the context before its soft prompt, so it needs a "
-                "prompt_template and no key/value prefix (key_value_layers=0)."
-            )
+        check_causal_memory(prompt_template, (key_value_layers, key_value_heads, key_value_head_dim), read_context)
         if context_positions < 0:
             raise ValueError(f"context_positions must be >= 0 (0 = no position embeddings), got {context_positions}.")
         # Compression.

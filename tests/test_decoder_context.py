@@ -155,3 +155,7 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     assert [len(segments) for segments in out.segments] == [2]
     assert decoded[0] == ["It rained all day. <gap>"]  # the decoder reads the story so far, as in training
     assert decoded[-1][0].startswith(f"It rained all day. {out.segments[0][0]}".strip())
+    decoded.clear()  # a long text's segment latents decode in order, each reading the ones before it
+    texts = pipe.decode(pipe.encode(STORIES[:1], segments=True), **FAST)
+    assert len(texts) == 1 and len(decoded) == 3 and decoded[0] == ["<gap>"]
+    assert all(len(contexts) == 1 and contexts[0].endswith("<gap>") for contexts in decoded)

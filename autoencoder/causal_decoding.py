@@ -30,7 +30,7 @@ __all__ = [
     "greedy_decode",
     "soft_prompt_cache",
     "context_prompt_cache",
-    "context_positions",
+    "context_prompt_inputs",
     "soft_prompt_length",
     "CPU_PREFILL_POSITIONS",
 ]
@@ -156,9 +156,19 @@ def soft_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tens
     return stack_cache_rows(caches, room) if room or len(caches) > 1 else caches[0], rest[:, -1:]
 
 
-def context_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, T] of left-padded rows: each row's first real position is 0."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+def context_prompt_inputs(
+    tokenizer, language_model, autoencoder, memory: torch.Tensor, context, text_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`soft_prompt_inputs` after a left-padded ``context`` ``(ids [B, C], mask [B, C])``: the input
+    embeddings, their attention mask and position ids (each row's first real position is 0)."""
+    if uses_key_value_prefix(autoencoder):
+        raise ValueError("A decoder reads a context before a soft prompt, not before a key/value prefix.")
+    prompt = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
+    ids, mask = (part.to(prompt.device) for part in context)
+    embed = causal_body(language_model)[0].get_input_embeddings()
+    inputs = torch.cat([embed(ids).to(prompt.dtype), prompt], dim=1)
+    mask = torch.cat([mask.long(), mask.new_ones(prompt.shape[:2], dtype=torch.long)], dim=1)
+    return inputs, mask, (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def context_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.Tensor, context, room: int = 0):
@@ -168,13 +178,9 @@ def context_prompt_cache(tokenizer, language_model, autoencoder, memory: torch.T
     from transformers import DynamicCache
 
     model, body = causal_body(language_model)
-    prompt = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory)
-    ids, mask = (part.to(prompt.device) for part in context)
-    inputs = torch.cat([model.get_input_embeddings()(ids).to(prompt.dtype), prompt], dim=1)
-    mask = torch.cat([mask.long(), mask.new_ones(prompt.shape[:2], dtype=torch.long)], dim=1)
-    positions = context_positions(mask)
+    inputs, mask, positions = context_prompt_inputs(tokenizer, language_model, autoencoder, memory, context)
     batch = inputs.shape[0]
-    group = max(1, CPU_PREFILL_POSITIONS // inputs.shape[1]) if prompt.device.type == "cpu" else batch
+    group = max(1, CPU_PREFILL_POSITIONS // inputs.shape[1]) if inputs.device.type == "cpu" else batch
     caches = []
     for start in range(0, batch, group):
         rows = slice(start, start + group)
@@ -203,8 +209,6 @@ def generate_causal(
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     mask = None  # every position attended, unless a left-padded context is read
-    if context is not None and uses_key_value_prefix(autoencoder):
-        raise ValueError("A decoder reads a context before a soft prompt, not before a key/value prefix.")
     if context is not None:
         prompt_length = context[0].shape[1] + soft_prompt_length(tokenizer, autoencoder)
         kwargs = _text_length_kwargs(language_model, kwargs, prompt_length)

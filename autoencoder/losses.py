@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from latentlm.autoencoder.causal_decoding import (
-    context_positions,
+    context_prompt_inputs,
     key_value_prefix_inputs,
     soft_prompt_inputs,
     uses_key_value_prefix,
@@ -58,20 +58,11 @@ def causal_reconstruction_loss(
     text_ids = input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id)
     model, body = causal_body(language_model)
     if context is not None:
-        if uses_key_value_prefix(autoencoder):
-            raise ValueError("A decoder reads a context before a soft prompt, not before a key/value prefix.")
-        context_ids, context_mask = context
-        inputs = soft_prompt_inputs(tokenizer, language_model, autoencoder, memory, text_ids)
-        inputs = torch.cat([model.get_input_embeddings()(context_ids).to(inputs.dtype), inputs], dim=1)
-        mask = torch.cat(
-            [
-                context_mask.long(),
-                context_mask.new_ones(inputs.shape[0], inputs.shape[1] - context_ids.shape[1], dtype=torch.long),
-            ],
-            dim=1,
+        inputs, mask, positions = context_prompt_inputs(
+            tokenizer, language_model, autoencoder, memory, context, text_ids
         )
         hidden = body(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=context_positions(mask), use_cache=False
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state
     elif uses_key_value_prefix(autoencoder):
         cache, ids = key_value_prefix_inputs(tokenizer, language_model, autoencoder, memory, text_ids)

@@ -209,6 +209,7 @@ def generate_causal(
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     mask = None  # every position attended, unless a left-padded context is read
+    context_ban = context_ngram_ban(kwargs.pop("encoder_no_repeat_ngram_size", None) or 0, context)
     if context is not None:
         prompt_length = context[0].shape[1] + soft_prompt_length(tokenizer, autoencoder)
         kwargs = _text_length_kwargs(language_model, kwargs, prompt_length)
@@ -225,8 +226,12 @@ def generate_causal(
     past = cache.get_seq_length()
     config = _greedy_config(language_model, kwargs)
     if config is not None:
-        output_ids = greedy_decode(language_model, cache, tail, config, mask)
+        output_ids = greedy_decode(language_model, cache, tail, config, mask, context_ban)
     else:
+        if context_ban is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), context_ban()])
         # generate() repeats its inputs per beam (or per returned sample) but not a cache: repeat it here.
         beams = kwargs.get("num_beams", 1)
         cache.batch_repeat_interleave(beams if beams > 1 else kwargs.get("num_return_sequences", 1))
@@ -240,6 +245,34 @@ def generate_causal(
         )
     texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
     return [t.strip() for t in texts]
+
+
+def context_ngram_ban(size, context):
+    """``encoder_no_repeat_ngram_size`` for a decoder that reads a context: a function of the rows still
+    decoding (default: all) that returns `EncoderNoRepeatNGramLogitsProcessor` over their context
+    tokens, or None when ``size`` is 0 or there is no context. Each row's n-grams are gathered once."""
+    if size is None or isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0 = off), got {size!r}.")
+    if size == 0 or context is None:
+        return None
+    from transformers.generation.logits_process import EncoderNoRepeatNGramLogitsProcessor
+
+    every = EncoderNoRepeatNGramLogitsProcessor(size, context[0].masked_fill(context[1] == 0, -1))
+    # padding (-1) is in no n-gram a text can write; as a banned token it would index the vocabulary's last
+    every.generated_ngrams = [
+        {prefix: [token for token in tokens if token >= 0] for prefix, tokens in row.items()}
+        for row in every.generated_ngrams
+    ]
+
+    def ban(rows: torch.Tensor | None = None):
+        if rows is None:
+            return every
+        some = copy.copy(every)
+        some.generated_ngrams = [every.generated_ngrams[i] for i in rows.tolist()]
+        some.batch_size = len(some.generated_ngrams)
+        return some
+
+    return ban
 
 
 #: generation settings `greedy_decode` applies itself; any other one set sends decoding to generate()
@@ -279,11 +312,14 @@ def _greedy_config(language_model, kwargs: dict):
 
 
 @torch.no_grad()
-def greedy_decode(language_model, cache, tail: torch.Tensor, config, attention_mask=None) -> list[list[int]]:
+def greedy_decode(
+    language_model, cache, tail: torch.Tensor, config, attention_mask=None, context_ban=None
+) -> list[list[int]]:
     """Greedy decoding from a prompt cache and the prompt's last input embedding ``tail`` [B, 1, H];
     each row's tokens up to and with its end-of-text token. A row that has ended leaves the batch
     (and the cache), so it costs nothing more; the tokens are those of ``generate()``'s greedy search.
-    ``attention_mask`` [B, prompt length] for left-padded prompts (`context_prompt_cache`)."""
+    ``attention_mask`` [B, prompt length] for left-padded prompts (`context_prompt_cache`);
+    ``context_ban`` from `context_ngram_ban`."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinNewTokensLengthLogitsProcessor,
@@ -301,6 +337,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config, attention_m
     if config.min_new_tokens and len(eos):
         processors.append(MinNewTokensLengthLogitsProcessor(0, config.min_new_tokens, eos))
     rows = torch.arange(tail.shape[0], device=tail.device)
+    ban = context_ban(rows) if context_ban is not None else None
     tokens = torch.empty(tail.shape[0], 0, dtype=torch.long, device=tail.device)
     finished: list[list[int]] = [[] for _ in range(tail.shape[0])]
     with_cache = cache_argument(language_model, cache)
@@ -310,7 +347,8 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config, attention_m
         if mask is not None:
             inputs.update(attention_mask=mask, position_ids=mask.sum(dim=1, keepdim=True) - 1)
         logits = language_model(**inputs, use_cache=True).logits[:, -1, :].float()
-        next_tokens = processors(tokens, logits).argmax(dim=-1)
+        scores = processors(tokens, logits)
+        next_tokens = (scores if ban is None else ban(tokens, scores)).argmax(dim=-1)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         done = torch.isin(next_tokens, eos) | (step + 1 == config.max_new_tokens)
         if bool(done.any()):
@@ -322,6 +360,7 @@ def greedy_decode(language_model, cache, tail: torch.Tensor, config, attention_m
             cache.batch_select_indices(keep)
             rows, tokens, next_tokens = rows[keep], tokens[keep], next_tokens[keep]
             mask = None if mask is None else mask[keep]
+            ban = context_ban(rows) if context_ban is not None else None
         inputs = {"input_ids": next_tokens[:, None], **with_cache}
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

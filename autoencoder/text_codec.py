@@ -198,7 +198,9 @@ def decode_latents(
 
     `generate_kwargs` override `DEFAULT_GENERATE_KWARGS` (pass ``num_beams=1`` etc. for greedy).
     ``context_texts`` (one per row): the text a decoder tuned with ``read_context`` reads before the
-    latents' prompt (without them it reads the prompt alone).
+    latents' prompt (without them it reads the prompt alone). For such a decoder
+    ``encoder_no_repeat_ngram_size=n`` keeps the text from repeating any n tokens of its context, as
+    `generate()` does with an encoder's input (no context: nothing is banned).
     """
     if not torch.is_tensor(latents) or latents.dim() != 3:
         raise ValueError(
@@ -207,6 +209,11 @@ def decode_latents(
         )
     if not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or inf values; cannot decode them.")
+    if generate_kwargs.get("encoder_no_repeat_ngram_size") and not autoencoder.config.get("read_context"):
+        raise ValueError(
+            "encoder_no_repeat_ngram_size bans the n-grams of the context a read_context decoder reads "
+            "(decoder_tuning.read_context: true); this decoder reads no context: use no_repeat_ngram_size."
+        )
     context = None
     if context_texts is not None:
         if not autoencoder.config.get("read_context"):

@@ -123,9 +123,9 @@ def peer_write(tokenizer, model, requests: list[str], sample: bool, batch_size: 
     return outputs
 
 
-def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, options):
-    """The pipeline's stories and gap fillings, and how many of their segments were drawn again, or left
-    unfinished (`SamplingOptions.segment_retries`)."""
+def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, options, infill_options):
+    """The pipeline's stories (``options``) and gap fillings (``infill_options``), and how many of their
+    segments were drawn again, or left unfinished (`SamplingOptions.segment_retries`)."""
     stories, infills, counts = [], [], {"redrawn_segments": 0, "unfinished_segments": 0}
 
     def tally(out):
@@ -138,7 +138,7 @@ def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size:
         stories.extend(tally(pipe(num_samples=size, num_segments=num_segments, options=options)))
     for start in range(0, len(cases), batch_size):
         chunk = [(left, right) for left, right, _ in cases[start : start + batch_size]]
-        infills.extend(tally(pipe(infill=chunk, options=options)))
+        infills.extend(tally(pipe(infill=chunk, options=infill_options)))
     return stories, infills, counts
 
 
@@ -160,6 +160,19 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
+    )
+    parser.add_argument(
+        "--story-decoding",
+        type=json.loads,
+        default={"do_sample": True, "top_p": 0.95, "num_beams": 1},
+        help="JSON generation arguments of the pipeline's stories (default: top-p 0.95, as the peer's stories; "
+        "'{\"num_beams\": 1}' for greedy)",
+    )
+    parser.add_argument(
+        "--infill-decoding",
+        type=json.loads,
+        default={"num_beams": 1},
+        help="JSON generation arguments of the pipeline's gap fillings (default: greedy, as the peer's)",
     )
     parser.add_argument("--context-noise", type=float, default=0.9, help="noise level t/T of the context-use probe")
     parser.add_argument("--bert-model", default="minilm")
@@ -190,7 +203,11 @@ def main(argv=None) -> int:
     options = SamplingOptions(
         num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
     )
-    stories, infills, counts = pipeline_write(pipe, len(validation), args.num_segments, cases, args.batch_size, options)
+    story_options = options.replace(decode_kwargs=args.story_decoding)
+    infill_options = options.replace(decode_kwargs=args.infill_decoding)
+    stories, infills, counts = pipeline_write(
+        pipe, len(validation), args.num_segments, cases, args.batch_size, story_options, infill_options
+    )
     context = context_use(pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed)
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
@@ -241,6 +258,8 @@ def main(argv=None) -> int:
         "peer_minutes": minutes,
         "peer_from": args.peer_from,
         "guidance": args.guidance,
+        "story_decoding": args.story_decoding,
+        "infill_decoding": args.infill_decoding,
         "segment_retries": args.segment_retries,
         **counts,
         "run": str(run),

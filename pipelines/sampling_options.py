@@ -55,6 +55,22 @@ def make_scheduler(default_scheduler, name):
     return getattr(diffusers, class_name).from_config(default_scheduler.config, **extra)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A command-line value that is a JSON object (``--decode-kwargs``)."""
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not JSON ({error}); give an object such as '{{\"top_p\": 0.9}}'."
+        ) from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one such as '{{\"top_p\": 0.9}}'.")
+    return value
+
+
 def _help(text: str, flag: str | None = None, mlflow_type: str | None = None) -> dict:
     """A field's metadata: its help text, its command-line flag, and the MLflow parameter type of the
     fields the served model takes."""
@@ -106,7 +122,12 @@ class SamplingOptions:
         metadata=_help("weight of the classifier-guidance controls (a number or {name: number})", "--control-scale"),
     )
     decode_kwargs: dict[str, Any] | None = field(
-        default=None, metadata=_help("generation arguments over the pipeline's saved decode_kwargs")
+        default=None,
+        metadata=_help(
+            "generation arguments over the pipeline's saved decode_kwargs, as a JSON object on the command line "
+            '(e.g. \'{"do_sample": true, "top_p": 0.95}\')',
+            "--decode-kwargs",
+        ),
     )
     mbr_candidates: int = field(
         default=1, metadata=_help("MBR decoding: candidates per returned text (1 = off)", "--mbr")
@@ -204,6 +225,8 @@ class SamplingOptions:
                 kwargs["action"] = "store_true"
             elif f.name == "guidance_interval":
                 kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+            elif f.name == "decode_kwargs":
+                kwargs.update(type=_json_object, metavar="JSON")
             elif f.name != "scheduler" and f.name != "mbr_metric":
                 kwargs["type"] = type(f.default)
             parser.add_argument(flag, **kwargs)

@@ -54,6 +54,30 @@ def test_a_batch_of_left_padded_contexts_decodes_each_row_as_it_would_alone(cont
     assert model.decode(model.encode(SENTENCES[:4]), CONTEXTS, **kwargs) == batch
 
 
+@pytest.mark.parametrize("kwargs", [{**GREEDY_GENERATE_KWARGS, "max_length": 10}, {**FAST, "num_beams": 3}])
+def test_encoder_no_repeat_ngram_size_keeps_the_text_from_repeating_its_context(context_model, kwargs):
+    from transformers.generation.logits_process import EncoderNoRepeatNGramLogitsProcessor
+
+    model = context_model
+    with torch.no_grad():
+        latents = model.encode(SENTENCES[:4])
+        # what each row writes after an empty context: a context whose bigrams it would repeat
+        contexts = [""] + model.decode(latents[1:], [""] * 3, **kwargs)
+        free = model.decode(latents, contexts, **kwargs)
+        banned = model.decode(latents, contexts, encoder_no_repeat_ngram_size=2, **kwargs)
+        memory = model.autoencoder.reconstruct(latents)
+        rows = []
+        for i, text in enumerate(contexts):
+            ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ban = [EncoderNoRepeatNGramLogitsProcessor(2, ids)] if ids.shape[1] else []
+            rows.append(alone(model, memory[i : i + 1], text, {**kwargs, "logits_processor": ban}))
+    assert banned == rows  # left-padded, with rows retiring: each row banned its own context's bigrams
+    assert banned[0] == free[0]  # an empty context bans nothing
+    assert banned != free  # and the others had bigrams to avoid
+    with pytest.raises(ValueError, match="integer >= 0"):
+        model.decode(latents, contexts, encoder_no_repeat_ngram_size=-1, **kwargs)
+
+
 def test_the_loss_with_left_padded_contexts_is_each_row_s_own(context_model):
     model = context_model
     text = SENTENCES[:1] * 2
@@ -81,6 +105,8 @@ def test_a_context_goes_only_to_a_decoder_tuned_to_read_it(trained_model, tiny_t
     latents = trained_model.encode(SENTENCES[:2])
     with pytest.raises(ValueError, match="decoder_tuning.read_context"):
         trained_model.decode(latents, ["a", "b"])
+    with pytest.raises(ValueError, match="reads no context: use no_repeat_ngram_size"):
+        trained_model.decode(latents, encoder_no_repeat_ngram_size=3)
     model = copy.deepcopy(trained_model)
     model.enable_context_reading()
     with pytest.raises(ValueError, match="one per row"):
@@ -115,7 +141,9 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     from latentlm.pipelines import LatentTextDiffusionPipeline
     from test_cli import tiny_config
 
+    import latentlm.training.stages.autoencoder
     from latentlm.cli import main
+    from latentlm.data.segments import segment_examples
 
     data = tmp_path / "stories"
     data.mkdir()
@@ -138,7 +166,18 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
         return real(*args)
 
     monkeypatch.setattr(latentlm.autoencoder.families.causal_lm, "causal_reconstruction_loss", spy)
+    evaluated, real_evaluate = [], latentlm.training.stages.autoencoder.evaluate_reconstruction
+
+    def evaluate_spy(model, texts, **kwargs):
+        evaluated.append((list(texts), kwargs.get("context_texts")))
+        return real_evaluate(model, texts, **kwargs)
+
+    monkeypatch.setattr(latentlm.training.stages.autoencoder, "evaluate_reconstruction", evaluate_spy)
     assert main(["train", "--config", str(tmp_path / "stories.yaml"), "--in-process"]) == 0
+    # stage 1 is evaluated on the latents alone, the tuned decoder as the pipeline decodes: after each context
+    assert evaluated[0][1] is None and evaluated[-1][1] is not None
+    examples = segment_examples(STORIES * 2)  # the first max_eval_samples=4 stories, segment by segment
+    assert evaluated[-1] == ([e["segment"] for e in examples], [e["context"] for e in examples])
     tuned = [context for context in read if context is not None]
     assert len(tuned) == 2 and all(ids.shape == mask.shape and ids.shape[0] == 4 for ids, mask in tuned)
     assert any(bool(mask[:, 0].eq(0).any() & mask.sum(dim=1).gt(0).all()) for _, mask in tuned)  # left-padded

@@ -311,6 +311,11 @@ def test_sampling_options_on_the_command_line():
     options = SamplingOptions.from_arguments(given)
     assert (options.num_inference_steps, options.clamp_latents, options.guidance_interval) == (7, True, (0.2, 0.9))
     assert SamplingOptions.from_arguments(parser.parse_args([])) == SamplingOptions()
+    sampled = parser.parse_args(["--decode-kwargs", '{"do_sample": true, "top_p": 0.95}'])
+    assert SamplingOptions.from_arguments(sampled).decode_kwargs == {"do_sample": True, "top_p": 0.95}
+    for bad in ("top_p=0.9", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--decode-kwargs", bad])
 
 
 def test_clamping_needs_normalized_latents(tiny_bart_dir):

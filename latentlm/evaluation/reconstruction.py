@@ -45,12 +45,20 @@ def reconstruction_generate_kwargs(max_length: int, num_beams: int) -> dict[str,
 
 
 @torch.no_grad()
-def reconstruct(codec, texts: Sequence[str], batch_size: int = 64, **generate_kwargs) -> list[str]:
-    """``codec.decode(codec.encode(texts))`` in batches; ``codec`` is a `TextAutoencoder` or a pipeline."""
+def reconstruct(
+    codec, texts: Sequence[str], batch_size: int = 64, context_texts: Sequence[str] | None = None, **generate_kwargs
+) -> list[str]:
+    """``codec.decode(codec.encode(texts))`` in batches; ``codec`` is a `TextAutoencoder` or a pipeline.
+    ``context_texts`` (one per text): what a ``read_context`` decoder reads before each text's latents."""
     texts = list(texts)
+    if context_texts is not None and len(context_texts) != len(texts):
+        raise ValueError(f"{len(context_texts)} context_texts for {len(texts)} texts: give one per text.")
     out: list[str] = []
     for start in range(0, len(texts), batch_size):
-        out.extend(codec.decode(codec.encode(texts[start : start + batch_size]), **generate_kwargs))
+        latents = codec.encode(texts[start : start + batch_size])
+        if context_texts is not None:
+            generate_kwargs["context_texts"] = list(context_texts[start : start + batch_size])
+        out.extend(codec.decode(latents, **generate_kwargs))
     return out
 
 
@@ -90,6 +98,7 @@ def evaluate_reconstruction(
     num_beams: int | None = 4,
     generate_kwargs: dict[str, Any] | None = None,
     num_examples: int = 16,
+    context_texts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """BLEU (0-100) and exact-match rate of ``codec``'s reconstructions of ``texts``.
 
@@ -97,7 +106,8 @@ def evaluate_reconstruction(
     written (``bleu_raw_text``, ``exact_match_raw_text``). Decoding: ``generate_kwargs`` if given
     (``{}``: the codec's own defaults), else `reconstruction_generate_kwargs` for ``num_beams``. ``examples`` holds the first
     ``num_examples`` (input, reference, reconstruction) rows. A variational autoencoder's result adds
-    ``posterior_std`` (`posterior_spread`).
+    ``posterior_std`` (`posterior_spread`). ``context_texts``: what a ``read_context`` decoder reads
+    before each text's latents, as the pipeline gives it a segment's context.
     """
     texts = list(texts)
     if generate_kwargs is None:
@@ -108,7 +118,7 @@ def evaluate_reconstruction(
         codec.eval()
     spread = {}
     try:
-        hypotheses = reconstruct(codec, texts, batch_size, **generate_kwargs)
+        hypotheses = reconstruct(codec, texts, batch_size, context_texts, **generate_kwargs)
         if isinstance(codec, TextAutoencoder) and codec.autoencoder.config.get("variational"):
             spread["posterior_std"] = posterior_spread(codec, texts, batch_size)
     finally:

@@ -83,6 +83,7 @@ class AutoencoderStage(TrainingStage):
         # data first, so bad input fails before any model is built
         self.train_texts = load_texts(data, data.train_split, data.max_train_samples)
         self.val_texts = load_texts(data, data.validation_split, data.max_eval_samples) if data.validation_split else []
+        self.val_contexts = None  # what a decoder that reads a context reads before each validation text
         if opt.batch_size > len(self.train_texts) and is_main:
             logger.warning(
                 "batch_size %d exceeds the %d training texts; batches repeat texts.",
@@ -180,7 +181,11 @@ class AutoencoderStage(TrainingStage):
 
     def evaluate(self, step: int, tracker: Tracker) -> dict[str, Any]:
         result = evaluate_reconstruction(
-            self.model, self.val_texts, num_beams=self.cfg.eval_num_beams, num_examples=self.cfg.num_eval_examples
+            self.model,
+            self.val_texts,
+            context_texts=self.val_contexts,
+            num_beams=self.cfg.eval_num_beams,
+            num_examples=self.cfg.num_eval_examples,
         )
         scores = {key: result[key] for key in ("bleu", "exact_match", "posterior_std") if key in result}
         tracker.log_metrics({f"eval/{key}": value for key, value in scores.items()}, step)

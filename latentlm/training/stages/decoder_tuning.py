@@ -80,6 +80,7 @@ class DecoderTuningStage(AutoencoderStage):
         from diffusers import DDPMScheduler
 
         from latentlm.data.labels import load_training_examples, resolve_class_labels
+        from latentlm.data.loading import load_text_dataset
         from latentlm.diffusion import LatentDenoiser
 
         self.denoiser = LatentDenoiser.from_pretrained(self.diffusion_path / "denoiser").eval().requires_grad_(False)
@@ -89,6 +90,11 @@ class DecoderTuningStage(AutoencoderStage):
         self.context_texts = sources if self.config.decoder_tuning.read_context else None
         if self.context_texts is not None:
             self.check_contexts(self.context_texts)
+            if self.val_texts:  # evaluated as the pipeline decodes: reading each text's context
+                data = self.config.data
+                validation = load_text_dataset(data, data.validation_split, data.max_eval_samples)
+                self.val_contexts = list(validation[data.source_column])
+                self.check_contexts(self.val_contexts)
         labels = self.class_labels = None
         if self.denoiser.config.num_classes and self.config.data.label_column:
             labels, _ = resolve_class_labels(raw_labels, self.denoiser.config.class_names)

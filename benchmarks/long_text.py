@@ -174,6 +174,12 @@ def main(argv=None) -> int:
         default={"num_beams": 1},
         help="JSON generation arguments of the pipeline's gap fillings (default: greedy, as the peer's)",
     )
+    parser.add_argument(
+        "--infill-mbr",
+        type=int,
+        default=1,
+        help="MBR decoding of the gap fillings: candidates per gap (SamplingOptions.mbr_candidates; 1 = off)",
+    )
     parser.add_argument("--context-noise", type=float, default=0.9, help="noise level t/T of the context-use probe")
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
     )
     story_options = options.replace(decode_kwargs=args.story_decoding)
-    infill_options = options.replace(decode_kwargs=args.infill_decoding)
+    infill_options = options.replace(decode_kwargs=args.infill_decoding, mbr_candidates=args.infill_mbr)
     stories, infills, counts = pipeline_write(
         pipe, len(validation), args.num_segments, cases, args.batch_size, story_options, infill_options
     )
@@ -260,6 +266,7 @@ def main(argv=None) -> int:
         "guidance": args.guidance,
         "story_decoding": args.story_decoding,
         "infill_decoding": args.infill_decoding,
+        "infill_mbr": args.infill_mbr,
         "segment_retries": args.segment_retries,
         **counts,
         "run": str(run),

@@ -165,14 +165,15 @@ def main(argv=None) -> int:
         "--story-decoding",
         type=json.loads,
         default={"do_sample": True, "top_p": 0.95, "num_beams": 1},
-        help="JSON generation arguments of the pipeline's stories (default: top-p 0.95, as the peer's stories; "
-        "'{\"num_beams\": 1}' for greedy)",
+        help="JSON generation arguments of the pipeline's stories, over its saved ones (default: top-p 0.95, as "
+        'the peer\'s stories; \'{"do_sample": false, "num_beams": 1}\' for greedy)',
     )
     parser.add_argument(
         "--infill-decoding",
         type=json.loads,
-        default={"num_beams": 1},
-        help="JSON generation arguments of the pipeline's gap fillings (default: greedy, as the peer's)",
+        default={"do_sample": False, "num_beams": 1},
+        help="JSON generation arguments of the pipeline's gap fillings, over its saved ones (default: greedy, as "
+        "the peer's)",
     )
     parser.add_argument(
         "--infill-mbr",

@@ -31,6 +31,7 @@ from pathlib import Path
 import common
 import torch
 from latentlm.pipelines import SamplingOptions
+from latentlm.pipelines.mbr import MBR_METRICS
 
 from latentlm.data.segments import split_sentences
 from latentlm.evaluation.long_text import context_use, infill_cases, score_infills, score_stories
@@ -181,12 +182,29 @@ def main(argv=None) -> int:
         default=1,
         help="MBR decoding of the gap fillings: candidates per gap (SamplingOptions.mbr_candidates; 1 = off)",
     )
+    parser.add_argument(
+        "--infill-mbr-metric",
+        choices=MBR_METRICS,
+        default=SamplingOptions.mbr_metric,
+        help="the similarity MBR decoding of the gap fillings maximizes (SamplingOptions.mbr_metric)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("stories", "infilling"),
+        default=["stories", "infilling"],
+        help="what to measure (default both; the JSON of one part alone needs an --out of its own)",
+    )
     parser.add_argument("--context-noise", type=float, default=0.9, help="noise level t/T of the context-use probe")
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(common.RESULTS_DIR / "long_text.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/long_text.json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if set(args.parts) != {"stories", "infilling"}:
+            parser.error("--parts with one part writes a partial table: give it an --out of its own.")
+        args.out = str(common.RESULTS_DIR / "long_text.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
@@ -211,68 +229,83 @@ def main(argv=None) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
     )
     story_options = options.replace(decode_kwargs=args.story_decoding)
-    infill_options = options.replace(decode_kwargs=args.infill_decoding, mbr_candidates=args.infill_mbr)
-    stories, infills, counts = pipeline_write(
-        pipe, len(validation), args.num_segments, cases, args.batch_size, story_options, infill_options
+    infill_options = options.replace(
+        decode_kwargs=args.infill_decoding, mbr_candidates=args.infill_mbr, mbr_metric=args.infill_mbr_metric
     )
-    context = context_use(pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed)
+    num_stories = len(validation) if "stories" in args.parts else 0
+    stories, infills, counts = pipeline_write(
+        pipe,
+        num_stories,
+        args.num_segments,
+        cases if "infilling" in args.parts else [],
+        args.batch_size,
+        story_options,
+        infill_options,
+    )
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
-        peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
-        peer_infills = peer_write(
-            tokenizer, peer, [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases], sample=False
-        )
-    features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
-    held_out = read("validation")[args.num_stories : 2 * args.num_stories] or validation
-    rows = {"model": stories, "references": held_out}
-    if earlier is None:
-        rows["autoregressive"] = peer_stories
-    story_scores = {
-        name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
-        for name, texts in rows.items()
-    }
-    for name in ("model", "autoregressive"):
-        if name in story_scores:
-            ratio = story_scores[name]["perplexity"] / story_scores["references"]["perplexity"]
-            story_scores[name]["perplexity_ratio"] = ratio
-    golds = [gold for _, _, gold in cases]
-    copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
-    infill_scores = {
-        "model": score_infills(infills, golds, args.bert_model),
-        "references": {
-            "what": "the sentence before the gap, copied",
-            **score_infills(copy_before, golds, args.bert_model),
-        },
-    }
-    examples = {"stories": {"model": stories[:5]}, "infilling": {"model": infills[:5], "gold": golds[:5]}}
-    if earlier is None:
-        infill_scores["autoregressive"] = score_infills(peer_infills, golds, args.bert_model)
-        examples["stories"]["autoregressive"], examples["infilling"]["autoregressive"] = (
-            peer_stories[:5],
-            peer_infills[:5],
-        )
-    else:  # the peer's rows as the earlier run measured them (same stories, gap and judges)
-        story_scores["autoregressive"] = earlier["stories"]["autoregressive"]
-        infill_scores["autoregressive"] = earlier["infilling"]["autoregressive"]
+    else:
         minutes = earlier["peer_minutes"]
-    payload = {
-        "stories": story_scores,
-        "infilling": infill_scores,
-        "context_use": context,
-        "infill_stories": len(cases),
-        "infill_stories_left_out": len(validation) - len(cases),
-        "peer_minutes": minutes,
-        "peer_from": args.peer_from,
-        "guidance": args.guidance,
-        "story_decoding": args.story_decoding,
-        "infill_decoding": args.infill_decoding,
-        "infill_mbr": args.infill_mbr,
-        "segment_retries": args.segment_retries,
-        **counts,
-        "run": str(run),
-        "examples": examples,
-    }
+    payload, examples = {}, {}
+    if "stories" in args.parts:
+        context = context_use(
+            pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
+        )
+        features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
+        rows = {
+            "model": stories,
+            "references": read("validation")[args.num_stories : 2 * args.num_stories] or validation,
+        }
+        if earlier is None:
+            rows["autoregressive"] = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
+        payload["stories"] = {
+            name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
+            for name, texts in rows.items()
+        }
+        for name in ("model", "autoregressive"):
+            if name in rows:
+                scores = payload["stories"][name]
+                scores["perplexity_ratio"] = scores["perplexity"] / payload["stories"]["references"]["perplexity"]
+        if earlier is not None:  # the peer's rows as the earlier run measured them (same stories and judges)
+            payload["stories"]["autoregressive"] = earlier["stories"]["autoregressive"]
+        payload["context_use"] = context
+        examples["stories"] = {name: texts[:5] for name, texts in rows.items() if name != "references"}
+    if "infilling" in args.parts:
+        golds = [gold for _, _, gold in cases]
+        copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
+        payload["infilling"] = {
+            "model": score_infills(infills, golds, args.bert_model),
+            "references": {
+                "what": "the sentence before the gap, copied",
+                **score_infills(copy_before, golds, args.bert_model),
+            },
+        }
+        examples["infilling"] = {"model": infills[:5], "gold": golds[:5]}
+        if earlier is None:
+            requests = [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases]
+            peer_infills = peer_write(tokenizer, peer, requests, sample=False)
+            payload["infilling"]["autoregressive"] = score_infills(peer_infills, golds, args.bert_model)
+            examples["infilling"]["autoregressive"] = peer_infills[:5]
+        else:  # as the earlier run measured them (same gaps and judges)
+            payload["infilling"]["autoregressive"] = earlier["infilling"]["autoregressive"]
+    payload.update(
+        {
+            "infill_stories": len(cases),
+            "infill_stories_left_out": len(validation) - len(cases),
+            "peer_minutes": minutes,
+            "peer_from": args.peer_from,
+            "guidance": args.guidance,
+            "story_decoding": args.story_decoding,
+            "infill_decoding": args.infill_decoding,
+            "infill_mbr": args.infill_mbr,
+            "infill_mbr_metric": args.infill_mbr_metric,
+            "segment_retries": args.segment_retries,
+            **counts,
+            "run": str(run),
+            "examples": examples,
+        }
+    )
     common.write_results("long_text", payload, args.out)
     return 0
 

@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
+        if "stories" in args.parts:
+            peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
     else:
         minutes = earlier["peer_minutes"]
     payload, examples = {}, {}
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
             "references": read("validation")[args.num_stories : 2 * args.num_stories] or validation,
         }
         if earlier is None:
-            rows["autoregressive"] = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
+            rows["autoregressive"] = peer_stories
         payload["stories"] = {
             name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
             for name, texts in rows.items()
@@ -296,6 +298,7 @@ def main(argv=None) -> int:
             "peer_minutes": minutes,
             "peer_from": args.peer_from,
             "guidance": args.guidance,
+            "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
             "story_decoding": args.story_decoding,
             "infill_decoding": args.infill_decoding,
             "infill_mbr": args.infill_mbr,

@@ -243,6 +243,11 @@ def main(argv=None) -> int:
         infill_options,
     )
     earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
+    missing = [part for part in args.parts if earlier is not None and part not in earlier]
+    if missing:
+        raise SystemExit(
+            f"--peer-from {args.peer_from} has no peer rows for {missing}: give a JSON that measured them."
+        )
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
         if "stories" in args.parts:

@@ -223,6 +223,12 @@ def main(argv=None) -> int:
     if minutes is None:
         minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
     torch.manual_seed(args.seed)
+    earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
+    missing = [part for part in args.parts if earlier is not None and part not in earlier]
+    if missing:
+        raise SystemExit(
+            f"--peer-from {args.peer_from} has no peer rows for {missing}: give a JSON that measured them."
+        )
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     options = SamplingOptions(
@@ -242,12 +248,6 @@ def main(argv=None) -> int:
         story_options,
         infill_options,
     )
-    earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
-    missing = [part for part in args.parts if earlier is not None and part not in earlier]
-    if missing:
-        raise SystemExit(
-            f"--peer-from {args.peer_from} has no peer rows for {missing}: give a JSON that measured them."
-        )
     if earlier is None:
         tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
         if "stories" in args.parts:

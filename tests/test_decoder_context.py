@@ -138,6 +138,11 @@ def test_read_context_needs_a_source_and_the_denoiser(tmp_path):
     )
     with pytest.raises(ValueError, match="data.source_column"):
         DecoderTuningStage(config, tmp_path / "autoencoder", tmp_path / "diffusion")
+    ban = {"generate_kwargs": {"encoder_no_repeat_ngram_size": 4}}
+    with pytest.raises(ValueError, match="decoder_tuning.read_context: true"):
+        load_config({"decoder_tuning": {"latent_source": "denoiser", **ban}})
+    with pytest.raises(ValueError, match="set it in decoder_tuning.generate_kwargs"):
+        load_config({"autoencoder": ban})
 
 
 @pytest.mark.slow
@@ -163,6 +168,7 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
         "enabled": True,
         "latent_source": "denoiser",
         "read_context": True,
+        "generate_kwargs": {"encoder_no_repeat_ngram_size": 3},
         "optimizer": {"max_steps": 2, "batch_size": 4},
     }
     (tmp_path / "stories.yaml").write_text(yaml.safe_dump(config))
@@ -190,6 +196,11 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     assert any(bool(mask[:, 0].eq(0).any() & mask.sum(dim=1).gt(0).all()) for _, mask in tuned)  # left-padded
     pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.autoencoder.config.read_context
+    # the pipeline saves the tuned decoder's decoding over stage 1's
+    assert pipe.config.decode_kwargs == {
+        **config["autoencoder"].get("generate_kwargs", {}),
+        "encoder_no_repeat_ngram_size": 3,
+    }
     decoded, real_decode = [], text_codec.decode_latents
 
     def decode_spy(*args, **kwargs):

@@ -263,7 +263,8 @@ class DecoderTuningConfig(TrainingLoopConfig):
         if self.generate_kwargs.get("encoder_no_repeat_ngram_size") and not self.read_context:
             raise ValueError(
                 f"{where}.generate_kwargs bans the n-grams of the context the decoder reads "
-                f"(encoder_no_repeat_ngram_size), but it reads none: set {where}.read_context: true."
+                f"(encoder_no_repeat_ngram_size), but it reads none: set {where}.read_context: true, or "
+                f"{where}.generate_kwargs to {{}} (--set '{where}.generate_kwargs={{}}')."
             )
         levels = list(self.denoiser_noise_levels)
         if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:

@@ -129,6 +129,7 @@ def test_a_context_goes_only_to_a_decoder_tuned_to_read_it(trained_model, tiny_t
 
 def test_read_context_needs_a_source_and_the_denoiser(tmp_path):
     from latentlm.config import load_config
+    from latentlm.training.run import pipeline_decode_kwargs
     from latentlm.training.stages.decoder_tuning import DecoderTuningStage
 
     with pytest.raises(ValueError, match="latent_source: denoiser"):
@@ -138,6 +139,16 @@ def test_read_context_needs_a_source_and_the_denoiser(tmp_path):
     )
     with pytest.raises(ValueError, match="data.source_column"):
         DecoderTuningStage(config, tmp_path / "autoencoder", tmp_path / "diffusion")
+    ban = {"generate_kwargs": {"encoder_no_repeat_ngram_size": 4}}
+    with pytest.raises(ValueError, match="decoder_tuning.read_context: true"):
+        load_config({"decoder_tuning": {"latent_source": "denoiser", **ban}})
+    with pytest.raises(ValueError, match="set it in decoder_tuning.generate_kwargs"):
+        load_config({"autoencoder": ban})
+    tuned = {"latent_source": "denoiser", "read_context": True, **ban}
+    both = {"autoencoder": {"generate_kwargs": {"num_beams": 1}}, "data": {"path": str(tmp_path), "source_column": "c"}}
+    assert pipeline_decode_kwargs(load_config({**both, "decoder_tuning": tuned})) == {"num_beams": 1}  # not enabled
+    enabled = load_config({**both, "decoder_tuning": {**tuned, "enabled": True}})
+    assert pipeline_decode_kwargs(enabled) == {"num_beams": 1, "encoder_no_repeat_ngram_size": 4}
 
 
 @pytest.mark.slow
@@ -159,10 +170,12 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     config = tiny_config(tmp_path / "run", data, tiny_llama_dir, f"sqlite:///{tmp_path / 'mlflow.db'}")
     config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4}
     config["autoencoder"]["model"]["causal"] = {"prompt_template": PROMPT, "context_layers": 1}
+    config["autoencoder"]["generate_kwargs"] = {"num_beams": 1, "encoder_no_repeat_ngram_size": 0}
     config["decoder_tuning"] = {
         "enabled": True,
         "latent_source": "denoiser",
         "read_context": True,
+        "generate_kwargs": {"encoder_no_repeat_ngram_size": 3},
         "optimizer": {"max_steps": 2, "batch_size": 4},
     }
     (tmp_path / "stories.yaml").write_text(yaml.safe_dump(config))
@@ -190,6 +203,8 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     assert any(bool(mask[:, 0].eq(0).any() & mask.sum(dim=1).gt(0).all()) for _, mask in tuned)  # left-padded
     pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert pipe.autoencoder.config.read_context
+    # the pipeline saves the tuned decoder's decoding over stage 1's
+    assert pipe.config.decode_kwargs == {"num_beams": 1, "encoder_no_repeat_ngram_size": 3}
     decoded, real_decode = [], text_codec.decode_latents
 
     def decode_spy(*args, **kwargs):

@@ -206,6 +206,12 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
                 f"{where}.latent_noise_std={self.latent_noise_std} would add fixed noise to the samples of the "
                 f"variational posterior ({where}.model.variational), whose spread is learned: set latent_noise_std to 0."
             )
+        if self.generate_kwargs.get("encoder_no_repeat_ngram_size"):
+            raise ValueError(
+                f"{where}.generate_kwargs: encoder_no_repeat_ngram_size bans the n-grams of the context a decoder "
+                "reads, and stage 1's decoder reads none: set it in decoder_tuning.generate_kwargs (with "
+                "decoder_tuning.read_context), or use no_repeat_ngram_size."
+            )
         if self.kl_weight and not self.model.variational:
             raise ValueError(
                 f"{where}.kl_weight={self.kl_weight} penalises a variational posterior, but "
@@ -234,6 +240,9 @@ class DecoderTuningConfig(TrainingLoopConfig):
     # story so far) before the latents' prompt, and the pipeline gives it the same when it samples
     # (PLANNER's decoder reads the text so far); needs latent_source: denoiser and a decoder-only LM
     read_context: bool = False
+    # Decoding defaults the pipeline saves for the tuned decoder, over autoencoder.generate_kwargs; e.g.
+    # {encoder_no_repeat_ngram_size: 4}: a decoder that reads the story so far repeats none of its 4-grams
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1_000
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -250,6 +259,12 @@ class DecoderTuningConfig(TrainingLoopConfig):
             raise ValueError(
                 f"{where}.read_context tunes the decoder on stage 2's samples in their context: set "
                 f"{where}.latent_source: denoiser."
+            )
+        if self.generate_kwargs.get("encoder_no_repeat_ngram_size") and not self.read_context:
+            raise ValueError(
+                f"{where}.generate_kwargs bans the n-grams of the context the decoder reads "
+                f"(encoder_no_repeat_ngram_size), but it reads none: set {where}.read_context: true, or "
+                f"{where}.generate_kwargs to {{}} (--set '{where}.generate_kwargs={{}}')."
             )
         levels = list(self.denoiser_noise_levels)
         if len(levels) != 2 or not 0.0 <= levels[0] <= levels[1] <= 1.0:

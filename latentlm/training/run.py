@@ -210,6 +210,13 @@ def run_in_new_process(function, *args, name: str | None = None):
             ) from error
 
 
+def pipeline_decode_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The decoding defaults the pipeline saves: ``autoencoder.generate_kwargs``, and over them
+    ``decoder_tuning.generate_kwargs`` where the tuned decoder is the pipeline's."""
+    tuned = config.decoder_tuning.generate_kwargs if config.decoder_tuning.enabled else {}
+    return {**config.autoencoder.generate_kwargs, **tuned}
+
+
 def write_pipeline(
     config: RunConfig, autoencoder_path: Path, diffusion_path: Path, pipeline_dir: Path, guidance_scale: float
 ) -> list[dict[str, Any]]:
@@ -218,10 +225,18 @@ def write_pipeline(
     pipe = build_pipeline(
         autoencoder_path,
         diffusion_path,
-        decode_kwargs=config.autoencoder.generate_kwargs,
+        decode_kwargs=pipeline_decode_kwargs(config),
         segments=config.data.segments,
         segment_context=config.data.segment_context,
     )
+    if pipe.config.decode_kwargs.get("encoder_no_repeat_ngram_size") and not pipe.autoencoder.config.get(
+        "read_context"
+    ):
+        raise ValueError(
+            f"decoder_tuning.generate_kwargs bans the n-grams of the context the decoder reads, but the decoder in "
+            f"{autoencoder_path} was tuned without read_context (e.g. by an earlier run this one resumes): tune it "
+            "again without --resume, or --set 'decoder_tuning.generate_kwargs={}'."
+        )
     with atomic_directory(pipeline_dir) as tmp:
         pipe.save_pretrained(tmp)
     pipe.set_progress_bar_config(disable=True)

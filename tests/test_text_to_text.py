@@ -3,6 +3,7 @@ the pipeline's source_texts / num_samples_per_source / MBR, save/load and bad in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -270,7 +271,7 @@ def _config(tmp_path, data_path, **data):
 
 
 def test_stage2_trains_a_text_to_text_denoiser_and_the_pipeline_samples_it(tmp_path, tiny_bart_dir, pairs_jsonl):
-    from latentlm.training.run import build_pipeline
+    from latentlm.training.run import build_pipeline, write_pipeline
     from latentlm.training.stages.diffusion import train_diffusion
 
     autoencoder = tmp_path / "stage1" / "autoencoder"
@@ -288,6 +289,13 @@ def test_stage2_trains_a_text_to_text_denoiser_and_the_pipeline_samples_it(tmp_p
     pipe.set_progress_bar_config(disable=True)
     out = pipe(source_texts=SOURCES, num_inference_steps=2, decode_kwargs={"num_beams": 1, "max_length": 8})
     assert len(out.texts) == 2
+    # a run told to save the context n-gram ban, resuming a decoder that reads no context: named, nothing saved
+    tuning = {"enabled": True, "latent_source": "denoiser", "read_context": True}
+    tuning["generate_kwargs"] = {"encoder_no_repeat_ngram_size": 4}
+    banned = dataclasses.replace(config, decoder_tuning=dataclasses.replace(config.decoder_tuning, **tuning))
+    with pytest.raises(ValueError, match="tuned without read_context"):
+        write_pipeline(banned, autoencoder, final, tmp_path / "pipeline", 1.0)
+    assert not (tmp_path / "pipeline").exists()
 
 
 def test_stage2_source_data_errors(tmp_path, tiny_bart_dir, pairs_jsonl):

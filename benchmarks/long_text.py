@@ -18,7 +18,9 @@ half its examples ask for a story, half for the missing sentence between two par
     python benchmarks/long_text.py --run outputs/rocstories --data ../shared/data/rocstories --threads 2
 
 ``--peer-from benchmarks/results/long_text.json`` reuses an earlier run's peer rows instead of
-training the peer again (a second pipeline on the same stories).
+training the peer again (a second pipeline on the same stories); ``--model-from`` the other way round
+reuses an earlier run's pipeline rows and trains and scores only the peer (a peer on another CPU, or
+with other decoding: ``--peer-infill-decoding``).
 """
 
 from __future__ import annotations
@@ -111,17 +113,32 @@ def train_peer(stories: list[str], minutes: float, output_dir: Path, seed: int):
 
 
 @torch.no_grad()
-def peer_write(tokenizer, model, requests: list[str], sample: bool, batch_size: int = 32) -> list[str]:
+def peer_write(tokenizer, model, requests: list[str], settings: dict, batch_size: int = 32) -> list[str]:
     tokenizer.padding_side = "left"
     outputs = []
     for start in range(0, len(requests), batch_size):
         prompts = [chat(tokenizer, r) for r in requests[start : start + batch_size]]
         batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-        settings = dict(do_sample=True, top_p=0.95) if sample else dict(do_sample=False)
         ids = model.generate(**batch, max_new_tokens=160, pad_token_id=tokenizer.pad_token_id, **settings)
         new = ids[:, batch["input_ids"].shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
+
+
+MODEL_SETTINGS = (
+    "run",
+    "context_use",
+    "guidance",
+    "pipeline_decode_kwargs",
+    "story_decoding",
+    "infill_decoding",
+    "infill_mbr",
+    "infill_mbr_metric",
+    "segment_retries",
+    "redrawn_segments",
+    "unfinished_segments",
+)
+PEER_SETTINGS = ("peer_minutes", "peer_infill_decoding")
 
 
 def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, options, infill_options):
@@ -143,9 +160,9 @@ def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size:
     return stories, infills, counts
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="output_dir of a `latentlm train` run with data.segments")
+    parser.add_argument("--run", default=None, help="output_dir of a `latentlm train` run with data.segments")
     parser.add_argument("--data", required=True, help="folder with train.jsonl / validation.jsonl of stories")
     parser.add_argument("--num-stories", type=int, default=250, help="validation stories (and as many held out)")
     parser.add_argument("--num-segments", type=int, default=5)
@@ -158,6 +175,18 @@ def main(argv=None) -> int:
         "--peer-from",
         default=None,
         help="take the peer's rows from this earlier long_text JSON (same data and judges) instead of training it",
+    )
+    parser.add_argument(
+        "--model-from",
+        default=None,
+        help="take the pipeline's rows (and the references') from this earlier long_text JSON instead of sampling "
+        "--run: trains and scores the peer only (its folder: beside the earlier JSON's run)",
+    )
+    parser.add_argument(
+        "--peer-infill-decoding",
+        type=json.loads,
+        default={"do_sample": False},
+        help="JSON generation arguments of the peer's gap fillings (default: greedy)",
     )
     parser.add_argument(
         "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
@@ -205,30 +234,19 @@ def main(argv=None) -> int:
         if set(args.parts) != {"stories", "infilling"}:
             parser.error("--parts with one part writes a partial table: give it an --out of its own.")
         args.out = str(common.RESULTS_DIR / "long_text.json")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (args.run is None) == (args.model_from is None):
+        parser.error("give either --run (a pipeline to measure) or --model-from (its rows measured earlier).")
+    if args.model_from and args.peer_from:
+        parser.error("--model-from with --peer-from measures nothing: give one of them.")
+    return args
+
+
+def measure_model(args, validation: list[str], train: list[str], cases, references: list[str]) -> dict:
+    """The pipeline's rows (and the references'), with the settings it was measured with."""
     from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
     from latentlm.sampling import load_pipeline
 
-    def read(split: str) -> list[str]:
-        lines = (Path(args.data) / f"{split}.jsonl").read_text().splitlines()
-        return [json.loads(line)["text"] for line in lines if line]
-
-    train, validation = read("train"), read("validation")[: args.num_stories]
-    # a story whose sentences the splitter cannot find (no full stops) has no sentence to fill: left out, counted
-    fillable = [story for story in validation if len(split_sentences(story)) > args.gap + 1]
-    cases = infill_cases(fillable, gap=args.gap)
     run = Path(args.run)
-    minutes = args.peer_minutes
-    if minutes is None:
-        minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
-    torch.manual_seed(args.seed)
-    earlier = json.loads(Path(args.peer_from).read_text()) if args.peer_from else None
-    missing = [part for part in args.parts if earlier is not None and part not in earlier]
-    if missing:
-        raise SystemExit(
-            f"--peer-from {args.peer_from} has no peer rows for {missing}: give a JSON that measured them."
-        )
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     options = SamplingOptions(
@@ -239,79 +257,139 @@ def main(argv=None) -> int:
         decode_kwargs=args.infill_decoding, mbr_candidates=args.infill_mbr, mbr_metric=args.infill_mbr_metric
     )
     num_stories = len(validation) if "stories" in args.parts else 0
+    infill_cases_asked = cases if "infilling" in args.parts else []
     stories, infills, counts = pipeline_write(
-        pipe,
-        num_stories,
-        args.num_segments,
-        cases if "infilling" in args.parts else [],
-        args.batch_size,
-        story_options,
-        infill_options,
+        pipe, num_stories, args.num_segments, infill_cases_asked, args.batch_size, story_options, infill_options
     )
-    if earlier is None:
-        tokenizer, peer = train_peer(train, minutes, run.parent / f"{run.name}-peer", args.seed)
-        if "stories" in args.parts:
-            peer_stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), sample=True)
-    else:
-        minutes = earlier["peer_minutes"]
-    payload, examples = {}, {}
+    measured = {
+        "run": str(run),
+        "guidance": args.guidance,
+        "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
+        "story_decoding": args.story_decoding,
+        "infill_decoding": args.infill_decoding,
+        "infill_mbr": args.infill_mbr,
+        "infill_mbr_metric": args.infill_mbr_metric,
+        "segment_retries": args.segment_retries,
+        **counts,
+        "examples": {},
+    }
     if "stories" in args.parts:
-        context = context_use(
-            pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
-        )
         features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
-        rows = {
-            "model": stories,
-            "references": read("validation")[args.num_stories : 2 * args.num_stories] or validation,
-        }
-        if earlier is None:
-            rows["autoregressive"] = peer_stories
-        payload["stories"] = {
+        rows = {"model": stories, "references": references}
+        measured["stories"] = {
             name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
             for name, texts in rows.items()
         }
-        for name in ("model", "autoregressive"):
-            if name in rows:
-                scores = payload["stories"][name]
-                scores["perplexity_ratio"] = scores["perplexity"] / payload["stories"]["references"]["perplexity"]
-        if earlier is not None:  # the peer's rows as the earlier run measured them (same stories and judges)
-            payload["stories"]["autoregressive"] = earlier["stories"]["autoregressive"]
-        payload["context_use"] = context
-        examples["stories"] = {name: texts[:5] for name, texts in rows.items() if name != "references"}
+        measured["context_use"] = context_use(
+            pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
+        )
+        measured["examples"]["stories"] = {"model": stories[:5]}
     if "infilling" in args.parts:
         golds = [gold for _, _, gold in cases]
         copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
-        payload["infilling"] = {
+        measured["infilling"] = {
             "model": score_infills(infills, golds, args.bert_model),
             "references": {
                 "what": "the sentence before the gap, copied",
                 **score_infills(copy_before, golds, args.bert_model),
             },
         }
-        examples["infilling"] = {"model": infills[:5], "gold": golds[:5]}
-        if earlier is None:
-            requests = [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases]
-            peer_infills = peer_write(tokenizer, peer, requests, sample=False)
-            payload["infilling"]["autoregressive"] = score_infills(peer_infills, golds, args.bert_model)
-            examples["infilling"]["autoregressive"] = peer_infills[:5]
-        else:  # as the earlier run measured them (same gaps and judges)
-            payload["infilling"]["autoregressive"] = earlier["infilling"]["autoregressive"]
+        measured["examples"]["infilling"] = {"model": infills[:5], "gold": golds[:5]}
+    return measured
+
+
+def measure_peer(args, validation: list[str], train: list[str], cases, peer_dir: Path) -> dict:
+    """The peer's rows: trained for ``args.peer_minutes`` in ``peer_dir`` (resumed where it stopped)."""
+    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
+
+    tokenizer, peer = train_peer(train, args.peer_minutes, peer_dir, args.seed)
+    measured = {"peer_minutes": args.peer_minutes, "peer_infill_decoding": args.peer_infill_decoding, "examples": {}}
+    if "stories" in args.parts:
+        settings = dict(do_sample=True, top_p=0.95)
+        stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), settings)
+        features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
+        measured["stories"] = {
+            "autoregressive": score_stories(
+                stories, validation, train, features, perplexity, num_sentences=args.num_segments
+            )
+        }
+        measured["examples"]["stories"] = {"autoregressive": stories[:5]}
+    if "infilling" in args.parts:
+        requests = [INFILL_REQUEST.format(left=left, right=right) for left, right, _ in cases]
+        infills = peer_write(tokenizer, peer, requests, args.peer_infill_decoding)
+        golds = [gold for _, _, gold in cases]
+        measured["infilling"] = {"autoregressive": score_infills(infills, golds, args.bert_model)}
+        measured["examples"]["infilling"] = {"autoregressive": infills[:5]}
+    return measured
+
+
+def earlier_rows(path: str, parts: list[str], who: str) -> dict:
+    """``who``'s rows ("model" with the references', or "autoregressive") of an earlier long_text JSON
+    (same data and judges), in the form `measure_model` / `measure_peer` return them."""
+    earlier = json.loads(Path(path).read_text())
+    missing = [part for part in parts if who not in earlier.get(part, {})]
+    if missing:
+        raise SystemExit(f"{path} has no {who} rows for {missing}: give a JSON that measured them.")
+    names = ("model", "references", "gold") if who == "model" else ("autoregressive",)
+    rows = {key: value for key, value in earlier.items() if key not in ("stories", "infilling", "examples")}
+    rows["examples"] = {}
+    for part in parts:
+        rows[part] = {name: earlier[part][name] for name in names if name in earlier[part]}
+        shown = earlier.get("examples", {}).get(part, {})
+        rows["examples"][part] = {name: shown[name] for name in names if name in shown}
+    return rows
+
+
+def merge(model: dict, peer: dict, parts: list[str]) -> dict:
+    """One table: per part, the model's, the peer's and the references' rows; the story perplexity ratios."""
+    payload = {key: value for key, value in model.items() if key in MODEL_SETTINGS}
+    payload.update({key: value for key, value in peer.items() if key in PEER_SETTINGS})
+    payload.setdefault("peer_infill_decoding", {"do_sample": False})  # what JSONs before the option used
+    payload["examples"] = {}
+    for part in parts:
+        payload[part] = {**model[part], "autoregressive": peer[part]["autoregressive"]}
+        payload["examples"][part] = {**model["examples"].get(part, {}), **peer["examples"].get(part, {})}
+    if "stories" in parts:
+        stories = payload["stories"]
+        for name in ("model", "autoregressive"):
+            stories[name]["perplexity_ratio"] = stories[name]["perplexity"] / stories["references"]["perplexity"]
+    return payload
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def read(split: str) -> list[str]:
+        lines = (Path(args.data) / f"{split}.jsonl").read_text().splitlines()
+        return [json.loads(line)["text"] for line in lines if line]
+
+    train, validation = read("train"), read("validation")[: args.num_stories]
+    references = read("validation")[args.num_stories : 2 * args.num_stories] or validation
+    # a story whose sentences the splitter cannot find (no full stops) has no sentence to fill: left out, counted
+    fillable = [story for story in validation if len(split_sentences(story)) > args.gap + 1]
+    cases = infill_cases(fillable, gap=args.gap)
+    torch.manual_seed(args.seed)
+    peer = earlier_rows(args.peer_from, args.parts, "autoregressive") if args.peer_from else None
+    if args.model_from:
+        model = earlier_rows(args.model_from, args.parts, "model")
+    else:
+        model = measure_model(args, validation, train, cases, references)
+    if peer is None:
+        run = Path(model["run"])
+        if args.peer_minutes is None:
+            if not (run / "train_summary.json").exists():
+                raise SystemExit(f"{run}/train_summary.json is missing: give the run's minutes as --peer-minutes.")
+            args.peer_minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
+        peer = measure_peer(args, validation, train, cases, run.parent / f"{run.name}-peer")
+    payload = merge(model, peer, args.parts)
     payload.update(
         {
             "infill_stories": len(cases),
             "infill_stories_left_out": len(validation) - len(cases),
-            "peer_minutes": minutes,
             "peer_from": args.peer_from,
-            "guidance": args.guidance,
-            "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
-            "story_decoding": args.story_decoding,
-            "infill_decoding": args.infill_decoding,
-            "infill_mbr": args.infill_mbr,
-            "infill_mbr_metric": args.infill_mbr_metric,
-            "segment_retries": args.segment_retries,
-            **counts,
-            "run": str(run),
-            "examples": examples,
+            "model_from": args.model_from,
         }
     )
     common.write_results("long_text", payload, args.out)

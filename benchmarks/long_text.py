@@ -130,6 +130,7 @@ MODEL_SETTINGS = (
     "context_use",
     "guidance",
     "pipeline_decode_kwargs",
+    "pipeline_infill_decode_kwargs",
     "story_decoding",
     "infill_decoding",
     "infill_mbr",
@@ -194,16 +195,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--story-decoding",
         type=json.loads,
-        default={"do_sample": True, "top_p": 0.95, "num_beams": 1},
-        help="JSON generation arguments of the pipeline's stories, over its saved ones (default: top-p 0.95, as "
-        'the peer\'s stories; \'{"do_sample": false, "num_beams": 1}\' for greedy)',
+        default={},
+        help="JSON generation arguments of the pipeline's stories, over its saved ones (default: none, the saved "
+        'decoding; \'{"do_sample": false, "num_beams": 1}\' for greedy)',
     )
     parser.add_argument(
         "--infill-decoding",
         type=json.loads,
-        default={"do_sample": False, "num_beams": 1},
-        help="JSON generation arguments of the pipeline's gap fillings, over its saved ones (default: greedy, as "
-        "the peer's)",
+        default={},
+        help="JSON generation arguments of the pipeline's gap fillings, over its saved ones (default: none, the "
+        "saved decoding; '{\"do_sample\": false, \"num_beams\": 1}' for greedy, as the peer's)",
     )
     parser.add_argument(
         "--infill-mbr",
@@ -265,6 +266,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         "run": str(run),
         "guidance": args.guidance,
         "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
+        "pipeline_infill_decode_kwargs": dict(pipe.config.get("infill_decode_kwargs") or {}),
         "story_decoding": args.story_decoding,
         "infill_decoding": args.infill_decoding,
         "infill_mbr": args.infill_mbr,

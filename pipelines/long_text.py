@@ -142,6 +142,8 @@ class LongTextMixin:
             if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
                 raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
             contexts, starts, num_segments = [segment_context(left, right) for left, right in pairs], None, 1
+            saved = self.config.get("infill_decode_kwargs") or {}
+            options = options.replace(decode_kwargs={**saved, **(options.decode_kwargs or {})})
         else:
             num_segments = 1 if num_segments is None else num_segments
             if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:

@@ -86,8 +86,9 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
     experts) and combine with classes, sources and ``guidance_scale``.
 
     Config (in ``model_index.json``): ``prediction_type`` (default: the scheduler's), ``max_length``
-    (tokens kept by `encode`) and ``decode_kwargs`` (default generation arguments, over
-    `latentlm.autoencoder.text_codec.DEFAULT_GENERATE_KWARGS`).
+    (tokens kept by `encode`), ``decode_kwargs`` (default generation arguments, over
+    `latentlm.autoencoder.text_codec.DEFAULT_GENERATE_KWARGS`) and ``infill_decode_kwargs`` (those of
+    gap fillings, ``pipe(infill=...)``, over ``decode_kwargs``).
     """
 
     model_cpu_offload_seq = "denoiser->autoencoder->language_model"
@@ -103,6 +104,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         prediction_type: str | None = None,
         max_length: int = 64,
         decode_kwargs: dict[str, Any] | None = None,
+        infill_decode_kwargs: dict[str, Any] | None = None,
         segments: bool = False,
         segment_context: str = "text",
     ):
@@ -121,6 +123,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
             prediction_type=prediction_type,
             max_length=int(max_length),
             decode_kwargs=dict(decode_kwargs or {}),
+            infill_decode_kwargs=dict(infill_decode_kwargs or {}),
             segments=bool(segments),
             segment_context=str(segment_context),
         )

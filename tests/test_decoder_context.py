@@ -144,6 +144,8 @@ def test_read_context_needs_a_source_and_the_denoiser(tmp_path):
         load_config({"decoder_tuning": {"latent_source": "denoiser", **ban}})
     with pytest.raises(ValueError, match="set it in decoder_tuning.generate_kwargs"):
         load_config({"autoencoder": ban})
+    with pytest.raises(ValueError, match="autoencoder.infill_generate_kwargs: encoder_no_repeat_ngram_size"):
+        load_config({"autoencoder": {"infill_generate_kwargs": ban["generate_kwargs"]}})
     tuned = {"latent_source": "denoiser", "read_context": True, **ban}
     both = {"autoencoder": {"generate_kwargs": {"num_beams": 1}}, "data": {"path": str(tmp_path), "source_column": "c"}}
     assert pipeline_decode_kwargs(load_config({**both, "decoder_tuning": tuned})) == {"num_beams": 1}  # not enabled
@@ -171,6 +173,7 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     config["data"] = {"path": str(data), "segments": True, "max_eval_samples": 4}
     config["autoencoder"]["model"]["causal"] = {"prompt_template": PROMPT, "context_layers": 1}
     config["autoencoder"]["generate_kwargs"] = {"num_beams": 1, "encoder_no_repeat_ngram_size": 0}
+    config["autoencoder"]["infill_generate_kwargs"] = {"num_beams": 2}
     config["decoder_tuning"] = {
         "enabled": True,
         "latent_source": "denoiser",
@@ -205,6 +208,7 @@ def test_one_train_command_tunes_a_decoder_that_reads_the_story_so_far(tmp_path,
     assert pipe.autoencoder.config.read_context
     # the pipeline saves the tuned decoder's decoding over stage 1's
     assert pipe.config.decode_kwargs == {"num_beams": 1, "encoder_no_repeat_ngram_size": 3}
+    assert pipe.config.infill_decode_kwargs == {"num_beams": 2}
     decoded, real_decode = [], text_codec.decode_latents
 
     def decode_spy(*args, **kwargs):

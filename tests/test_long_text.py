@@ -255,6 +255,27 @@ def test_one_train_command_trains_a_pipeline_that_writes_stories(tmp_path, tiny_
     assert len(filled.texts) == 1
 
 
+def test_gaps_decode_with_the_saved_infill_decoding(segment_pipe, tmp_path, monkeypatch):
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
+    segment_pipe.register_to_config(decode_kwargs=FAST, infill_decode_kwargs={"max_length": 5})
+    segment_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = LatentTextDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.config.infill_decode_kwargs == {"max_length": 5}
+    decoded, real_decode = [], pipe.decode
+
+    def decode_spy(latents, **kwargs):
+        decoded.append(kwargs)
+        return real_decode(latents, **kwargs)
+
+    monkeypatch.setattr(pipe, "decode", decode_spy)
+    pipe(infill=[(STORIES[0], STORIES[1])], num_inference_steps=2, segment_retries=0)
+    pipe(num_samples=1, num_segments=1, num_inference_steps=2, segment_retries=0)
+    pipe(infill=[(STORIES[0], STORIES[1])], num_inference_steps=2, segment_retries=0, decode_kwargs={"max_length": 6})
+    # gaps: the saved infill decoding over the saved decoding, a call's own over both; stories: the saved one
+    assert [kwargs.get("max_length") for kwargs in decoded] == [5, None, 6]
+
+
 def test_long_text_scores_and_gap_cases():
     from latentlm.evaluation.long_text import infill_cases, score_infills, score_stories
 

@@ -170,6 +170,9 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
     # Decoding defaults saved with the pipeline, over text_codec.DEFAULT_GENERATE_KWARGS (LD4LG's beam search,
     # no_repeat_ngram_size=3, repetition_penalty=1.2), e.g. {no_repeat_ngram_size: 0, repetition_penalty: 1.0}
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The pipeline's decoding of gap fillings (pipe(infill=...), data.segments), over the decoding above
+    # (and decoder_tuning.generate_kwargs), e.g. {do_sample: false, num_beams: 4}
+    infill_generate_kwargs: dict[str, Any] = field(default_factory=dict)
     # Batches of texts of similar length (transformers' group_by_length): less padding, faster steps.
     group_by_length: bool = False
     eval_every: int = 1_000
@@ -206,12 +209,13 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
                 f"{where}.latent_noise_std={self.latent_noise_std} would add fixed noise to the samples of the "
                 f"variational posterior ({where}.model.variational), whose spread is learned: set latent_noise_std to 0."
             )
-        if self.generate_kwargs.get("encoder_no_repeat_ngram_size"):
-            raise ValueError(
-                f"{where}.generate_kwargs: encoder_no_repeat_ngram_size bans the n-grams of the context a decoder "
-                "reads, and stage 1's decoder reads none: set it in decoder_tuning.generate_kwargs (with "
-                "decoder_tuning.read_context), or use no_repeat_ngram_size."
-            )
+        for name in ("generate_kwargs", "infill_generate_kwargs"):
+            if getattr(self, name).get("encoder_no_repeat_ngram_size"):
+                raise ValueError(
+                    f"{where}.{name}: encoder_no_repeat_ngram_size bans the n-grams of the context a decoder "
+                    "reads, and stage 1's decoder reads none: set it in decoder_tuning.generate_kwargs (with "
+                    "decoder_tuning.read_context), or use no_repeat_ngram_size."
+                )
         if self.kl_weight and not self.model.variational:
             raise ValueError(
                 f"{where}.kl_weight={self.kl_weight} penalises a variational posterior, but "

@@ -100,12 +100,14 @@ def build_pipeline(
     autoencoder_path: str | Path,
     diffusion_path: str | Path,
     decode_kwargs: dict[str, Any] | None = None,
+    infill_decode_kwargs: dict[str, Any] | None = None,
     segments: bool = False,
     segment_context: str = "text",
 ):
     """A `LatentTextDiffusionPipeline` from stage 1's and stage 2's output folders.
 
-    ``decode_kwargs`` become the pipeline's saved decoding defaults; ``segments``: trained on segments
+    ``decode_kwargs`` and ``infill_decode_kwargs`` become the pipeline's saved decoding defaults (of
+    everything, and of gap fillings over them); ``segments``: trained on segments
     (``data.segments``), so it writes long texts, reading each segment's context as ``segment_context``
     (``data.segment_context``).
     """
@@ -129,6 +131,7 @@ def build_pipeline(
         scheduler=scheduler,
         max_length=text_autoencoder.max_length,
         decode_kwargs=decode_kwargs,
+        infill_decode_kwargs=infill_decode_kwargs,
         segments=segments,
         segment_context=segment_context,
     )
@@ -226,6 +229,7 @@ def write_pipeline(
         autoencoder_path,
         diffusion_path,
         decode_kwargs=pipeline_decode_kwargs(config),
+        infill_decode_kwargs=config.autoencoder.infill_generate_kwargs,
         segments=config.data.segments,
         segment_context=config.data.segment_context,
     )

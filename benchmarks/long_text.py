@@ -20,7 +20,7 @@ half its examples ask for a story, half for the missing sentence between two par
 ``--peer-from benchmarks/results/long_text.json`` reuses an earlier run's peer rows instead of
 training the peer again (a second pipeline on the same stories); ``--model-from`` the other way round
 reuses an earlier run's pipeline rows and trains and scores only the peer (a peer on another CPU, or
-with other decoding: ``--peer-infill-decoding``).
+with other decoding: ``--peer-infill-decoding``); both together put earlier rows in one table.
 """
 
 from __future__ import annotations
@@ -125,39 +125,32 @@ def peer_write(tokenizer, model, requests: list[str], settings: dict, batch_size
     return outputs
 
 
-MODEL_SETTINGS = (
-    "run",
-    "context_use",
-    "guidance",
-    "pipeline_decode_kwargs",
-    "pipeline_infill_decode_kwargs",
-    "story_decoding",
-    "infill_decoding",
-    "infill_mbr",
-    "infill_mbr_metric",
-    "segment_retries",
-    "redrawn_segments",
-    "unfinished_segments",
-)
-PEER_SETTINGS = ("peer_minutes", "peer_infill_decoding")
+# the settings of a pipeline run that both parts share (a part's own, and its counts, are in its "model" row)
+SHARED_SETTINGS = ("run", "guidance", "pipeline_decode_kwargs", "pipeline_infill_decode_kwargs", "segment_retries")
+# where JSONs before per-part rows kept a part's own settings: top-level key -> key in the part's row
+OLD_PART_SETTINGS = {
+    "stories": {"story_decoding": "decoding"},
+    "infilling": {"infill_decoding": "decoding", "infill_mbr": "mbr", "infill_mbr_metric": "mbr_metric"},
+}
 
 
 def pipeline_write(pipe, num_stories: int, num_segments: int, cases, batch_size: int, options, infill_options):
-    """The pipeline's stories (``options``) and gap fillings (``infill_options``), and how many of their
-    segments were drawn again, or left unfinished (`SamplingOptions.segment_retries`)."""
-    stories, infills, counts = [], [], {"redrawn_segments": 0, "unfinished_segments": 0}
+    """The pipeline's stories (``options``) and gap fillings (``infill_options``), and for each how many
+    of their segments were drawn again, or left unfinished (`SamplingOptions.segment_retries`)."""
+    stories, infills = [], []
+    counts = {part: {"redrawn_segments": 0, "unfinished_segments": 0} for part in ("stories", "infilling")}
 
-    def tally(out):
-        for key in counts:
-            counts[key] += getattr(out, key)
+    def tally(out, part):
+        for key in counts[part]:
+            counts[part][key] += getattr(out, key)
         return out.texts
 
     for start in range(0, num_stories, batch_size):
         size = min(batch_size, num_stories - start)
-        stories.extend(tally(pipe(num_samples=size, num_segments=num_segments, options=options)))
+        stories.extend(tally(pipe(num_samples=size, num_segments=num_segments, options=options), "stories"))
     for start in range(0, len(cases), batch_size):
         chunk = [(left, right) for left, right, _ in cases[start : start + batch_size]]
-        infills.extend(tally(pipe(infill=chunk, options=infill_options)))
+        infills.extend(tally(pipe(infill=chunk, options=infill_options), "infilling"))
     return stories, infills, counts
 
 
@@ -179,9 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model-from",
+        nargs="+",
         default=None,
-        help="take the pipeline's rows (and the references') from this earlier long_text JSON instead of sampling "
-        "--run: trains and scores the peer only (its folder: beside the earlier JSON's run)",
+        help="take the pipeline's rows (and the references') from earlier long_text JSONs of one run, each part's "
+        "from the first that measured it, instead of sampling --run: trains and scores the peer only (its "
+        "folder: beside the run)",
     )
     parser.add_argument(
         "--peer-infill-decoding",
@@ -204,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=json.loads,
         default={},
         help="JSON generation arguments of the pipeline's gap fillings, over its saved ones (default: none, the "
-        "saved decoding; '{\"do_sample\": false, \"num_beams\": 1}' for greedy, as the peer's)",
+        'saved decoding; \'{"do_sample": false, "num_beams": 1}\' for greedy, as the peer\'s)',
     )
     parser.add_argument(
         "--infill-mbr",
@@ -237,8 +232,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = str(common.RESULTS_DIR / "long_text.json")
     if (args.run is None) == (args.model_from is None):
         parser.error("give either --run (a pipeline to measure) or --model-from (its rows measured earlier).")
-    if args.model_from and args.peer_from:
-        parser.error("--model-from with --peer-from measures nothing: give one of them.")
     return args
 
 
@@ -267,12 +260,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         "guidance": args.guidance,
         "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
         "pipeline_infill_decode_kwargs": dict(pipe.config.get("infill_decode_kwargs") or {}),
-        "story_decoding": args.story_decoding,
-        "infill_decoding": args.infill_decoding,
-        "infill_mbr": args.infill_mbr,
-        "infill_mbr_metric": args.infill_mbr_metric,
         "segment_retries": args.segment_retries,
-        **counts,
         "examples": {},
     }
     if "stories" in args.parts:
@@ -282,6 +270,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
             name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
             for name, texts in rows.items()
         }
+        measured["stories"]["model"].update(decoding=args.story_decoding, **counts["stories"])
         measured["context_use"] = context_use(
             pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
         )
@@ -290,7 +279,13 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         golds = [gold for _, _, gold in cases]
         copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
         measured["infilling"] = {
-            "model": score_infills(infills, golds, args.bert_model),
+            "model": {
+                **score_infills(infills, golds, args.bert_model),
+                "decoding": args.infill_decoding,
+                "mbr": args.infill_mbr,
+                "mbr_metric": args.infill_mbr_metric,
+                **counts["infilling"],
+            },
             "references": {
                 "what": "the sentence before the gap, copied",
                 **score_infills(copy_before, golds, args.bert_model),
@@ -325,28 +320,45 @@ def measure_peer(args, validation: list[str], train: list[str], cases, peer_dir:
     return measured
 
 
-def earlier_rows(path: str, parts: list[str], who: str) -> dict:
-    """``who``'s rows ("model" with the references', or "autoregressive") of an earlier long_text JSON
-    (same data and judges), in the form `measure_model` / `measure_peer` return them."""
-    earlier = json.loads(Path(path).read_text())
-    missing = [part for part in parts if who not in earlier.get(part, {})]
+def earlier_rows(paths: list[str], parts: list[str], who: str) -> dict:
+    """``who``'s rows ("model" with the references', or "autoregressive") of earlier long_text JSONs (same
+    data and judges), each part's from the first of ``paths`` that measured it, in the form
+    `measure_model` / `measure_peer` return them; ``from``: the JSON of each part."""
+    earlier = {path: json.loads(Path(path).read_text()) for path in paths}
+    source = {part: next((p for p, rows in earlier.items() if who in rows.get(part, {})), None) for part in parts}
+    missing = [part for part, path in source.items() if path is None]
     if missing:
-        raise SystemExit(f"{path} has no {who} rows for {missing}: give a JSON that measured them.")
+        raise SystemExit(f"{', '.join(paths)}: no {who} rows for {missing}: give a JSON that measured them.")
     names = ("model", "references", "gold") if who == "model" else ("autoregressive",)
-    rows = {key: value for key, value in earlier.items() if key not in ("stories", "infilling", "examples")}
-    rows["examples"] = {}
-    for part in parts:
-        rows[part] = {name: earlier[part][name] for name in names if name in earlier[part]}
-        shown = earlier.get("examples", {}).get(part, {})
+    rows = {"from": source, "examples": {}}
+    for part, path in source.items():
+        measured = earlier[path]
+        rows[part] = {name: dict(measured[part][name]) for name in names if name in measured[part]}
+        shown = measured.get("examples", {}).get(part, {})
         rows["examples"][part] = {name: shown[name] for name in names if name in shown}
+        if who != "model":
+            rows["peer_minutes"] = measured["peer_minutes"]
+            rows["peer_infill_decoding"] = measured.get("peer_infill_decoding", {"do_sample": False})  # old: greedy
+            continue
+        for key in SHARED_SETTINGS:
+            if key in measured and rows.setdefault(key, measured[key]) != measured[key]:
+                raise SystemExit(f"{paths}: the parts were measured with different {key}: give one run's JSONs.")
+        if part == "stories" and "context_use" in measured:
+            rows["context_use"] = measured["context_use"]
+        row = rows[part]["model"]
+        if "decoding" not in row:  # a JSON from before per-part rows
+            row.update({new: measured[old] for old, new in OLD_PART_SETTINGS[part].items() if old in measured})
+            counts = {key: measured[key] for key in ("redrawn_segments", "unfinished_segments") if key in measured}
+            both = sum(who in measured.get(other, {}) for other in OLD_PART_SETTINGS) > 1
+            row.update({"segment_counts_of_both_parts": counts} if both else counts)
     return rows
 
 
 def merge(model: dict, peer: dict, parts: list[str]) -> dict:
     """One table: per part, the model's, the peer's and the references' rows; the story perplexity ratios."""
-    payload = {key: value for key, value in model.items() if key in MODEL_SETTINGS}
-    payload.update({key: value for key, value in peer.items() if key in PEER_SETTINGS})
-    payload.setdefault("peer_infill_decoding", {"do_sample": False})  # what JSONs before the option used
+    payload = {key: model[key] for key in (*SHARED_SETTINGS, "context_use") if key in model}
+    payload.update(peer_minutes=peer["peer_minutes"], peer_infill_decoding=peer["peer_infill_decoding"])
+    payload["model_from"], payload["peer_from"] = model.get("from"), peer.get("from")
     payload["examples"] = {}
     for part in parts:
         payload[part] = {**model[part], "autoregressive": peer[part]["autoregressive"]}
@@ -373,7 +385,7 @@ def main(argv=None) -> int:
     fillable = [story for story in validation if len(split_sentences(story)) > args.gap + 1]
     cases = infill_cases(fillable, gap=args.gap)
     torch.manual_seed(args.seed)
-    peer = earlier_rows(args.peer_from, args.parts, "autoregressive") if args.peer_from else None
+    peer = earlier_rows([args.peer_from], args.parts, "autoregressive") if args.peer_from else None
     if args.model_from:
         model = earlier_rows(args.model_from, args.parts, "model")
     else:
@@ -386,14 +398,7 @@ def main(argv=None) -> int:
             args.peer_minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
         peer = measure_peer(args, validation, train, cases, run.parent / f"{run.name}-peer")
     payload = merge(model, peer, args.parts)
-    payload.update(
-        {
-            "infill_stories": len(cases),
-            "infill_stories_left_out": len(validation) - len(cases),
-            "peer_from": args.peer_from,
-            "model_from": args.model_from,
-        }
-    )
+    payload.update({"infill_stories": len(cases), "infill_stories_left_out": len(validation) - len(cases)})
     common.write_results("long_text", payload, args.out)
     return 0
 

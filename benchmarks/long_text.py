@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from pathlib import Path
 
@@ -119,14 +120,36 @@ def peer_write(tokenizer, model, requests: list[str], settings: dict, batch_size
     for start in range(0, len(requests), batch_size):
         prompts = [chat(tokenizer, r) for r in requests[start : start + batch_size]]
         batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-        ids = model.generate(**batch, max_new_tokens=160, pad_token_id=tokenizer.pad_token_id, **settings)
+        ids = model.generate(**batch, **{"max_new_tokens": 160, "pad_token_id": tokenizer.pad_token_id, **settings})
         new = ids[:, batch["input_ids"].shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
 
 
+# the options that only change how the pipeline is measured (so nothing with --model-from), and the peer
+PIPELINE_FLAGS = (
+    "steps",
+    "guidance",
+    "batch_size",
+    "segment_retries",
+    "story_decoding",
+    "infill_decoding",
+    "infill_mbr",
+    "infill_mbr_metric",
+    "context_noise",
+)
+PEER_FLAGS = ("peer_minutes", "peer_infill_decoding")
+# what the rows of two JSONs must share to stand in one table
+TABLE_SETTINGS = ("infill_stories", "infill_stories_left_out", "num_stories", "num_segments", "gap")
 # the settings of a pipeline run that both parts share (a part's own, and its counts, are in its "model" row)
-SHARED_SETTINGS = ("run", "guidance", "pipeline_decode_kwargs", "pipeline_infill_decode_kwargs", "segment_retries")
+SHARED_SETTINGS = (
+    "run",
+    "guidance",
+    "pipeline_decode_kwargs",
+    "pipeline_infill_decode_kwargs",
+    "segment_retries",
+    "steps",
+)
 # where JSONs before per-part rows kept a part's own settings: top-level key -> key in the part's row
 OLD_PART_SETTINGS = {
     "stories": {"story_decoding": "decoding"},
@@ -232,6 +255,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = str(common.RESULTS_DIR / "long_text.json")
     if (args.run is None) == (args.model_from is None):
         parser.error("give either --run (a pipeline to measure) or --model-from (its rows measured earlier).")
+    for reused, flags in (("--model-from", PIPELINE_FLAGS), ("--peer-from", PEER_FLAGS)):
+        changed = [flag for flag in flags if getattr(args, flag) != parser.get_default(flag)]
+        if getattr(args, reused[2:].replace("-", "_")) and changed:
+            names = ", ".join("--" + flag.replace("_", "-") for flag in changed)
+            parser.error(f"{reused} reuses rows measured earlier, so {names} would change nothing: drop them.")
     return args
 
 
@@ -261,8 +289,10 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
         "pipeline_infill_decode_kwargs": dict(pipe.config.get("infill_decode_kwargs") or {}),
         "segment_retries": args.segment_retries,
+        "steps": args.steps,
         "examples": {},
     }
+    saved = measured["pipeline_decode_kwargs"]
     if "stories" in args.parts:
         features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
         rows = {"model": stories, "references": references}
@@ -270,7 +300,8 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
             name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
             for name, texts in rows.items()
         }
-        measured["stories"]["model"].update(decoding=args.story_decoding, **counts["stories"])
+        used = {**saved, **args.story_decoding}
+        measured["stories"]["model"].update(decoding=args.story_decoding, decoding_used=used, **counts["stories"])
         measured["context_use"] = context_use(
             pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
         )
@@ -282,6 +313,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
             "model": {
                 **score_infills(infills, golds, args.bert_model),
                 "decoding": args.infill_decoding,
+                "decoding_used": {**saved, **measured["pipeline_infill_decode_kwargs"], **args.infill_decoding},
                 "mbr": args.infill_mbr,
                 "mbr_metric": args.infill_mbr_metric,
                 **counts["infilling"],
@@ -320,19 +352,24 @@ def measure_peer(args, validation: list[str], train: list[str], cases, peer_dir:
     return measured
 
 
-def earlier_rows(paths: list[str], parts: list[str], who: str) -> dict:
+def earlier_rows(paths: list[str], parts: list[str], who: str, table: dict) -> dict:
     """``who``'s rows ("model" with the references', or "autoregressive") of earlier long_text JSONs (same
-    data and judges), each part's from the first of ``paths`` that measured it, in the form
-    `measure_model` / `measure_peer` return them; ``from``: the JSON of each part."""
+    data and judges: ``table``'s `TABLE_SETTINGS` where they recorded them), each part's from the first of
+    ``paths`` that measured it, in the form `measure_model` / `measure_peer` return them; ``from``: the
+    JSON of each part, ``sources``: each JSON's command and machine."""
     earlier = {path: json.loads(Path(path).read_text()) for path in paths}
     source = {part: next((p for p, rows in earlier.items() if who in rows.get(part, {})), None) for part in parts}
     missing = [part for part, path in source.items() if path is None]
     if missing:
         raise SystemExit(f"{', '.join(paths)}: no {who} rows for {missing}: give a JSON that measured them.")
     names = ("model", "references", "gold") if who == "model" else ("autoregressive",)
-    rows = {"from": source, "examples": {}}
+    rows = {"from": source, "examples": {}, "sources": {}}
     for part, path in source.items():
         measured = earlier[path]
+        for key in TABLE_SETTINGS:
+            if key in measured and measured[key] != table[key]:
+                raise SystemExit(f"{path} was measured with {key}={measured[key]}, this table has {table[key]}.")
+        rows["sources"][path] = {key: measured.get(key) for key in ("command", "machine")}
         rows[part] = {name: dict(measured[part][name]) for name in names if name in measured[part]}
         shown = measured.get("examples", {}).get(part, {})
         rows["examples"][part] = {name: shown[name] for name in names if name in shown}
@@ -341,16 +378,19 @@ def earlier_rows(paths: list[str], parts: list[str], who: str) -> dict:
             rows["peer_infill_decoding"] = measured.get("peer_infill_decoding", {"do_sample": False})  # old: greedy
             continue
         for key in SHARED_SETTINGS:
-            if key in measured and rows.setdefault(key, measured[key]) != measured[key]:
+            value = measured.get(key, {} if key == "pipeline_infill_decode_kwargs" else None)  # older: none saved
+            value = os.path.normpath(value) if key == "run" else value
+            if rows.setdefault(key, value) != value:
                 raise SystemExit(f"{paths}: the parts were measured with different {key}: give one run's JSONs.")
         if part == "stories" and "context_use" in measured:
             rows["context_use"] = measured["context_use"]
         row = rows[part]["model"]
-        if "decoding" not in row:  # a JSON from before per-part rows
-            row.update({new: measured[old] for old, new in OLD_PART_SETTINGS[part].items() if old in measured})
+        if "decoding" not in row:  # a JSON from before per-part rows: None where it recorded no decoding
+            row.update({new: measured.get(old) for old, new in OLD_PART_SETTINGS[part].items()})
             counts = {key: measured[key] for key in ("redrawn_segments", "unfinished_segments") if key in measured}
             both = sum(who in measured.get(other, {}) for other in OLD_PART_SETTINGS) > 1
-            row.update({"segment_counts_of_both_parts": counts} if both else counts)
+            if counts:
+                row.update({"segment_counts_of_both_parts": counts} if both else counts)
     return rows
 
 
@@ -359,6 +399,7 @@ def merge(model: dict, peer: dict, parts: list[str]) -> dict:
     payload = {key: model[key] for key in (*SHARED_SETTINGS, "context_use") if key in model}
     payload.update(peer_minutes=peer["peer_minutes"], peer_infill_decoding=peer["peer_infill_decoding"])
     payload["model_from"], payload["peer_from"] = model.get("from"), peer.get("from")
+    payload["sources"] = {**model.get("sources", {}), **peer.get("sources", {})}
     payload["examples"] = {}
     for part in parts:
         payload[part] = {**model[part], "autoregressive": peer[part]["autoregressive"]}
@@ -385,9 +426,16 @@ def main(argv=None) -> int:
     fillable = [story for story in validation if len(split_sentences(story)) > args.gap + 1]
     cases = infill_cases(fillable, gap=args.gap)
     torch.manual_seed(args.seed)
-    peer = earlier_rows([args.peer_from], args.parts, "autoregressive") if args.peer_from else None
+    table = {
+        "infill_stories": len(cases),
+        "infill_stories_left_out": len(validation) - len(cases),
+        "num_stories": len(validation),
+        "num_segments": args.num_segments,
+        "gap": args.gap,
+    }
+    peer = earlier_rows([args.peer_from], args.parts, "autoregressive", table) if args.peer_from else None
     if args.model_from:
-        model = earlier_rows(args.model_from, args.parts, "model")
+        model = earlier_rows(args.model_from, args.parts, "model", table)
     else:
         model = measure_model(args, validation, train, cases, references)
     if peer is None:
@@ -398,7 +446,7 @@ def main(argv=None) -> int:
             args.peer_minutes = json.loads((run / "train_summary.json").read_text())["timings_s"]["total_s"] / 60
         peer = measure_peer(args, validation, train, cases, run.parent / f"{run.name}-peer")
     payload = merge(model, peer, args.parts)
-    payload.update({"infill_stories": len(cases), "infill_stories_left_out": len(validation) - len(cases)})
+    payload.update(table)
     common.write_results("long_text", payload, args.out)
     return 0
 

@@ -133,7 +133,9 @@ class LongTextMixin:
         self, num_samples, class_labels, *, num_segments, prompt_texts, infill, generator, options, return_dict
     ):
         """Stories of ``num_segments`` segments (one per sample, or continuing each of ``prompt_texts``),
-        or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time."""
+        or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time.
+        Gaps decode with the saved ``infill_decode_kwargs`` over the saved ``decode_kwargs``, a call's
+        own ``decode_kwargs`` over both."""
         self.check_segments()
         if infill is not None:
             if num_segments is not None or prompt_texts is not None:

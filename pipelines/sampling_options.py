@@ -124,7 +124,8 @@ class SamplingOptions:
     decode_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata=_help(
-            "generation arguments over the pipeline's saved decode_kwargs, as a JSON object on the command line "
+            "generation arguments over the pipeline's saved decode_kwargs (and, filling gaps, its "
+            "infill_decode_kwargs), as a JSON object on the command line "
             '(e.g. \'{"do_sample": true, "top_p": 0.95}\')',
             "--decode-kwargs",
         ),

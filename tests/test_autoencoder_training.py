@@ -253,6 +253,19 @@ def test_resume_with_mismatched_config_fails(tmp_path, snippets_jsonl, tiny_bart
         train_autoencoder(bigger, resume=True)
 
 
+def test_the_decoding_of_gaps_leaves_a_checkpoint_s_fingerprint_as_it_was():
+    import dataclasses
+
+    from latentlm.config import AutoencoderTrainingConfig
+    from latentlm.training.checkpoints import run_fingerprint
+
+    config = AutoencoderTrainingConfig()
+    before = {k: v for k, v in dataclasses.asdict(config).items() if k != "infill_generate_kwargs"}  # older configs
+    gaps = dataclasses.replace(config, infill_generate_kwargs={"num_beams": 4})
+    assert run_fingerprint(config) == run_fingerprint(before) == run_fingerprint(gaps)
+    assert run_fingerprint(dataclasses.replace(config, latent_noise_std=0.5)) != run_fingerprint(config)
+
+
 def test_non_finite_loss_stops(tmp_path, snippets_jsonl, tiny_bart_dir):
     config = tiny_config(
         tmp_path, snippets_jsonl, tiny_bart_dir, optimizer=dict(learning_rate=1e30, warmup_steps=0, max_grad_norm=0.0)

@@ -105,6 +105,7 @@ RESUMABLE_KEYS = frozenset(
         "max_steps",
         "lr_schedule",
         "decay_steps",
+        "infill_generate_kwargs",  # the pipeline's decoding of gaps; trains nothing
     }
 )
 

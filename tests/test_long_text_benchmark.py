@@ -1,0 +1,79 @@
+"""benchmarks/long_text.py puts rows measured by earlier runs in one table (``--model-from``, ``--peer-from``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+TABLE = {"infill_stories": 249, "infill_stories_left_out": 1, "num_stories": 250, "num_segments": 5, "gap": 2}
+
+
+@pytest.fixture(scope="module")
+def long_text():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import long_text
+
+        yield long_text
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_one_table_from_one_run_s_evaluations_and_an_earlier_peer(long_text, tmp_path):
+    beams, both = (
+        str(RESULTS / "long_text_avx2_decoder_30_infill_beams.json"),
+        str(RESULTS / "long_text_avx2_decoder_30.json"),
+    )
+    model = long_text.earlier_rows([beams, both], ["stories", "infilling"], "model", TABLE)
+    assert model["from"] == {"stories": both, "infilling": beams}
+    gaps, stories = model["infilling"]["model"], model["stories"]["model"]
+    assert gaps["decoding"] == {"do_sample": False, "num_beams": 4, "encoder_no_repeat_ngram_size": 4}
+    assert gaps["redrawn_segments"] == 0 and gaps["unfinished_segments"] == 0  # that JSON measured gaps alone
+    # a JSON of both parts counted their segments together: kept, and named so
+    assert stories["segment_counts_of_both_parts"] == {"redrawn_segments": 2, "unfinished_segments": 0}
+    assert stories["decoding"]["top_p"] == 0.95 and "context_use" in model
+    peer = long_text.earlier_rows(
+        [str(RESULTS / "long_text_8x128.json")], ["stories", "infilling"], "autoregressive", TABLE
+    )
+    table = long_text.merge(model, peer, ["stories", "infilling"])
+    assert table["peer_minutes"] == peer["peer_minutes"] and set(table["sources"]) == {
+        beams,
+        both,
+        peer["from"]["stories"],
+    }
+    assert table["stories"]["model"]["perplexity_ratio"] == pytest.approx(
+        stories["perplexity"] / table["stories"]["references"]["perplexity"]
+    )
+    assert (
+        table["infilling"]["autoregressive"]
+        == json.loads(Path(peer["from"]["infilling"]).read_text())["infilling"]["autoregressive"]
+    )
+    # the table read back gives the same rows, its counts included
+    (tmp_path / "table.json").write_text(json.dumps({**table, **TABLE}))
+    again = long_text.earlier_rows([str(tmp_path / "table.json")], ["stories", "infilling"], "model", TABLE)
+    assert again["stories"]["model"] == table["stories"]["model"] and again["infilling"] == {
+        key: value for key, value in table["infilling"].items() if key != "autoregressive"
+    }
+
+
+def test_rows_that_do_not_belong_in_one_table_are_refused(long_text, tmp_path):
+    beams = RESULTS / "long_text_avx2_decoder_30_infill_beams.json"
+    with pytest.raises(SystemExit, match="no model rows for \\['stories'\\]"):
+        long_text.earlier_rows([str(beams)], ["stories"], "model", TABLE)
+    with pytest.raises(SystemExit, match="infill_stories=249, this table has 100"):
+        long_text.earlier_rows([str(beams)], ["infilling"], "model", {**TABLE, "infill_stories": 100})
+    other = json.loads(beams.read_text()) | {"run": "outputs/another"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    paths = [str(tmp_path / "other.json"), str(RESULTS / "long_text_avx2_decoder_30.json")]
+    with pytest.raises(SystemExit, match="different run"):
+        long_text.earlier_rows(paths, ["infilling", "stories"], "model", TABLE)
+    with pytest.raises(SystemExit):  # a pipeline option with rows measured earlier changes nothing
+        long_text.parse_args(["--data", "d", "--model-from", str(beams), "--steps", "10", "--out", "x.json"])
+    with pytest.raises(SystemExit):
+        long_text.parse_args(["--data", "d", "--run", "r", "--peer-from", str(beams), "--peer-minutes", "3"])
+    assert long_text.parse_args(["--data", "d", "--model-from", str(beams), "--peer-minutes", "3"]).peer_minutes == 3

@@ -86,9 +86,8 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
     experts) and combine with classes, sources and ``guidance_scale``.
 
     Config (in ``model_index.json``): ``prediction_type`` (default: the scheduler's), ``max_length``
-    (tokens kept by `encode`), ``decode_kwargs`` (default generation arguments, over
-    `latentlm.autoencoder.text_codec.DEFAULT_GENERATE_KWARGS`) and ``infill_decode_kwargs`` (those of
-    gap fillings, ``pipe(infill=...)``, over ``decode_kwargs``).
+    (tokens kept by `encode`), ``decode_kwargs`` (generation arguments, over `text_codec.DEFAULT_GENERATE_KWARGS`)
+    and ``infill_decode_kwargs`` (those of gap fillings, ``pipe(infill=...)``, over ``decode_kwargs``).
     """
 
     model_cpu_offload_seq = "denoiser->autoencoder->language_model"
@@ -349,12 +348,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
         return texts, latents
 
     def check_inputs(self, num_samples, output_type, callback_on_step_end_tensor_inputs) -> None:
-        check_call_arguments(
-            num_samples,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-            allowed_tensor_inputs=self._callback_tensor_inputs,
-        )
+        check_call_arguments(num_samples, output_type, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def prepare_latents(self, shape, generator, device, latents, scheduler) -> torch.Tensor:
         """Initial noise ``z_T`` scaled by the scheduler; float32 for the scheduler arithmetic whatever

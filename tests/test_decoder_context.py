@@ -151,6 +151,14 @@ def test_read_context_needs_a_source_and_the_denoiser(tmp_path):
     assert pipeline_decode_kwargs(load_config({**both, "decoder_tuning": tuned})) == {"num_beams": 1}  # not enabled
     enabled = load_config({**both, "decoder_tuning": {**tuned, "enabled": True}})
     assert pipeline_decode_kwargs(enabled) == {"num_beams": 1, "encoder_no_repeat_ngram_size": 4}
+    # the ban for gaps alone: with a tuned decoder that reads the context, and only then
+    gaps = {"generate_kwargs": {"num_beams": 1}, "infill_generate_kwargs": ban["generate_kwargs"]}
+    config = load_config(
+        {**both, "autoencoder": gaps, "decoder_tuning": {**tuned, "generate_kwargs": {}, "enabled": True}}
+    )
+    assert config.autoencoder.infill_generate_kwargs == ban["generate_kwargs"]
+    with pytest.raises(ValueError, match="enable decoder_tuning with read_context: true"):
+        load_config({**both, "autoencoder": gaps, "decoder_tuning": {**tuned, "generate_kwargs": {}}})
 
 
 @pytest.mark.slow

@@ -293,7 +293,13 @@ def test_stage2_trains_a_text_to_text_denoiser_and_the_pipeline_samples_it(tmp_p
     tuning = {"enabled": True, "latent_source": "denoiser", "read_context": True}
     tuning["generate_kwargs"] = {"encoder_no_repeat_ngram_size": 4}
     banned = dataclasses.replace(config, decoder_tuning=dataclasses.replace(config.decoder_tuning, **tuning))
-    with pytest.raises(ValueError, match="tuned without read_context"):
+    with pytest.raises(ValueError, match="decoder_tuning.generate_kwargs bans .* tuned without read_context"):
+        write_pipeline(banned, autoencoder, final, tmp_path / "pipeline", 1.0)
+    gaps = dataclasses.replace(banned.autoencoder, infill_generate_kwargs=tuning.pop("generate_kwargs"))
+    banned = dataclasses.replace(
+        banned, autoencoder=gaps, decoder_tuning=dataclasses.replace(config.decoder_tuning, **tuning)
+    )
+    with pytest.raises(ValueError, match="autoencoder.infill_generate_kwargs bans .* tuned without read_context"):
         write_pipeline(banned, autoencoder, final, tmp_path / "pipeline", 1.0)
     assert not (tmp_path / "pipeline").exists()
 

@@ -38,8 +38,17 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
-        """Each training stage's section checks its own values; the error names the key."""
+        """Each training stage's section checks its own values, then what sections decide together; the
+        error names the key."""
         for section in fields(self):
             value = getattr(self, section.name)
             if isinstance(value, TrainingLoopConfig):
                 value.validate(section.name)
+        tuning = self.decoder_tuning
+        reads_context = tuning.enabled and tuning.read_context
+        if self.autoencoder.infill_generate_kwargs.get("encoder_no_repeat_ngram_size") and not reads_context:
+            raise ValueError(
+                "autoencoder.infill_generate_kwargs: encoder_no_repeat_ngram_size bans the n-grams of the context "
+                "the decoder reads, and the pipeline's decoder reads none: enable decoder_tuning with read_context: "
+                "true, or use no_repeat_ngram_size."
+            )

@@ -209,13 +209,12 @@ class AutoencoderTrainingConfig(TrainingLoopConfig):
                 f"{where}.latent_noise_std={self.latent_noise_std} would add fixed noise to the samples of the "
                 f"variational posterior ({where}.model.variational), whose spread is learned: set latent_noise_std to 0."
             )
-        for name in ("generate_kwargs", "infill_generate_kwargs"):
-            if getattr(self, name).get("encoder_no_repeat_ngram_size"):
-                raise ValueError(
-                    f"{where}.{name}: encoder_no_repeat_ngram_size bans the n-grams of the context a decoder "
-                    "reads, and stage 1's decoder reads none: set it in decoder_tuning.generate_kwargs (with "
-                    "decoder_tuning.read_context), or use no_repeat_ngram_size."
-                )
+        if self.generate_kwargs.get("encoder_no_repeat_ngram_size"):
+            raise ValueError(
+                f"{where}.generate_kwargs: encoder_no_repeat_ngram_size bans the n-grams of the context a decoder "
+                "reads, and stage 1's decoder reads none: set it in decoder_tuning.generate_kwargs (with "
+                "decoder_tuning.read_context), or use no_repeat_ngram_size."
+            )
         if self.kl_weight and not self.model.variational:
             raise ValueError(
                 f"{where}.kl_weight={self.kl_weight} penalises a variational posterior, but "

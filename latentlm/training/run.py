@@ -233,14 +233,17 @@ def write_pipeline(
         segments=config.data.segments,
         segment_context=config.data.segment_context,
     )
-    if pipe.config.decode_kwargs.get("encoder_no_repeat_ngram_size") and not pipe.autoencoder.config.get(
-        "read_context"
-    ):
-        raise ValueError(
-            f"decoder_tuning.generate_kwargs bans the n-grams of the context the decoder reads, but the decoder in "
-            f"{autoencoder_path} was tuned without read_context (e.g. by an earlier run this one resumes): tune it "
-            "again without --resume, or --set 'decoder_tuning.generate_kwargs={}'."
-        )
+    saved = {
+        "decoder_tuning.generate_kwargs": "decode_kwargs",
+        "autoencoder.infill_generate_kwargs": "infill_decode_kwargs",
+    }
+    for key, name in saved.items():
+        if pipe.config[name].get("encoder_no_repeat_ngram_size") and not pipe.autoencoder.config.get("read_context"):
+            raise ValueError(
+                f"{key} bans the n-grams of the context the decoder reads, but the decoder in {autoencoder_path} was "
+                "tuned without read_context (e.g. by an earlier run this one resumes): tune it again without "
+                f"--resume, or --set '{key}={{}}'."
+            )
     with atomic_directory(pipeline_dir) as tmp:
         pipe.save_pretrained(tmp)
     pipe.set_progress_bar_config(disable=True)

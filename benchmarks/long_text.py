@@ -26,6 +26,7 @@ with other decoding: ``--peer-infill-decoding``); both together put earlier rows
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -263,9 +264,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@functools.cache
+def story_judges():
+    """The LM judge's feature and perplexity models, loaded once for the pipeline's and the peer's stories."""
+    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
+
+    return load_feature_model("auto"), load_perplexity_model("auto")
+
+
 def measure_model(args, validation: list[str], train: list[str], cases, references: list[str]) -> dict:
     """The pipeline's rows (and the references'), with the settings it was measured with."""
-    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
     from latentlm.sampling import load_pipeline
 
     run = Path(args.run)
@@ -292,16 +300,14 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         "steps": args.steps,
         "examples": {},
     }
-    saved = measured["pipeline_decode_kwargs"]
     if "stories" in args.parts:
-        features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
+        features, perplexity = story_judges()
         rows = {"model": stories, "references": references}
         measured["stories"] = {
             name: score_stories(texts, validation, train, features, perplexity, num_sentences=args.num_segments)
             for name, texts in rows.items()
         }
-        used = {**saved, **args.story_decoding}
-        measured["stories"]["model"].update(decoding=args.story_decoding, decoding_used=used, **counts["stories"])
+        measured["stories"]["model"].update(decoding=args.story_decoding, **counts["stories"])
         measured["context_use"] = context_use(
             pipe, validation, noise_level=args.context_noise, batch_size=args.batch_size, seed=args.seed
         )
@@ -313,7 +319,6 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
             "model": {
                 **score_infills(infills, golds, args.bert_model),
                 "decoding": args.infill_decoding,
-                "decoding_used": {**saved, **measured["pipeline_infill_decode_kwargs"], **args.infill_decoding},
                 "mbr": args.infill_mbr,
                 "mbr_metric": args.infill_mbr_metric,
                 **counts["infilling"],
@@ -329,14 +334,12 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
 
 def measure_peer(args, validation: list[str], train: list[str], cases, peer_dir: Path) -> dict:
     """The peer's rows: trained for ``args.peer_minutes`` in ``peer_dir`` (resumed where it stopped)."""
-    from latentlm.evaluation.judges import load_feature_model, load_perplexity_model
-
     tokenizer, peer = train_peer(train, args.peer_minutes, peer_dir, args.seed)
     measured = {"peer_minutes": args.peer_minutes, "peer_infill_decoding": args.peer_infill_decoding, "examples": {}}
     if "stories" in args.parts:
         settings = dict(do_sample=True, top_p=0.95)
         stories = peer_write(tokenizer, peer, [STORY_REQUEST] * len(validation), settings)
-        features, perplexity = load_feature_model("auto"), load_perplexity_model("auto")
+        features, perplexity = story_judges()
         measured["stories"] = {
             "autoregressive": score_stories(
                 stories, validation, train, features, perplexity, num_sentences=args.num_segments

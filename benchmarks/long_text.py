@@ -137,6 +137,7 @@ PIPELINE_FLAGS = (
     "infill_decoding",
     "infill_mbr",
     "infill_mbr_metric",
+    "infill_candidates",
     "context_noise",
 )
 PEER_FLAGS = ("peer_minutes", "peer_infill_decoding")
@@ -238,6 +239,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the similarity MBR decoding of the gap fillings maximizes (SamplingOptions.mbr_metric)",
     )
     parser.add_argument(
+        "--infill-candidates",
+        type=int,
+        default=SamplingOptions.infill_candidates,
+        help="fillings drawn per gap, the one after which the pipeline's LM finds the text after the gap likeliest "
+        "kept (SamplingOptions.infill_candidates; 1 = off)",
+    )
+    parser.add_argument(
         "--parts",
         nargs="+",
         choices=("stories", "infilling"),
@@ -284,7 +292,10 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
     )
     story_options = options.replace(decode_kwargs=args.story_decoding)
     infill_options = options.replace(
-        decode_kwargs=args.infill_decoding, mbr_candidates=args.infill_mbr, mbr_metric=args.infill_mbr_metric
+        decode_kwargs=args.infill_decoding,
+        mbr_candidates=args.infill_mbr,
+        mbr_metric=args.infill_mbr_metric,
+        infill_candidates=args.infill_candidates,
     )
     num_stories = len(validation) if "stories" in args.parts else 0
     infill_cases_asked = cases if "infilling" in args.parts else []
@@ -321,6 +332,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
                 "decoding": args.infill_decoding,
                 "mbr": args.infill_mbr,
                 "mbr_metric": args.infill_mbr_metric,
+                "candidates": args.infill_candidates,
                 **counts["infilling"],
             },
             "references": {

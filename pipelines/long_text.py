@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
+from latentlm.autoencoder.families import family_of
 from latentlm.pipelines.conditioning import SourceStates, check_sources
 from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
 
 from latentlm.data.segments import ends_sentence, segment_context, split_sentences
 
-__all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "latent_context_states"]
+__all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "latent_context_states", "right_text_log_likelihood"]
 
 #: width of the place (segment offset and latent index) appended to every latent of a latent context
 LATENT_POSITION_DIM = 32
@@ -51,6 +52,49 @@ def rows_of(value, rows: list[int], num_rows: int):
     if (torch.is_tensor(value) and value.ndim == 1 or isinstance(value, (list, tuple))) and len(value) == num_rows:
         return value[torch.tensor(rows)] if torch.is_tensor(value) else [value[i] for i in rows]
     return value
+
+
+def check_scoring_model(language_model) -> None:
+    """Fillings are ranked by a causal language model (the text after a gap follows them); a seq2seq
+    model's decoder reads its encoder's text back, so it cannot rank them."""
+    if not family_of(language_model).is_causal:
+        raise ValueError(
+            f"infill_candidates > 1 ranks gap fillings by a causal language model's likelihood of the text after "
+            f"the gap, but this pipeline's language model is {type(language_model).__name__}: use infill_candidates=1."
+        )
+
+
+@torch.no_grad()
+def right_text_log_likelihood(
+    tokenizer, language_model, lefts: list[str], fillings: list[str], rights: list[str], batch_size: int = 16
+) -> torch.Tensor:
+    """``log p(right | left filling)`` per row under a causal ``language_model``: the sum over the right
+    text's tokens (0 for an empty right text), as ``[R]`` float32. The tokens before it are those of
+    ``left filling``, or the model's beginning-of-text token where both are empty."""
+    check_scoring_model(language_model)
+    device = next(language_model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    scores = []
+    for first in range(0, len(rights), batch_size):
+        rows = []
+        for left, filling, right in zip(*(part[first : first + batch_size] for part in (lefts, fillings, rights))):
+            prefix = " ".join(part.strip() for part in (left, filling) if part.strip())
+            before = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [start]
+            after = tokenizer(" " + right.strip(), add_special_tokens=False)["input_ids"] if right.strip() else []
+            rows.append((before, after))
+        width = max(len(before) + len(after) for before, after in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (before, after) in enumerate(rows):  # right padding: every row starts at position 0
+            ids[i, : len(before) + len(after)] = torch.tensor(before + after)
+            mask[i, : len(before) + len(after)] = 1
+            scored[i, len(before) : len(before) + len(after)] = True
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+        logits = language_model(input_ids=ids, attention_mask=mask).logits.float()
+        token_log_probs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scores.append((token_log_probs * scored[:, 1:]).sum(-1).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 class LongTextMixin:
@@ -92,18 +136,19 @@ class LongTextMixin:
         return result
 
     def write_segment(self, condition: dict, class_labels, generator, options):
-        """One segment for every row of ``condition``: its sentence and latents ``[R, N, D]``, and the
-        counts (trimmed, redrawn, unfinished).
+        """One segment for every row of ``condition``: its sentence and latents ``[R, N, D]``, and per row
+        whether it was trimmed, how often it was drawn again, and whether it is still unfinished.
 
         A segment is one sentence: where the decoder writes more, the first is kept (trimmed). Where it
         writes an empty or unfinished one (no closing ``.``, ``!`` or ``?``, `ends_sentence`), the row is
         drawn again from new noise, up to ``options.segment_retries`` times; what is still unfinished
         then is kept as it is, and counted."""
         rows = len(next(iter(condition.values())))
-        sentences, trimmed, latents = [""] * rows, [False] * rows, None
-        pending, redrawn = list(range(rows)), 0
+        sentences, trimmed, redrawn, latents = [""] * rows, [False] * rows, [0] * rows, None
+        pending = list(range(rows))
         for attempt in range(options.segment_retries + 1):
-            redrawn += len(pending) if attempt else 0
+            for i in pending if attempt else ():
+                redrawn[i] += 1
             output = self(
                 class_labels=rows_of(class_labels, pending, rows),
                 generator=rows_of(generator, pending, rows),
@@ -120,7 +165,18 @@ class LongTextMixin:
             pending = [i for i in pending if not ends_sentence(sentences[i])]
             if not pending:
                 break
-        return sentences, latents, (sum(trimmed), redrawn, len(pending))
+        return sentences, latents, list(zip(trimmed, redrawn, [i in pending for i in range(rows)]))
+
+    def likeliest_fillings(self, pairs: list[tuple[str, str]], fillings: list[str], num_candidates: int) -> list[int]:
+        """Indices into ``fillings`` (consecutive groups of ``num_candidates`` for each ``(left, right)`` of
+        ``pairs``) of each group's filling after which the language model finds ``right`` likeliest
+        (`right_text_log_likelihood`; ties and an empty right text keep the first)."""
+        rows = [pair for pair in pairs for _ in range(num_candidates)]
+        scores = right_text_log_likelihood(
+            self.tokenizer, self.language_model, [left for left, _ in rows], fillings, [right for _, right in rows]
+        )
+        groups = scores.reshape(len(pairs), num_candidates)
+        return [g * num_candidates + int(groups[g].argmax()) for g in range(len(pairs))]
 
     def check_segments(self) -> None:
         if not self.config.get("segments"):
@@ -133,7 +189,8 @@ class LongTextMixin:
         self, num_samples, class_labels, *, num_segments, prompt_texts, infill, generator, options, return_dict
     ):
         """Stories of ``num_segments`` segments (one per sample, or continuing each of ``prompt_texts``),
-        or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time.
+        or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time;
+        with ``options.infill_candidates`` > 1 each gap keeps its `likeliest_fillings`.
         Gaps decode with the saved ``infill_decode_kwargs`` over the saved ``decode_kwargs``, a call's
         own ``decode_kwargs`` over both."""
         self.check_segments()
@@ -143,23 +200,34 @@ class LongTextMixin:
             pairs = [tuple(pair) for pair in infill]
             if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
                 raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
-            contexts, starts, num_segments = [segment_context(left, right) for left, right in pairs], None, 1
+            drawn = pairs  # each gap's infill_candidates fillings are drawn side by side
+            if options.infill_candidates > 1:
+                check_scoring_model(self.language_model)
+                rows = [i for i in range(len(pairs)) for _ in range(options.infill_candidates)]
+                class_labels, generator = (rows_of(value, rows, len(pairs)) for value in (class_labels, generator))
+                drawn = [pairs[i] for i in rows]
+            contexts, starts, num_segments = [segment_context(left, right) for left, right in drawn], None, 1
             saved = self.config.get("infill_decode_kwargs") or {}
             options = options.replace(decode_kwargs={**saved, **(options.decode_kwargs or {})})
         else:
+            if options.infill_candidates > 1:
+                raise ValueError(
+                    f"infill_candidates={options.infill_candidates} chooses among the fillings of a gap: give "
+                    "infill=[(left, right), ...], or leave it at 1."
+                )
             num_segments = 1 if num_segments is None else num_segments
             if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
                 raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}.")
             if prompt_texts is not None and num_samples is not None:
                 raise ValueError("With prompt_texts there is one text per prompt: drop num_samples.")
             starts = list(prompt_texts) if prompt_texts is not None else [""] * (num_samples or 1)
-        written: list[list[str]] = [[] for _ in (pairs if infill is not None else starts)]
+        written: list[list[str]] = [[] for _ in (drawn if infill is not None else starts)]
         in_latents = self.config.get("segment_context") == "latents"
         if in_latents:  # the latents of the segments around each row's next one
             encoded = self.side_latents
-            before = encoded([left for left, _ in pairs]) if infill is not None else encoded(starts)
-            after = encoded([right for _, right in pairs]) if infill is not None else None
-        counts, latents = [0, 0, 0], []  # trimmed, redrawn, unfinished segments
+            before = encoded([left for left, _ in drawn]) if infill is not None else encoded(starts)
+            after = encoded([right for _, right in drawn]) if infill is not None else None
+        counts, latents = [[0, 0, 0] for _ in written], []  # per row: trimmed, redrawn, unfinished segments
         for _ in range(num_segments):
             if in_latents:
                 condition = {"source_states": self.latent_context(len(written), before, after)}
@@ -171,12 +239,16 @@ class LongTextMixin:
             latents.append(segment_latents)
             for segments, sentence in zip(written, sentences):
                 segments.append(sentence)
-            counts = [total + n for total, n in zip(counts, new)]
+            counts = [[total + n for total, n in zip(row, flags)] for row, flags in zip(counts, new)]
             if in_latents:  # the next segment reads the latents of the sentences kept, as training did
                 kept = self.side_latents(sentences)
                 for i, row in enumerate(kept):
                     row = segment_latents[i : i + 1].cpu() if row is None else row
                     before[i] = row if before[i] is None else torch.cat([before[i], row])
+        if infill is not None and options.infill_candidates > 1:
+            kept = self.likeliest_fillings(pairs, [segments[0] for segments in written], options.infill_candidates)
+            written, counts, latents = [written[i] for i in kept], [counts[i] for i in kept], [x[kept] for x in latents]
+        counts = [sum(column) for column in zip(*counts)]
         if starts is None:
             texts = [segments[0] for segments in written]
         else:

@@ -136,6 +136,15 @@ class SamplingOptions:
     mbr_metric: str = field(
         default="bleu", metadata=_help(f"MBR similarity: {' | '.join(MBR_METRICS)}", "--mbr-metric")
     )
+    infill_candidates: int = field(
+        default=1,
+        metadata=_help(
+            "filling gaps: fillings drawn per gap; the one after which the language model finds the text after "
+            "the gap likeliest is kept (1 = the one drawn)",
+            "--infill-candidates",
+            mlflow_type="long",
+        ),
+    )
     segment_retries: int = field(
         default=2,
         metadata=_help(
@@ -201,6 +210,9 @@ class SamplingOptions:
         candidates = self.mbr_candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"mbr_candidates must be a positive integer, got {candidates!r}.")
+        fillings = self.infill_candidates
+        if isinstance(fillings, bool) or not isinstance(fillings, int) or fillings < 1:
+            raise ValueError(f"infill_candidates must be a positive integer (1 = no choice), got {fillings!r}.")
         retries = self.segment_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(

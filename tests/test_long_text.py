@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_pipeline
+from test_causal_backbone import make_causal_autoencoder, tiny_llama_dir  # noqa: F401 - the fixture
 
 from latentlm.config import load_config
 from latentlm.data.loading import load_text_dataset
@@ -316,3 +317,82 @@ def test_the_command_line_writes_stories_and_fills_gaps(segment_pipe, tmp_path, 
     assert (row["left"], row["right"]) == ("the cat sat", "the dog ran") and len(row["segments"]) == 1
     with pytest.raises(ValueError, match="infill fills one gap per"):
         main([*common, "--infill", "the cat sat", "the dog ran", "--prompt", "x"])
+
+
+@pytest.fixture
+def causal_segment_pipe(tiny_llama_dir):  # noqa: F811
+    """A long-text pipeline over the tiny causal LM (llama), its segments reading their context as text."""
+    from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
+    from latentlm.pipelines import LatentTextDiffusionPipeline
+
+    model = make_causal_autoencoder(tiny_llama_dir).eval()
+    denoiser = LatentDenoiser.from_size(
+        "tiny", num_latents=4, latent_dim=8, dropout=0.0, cross_attention_dim=model.autoencoder.config.d_model
+    )
+    torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
+    pipe = LatentTextDiffusionPipeline(
+        tokenizer=model.tokenizer,
+        language_model=model.merged_language_model(),
+        autoencoder=model.autoencoder,
+        denoiser=denoiser.eval(),
+        scheduler=make_noise_scheduler(num_train_timesteps=1000),
+        max_length=8,
+        segments=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_right_text_log_likelihood_is_each_row_s_own_unpadded(causal_segment_pipe):
+    from latentlm.pipelines.long_text import right_text_log_likelihood
+
+    pipe = causal_segment_pipe
+    lefts, fillings = ["the cat sat on the mat", "", "the dog ran"], ["the dog ran in the park", "", "it"]
+    rights = ["the cat sat", "the cat sat on the mat", ""]
+    scores = right_text_log_likelihood(pipe.tokenizer, pipe.language_model, lefts, fillings, rights, batch_size=2)
+    for i in range(2):  # each row alone, no padding: the sum of its right text's token log-probabilities
+        prefix = " ".join(part for part in (lefts[i], fillings[i]) if part)
+        before = (
+            pipe.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [pipe.tokenizer.bos_token_id]
+        )
+        after = pipe.tokenizer(" " + rights[i], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([before + after])
+        log_probs = pipe.language_model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        expected = sum(log_probs[len(before) - 1 + j, token] for j, token in enumerate(after))
+        torch.testing.assert_close(scores[i], expected.float(), rtol=1e-4, atol=1e-4)
+    assert scores[2] == 0 and scores[0] < 0  # no right text: nothing to score
+
+
+def test_gaps_keep_the_filling_after_which_the_right_text_is_likeliest(causal_segment_pipe, monkeypatch):
+    from latentlm.pipelines.long_text import right_text_log_likelihood
+
+    pipe, seen = causal_segment_pipe, []
+    pairs = [("the cat sat on the mat.", "the dog ran in the park."), ("the dog ran.", "the cat sat.")]
+    candidates = ["the dog sat.", "the cat ran in the park.", "in the mat.", "the cat sat on.", "the dog.", "ran."]
+    written = iter([candidates])
+
+    def decode(latents, **kwargs):
+        seen.append(latents.clone())
+        return next(written)
+
+    monkeypatch.setattr(pipe, "decode", decode)
+    out = pipe(infill=pairs, infill_candidates=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(seen[0]) == 6  # three fillings of each gap drawn side by side, in one call
+    rows = [pair for pair in pairs for _ in range(3)]
+    scores = right_text_log_likelihood(
+        pipe.tokenizer, pipe.language_model, [p[0] for p in rows], candidates, [p[1] for p in rows]
+    ).reshape(2, 3)
+    kept = [3 * g + int(scores[g].argmax()) for g in range(2)]
+    assert len(set(scores.flatten().tolist())) == 6  # the choice is a real one
+    assert out.texts == [candidates[i] for i in kept] and [s[0] for s in out.segments] == out.texts
+    torch.testing.assert_close(out.latents[:, 0], seen[0][kept])
+    assert (out.trimmed_segments, out.redrawn_segments, out.unfinished_segments) == (0, 0, 0)
+
+
+def test_infill_candidates_bad_input(causal_segment_pipe, segment_pipe):
+    with pytest.raises(ValueError, match="infill_candidates must be a positive integer"):
+        causal_segment_pipe(infill=[("a.", "b.")], infill_candidates=0)
+    with pytest.raises(ValueError, match="chooses among the fillings of a gap"):
+        causal_segment_pipe(num_samples=1, num_segments=2, infill_candidates=2)
+    with pytest.raises(ValueError, match="causal language model's likelihood"):  # a seq2seq LM cannot rank them
+        segment_pipe(infill=[("a.", "b.")], infill_candidates=2, num_inference_steps=2)

@@ -17,7 +17,7 @@ from latentlm.pipelines.pipeline_output import LatentTextDiffusionPipelineOutput
 
 from latentlm.data.segments import ends_sentence, segment_context, split_sentences
 
-__all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "latent_context_states", "right_text_log_likelihood"]
+__all__ = ["LATENT_POSITION_DIM", "LongTextMixin", "continuation_log_likelihood", "latent_context_states"]
 
 #: width of the place (segment offset and latent index) appended to every latent of a latent context
 LATENT_POSITION_DIM = 32
@@ -65,35 +65,41 @@ def check_scoring_model(language_model) -> None:
 
 
 @torch.no_grad()
-def right_text_log_likelihood(
-    tokenizer, language_model, lefts: list[str], fillings: list[str], rights: list[str], batch_size: int = 16
+def continuation_log_likelihood(
+    tokenizer, language_model, prefixes: list[str], continuations: list[str], batch_size: int = 16
 ) -> torch.Tensor:
-    """``log p(right | left filling)`` per row under a causal ``language_model``: the sum over the right
-    text's tokens (0 for an empty right text), as ``[R]`` float32. The tokens before it are those of
-    ``left filling``, or the model's beginning-of-text token where both are empty."""
+    """``log p(continuation | prefix)`` per row under a causal ``language_model``: the sum over the
+    continuation's tokens (0 for an empty one), as ``[R]`` float32. An empty prefix is the tokenizer's
+    beginning-of-text token (or its end-of-text token, which causal LMs put between documents)."""
     check_scoring_model(language_model)
     device = next(language_model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     scores = []
-    for first in range(0, len(rights), batch_size):
+    for first in range(0, len(prefixes), batch_size):
         rows = []
-        for left, filling, right in zip(*(part[first : first + batch_size] for part in (lefts, fillings, rights))):
-            prefix = " ".join(part.strip() for part in (left, filling) if part.strip())
+        for prefix, continuation in zip(
+            prefixes[first : first + batch_size], continuations[first : first + batch_size]
+        ):
+            prefix, continuation = prefix.strip(), continuation.strip()
+            if not prefix and start is None:
+                raise ValueError(
+                    "An empty text before a continuation is read as the tokenizer's beginning-of-text token, but "
+                    "this tokenizer has neither a bos_token nor an eos_token: give it one."
+                )
             before = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [start]
-            after = tokenizer(" " + right.strip(), add_special_tokens=False)["input_ids"] if right.strip() else []
-            rows.append((before, after))
+            after = tokenizer((" " if prefix else "") + continuation, add_special_tokens=False)["input_ids"]
+            rows.append((before, after if continuation else []))
         width = max(len(before) + len(after) for before, after in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding (masked, never scored)
         mask, scored = torch.zeros_like(ids), torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, (before, after) in enumerate(rows):  # right padding: every row starts at position 0
+        for i, (before, after) in enumerate(rows):
             ids[i, : len(before) + len(after)] = torch.tensor(before + after)
             mask[i, : len(before) + len(after)] = 1
             scored[i, len(before) : len(before) + len(after)] = True
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        logits = language_model(input_ids=ids, attention_mask=mask).logits.float()
-        token_log_probs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        scores.append((token_log_probs * scored[:, 1:]).sum(-1).cpu())
+        logits = language_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        token_log_probs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scores.append(token_log_probs.masked_fill(~scored[:, 1:], 0.0).sum(-1).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
@@ -118,9 +124,15 @@ class LongTextMixin:
             offsets[i, : len(places)] = torch.tensor(places, dtype=offsets.dtype)
         return SourceStates(*latent_context_states(latents, offsets, present.bool()))
 
-    def call_sources(self, source_texts, source_states, num_samples):
+    def call_sources(self, source_texts, source_states, num_samples, options):
         """A call's sources (`check_sources`) and ``num_samples``: a pipeline whose segments read latents,
-        called with neither, writes the first segment of ``num_samples`` texts (an empty context)."""
+        called with neither, writes the first segment of ``num_samples`` texts (an empty context). A
+        call that fills no gap refuses ``options.infill_candidates``."""
+        if options.infill_candidates > 1:
+            raise ValueError(
+                f"infill_candidates={options.infill_candidates} chooses among the fillings of a gap: give "
+                "infill=[(left, right), ...], or leave it at 1."
+            )
         if self.config.get("segment_context") == "latents" and source_texts is None and source_states is None:
             context = self.latent_context(num_samples or 1)
             source_states, num_samples = SourceStates(context.states, context.mask, per_source=False), None
@@ -167,16 +179,26 @@ class LongTextMixin:
                 break
         return sentences, latents, list(zip(trimmed, redrawn, [i in pending for i in range(rows)]))
 
-    def likeliest_fillings(self, pairs: list[tuple[str, str]], fillings: list[str], num_candidates: int) -> list[int]:
-        """Indices into ``fillings`` (consecutive groups of ``num_candidates`` for each ``(left, right)`` of
-        ``pairs``) of each group's filling after which the language model finds ``right`` likeliest
-        (`right_text_log_likelihood`; ties and an empty right text keep the first)."""
-        rows = [pair for pair in pairs for _ in range(num_candidates)]
-        scores = right_text_log_likelihood(
-            self.tokenizer, self.language_model, [left for left, _ in rows], fillings, [right for _, right in rows]
+    def likeliest_fillings(
+        self, pairs: list[tuple[str, str]], fillings: list[str], unfinished: list[bool]
+    ) -> list[int]:
+        """Indices into ``fillings`` (for each ``(left, right)`` of ``pairs``, a group of as many
+        consecutive ones) of each group's filling after which the language model finds the gap's right
+        text likeliest (`continuation_log_likelihood` of ``right`` after ``left filling``). A filling
+        still empty or unfinished (``unfinished``) is kept only where all of its group are; ties and an
+        empty right text keep the first."""
+        k = len(fillings) // len(pairs)
+        rows = [pair for pair in pairs for _ in range(k)]
+        prefixes = [
+            " ".join(part.strip() for part in (left, filling) if part.strip())
+            for (left, _), filling in zip(rows, fillings)
+        ]
+        scores = continuation_log_likelihood(
+            self.tokenizer, self.language_model, prefixes, [right for _, right in rows]
         )
-        groups = scores.reshape(len(pairs), num_candidates)
-        return [g * num_candidates + int(groups[g].argmax()) for g in range(len(pairs))]
+        scores = scores.masked_fill(torch.tensor(unfinished), float("-inf")).reshape(len(pairs), k)
+        self.maybe_free_model_hooks()  # the language model scored after the call's own offload
+        return [g * k + (int(groups.argmax()) if groups.isfinite().any() else 0) for g, groups in enumerate(scores)]
 
     def check_segments(self) -> None:
         if not self.config.get("segments"):
@@ -190,30 +212,31 @@ class LongTextMixin:
     ):
         """Stories of ``num_segments`` segments (one per sample, or continuing each of ``prompt_texts``),
         or the segments that fill each ``(left, right)`` gap of ``infill``, one `write_segment` at a time;
-        with ``options.infill_candidates`` > 1 each gap keeps its `likeliest_fillings`.
+        with ``options.infill_candidates`` > 1 each gap keeps its `likeliest_fillings` (and the output
+        counts the kept fillings only).
         Gaps decode with the saved ``infill_decode_kwargs`` over the saved ``decode_kwargs``, a call's
         own ``decode_kwargs`` over both."""
         self.check_segments()
+        candidates, options = options.infill_candidates, options.replace(infill_candidates=1)  # for each segment
         if infill is not None:
             if num_segments is not None or prompt_texts is not None:
                 raise ValueError("infill fills one gap per (left, right) pair: drop num_segments and prompt_texts.")
             pairs = [tuple(pair) for pair in infill]
             if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
                 raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
-            drawn = pairs  # each gap's infill_candidates fillings are drawn side by side
-            if options.infill_candidates > 1:
+            # each gap's candidates are drawn side by side: the rows of a gap repeat it
+            rows = [i for i in range(len(pairs)) for _ in range(candidates)]
+            if candidates > 1:
                 check_scoring_model(self.language_model)
-                rows = [i for i in range(len(pairs)) for _ in range(options.infill_candidates)]
                 class_labels, generator = (rows_of(value, rows, len(pairs)) for value in (class_labels, generator))
-                drawn = [pairs[i] for i in rows]
-            contexts, starts, num_segments = [segment_context(left, right) for left, right in drawn], None, 1
+            contexts, starts, num_segments = [segment_context(*pairs[i]) for i in rows], None, 1
             saved = self.config.get("infill_decode_kwargs") or {}
             options = options.replace(decode_kwargs={**saved, **(options.decode_kwargs or {})})
         else:
-            if options.infill_candidates > 1:
+            if candidates > 1:
                 raise ValueError(
-                    f"infill_candidates={options.infill_candidates} chooses among the fillings of a gap: give "
-                    "infill=[(left, right), ...], or leave it at 1."
+                    f"infill_candidates={candidates} chooses among the fillings of a gap: give infill=[(left, "
+                    "right), ...], or leave it at 1."
                 )
             num_segments = 1 if num_segments is None else num_segments
             if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
@@ -221,14 +244,15 @@ class LongTextMixin:
             if prompt_texts is not None and num_samples is not None:
                 raise ValueError("With prompt_texts there is one text per prompt: drop num_samples.")
             starts = list(prompt_texts) if prompt_texts is not None else [""] * (num_samples or 1)
-        written: list[list[str]] = [[] for _ in (drawn if infill is not None else starts)]
+        written: list[list[str]] = [[] for _ in (rows if infill is not None else starts)]
         in_latents = self.config.get("segment_context") == "latents"
         if in_latents:  # the latents of the segments around each row's next one
-            encoded = self.side_latents
-            before = encoded([left for left, _ in drawn]) if infill is not None else encoded(starts)
-            after = encoded([right for _, right in drawn]) if infill is not None else None
+            if infill is not None:  # each side encoded once, repeated for the gap's candidates
+                before, after = ([side[i] for i in rows] for side in map(self.side_latents, map(list, zip(*pairs))))
+            else:
+                before, after = self.side_latents(starts), None
         counts, latents = [[0, 0, 0] for _ in written], []  # per row: trimmed, redrawn, unfinished segments
-        for _ in range(num_segments):
+        for step in range(num_segments):
             if in_latents:
                 condition = {"source_states": self.latent_context(len(written), before, after)}
             else:
@@ -240,13 +264,13 @@ class LongTextMixin:
             for segments, sentence in zip(written, sentences):
                 segments.append(sentence)
             counts = [[total + n for total, n in zip(row, flags)] for row, flags in zip(counts, new)]
-            if in_latents:  # the next segment reads the latents of the sentences kept, as training did
+            if in_latents and step < num_segments - 1:  # the next one reads the latents of the sentences kept
                 kept = self.side_latents(sentences)
                 for i, row in enumerate(kept):
                     row = segment_latents[i : i + 1].cpu() if row is None else row
                     before[i] = row if before[i] is None else torch.cat([before[i], row])
-        if infill is not None and options.infill_candidates > 1:
-            kept = self.likeliest_fillings(pairs, [segments[0] for segments in written], options.infill_candidates)
+        if infill is not None and candidates > 1:
+            kept = self.likeliest_fillings(pairs, [s[0] for s in written], [bool(row[2]) for row in counts])
             written, counts, latents = [written[i] for i in kept], [counts[i] for i in kept], [x[kept] for x in latents]
         counts = [sum(column) for column in zip(*counts)]
         if starts is None:

@@ -199,7 +199,7 @@ class LatentTextDiffusionPipeline(PipelineFolderMixin, DiffusionPipeline, TextLa
                 num_samples, class_labels, **long_text, generator=generator, options=options, return_dict=return_dict
             )
         # 0. Check inputs.
-        sources, num_samples = self.call_sources(source_texts, source_states, num_samples)
+        sources, num_samples = self.call_sources(source_texts, source_states, num_samples, options)
         num_samples = count_outputs(sources, num_samples, num_samples_per_source, options.mbr_candidates, output_type)
         self.check_inputs(num_samples, output_type, callback_on_step_end_tensor_inputs)
         scheduler = copy.deepcopy(make_scheduler(self.scheduler, options.scheduler))  # step() keeps state

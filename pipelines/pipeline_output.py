@@ -25,7 +25,8 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
         redrawn_segments: how many segments were drawn again because the decoder wrote them empty or
             unfinished (`SamplingOptions.segment_retries`); ``None`` for a call that writes no long text.
         unfinished_segments: how many segments were still empty or unfinished after the last retry (kept
-            as written); ``None`` for a call that writes no long text.
+            as written); ``None`` for a call that writes no long text. With
+            `SamplingOptions.infill_candidates`, the three count the kept fillings only.
     """
 
     texts: list[str] | list[list[str]] | None

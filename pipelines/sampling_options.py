@@ -142,7 +142,6 @@ class SamplingOptions:
             "filling gaps: fillings drawn per gap; the one after which the language model finds the text after "
             "the gap likeliest is kept (1 = the one drawn)",
             "--infill-candidates",
-            mlflow_type="long",
         ),
     )
     segment_retries: int = field(

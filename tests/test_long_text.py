@@ -319,16 +319,17 @@ def test_the_command_line_writes_stories_and_fills_gaps(segment_pipe, tmp_path, 
         main([*common, "--infill", "the cat sat", "the dog ran", "--prompt", "x"])
 
 
-@pytest.fixture
-def causal_segment_pipe(tiny_llama_dir):  # noqa: F811
-    """A long-text pipeline over the tiny causal LM (llama), its segments reading their context as text."""
+@pytest.fixture(params=["text", "latents"])
+def causal_segment_pipe(request, tiny_llama_dir):  # noqa: F811
+    """A long-text pipeline over the tiny causal LM (llama), its segments reading their context as text or
+    as the other segments' latents."""
     from latentlm.diffusion import LatentDenoiser, make_noise_scheduler
     from latentlm.pipelines import LatentTextDiffusionPipeline
+    from latentlm.pipelines.long_text import LATENT_POSITION_DIM
 
     model = make_causal_autoencoder(tiny_llama_dir).eval()
-    denoiser = LatentDenoiser.from_size(
-        "tiny", num_latents=4, latent_dim=8, dropout=0.0, cross_attention_dim=model.autoencoder.config.d_model
-    )
+    width = model.autoencoder.config.d_model if request.param == "text" else 8 + LATENT_POSITION_DIM
+    denoiser = LatentDenoiser.from_size("tiny", num_latents=4, latent_dim=8, dropout=0.0, cross_attention_dim=width)
     torch.nn.init.normal_(denoiser.output_proj.weight, std=0.3)
     pipe = LatentTextDiffusionPipeline(
         tokenizer=model.tokenizer,
@@ -338,55 +339,78 @@ def causal_segment_pipe(tiny_llama_dir):  # noqa: F811
         scheduler=make_noise_scheduler(num_train_timesteps=1000),
         max_length=8,
         segments=True,
+        segment_context=request.param,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_right_text_log_likelihood_is_each_row_s_own_unpadded(causal_segment_pipe):
-    from latentlm.pipelines.long_text import right_text_log_likelihood
+def test_continuation_log_likelihood_is_each_row_s_own_unpadded(causal_segment_pipe):
+    from latentlm.pipelines.long_text import continuation_log_likelihood
 
     pipe = causal_segment_pipe
-    lefts, fillings = ["the cat sat on the mat", "", "the dog ran"], ["the dog ran in the park", "", "it"]
-    rights = ["the cat sat", "the cat sat on the mat", ""]
-    scores = right_text_log_likelihood(pipe.tokenizer, pipe.language_model, lefts, fillings, rights, batch_size=2)
-    for i in range(2):  # each row alone, no padding: the sum of its right text's token log-probabilities
-        prefix = " ".join(part for part in (lefts[i], fillings[i]) if part)
-        before = (
-            pipe.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [pipe.tokenizer.bos_token_id]
-        )
-        after = pipe.tokenizer(" " + rights[i], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([before + after])
-        log_probs = pipe.language_model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    prefixes, continuations = ["the cat sat on the mat the dog ran", "", "the dog ran"], ["the cat sat", "the cat", ""]
+    scores = continuation_log_likelihood(pipe.tokenizer, pipe.language_model, prefixes, continuations, batch_size=2)
+    for i in range(2):  # each row alone, no padding: the sum of its continuation's token log-probabilities
+        start = [pipe.tokenizer.bos_token_id]
+        before = pipe.tokenizer(prefixes[i], add_special_tokens=False)["input_ids"] if prefixes[i] else start
+        after = pipe.tokenizer((" " if prefixes[i] else "") + continuations[i], add_special_tokens=False)["input_ids"]
+        log_probs = pipe.language_model(input_ids=torch.tensor([before + after])).logits[0, :-1].log_softmax(-1)
         expected = sum(log_probs[len(before) - 1 + j, token] for j, token in enumerate(after))
         torch.testing.assert_close(scores[i], expected.float(), rtol=1e-4, atol=1e-4)
-    assert scores[2] == 0 and scores[0] < 0  # no right text: nothing to score
+    assert scores[2] == 0 and scores[0] < 0  # nothing to score
 
 
 def test_gaps_keep_the_filling_after_which_the_right_text_is_likeliest(causal_segment_pipe, monkeypatch):
-    from latentlm.pipelines.long_text import right_text_log_likelihood
+    import latentlm.pipelines.long_text as long_text
 
-    pipe, seen = causal_segment_pipe, []
+    pipe, seen, scored = causal_segment_pipe, [], []
     pairs = [("the cat sat on the mat.", "the dog ran in the park."), ("the dog ran.", "the cat sat.")]
-    candidates = ["the dog sat.", "the cat ran in the park.", "in the mat.", "the cat sat on.", "the dog.", "ran."]
-    written = iter([candidates])
+    # gap 0's first filling is unfinished (drawn again, still unfinished): it is never kept, however likely
+    drawn = [["no end", "the cat ran in the park.", "in the mat.", "the cat sat on.", "the dog.", "ran."], ["nor now"]]
+    written = iter(drawn)
 
     def decode(latents, **kwargs):
         seen.append(latents.clone())
         return next(written)
 
+    def scores(tokenizer, language_model, prefixes, continuations):
+        scored.append((prefixes, continuations))
+        return torch.tensor([0.0, -3.0, -1.0, -5.0, -4.0, -2.0])
+
     monkeypatch.setattr(pipe, "decode", decode)
-    out = pipe(infill=pairs, infill_candidates=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    assert len(seen[0]) == 6  # three fillings of each gap drawn side by side, in one call
-    rows = [pair for pair in pairs for _ in range(3)]
-    scores = right_text_log_likelihood(
-        pipe.tokenizer, pipe.language_model, [p[0] for p in rows], candidates, [p[1] for p in rows]
-    ).reshape(2, 3)
-    kept = [3 * g + int(scores[g].argmax()) for g in range(2)]
-    assert len(set(scores.flatten().tolist())) == 6  # the choice is a real one
-    assert out.texts == [candidates[i] for i in kept] and [s[0] for s in out.segments] == out.texts
-    torch.testing.assert_close(out.latents[:, 0], seen[0][kept])
-    assert (out.trimmed_segments, out.redrawn_segments, out.unfinished_segments) == (0, 0, 0)
+    monkeypatch.setattr(long_text, "continuation_log_likelihood", scores)
+    settings = dict(num_inference_steps=2, segment_retries=1, generator=torch.Generator().manual_seed(0))
+    out = pipe(infill=pairs, infill_candidates=3, **settings)
+    assert [len(x) for x in seen] == [6, 1]  # three fillings of each gap drawn side by side, in one call
+    assert out.texts == ["in the mat.", "ran."] and [s[0] for s in out.segments] == out.texts
+    assert (
+        scored[0]
+        == (  # the right text after the left text and each filling
+            [f"{pairs[i // 3][0]} {filling}" for i, filling in enumerate(["nor now", *drawn[0][1:]])],
+            [pairs[i // 3][1] for i in range(6)],
+        )
+    )
+    torch.testing.assert_close(out.latents[:, 0], seen[0][[2, 5]])
+    assert (out.trimmed_segments, out.redrawn_segments, out.unfinished_segments) == (0, 0, 0)  # the kept ones'
+    # with the real language model: each gap's likeliest, the first where all of a gap's are unfinished
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        pipe, "decode", lambda latents, **kwargs: ["it ran.", "the cat.", "the the the.", "x", "y", "z"]
+    )
+    out = pipe(infill=pairs, infill_candidates=3, segment_retries=0, num_inference_steps=2)
+    rows = [pairs[0]] * 3
+    real = long_text.continuation_log_likelihood(
+        pipe.tokenizer,
+        pipe.language_model,
+        [f"{left} {f}" for (left, _), f in zip(rows, ["it ran.", "the cat.", "the the the."])],
+        [pairs[0][1]] * 3,
+    )
+    assert len(set(real.tolist())) == 3 and out.texts == [
+        ["it ran.", "the cat.", "the the the."][int(real.argmax())],
+        "x",
+    ]
+    assert out.unfinished_segments == 1
 
 
 def test_infill_candidates_bad_input(causal_segment_pipe, segment_pipe):
@@ -394,5 +418,7 @@ def test_infill_candidates_bad_input(causal_segment_pipe, segment_pipe):
         causal_segment_pipe(infill=[("a.", "b.")], infill_candidates=0)
     with pytest.raises(ValueError, match="chooses among the fillings of a gap"):
         causal_segment_pipe(num_samples=1, num_segments=2, infill_candidates=2)
+    with pytest.raises(ValueError, match="chooses among the fillings of a gap"):  # a call that fills no gap
+        causal_segment_pipe(num_samples=1, infill_candidates=2, num_inference_steps=2)
     with pytest.raises(ValueError, match="causal language model's likelihood"):  # a seq2seq LM cannot rank them
         segment_pipe(infill=[("a.", "b.")], infill_candidates=2, num_inference_steps=2)

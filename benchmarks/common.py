@@ -243,10 +243,11 @@ def machine() -> dict[str, Any]:
     from latentlm.hardware import has_native_bf16
 
     native = has_native_bf16("cpu")
+    vector = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", ... (what torch's kernels use)
     return {
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
-        "cpu_kind": "AVX512-BF16" if native else "AVX2-only (no native bf16)",
+        "cpu_kind": f"{vector}-BF16" if native else f"{vector} (no native bf16)",
         "native_bf16": native,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -115,7 +115,8 @@ def write_summary(result: dict, guidance: float | None, out: str, details: str, 
         "run": result["run"],
         "details": details,
         "command": result["command"],
-        "cpu": ("AVX512-BF16" if machine["native_bf16"] else "AVX2-only") + f" ({machine['cpu']})",
+        "cpu": machine.get("cpu_kind", "AVX512-BF16" if machine["native_bf16"] else "AVX2-only")
+        + f" ({machine['cpu']})",
     }
     if later:
         summary["summary_command"] = " ".join(["python", *sys.argv])

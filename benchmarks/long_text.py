@@ -138,6 +138,7 @@ PIPELINE_FLAGS = (
     "infill_mbr",
     "infill_mbr_metric",
     "infill_candidates",
+    "infill_draws",
     "context_noise",
 )
 PEER_FLAGS = ("peer_minutes", "peer_infill_decoding")
@@ -246,6 +247,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "kept (SamplingOptions.infill_candidates; 1 = off)",
     )
     parser.add_argument(
+        "--infill-draws",
+        type=int,
+        default=1,
+        help="draw the gap fillings this many times (the first after the stories, the others from --seed + i): the "
+        "row holds the draws' mean scores, their spread, and each draw's",
+    )
+    parser.add_argument(
         "--parts",
         nargs="+",
         choices=("stories", "infilling"),
@@ -326,14 +334,20 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
     if "infilling" in args.parts:
         golds = [gold for _, _, gold in cases]
         copy_before = [split_sentences(left)[-1] if left else "" for left, _, _ in cases]
+        draws = [{**score_infills(infills, golds, args.bert_model), **counts["infilling"]}]
+        for draw in range(1, args.infill_draws):
+            torch.manual_seed(args.seed + draw)
+            _, more, more_counts = pipeline_write(
+                pipe, 0, args.num_segments, cases, args.batch_size, story_options, infill_options
+            )
+            draws.append({**score_infills(more, golds, args.bert_model), **more_counts["infilling"]})
         measured["infilling"] = {
             "model": {
-                **score_infills(infills, golds, args.bert_model),
+                **mean_of_draws(draws),
                 "decoding": args.infill_decoding,
                 "mbr": args.infill_mbr,
                 "mbr_metric": args.infill_mbr_metric,
                 "candidates": args.infill_candidates,
-                **counts["infilling"],
             },
             "references": {
                 "what": "the sentence before the gap, copied",
@@ -342,6 +356,28 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         }
         measured["examples"]["infilling"] = {"model": infills[:5], "gold": golds[:5]}
     return measured
+
+
+DRAWN_SCORES = ("bleu", "rouge_l", "bertscore_f1")
+
+
+def mean_of_draws(draws: list[dict]) -> dict:
+    """One row from the scores of several draws of the same gap fillings: the first draw's row with
+    each score the draws' mean; ``draws``: each draw's scores and counts, ``spread``: each score's
+    population standard deviation (rows of one draw stay as they were)."""
+    if len(draws) == 1:
+        return draws[0]
+    row = {**draws[0], "draws": [{key: value for key, value in d.items() if key != "examples"} for d in draws]}
+    row["spread"] = {}
+    for key in DRAWN_SCORES:
+        if draws[0][key] is None:  # no BERTScore model
+            continue
+        values = [d[key] for d in draws]
+        row[key] = sum(values) / len(values)
+        row["spread"][key] = (sum((v - row[key]) ** 2 for v in values) / len(values)) ** 0.5
+    for key in ("redrawn_segments", "unfinished_segments"):
+        row[key] = sum(d[key] for d in draws)  # over all draws
+    return row
 
 
 def measure_peer(args, validation: list[str], train: list[str], cases, peer_dir: Path) -> dict:

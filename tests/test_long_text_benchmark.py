@@ -77,3 +77,19 @@ def test_rows_that_do_not_belong_in_one_table_are_refused(long_text, tmp_path):
     with pytest.raises(SystemExit):
         long_text.parse_args(["--data", "d", "--run", "r", "--peer-from", str(beams), "--peer-minutes", "3"])
     assert long_text.parse_args(["--data", "d", "--model-from", str(beams), "--peer-minutes", "3"]).peer_minutes == 3
+
+
+def test_several_draws_of_the_gap_fillings_are_one_row_with_their_mean_and_spread(long_text):
+    def draw(bleu, rouge, bert, redrawn):
+        scores = {"bleu": bleu, "rouge_l": rouge, "bertscore_f1": bert, "bertscore_model": "m", "examples": ["a"]}
+        return {**scores, "redrawn_segments": redrawn, "unfinished_segments": 1}
+
+    one = draw(1.0, 16.0, 40.0, 2)
+    assert long_text.mean_of_draws([one]) == one
+    row = long_text.mean_of_draws([draw(1.0, 16.0, 40.0, 2), draw(2.0, 18.0, 42.0, 0), draw(3.0, 17.0, 41.0, 1)])
+    assert (row["bleu"], row["rouge_l"], row["bertscore_f1"]) == (2.0, 17.0, 41.0)
+    assert row["spread"]["rouge_l"] == pytest.approx((2 / 3) ** 0.5)
+    assert [d["rouge_l"] for d in row["draws"]] == [16.0, 18.0, 17.0] and "examples" not in row["draws"][0]
+    assert (row["redrawn_segments"], row["unfinished_segments"], row["examples"]) == (3, 3, ["a"])
+    with pytest.raises(SystemExit):  # draws of rows measured earlier change nothing
+        long_text.parse_args(["--data", "d", "--model-from", "x.json", "--infill-draws", "3", "--out", "x.json"])

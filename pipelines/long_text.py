@@ -54,23 +54,27 @@ def rows_of(value, rows: list[int], num_rows: int):
     return value
 
 
-def check_scoring_model(language_model) -> None:
-    """Fillings are ranked by a causal language model (the text after a gap follows them); a seq2seq
-    model's decoder reads its encoder's text back, so it cannot rank them."""
+def check_scoring_model(
+    language_model, option: str = "infill_candidates > 1", off: str = "infill_candidates=1"
+) -> None:
+    """``option`` scores texts by a causal language model's likelihood (the text after a gap follows a
+    filling; a sentence ends after its words); a seq2seq model's decoder reads its encoder's text back,
+    so it cannot score them: an error that says to use ``off``."""
     if not family_of(language_model).is_causal:
         raise ValueError(
-            f"infill_candidates > 1 ranks gap fillings by a causal language model's likelihood of the text after "
-            f"the gap, but this pipeline's language model is {type(language_model).__name__}: use infill_candidates=1."
+            f"{option} scores texts by a causal language model's likelihood, but this pipeline's language model "
+            f"is {type(language_model).__name__}: use {off}."
         )
 
 
 @torch.no_grad()
 def continuation_log_likelihood(
-    tokenizer, language_model, prefixes: list[str], continuations: list[str], batch_size: int = 16
+    tokenizer, language_model, prefixes: list[str], continuations: list[str], batch_size: int = 16, separator: str = " "
 ) -> torch.Tensor:
     """``log p(continuation | prefix)`` per row under a causal ``language_model``: the sum over the
-    continuation's tokens (0 for an empty one), as ``[R]`` float32. An empty prefix is the tokenizer's
-    beginning-of-text token (or its end-of-text token, which causal LMs put between documents)."""
+    continuation's tokens (0 for an empty one), as ``[R]`` float32; ``separator`` goes between a prefix
+    and its continuation. An empty prefix is the tokenizer's beginning-of-text token (or its
+    end-of-text token, which causal LMs put between documents)."""
     check_scoring_model(language_model)
     device = next(language_model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -87,7 +91,7 @@ def continuation_log_likelihood(
                     "this tokenizer has neither a bos_token nor an eos_token: give it one."
                 )
             before = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [start]
-            after = tokenizer((" " if prefix else "") + continuation, add_special_tokens=False)["input_ids"]
+            after = tokenizer((separator if prefix else "") + continuation, add_special_tokens=False)["input_ids"]
             rows.append((before, after if continuation else []))
         width = max(len(before) + len(after) for before, after in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding (masked, never scored)
@@ -101,6 +105,23 @@ def continuation_log_likelihood(
         token_log_probs = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         scores.append(token_log_probs.masked_fill(~scored[:, 1:], 0.0).sum(-1).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def sentence_end_log_likelihood(
+    tokenizer, language_model, before_texts: list[str], sentences: list[str], batch_size: int = 16
+) -> torch.Tensor:
+    """``log p(closing mark | text before, the sentence's words)`` per row of ``sentences`` (each closed by
+    ``.``, ``!`` or ``?``, perhaps with a closing quote or bracket after it): how likely the causal
+    ``language_model`` finds it that the sentence ends where it does, ``[R]`` float32. A sentence cut
+    short and closed ("He did it because she.") scores far lower than one whose words end it."""
+    prefixes, marks = [], []
+    for before, sentence in zip(before_texts, sentences):
+        closed = sentence.strip().rstrip("\"')]")
+        if not closed or closed[-1] not in ".!?":
+            raise ValueError(f"{sentence!r} is not closed by . ! or ?: only a closed sentence has an end to score.")
+        prefixes.append(" ".join(part for part in (before.strip(), closed[:-1].strip()) if part))
+        marks.append(closed[-1])
+    return continuation_log_likelihood(tokenizer, language_model, prefixes, marks, batch_size, separator="")
 
 
 class LongTextMixin:
@@ -127,11 +148,17 @@ class LongTextMixin:
     def call_sources(self, source_texts, source_states, num_samples, options):
         """A call's sources (`check_sources`) and ``num_samples``: a pipeline whose segments read latents,
         called with neither, writes the first segment of ``num_samples`` texts (an empty context). A
-        call that fills no gap refuses ``options.infill_candidates``."""
+        call that fills no gap refuses ``options.infill_candidates``, one that writes no long text
+        ``options.cut_sentence_logprob``."""
         if options.infill_candidates > 1:
             raise ValueError(
                 f"infill_candidates={options.infill_candidates} chooses among the fillings of a gap: give "
                 "infill=[(left, right), ...], or leave it at 1."
+            )
+        if options.cut_sentence_logprob is not None:
+            raise ValueError(
+                "cut_sentence_logprob draws again the segments of a long text that end cut short: give "
+                "num_segments, prompt_texts or infill, or leave it at None."
             )
         if self.config.get("segment_context") == "latents" and source_texts is None and source_states is None:
             context = self.latent_context(num_samples or 1)
@@ -147,14 +174,16 @@ class LongTextMixin:
             result[i] = latents.cpu()
         return result
 
-    def write_segment(self, condition: dict, class_labels, generator, options):
+    def write_segment(self, condition: dict, class_labels, generator, options, before_texts, cut_logprob=None):
         """One segment for every row of ``condition``: its sentence and latents ``[R, N, D]``, and per row
         whether it was trimmed, how often it was drawn again, and whether it is still unfinished.
 
         A segment is one sentence: where the decoder writes more, the first is kept (trimmed). Where it
-        writes an empty or unfinished one (no closing ``.``, ``!`` or ``?``, `ends_sentence`), the row is
-        drawn again from new noise, up to ``options.segment_retries`` times; what is still unfinished
-        then is kept as it is, and counted."""
+        writes an empty or unfinished one (no closing ``.``, ``!`` or ``?``, `ends_sentence`), or, with
+        ``cut_logprob``, one whose closing mark the language model finds less likely than that after
+        ``before_texts`` (per row) and its words (`sentence_end_log_likelihood`), the row is drawn again
+        from new noise, up to ``options.segment_retries`` times; what is still unfinished then is kept
+        as it is, and counted."""
         rows = len(next(iter(condition.values())))
         sentences, trimmed, redrawn, latents = [""] * rows, [False] * rows, [0] * rows, None
         pending = list(range(rows))
@@ -174,10 +203,21 @@ class LongTextMixin:
             for i, texts in zip(pending, output.texts):
                 split = split_sentences(texts[0]) or [""]
                 sentences[i], trimmed[i] = split[0], len(split) > 1
-            pending = [i for i in pending if not ends_sentence(sentences[i])]
+            closed = [i for i in pending if ends_sentence(sentences[i])]
+            cut = self.cut_short(closed, [sentences[i] for i in closed], [before_texts[i] for i in closed], cut_logprob)
+            pending = [i for i in pending if i not in closed or i in cut]
             if not pending:
                 break
         return sentences, latents, list(zip(trimmed, redrawn, [i in pending for i in range(rows)]))
+
+    def cut_short(self, rows: list[int], sentences: list[str], before_texts: list[str], threshold) -> list[int]:
+        """Those of ``rows`` whose closed sentence (after its ``before_texts``) ends less likely than
+        ``threshold`` (a log-probability; None: none of them)."""
+        if threshold is None or not rows:
+            return []
+        scores = sentence_end_log_likelihood(self.tokenizer, self.language_model, before_texts, sentences)
+        self.maybe_free_model_hooks()  # the language model scored after the call's own offload
+        return [i for i, score in zip(rows, scores.tolist()) if score < threshold]
 
     def likeliest_fillings(
         self, pairs: list[tuple[str, str]], fillings: list[str], unfinished: list[bool]
@@ -207,6 +247,29 @@ class LongTextMixin:
                 "fill gaps: train one with data.segments: true (e.g. configs/rocstories.yaml)."
             )
 
+    def long_text_rows(self, num_samples, num_segments, prompt_texts, infill, candidates):
+        """A long-text call's rows, checked: ``(pairs, rows, None, 1)`` to fill each ``(left, right)`` gap
+        of ``infill`` (``rows``: each row's pair, a gap's ``candidates`` side by side), else ``(None, None,
+        starts, num_segments)``: the text each row continues ("" for a new one)."""
+        if infill is not None:
+            if num_segments is not None or prompt_texts is not None:
+                raise ValueError("infill fills one gap per (left, right) pair: drop num_segments and prompt_texts.")
+            pairs = [tuple(pair) for pair in infill]
+            if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
+                raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
+            return pairs, [i for i in range(len(pairs)) for _ in range(candidates)], None, 1
+        if candidates > 1:
+            raise ValueError(
+                f"infill_candidates={candidates} chooses among the fillings of a gap: give infill=[(left, "
+                "right), ...], or leave it at 1."
+            )
+        num_segments = 1 if num_segments is None else num_segments
+        if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+            raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}.")
+        if prompt_texts is not None and num_samples is not None:
+            raise ValueError("With prompt_texts there is one text per prompt: drop num_samples.")
+        return None, None, list(prompt_texts) if prompt_texts is not None else [""] * (num_samples or 1), num_segments
+
     def write_long_text(
         self, num_samples, class_labels, *, num_segments, prompt_texts, infill, generator, options, return_dict
     ):
@@ -217,33 +280,20 @@ class LongTextMixin:
         Gaps decode with the saved ``infill_decode_kwargs`` over the saved ``decode_kwargs``, a call's
         own ``decode_kwargs`` over both."""
         self.check_segments()
-        candidates, options = options.infill_candidates, options.replace(infill_candidates=1)  # for each segment
+        candidates, cut_logprob = options.infill_candidates, options.cut_sentence_logprob
+        options = options.replace(infill_candidates=1, cut_sentence_logprob=None)  # each segment's own call
+        if cut_logprob is not None:
+            check_scoring_model(self.language_model, "cut_sentence_logprob", "cut_sentence_logprob=None")
+        pairs, rows, starts, num_segments = self.long_text_rows(
+            num_samples, num_segments, prompt_texts, infill, candidates
+        )
         if infill is not None:
-            if num_segments is not None or prompt_texts is not None:
-                raise ValueError("infill fills one gap per (left, right) pair: drop num_segments and prompt_texts.")
-            pairs = [tuple(pair) for pair in infill]
-            if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
-                raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
-            # each gap's candidates are drawn side by side: the rows of a gap repeat it
-            rows = [i for i in range(len(pairs)) for _ in range(candidates)]
             if candidates > 1:
                 check_scoring_model(self.language_model)
                 class_labels, generator = (rows_of(value, rows, len(pairs)) for value in (class_labels, generator))
-            contexts, starts, num_segments = [segment_context(*pairs[i]) for i in rows], None, 1
+            contexts = [segment_context(*pairs[i]) for i in rows]
             saved = self.config.get("infill_decode_kwargs") or {}
             options = options.replace(decode_kwargs={**saved, **(options.decode_kwargs or {})})
-        else:
-            if candidates > 1:
-                raise ValueError(
-                    f"infill_candidates={candidates} chooses among the fillings of a gap: give infill=[(left, "
-                    "right), ...], or leave it at 1."
-                )
-            num_segments = 1 if num_segments is None else num_segments
-            if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-                raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}.")
-            if prompt_texts is not None and num_samples is not None:
-                raise ValueError("With prompt_texts there is one text per prompt: drop num_samples.")
-            starts = list(prompt_texts) if prompt_texts is not None else [""] * (num_samples or 1)
         written: list[list[str]] = [[] for _ in (rows if infill is not None else starts)]
         in_latents = self.config.get("segment_context") == "latents"
         if in_latents:  # the latents of the segments around each row's next one
@@ -259,7 +309,12 @@ class LongTextMixin:
                 if starts is not None:
                     contexts = [segment_context(" ".join([s, *segments])) for s, segments in zip(starts, written)]
                 condition = {"source_texts": contexts}
-            sentences, segment_latents, new = self.write_segment(condition, class_labels, generator, options)
+            befores = (
+                [pairs[i][0] for i in rows] if starts is None else [" ".join([s, *w]) for s, w in zip(starts, written)]
+            )
+            sentences, segment_latents, new = self.write_segment(
+                condition, class_labels, generator, options, befores, cut_logprob
+            )
             latents.append(segment_latents)
             for segments, sentence in zip(written, sentences):
                 segments.append(sentence)

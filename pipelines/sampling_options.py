@@ -144,6 +144,15 @@ class SamplingOptions:
             "--infill-candidates",
         ),
     )
+    cut_sentence_logprob: float | None = field(
+        default=None,
+        metadata=_help(
+            "long texts: a segment after whose words the language model gives its closing . ! or ? a "
+            'log-probability below this counts as cut short ("... because she.") and is drawn again, as an '
+            "unfinished one is (a causal LM; e.g. -10; default: off)",
+            "--cut-sentence-logprob",
+        ),
+    )
     segment_retries: int = field(
         default=2,
         metadata=_help(
@@ -212,6 +221,11 @@ class SamplingOptions:
         fillings = self.infill_candidates
         if isinstance(fillings, bool) or not isinstance(fillings, int) or fillings < 1:
             raise ValueError(f"infill_candidates must be a positive integer (1 = no choice), got {fillings!r}.")
+        cut = self.cut_sentence_logprob
+        if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or not cut <= 0):
+            raise ValueError(
+                f"cut_sentence_logprob must be a log-probability (a number <= 0, e.g. -10) or None (off), got {cut!r}."
+            )
         retries = self.segment_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(
@@ -237,6 +251,8 @@ class SamplingOptions:
                 kwargs["action"] = "store_true"
             elif f.name == "guidance_interval":
                 kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+            elif f.name == "cut_sentence_logprob":
+                kwargs["type"] = float
             elif f.name == "decode_kwargs":
                 kwargs.update(type=_json_object, metavar="JSON")
             elif f.name != "scheduler" and f.name != "mbr_metric":

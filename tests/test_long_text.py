@@ -422,3 +422,70 @@ def test_infill_candidates_bad_input(causal_segment_pipe, segment_pipe):
         causal_segment_pipe(num_samples=1, infill_candidates=2, num_inference_steps=2)
     with pytest.raises(ValueError, match="causal language model's likelihood"):  # a seq2seq LM cannot rank them
         segment_pipe(infill=[("a.", "b.")], infill_candidates=2, num_inference_steps=2)
+
+
+def test_sentence_end_log_likelihood_scores_the_closing_mark_after_the_words(causal_segment_pipe):
+    from latentlm.pipelines.long_text import continuation_log_likelihood, sentence_end_log_likelihood
+
+    pipe = causal_segment_pipe
+    befores, sentences = (
+        ["the cat sat.", "", "the dog ran."],
+        ["the dog ran in the park.", "the cat sat?", 'it said "the cat."'],
+    )
+    scores = sentence_end_log_likelihood(pipe.tokenizer, pipe.language_model, befores, sentences)
+    prefixes = ["the cat sat. the dog ran in the park", "the cat sat", 'the dog ran. it said "the cat']
+    expected = continuation_log_likelihood(pipe.tokenizer, pipe.language_model, prefixes, [".", "?", "."], separator="")
+    torch.testing.assert_close(scores, expected)
+    before = pipe.tokenizer(prefixes[0], add_special_tokens=False)["input_ids"]
+    mark = pipe.tokenizer(".", add_special_tokens=False)["input_ids"]  # right after the words, no space
+    log_probs = pipe.language_model(input_ids=torch.tensor([before + mark])).logits[0, :-1].float().log_softmax(-1)
+    by_hand = sum(log_probs[len(before) - 1 + j, token] for j, token in enumerate(mark))
+    torch.testing.assert_close(scores[0], by_hand, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not closed by"):
+        sentence_end_log_likelihood(pipe.tokenizer, pipe.language_model, [""], ["no end"])
+
+
+def test_a_segment_the_language_model_finds_cut_short_is_drawn_again(causal_segment_pipe, monkeypatch):
+    import latentlm.pipelines.long_text as long_text
+
+    pipe, scored = causal_segment_pipe, []
+    written = iter([["He left because she.", "It ended.", "no end"], ["Now it ends.", "and still."]])
+
+    def ends(tokenizer, language_model, before_texts, sentences):
+        scored.append((before_texts, sentences))
+        return torch.tensor([-20.0 if "she." in s or "still." in s else -1.0 for s in sentences])
+
+    monkeypatch.setattr(pipe, "decode", lambda latents, **kwargs: next(written))
+    monkeypatch.setattr(long_text, "sentence_end_log_likelihood", ends)
+    settings = dict(num_inference_steps=2, segment_retries=1, cut_sentence_logprob=-10.0)
+    out = pipe(infill=[("It began.", "It was over.")] * 3, **settings)
+    assert out.texts == ["Now it ends.", "It ended.", "and still."]  # row 2: unfinished, then cut: kept, counted
+    assert (out.redrawn_segments, out.unfinished_segments) == (2, 1)
+    assert scored == [
+        (["It began.", "It began."], ["He left because she.", "It ended."]),
+        (["It began."] * 2, ["Now it ends.", "and still."]),
+    ]
+    # stories: each segment's text before it is the story so far; with the real LM every mark is below 0
+    monkeypatch.undo()
+    monkeypatch.setattr(pipe, "decode", lambda latents, **kwargs: ["the cat sat."] * len(latents))
+    out = pipe(
+        prompt_texts=["the dog ran."],
+        num_segments=2,
+        num_inference_steps=2,
+        segment_retries=1,
+        cut_sentence_logprob=0.0,
+    )
+    assert out.texts == ["the dog ran. the cat sat. the cat sat."]
+    assert (out.redrawn_segments, out.unfinished_segments) == (2, 2)
+    out = pipe(prompt_texts=["the dog ran."], num_segments=2, num_inference_steps=2, cut_sentence_logprob=-1e9)
+    assert (out.redrawn_segments, out.unfinished_segments) == (0, 0)
+
+
+def test_cut_sentence_logprob_bad_input(causal_segment_pipe, segment_pipe):
+    for bad in (0.5, "low", True, float("nan")):
+        with pytest.raises(ValueError, match="cut_sentence_logprob must be a log-probability"):
+            causal_segment_pipe(infill=[("a.", "b.")], cut_sentence_logprob=bad)
+    with pytest.raises(ValueError, match="segments of a long text"):  # a call that writes no long text
+        causal_segment_pipe(num_samples=1, cut_sentence_logprob=-10.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="causal language model's likelihood"):  # a seq2seq LM cannot score it
+        segment_pipe(num_samples=1, num_segments=2, cut_sentence_logprob=-10.0, num_inference_steps=2)

@@ -133,6 +133,7 @@ PIPELINE_FLAGS = (
     "guidance",
     "batch_size",
     "segment_retries",
+    "cut_sentence_logprob",
     "story_decoding",
     "infill_decoding",
     "infill_mbr",
@@ -151,6 +152,7 @@ SHARED_SETTINGS = (
     "pipeline_decode_kwargs",
     "pipeline_infill_decode_kwargs",
     "segment_retries",
+    "cut_sentence_logprob",
     "steps",
 )
 # where JSONs before per-part rows kept a part's own settings: top-level key -> key in the part's row
@@ -212,6 +214,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--segment-retries", type=int, default=SamplingOptions.segment_retries, help="SamplingOptions.segment_retries"
+    )
+    parser.add_argument(
+        "--cut-sentence-logprob",
+        type=float,
+        default=None,
+        help="SamplingOptions.cut_sentence_logprob of stories and gaps: a segment whose closing mark the LM finds "
+        "less likely than this after its words is drawn again (default: off)",
     )
     parser.add_argument(
         "--story-decoding",
@@ -296,7 +305,10 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
     pipe = load_pipeline(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     options = SamplingOptions(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, segment_retries=args.segment_retries
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        segment_retries=args.segment_retries,
+        cut_sentence_logprob=args.cut_sentence_logprob,
     )
     story_options = options.replace(decode_kwargs=args.story_decoding)
     infill_options = options.replace(
@@ -316,6 +328,7 @@ def measure_model(args, validation: list[str], train: list[str], cases, referenc
         "pipeline_decode_kwargs": dict(pipe.config.get("decode_kwargs") or {}),
         "pipeline_infill_decode_kwargs": dict(pipe.config.get("infill_decode_kwargs") or {}),
         "segment_retries": args.segment_retries,
+        "cut_sentence_logprob": args.cut_sentence_logprob,
         "steps": args.steps,
         "examples": {},
     }

@@ -93,3 +93,13 @@ def test_several_draws_of_the_gap_fillings_are_one_row_with_their_mean_and_sprea
     assert (row["redrawn_segments"], row["unfinished_segments"], row["examples"]) == (3, 3, ["a"])
     with pytest.raises(SystemExit):  # draws of rows measured earlier change nothing
         long_text.parse_args(["--data", "d", "--model-from", "x.json", "--infill-draws", "3", "--out", "x.json"])
+
+
+def test_sentence_ends_scores_each_closed_sentence_after_its_story_so_far():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import sentence_ends
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    befores, sentences = sentence_ends.sentence_rows(["Ann ran. She fell! Then she", "One."])
+    assert sentences == ["Ann ran.", "She fell!", "One."] and befores == ["", "Ann ran.", ""]

@@ -86,7 +86,8 @@ def _add_evaluate_parser(commands) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
-    SamplingOptions.add_arguments(p, exclude=("control_scale",))
+    # evaluation samples plain texts: the options of long texts and gap fillings do not apply
+    SamplingOptions.add_arguments(p, exclude=("control_scale", "infill_candidates", "cut_sentence_logprob"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default=None, help="label column of --train (default: detected from --class)")

@@ -73,7 +73,7 @@ def continuation_log_likelihood(
 ) -> torch.Tensor:
     """``log p(continuation | prefix)`` per row under a causal ``language_model``: the sum over the
     continuation's tokens (0 for an empty one), as ``[R]`` float32; ``separator`` goes between a prefix
-    and its continuation. An empty prefix is the tokenizer's beginning-of-text token (or its
+    and its continuation (with none, the two are tokenized as one text). An empty prefix is the tokenizer's beginning-of-text token (or its
     end-of-text token, which causal LMs put between documents)."""
     check_scoring_model(language_model)
     device = next(language_model.parameters()).device
@@ -91,7 +91,12 @@ def continuation_log_likelihood(
                     "this tokenizer has neither a bos_token nor an eos_token: give it one."
                 )
             before = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [start]
-            after = tokenizer((separator if prefix else "") + continuation, add_special_tokens=False)["input_ids"]
+            if prefix and not separator:  # joined, so a tokenizer that marks word starts reads one text
+                whole = tokenizer(prefix + continuation, add_special_tokens=False)["input_ids"]
+                shared = max(1, next((i for i, (a, b) in enumerate(zip(before, whole)) if a != b), len(before)))
+                before, after = whole[:shared], whole[shared:]  # a token across the seam counts as the continuation's
+            else:
+                after = tokenizer((separator if prefix else "") + continuation, add_special_tokens=False)["input_ids"]
             rows.append((before, after if continuation else []))
         width = max(len(before) + len(after) for before, after in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding (masked, never scored)
@@ -110,17 +115,19 @@ def continuation_log_likelihood(
 def sentence_end_log_likelihood(
     tokenizer, language_model, before_texts: list[str], sentences: list[str], batch_size: int = 16
 ) -> torch.Tensor:
-    """``log p(closing mark | text before, the sentence's words)`` per row of ``sentences`` (each closed by
-    ``.``, ``!`` or ``?``, perhaps with a closing quote or bracket after it): how likely the causal
-    ``language_model`` finds it that the sentence ends where it does, ``[R]`` float32. A sentence cut
-    short and closed ("He did it because she.") scores far lower than one whose words end it."""
+    """``log p(closing marks | text before, the sentence's words)`` per row of ``sentences`` (each closed
+    by ``.``, ``!`` or ``?``, or a run of them, perhaps with a closing quote or bracket after it): how
+    likely the causal ``language_model`` finds it that the sentence ends where it does, ``[R]`` float32.
+    A sentence cut short and closed ("He did it because she.") scores far lower than one whose words
+    end it."""
     prefixes, marks = [], []
     for before, sentence in zip(before_texts, sentences):
         closed = sentence.strip().rstrip("\"')]")
-        if not closed or closed[-1] not in ".!?":
+        words = closed.rstrip(".!?")
+        if not closed or words == closed:
             raise ValueError(f"{sentence!r} is not closed by . ! or ?: only a closed sentence has an end to score.")
-        prefixes.append(" ".join(part for part in (before.strip(), closed[:-1].strip()) if part))
-        marks.append(closed[-1])
+        prefixes.append(" ".join(part for part in (before.strip(), words.strip()) if part))
+        marks.append(closed[len(words) :])
     return continuation_log_likelihood(tokenizer, language_model, prefixes, marks, batch_size, separator="")
 
 
@@ -310,7 +317,9 @@ class LongTextMixin:
                     contexts = [segment_context(" ".join([s, *segments])) for s, segments in zip(starts, written)]
                 condition = {"source_texts": contexts}
             befores = (
-                [pairs[i][0] for i in rows] if starts is None else [" ".join([s, *w]) for s, w in zip(starts, written)]
+                [pairs[i][0] for i in rows]
+                if starts is None
+                else [" ".join(filter(None, [s, *w])) for s, w in zip(starts, written)]
             )
             sentences, segment_latents, new = self.write_segment(
                 condition, class_labels, generator, options, befores, cut_logprob

@@ -22,9 +22,10 @@ class LatentTextDiffusionPipelineOutput(BaseOutput):
         segments: a long text's segments, one list per text (else ``None``).
         trimmed_segments: how many segments the decoder wrote more than one sentence for (the first
             was kept); ``None`` for a call that writes no long text.
-        redrawn_segments: how many segments were drawn again because the decoder wrote them empty or
-            unfinished (`SamplingOptions.segment_retries`); ``None`` for a call that writes no long text.
-        unfinished_segments: how many segments were still empty or unfinished after the last retry (kept
+        redrawn_segments: how many segments were drawn again because the decoder wrote them empty,
+            unfinished, or cut short (`SamplingOptions.segment_retries`, `SamplingOptions.cut_sentence_logprob`);
+            ``None`` for a call that writes no long text.
+        unfinished_segments: how many segments were still empty, unfinished or cut short after the last retry (kept
             as written); ``None`` for a call that writes no long text. With
             `SamplingOptions.infill_candidates`, the three count the kept fillings only.
     """

@@ -157,7 +157,7 @@ class SamplingOptions:
         default=2,
         metadata=_help(
             "long texts: draw a segment again (new noise) where the decoder wrote it empty or unfinished (no "
-            "closing . ! or ?), at most this many times (0 = never)",
+            "closing . ! or ?; or cut short: cut_sentence_logprob), at most this many times (0 = never)",
             "--segment-retries",
             mlflow_type="long",
         ),

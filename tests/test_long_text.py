@@ -428,18 +428,20 @@ def test_sentence_end_log_likelihood_scores_the_closing_mark_after_the_words(cau
     from latentlm.pipelines.long_text import continuation_log_likelihood, sentence_end_log_likelihood
 
     pipe = causal_segment_pipe
-    befores, sentences = (
-        ["the cat sat.", "", "the dog ran."],
-        ["the dog ran in the park.", "the cat sat?", 'it said "the cat."'],
-    )
+    befores = ["the cat sat.", "", "the dog ran.", "the dog"]
+    sentences = ["the dog ran in the park.", "the cat sat?", 'it said "the cat."', "ran...)"]
     scores = sentence_end_log_likelihood(pipe.tokenizer, pipe.language_model, befores, sentences)
-    prefixes = ["the cat sat. the dog ran in the park", "the cat sat", 'the dog ran. it said "the cat']
-    expected = continuation_log_likelihood(pipe.tokenizer, pipe.language_model, prefixes, [".", "?", "."], separator="")
+    prefixes = ["the cat sat. the dog ran in the park", "the cat sat", 'the dog ran. it said "the cat', "the dog ran"]
+    expected = continuation_log_likelihood(
+        pipe.tokenizer, pipe.language_model, prefixes, [".", "?", ".", "..."], separator=""
+    )
     torch.testing.assert_close(scores, expected)
+    # one text, words and mark: the tokens after those it shares with the words alone are scored
     before = pipe.tokenizer(prefixes[0], add_special_tokens=False)["input_ids"]
-    mark = pipe.tokenizer(".", add_special_tokens=False)["input_ids"]  # right after the words, no space
-    log_probs = pipe.language_model(input_ids=torch.tensor([before + mark])).logits[0, :-1].float().log_softmax(-1)
-    by_hand = sum(log_probs[len(before) - 1 + j, token] for j, token in enumerate(mark))
+    whole = pipe.tokenizer(prefixes[0] + ".", add_special_tokens=False)["input_ids"]
+    shared = next(i for i, (a, b) in enumerate(zip(before + [None], whole)) if a != b)
+    log_probs = pipe.language_model(input_ids=torch.tensor([whole])).logits[0, :-1].float().log_softmax(-1)
+    by_hand = sum(log_probs[shared - 1 + j, token] for j, token in enumerate(whole[shared:]))
     torch.testing.assert_close(scores[0], by_hand, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not closed by"):
         sentence_end_log_likelihood(pipe.tokenizer, pipe.language_model, [""], ["no end"])
@@ -458,26 +460,32 @@ def test_a_segment_the_language_model_finds_cut_short_is_drawn_again(causal_segm
     monkeypatch.setattr(pipe, "decode", lambda latents, **kwargs: next(written))
     monkeypatch.setattr(long_text, "sentence_end_log_likelihood", ends)
     settings = dict(num_inference_steps=2, segment_retries=1, cut_sentence_logprob=-10.0)
-    out = pipe(infill=[("It began.", "It was over.")] * 3, **settings)
+    out = pipe(infill=[("It began.", "It was over."), ("Ann sang.", "Bo left."), ("Cy ate.", "Di slept.")], **settings)
     assert out.texts == ["Now it ends.", "It ended.", "and still."]  # row 2: unfinished, then cut: kept, counted
     assert (out.redrawn_segments, out.unfinished_segments) == (2, 1)
     assert scored == [
-        (["It began.", "It began."], ["He left because she.", "It ended."]),
-        (["It began."] * 2, ["Now it ends.", "and still."]),
+        (["It began.", "Ann sang."], ["He left because she.", "It ended."]),  # the closed ones, after their left text
+        (["It began.", "Cy ate."], ["Now it ends.", "and still."]),
     ]
-    # stories: each segment's text before it is the story so far; with the real LM every mark is below 0
+    # a gap's candidates each read its left text; a cut one loses to a whole one
+    scored.clear()
+    written = iter([["Ann fell because she.", "Ann fell."]])
+    monkeypatch.setattr(long_text, "continuation_log_likelihood", lambda *a, **k: torch.tensor([0.0, -5.0]))
+    out = pipe(infill=[("Ann ran.", "Ann cried.")], infill_candidates=2, **settings | {"segment_retries": 0})
+    assert scored == [(["Ann ran.", "Ann ran."], ["Ann fell because she.", "Ann fell."])] and out.texts == ["Ann fell."]
+    # stories: each segment's text before it is the story so far
+    scored.clear()
+    written = iter([["Bo sat."], ["Bo ran."]])
+    out = pipe(prompt_texts=["Ann ran."], num_segments=2, **settings)
+    assert out.texts == ["Ann ran. Bo sat. Bo ran."] and [b for b, _ in scored] == [["Ann ran."], ["Ann ran. Bo sat."]]
+    # with the real LM every closing mark is less likely than 1 (log-probability 0), and more than 1e-9
     monkeypatch.undo()
     monkeypatch.setattr(pipe, "decode", lambda latents, **kwargs: ["the cat sat."] * len(latents))
-    out = pipe(
-        prompt_texts=["the dog ran."],
-        num_segments=2,
-        num_inference_steps=2,
-        segment_retries=1,
-        cut_sentence_logprob=0.0,
-    )
+    story = dict(prompt_texts=["the dog ran."], num_segments=2, num_inference_steps=2, segment_retries=1)
+    out = pipe(**story, cut_sentence_logprob=0.0)
     assert out.texts == ["the dog ran. the cat sat. the cat sat."]
     assert (out.redrawn_segments, out.unfinished_segments) == (2, 2)
-    out = pipe(prompt_texts=["the dog ran."], num_segments=2, num_inference_steps=2, cut_sentence_logprob=-1e9)
+    out = pipe(**story, cut_sentence_logprob=-1e9)
     assert (out.redrawn_segments, out.unfinished_segments) == (0, 0)
 
 

@@ -32,6 +32,7 @@ from latentlm.pipelines import SamplingOptions
 from latentlm.pipelines.long_text import continuation_log_likelihood
 from latentlm.pipelines.mbr import mbr_select, rouge_l
 
+from latentlm.data.loading import read_texts
 from latentlm.data.segments import ends_sentence, split_sentences
 from latentlm.evaluation.long_text import infill_cases, score_infills
 
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from latentlm.sampling import load_pipeline
 
-    lines = (Path(args.data) / "validation.jsonl").read_text().splitlines()
-    validation = [json.loads(line)["text"] for line in lines if line][: args.num_stories]
+    validation = read_texts(Path(args.data) / "validation.jsonl")[0][: args.num_stories]
     cases = infill_cases([s for s in validation if len(split_sentences(s)) > args.gap + 1], gap=args.gap)
     pipe = load_pipeline(Path(args.run) / "pipeline")
     pipe.set_progress_bar_config(disable=True)

@@ -37,6 +37,7 @@ import torch
 from latentlm.pipelines import SamplingOptions
 from latentlm.pipelines.mbr import MBR_METRICS
 
+from latentlm.data.loading import read_texts
 from latentlm.data.segments import split_sentences
 from latentlm.evaluation.long_text import context_use, infill_cases, score_infills, score_stories
 from latentlm.training.loop import TrainingStage
@@ -481,8 +482,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     def read(split: str) -> list[str]:
-        lines = (Path(args.data) / f"{split}.jsonl").read_text().splitlines()
-        return [json.loads(line)["text"] for line in lines if line]
+        return read_texts(Path(args.data) / f"{split}.jsonl")[0]
 
     train, validation = read("train"), read("validation")[: args.num_stories]
     references = read("validation")[args.num_stories : 2 * args.num_stories] or validation

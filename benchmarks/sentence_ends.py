@@ -14,7 +14,6 @@ lowest-scoring sentences of both.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import common
@@ -22,6 +21,7 @@ import torch
 from latentlm.pipelines import SamplingOptions
 from latentlm.pipelines.long_text import sentence_end_log_likelihood
 
+from latentlm.data.loading import read_texts
 from latentlm.data.segments import ends_sentence, split_sentences
 
 
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from latentlm.sampling import load_pipeline
 
-    lines = (Path(args.data) / "validation.jsonl").read_text().splitlines()
-    references = [json.loads(line)["text"] for line in lines if line][250 : 250 + args.num_references]
+    references = read_texts(Path(args.data) / "validation.jsonl")[0][250 : 250 + args.num_references]
     pipe = load_pipeline(Path(args.run) / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(args.seed)

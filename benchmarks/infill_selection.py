@@ -10,14 +10,20 @@ the kept fillings are scored against the left-out sentences (BLEU-4, ROUGE-L, BE
   model (what ``SamplingOptions.infill_candidates`` keeps);
 * ``filling_and_right``: the largest ``log p(filling right | left)``;
 * ``filling``: the largest ``log p(filling | left)``;
+* ``right_after_filling_plus_filling_per_token``: the largest ``log p(right | left filling)`` plus
+  ``log p(filling | left)`` per token of the filling;
 * ``mbr_rouge_l``: the candidate with the highest mean ROUGE-L to the others (``mbr_candidates``);
 * ``oracle``: the one with the highest ROUGE-L to the gold sentence (a ceiling, not a rule).
+
+The likelihood rules score with the pipeline's language model (its tuned decoder's LoRA merged in,
+as ``infill_candidates`` scores); ``--backbone-scorer smollm2`` scores them also with the backbone as it
+was before training (rows ``<rule> (backbone)``), on the same candidates.
 
 As in the pipeline, an unfinished filling (no closing ``.``, ``!`` or ``?``) is kept only where all
 of a gap's are.
 
     python benchmarks/infill_selection.py --run outputs/rocstories --data ../shared/data/rocstories \\
-        --candidates 4 --threads 2
+        --candidates 4 --threads 2 [--backbone-scorer smollm2]
 """
 
 from __future__ import annotations
@@ -36,15 +42,25 @@ from latentlm.data.loading import read_texts
 from latentlm.data.segments import ends_sentence, split_sentences
 from latentlm.evaluation.long_text import infill_cases, score_infills
 
-RULES = ("first", "right_after_filling", "filling_and_right", "filling", "mbr_rouge_l", "oracle")
+RULES = (
+    "first",
+    "right_after_filling",
+    "filling_and_right",
+    "filling",
+    "right_after_filling_plus_filling_per_token",
+    "mbr_rouge_l",
+    "oracle",
+)
+LIKELIHOOD_RULES = ("right_after_filling", "filling_and_right", "filling", "right_after_filling_plus_filling_per_token")
 
 
 def joined(*parts: str) -> str:
     return " ".join(part.strip() for part in parts if part.strip())
 
 
-def choose(rule: str, pipe, cases, candidates: list[list[str]]) -> list[str]:
-    """Each gap's kept filling under ``rule`` (one of `RULES`)."""
+def choose(rule: str, scorer, cases, candidates: list[list[str]]) -> list[str]:
+    """Each gap's kept filling under ``rule`` (one of `RULES`); ``scorer`` is the ``(tokenizer, causal
+    LM)`` of the likelihood rules."""
     k = len(candidates[0])
     flat = [(case, filling) for case, group in zip(cases, candidates) for filling in group]
     if rule == "first":
@@ -55,14 +71,23 @@ def choose(rule: str, pipe, cases, candidates: list[list[str]]) -> list[str]:
     elif rule == "oracle":
         scores = torch.tensor([rouge_l(filling, gold) for (_, _, gold), filling in flat])
     else:
-        split = {  # (the text before, the text scored after it)
-            "right_after_filling": lambda left, right, filling: (joined(left, filling), right),
-            "filling_and_right": lambda left, right, filling: (left, joined(filling, right)),
-            "filling": lambda left, right, filling: (left, filling),
-        }[rule]
-        prefixes, continuations = zip(*(split(left, right, filling) for (left, right, _), filling in flat))
-        prefixes, continuations = list(prefixes), list(continuations)
-        scores = continuation_log_likelihood(pipe.tokenizer, pipe.language_model, prefixes, continuations)
+        tokenizer, language_model = scorer
+
+        def log_likelihood(prefixes, continuations):
+            return continuation_log_likelihood(tokenizer, language_model, list(prefixes), list(continuations))
+
+        lefts, rights, fillings = zip(*((left, right, filling) for (left, right, _), filling in flat))
+        if rule == "right_after_filling":
+            scores = log_likelihood(map(joined, lefts, fillings), rights)
+        elif rule == "filling_and_right":
+            scores = log_likelihood(lefts, map(joined, fillings, rights))
+        elif rule == "filling":
+            scores = log_likelihood(lefts, fillings)
+        elif rule == "right_after_filling_plus_filling_per_token":
+            tokens = torch.tensor([len(tokenizer(" " + filling.strip())["input_ids"]) for filling in fillings])
+            scores = log_likelihood(map(joined, lefts, fillings), rights) + log_likelihood(lefts, fillings) / tokens
+        else:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}.")
     unfinished = torch.tensor([not ends_sentence(filling) for _, filling in flat])
     scores = scores.masked_fill(unfinished, float("-inf")).reshape(len(cases), k)
     kept = [int(row.argmax()) if row.isfinite().any() else 0 for row in scores]
@@ -80,6 +105,12 @@ def main(argv=None) -> int:
     parser.add_argument("--segment-retries", type=int, default=SamplingOptions.segment_retries)
     parser.add_argument("--infill-decoding", type=json.loads, default={}, help="JSON over the saved infill decoding")
     parser.add_argument("--batch-size", type=int, default=16, help="gaps per pipeline call (x candidates rows)")
+    parser.add_argument(
+        "--also-first", type=int, default=None, help="also apply the rules to each gap's first N candidates"
+    )
+    parser.add_argument(
+        "--backbone-scorer", default=None, help="also score the likelihood rules with this backbone's own LM (smollm2)"
+    )
     parser.add_argument("--bert-model", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -104,9 +135,25 @@ def main(argv=None) -> int:
         texts = pipe(infill=[pair for pair in chunk for _ in range(args.candidates)], options=options).texts
         candidates.extend(texts[i : i + args.candidates] for i in range(0, len(texts), args.candidates))
     golds = [gold for _, _, gold in cases]
-    rows = {rule: score_infills(choose(rule, pipe, cases, candidates), golds, args.bert_model) for rule in RULES}
+    scorers = {"": (pipe.tokenizer, pipe.language_model)}
+    if args.backbone_scorer:
+        from latentlm.autoencoder.backbones import load_backbone
+
+        tokenizer, language_model = load_backbone(args.backbone_scorer)
+        scorers[" (backbone)"] = (tokenizer, language_model.eval())
+    groups = {"": candidates}
+    if args.also_first:
+        if not 1 < args.also_first < args.candidates:
+            raise SystemExit(f"--also-first must lie between 1 and --candidates ({args.candidates}), exclusive.")
+        groups[f" of {args.also_first}"] = [group[: args.also_first] for group in candidates]
+    rows = {
+        rule + of + by: score_infills(choose(rule, scorer, cases, group), golds, args.bert_model)
+        for of, group in groups.items()
+        for by, scorer in scorers.items()
+        for rule in (RULES if not by else LIKELIHOOD_RULES)
+    }
     for rule, row in rows.items():
-        print(f"{rule:>20}: BLEU {row['bleu']:.2f}  ROUGE-L {row['rouge_l']:.2f}  BERTScore {row['bertscore_f1']:.2f}")
+        print(f"{rule:>54}: BLEU {row['bleu']:.2f}  ROUGE-L {row['rouge_l']:.2f}  BERTScore {row['bertscore_f1']:.2f}")
     payload = {
         "run": args.run,
         "candidates": args.candidates,
@@ -116,6 +163,8 @@ def main(argv=None) -> int:
         "segment_retries": args.segment_retries,
         "pipeline_infill_decode_kwargs": dict(pipe.config.get("infill_decode_kwargs") or {}),
         "infill_decoding": args.infill_decoding,
+        "backbone_scorer": args.backbone_scorer,
+        "also_first": args.also_first,
         "rules": rows,
         "examples": [
             {"left": c[0], "right": c[1], "gold": c[2], "candidates": g} for c, g in zip(cases[:5], candidates)

@@ -58,9 +58,32 @@ def joined(*parts: str) -> str:
     return " ".join(part.strip() for part in parts if part.strip())
 
 
-def choose(rule: str, scorer, cases, candidates: list[list[str]]) -> list[str]:
-    """Each gap's kept filling under ``rule`` (one of `RULES`); ``scorer`` is the ``(tokenizer, causal
-    LM)`` of the likelihood rules."""
+def likelihood_scores(scorer, cases, candidates: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The score ``[gaps, k]`` of every candidate under each of `LIKELIHOOD_RULES`, by ``scorer`` (a
+    ``(tokenizer, causal LM)``); each likelihood computed once."""
+    tokenizer, language_model = scorer
+    lefts, rights, fillings = zip(
+        *((left, right, filling) for (left, right, _), group in zip(cases, candidates) for filling in group)
+    )
+
+    def log_likelihood(prefixes, continuations):
+        scores = continuation_log_likelihood(tokenizer, language_model, list(prefixes), list(continuations))
+        return scores.reshape(len(cases), -1)
+
+    right_after_filling = log_likelihood(map(joined, lefts, fillings), rights)
+    filling = log_likelihood(lefts, fillings)
+    tokens = torch.tensor([len(tokenizer(" " + filling.strip())["input_ids"]) for filling in fillings])
+    return {
+        "right_after_filling": right_after_filling,
+        "filling_and_right": log_likelihood(lefts, map(joined, fillings, rights)),
+        "filling": filling,
+        "right_after_filling_plus_filling_per_token": right_after_filling + filling / tokens.reshape(len(cases), -1),
+    }
+
+
+def choose(rule: str, cases, candidates: list[list[str]], likelihoods: dict | None = None) -> list[str]:
+    """Each gap's kept filling under ``rule`` (one of `RULES`); a likelihood rule reads its scores from
+    ``likelihoods`` (`likelihood_scores` of these candidates, or of more per gap: the first k are read)."""
     k = len(candidates[0])
     flat = [(case, filling) for case, group in zip(cases, candidates) for filling in group]
     if rule == "first":
@@ -70,24 +93,10 @@ def choose(rule: str, scorer, cases, candidates: list[list[str]]) -> list[str]:
         return [flat[i][1] for i in chosen]
     elif rule == "oracle":
         scores = torch.tensor([rouge_l(filling, gold) for (_, _, gold), filling in flat])
+    elif rule in LIKELIHOOD_RULES:
+        scores = likelihoods[rule][:, :k].reshape(-1)
     else:
-        tokenizer, language_model = scorer
-
-        def log_likelihood(prefixes, continuations):
-            return continuation_log_likelihood(tokenizer, language_model, list(prefixes), list(continuations))
-
-        lefts, rights, fillings = zip(*((left, right, filling) for (left, right, _), filling in flat))
-        if rule == "right_after_filling":
-            scores = log_likelihood(map(joined, lefts, fillings), rights)
-        elif rule == "filling_and_right":
-            scores = log_likelihood(lefts, map(joined, fillings, rights))
-        elif rule == "filling":
-            scores = log_likelihood(lefts, fillings)
-        elif rule == "right_after_filling_plus_filling_per_token":
-            tokens = torch.tensor([len(tokenizer(" " + filling.strip())["input_ids"]) for filling in fillings])
-            scores = log_likelihood(map(joined, lefts, fillings), rights) + log_likelihood(lefts, fillings) / tokens
-        else:
-            raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}.")
+        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}.")
     unfinished = torch.tensor([not ends_sentence(filling) for _, filling in flat])
     scores = scores.masked_fill(unfinished, float("-inf")).reshape(len(cases), k)
     kept = [int(row.argmax()) if row.isfinite().any() else 0 for row in scores]
@@ -146,10 +155,11 @@ def main(argv=None) -> int:
         if not 1 < args.also_first < args.candidates:
             raise SystemExit(f"--also-first must lie between 1 and --candidates ({args.candidates}), exclusive.")
         groups[f" of {args.also_first}"] = [group[: args.also_first] for group in candidates]
+    likelihoods = {by: likelihood_scores(scorer, cases, candidates) for by, scorer in scorers.items()}
     rows = {
-        rule + of + by: score_infills(choose(rule, scorer, cases, group), golds, args.bert_model)
+        rule + of + by: score_infills(choose(rule, cases, group, likelihoods[by]), golds, args.bert_model)
         for of, group in groups.items()
-        for by, scorer in scorers.items()
+        for by in scorers
         for rule in (RULES if not by else LIKELIHOOD_RULES)
     }
     for rule, row in rows.items():

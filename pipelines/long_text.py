@@ -67,14 +67,24 @@ def check_scoring_model(
         )
 
 
+def refuse_infill_candidates(candidates: int) -> None:
+    """The error of a call that fills no gap but asks for ``infill_candidates`` > 1."""
+    if candidates > 1:
+        raise ValueError(
+            f"infill_candidates={candidates} chooses among the fillings of a gap: give infill=[(left, right), ...], "
+            "or leave it at 1."
+        )
+
+
 @torch.no_grad()
 def continuation_log_likelihood(
     tokenizer, language_model, prefixes: list[str], continuations: list[str], batch_size: int = 16, separator: str = " "
 ) -> torch.Tensor:
     """``log p(continuation | prefix)`` per row under a causal ``language_model``: the sum over the
     continuation's tokens (0 for an empty one), as ``[R]`` float32; ``separator`` goes between a prefix
-    and its continuation (with none, the two are tokenized as one text). An empty prefix is the tokenizer's beginning-of-text token (or its
-    end-of-text token, which causal LMs put between documents)."""
+    and its continuation (with none, the two are tokenized as one text). An empty prefix is the
+    tokenizer's beginning-of-text token (or its end-of-text token, which causal LMs put between
+    documents)."""
     check_scoring_model(language_model)
     device = next(language_model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -157,11 +167,7 @@ class LongTextMixin:
         called with neither, writes the first segment of ``num_samples`` texts (an empty context). A
         call that fills no gap refuses ``options.infill_candidates``, one that writes no long text
         ``options.cut_sentence_logprob``."""
-        if options.infill_candidates > 1:
-            raise ValueError(
-                f"infill_candidates={options.infill_candidates} chooses among the fillings of a gap: give "
-                "infill=[(left, right), ...], or leave it at 1."
-            )
+        refuse_infill_candidates(options.infill_candidates)
         if options.cut_sentence_logprob is not None:
             raise ValueError(
                 "cut_sentence_logprob draws again the segments of a long text that end cut short: give "
@@ -265,11 +271,7 @@ class LongTextMixin:
             if not pairs or any(len(pair) != 2 or not all(isinstance(s, str) for s in pair) for pair in pairs):
                 raise ValueError(f"infill takes a list of (left text, right text) pairs, got {infill!r}.")
             return pairs, [i for i in range(len(pairs)) for _ in range(candidates)], None, 1
-        if candidates > 1:
-            raise ValueError(
-                f"infill_candidates={candidates} chooses among the fillings of a gap: give infill=[(left, "
-                "right), ...], or leave it at 1."
-            )
+        refuse_infill_candidates(candidates)
         num_segments = 1 if num_segments is None else num_segments
         if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
             raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}.")
